@@ -1,0 +1,1 @@
+"""One module per ``python -m mrilib`` command (see :mod:`mrilib.cli`)."""

@@ -1,0 +1,470 @@
+"""Load the Alzheimer MRI slices, split them, and sample them as the thesis does.
+
+Sources, in the order they are chosen (:func:`resolve_source`): an explicit argument,
+the ``MRILIB_DATA`` environment variable, the Hugging Face hub id ``HUB_ID``.
+A source is a local image folder (one sub-folder per class), a local parquet file or
+folder of parquet files, a ``datasets`` ``save_to_disk`` folder, or a hub id
+(``owner/name`` or ``owner/name@revision``).
+
+Whatever the source, :func:`load_mri` returns an :class:`MRIData` with uint8 images
+``[N, 1, H, W]``, integer labels, the class names and a content hash per image. Splits
+are drawn over images sorted by that hash, so the same seed gives the same split on
+every machine and whatever order the source lists its files in.
+
+Note for every accuracy reported from these splits: the dataset holds about 32 axial
+slices per subject and no subject ids, so a slice-level split puts slices of one brain
+on both sides and is optimistic compared with a subject-level split.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import settings
+from .paths import CACHE, atomic_write_bytes
+
+HUB_ID = "Falah/Alzheimer_MRI"
+# The hub cannot be reached from the machines this project is built on, so its commit
+# sha could not be read here. Pin it by setting MRILIB_HUB_REVISION (or
+# ``Falah/Alzheimer_MRI@<sha>`` as the source); the sha actually served is recorded
+# in MRIData.source either way.
+HUB_REVISION = os.environ.get("MRILIB_HUB_REVISION", "main")
+CLASSES = ("Mild_Demented", "Moderate_Demented", "Non_Demented", "Very_Mild_Demented")
+SIZES = (128, 256)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+CACHE_FORMAT = 1  # bump when the cached tensor layout changes
+
+DEFAULTS = {
+    "size": 128,          # pixels per side; the thesis used 128 (CNN) or 256
+    "test_frac": 0.2,     # of all images: 1,280 of 6,400, fixed for every experiment
+    "val_frac": 0.1,      # of the rest: 512 images for early stopping / model selection
+    "split_seed": 2024,   # one fixed split; repeats vary the training sample, not the test set
+}
+PRESETS: dict = {}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message says what to do."""
+
+
+@dataclass
+class MRIData:
+    """Decoded slices: ``images`` uint8 [N, 1, H, W], ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    ids: list[str]
+    source: str
+    fingerprint: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self, index: torch.Tensor | None = None) -> dict[str, int]:
+        """Images per class name, over ``index`` (all images when None)."""
+        labels = self.labels if index is None else self.labels[index]
+        binc = torch.bincount(labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, binc))
+
+    def subset(self, index: torch.Tensor) -> "MRIData":
+        """The images at ``index``, same classes and source."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return MRIData(self.images[index], self.labels[index], self.classes,
+                       [self.ids[i] for i in index.tolist()], self.source,
+                       self.fingerprint, list(self.skipped))
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into an :class:`MRIData`: training pool, validation and test."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    seed: int
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _how_to_provide(reason: str) -> DataError:
+    return DataError(
+        f"{reason}\nProvide the Alzheimer MRI data in one of three ways:\n"
+        f"  1. pass it explicitly: load_mri('path/to/alzheimer_mri') or --source PATH\n"
+        f"  2. set MRILIB_DATA=path/to/alzheimer_mri (an image folder with one sub-folder "
+        f"per class, a parquet file/folder, or a save_to_disk folder)\n"
+        f"  3. let mrilib download the hub dataset {HUB_ID} (needs internet access to "
+        f"the Hugging Face hub)")
+
+
+def resolve_source(source: str | os.PathLike | None = None) -> str:
+    """The data source to read: ``source``, else ``$MRILIB_DATA``, else the hub id."""
+    if source is not None and str(source) != "":
+        chosen, origin = str(source), "the source argument"
+    elif os.environ.get("MRILIB_DATA"):
+        chosen, origin = os.environ["MRILIB_DATA"], "MRILIB_DATA"
+    else:
+        return f"{HUB_ID}@{HUB_REVISION}"
+    if Path(chosen).exists() or _looks_like_hub_id(chosen):
+        return chosen
+    raise _how_to_provide(f"The data path {chosen!r} given by {origin} does not exist.")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    name = source.split("@", 1)[0]
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+            and not Path(parts[0]).exists())
+
+
+def _source_kind(path: Path) -> str:
+    if path.is_file():
+        if path.suffix == ".parquet":
+            return "parquet"
+        raise DataError(f"{path} is a file but not a parquet file; give an image folder "
+                        f"(one sub-folder per class), a parquet file, or a save_to_disk folder.")
+    if any((path / marker).exists() for marker in
+           ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return "saved"
+    if any(path.rglob("*.parquet")):
+        return "parquet"
+    return "folder"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _as_gray_square(img: Image.Image, size: int) -> tuple[np.ndarray, str]:
+    """(uint8 [size, size] slice, content id) for any PIL image mode and shape."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float scans: stretch to 0..255 instead of letting PIL clip at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    elif img.mode != "L":
+        img = img.convert("L")
+    native = np.asarray(img, dtype=np.uint8)
+    h, w = native.shape
+    uid = hashlib.sha1(f"{h}x{w}".encode() + native.tobytes()).hexdigest()[:16]
+    if h != w:
+        # Pad to square rather than stretch: the anatomy keeps its proportions.
+        side = max(h, w)
+        canvas = np.zeros((side, side), dtype=np.uint8)
+        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = native
+        img = Image.fromarray(canvas, mode="L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8), uid
+
+
+def _decode_file(path: Path, size: int) -> tuple[np.ndarray, str]:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _as_gray_square(img, size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Replace or remove the file, "
+                        f"or load with on_error='skip' to skip unreadable files.") from err
+
+
+def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[str, str]]]:
+    """Class names, (file, label) pairs, and non-image files found, for an image folder."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class sub-folders; an image folder needs one "
+                        f"sub-folder per class (Mild_Demented/, Non_Demented/, ...).")
+    if len(class_dirs) == 1:
+        raise DataError(f"{root} has a single class folder ({class_dirs[0].name}); a "
+                        f"classifier needs at least two. Point at the folder that holds "
+                        f"all the class folders.")
+    stray = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    files, non_images = [], [(str(p), "file beside the class folders") for p in stray]
+    for label, cdir in enumerate(class_dirs):
+        found = sorted(p for p in cdir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+        non_images += [(str(p), "not an image file") for p in found if p not in images]
+        if not images:
+            raise DataError(f"class folder {cdir} holds no images; add its images or "
+                            f"remove the folder.")
+        files += [(p, label) for p in images]
+    return [d.name for d in class_dirs], files, non_images
+
+
+def _fingerprint_files(paths: Iterable[Path], root: Path) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load_folder(root: Path, size: int, on_error: str):
+    classes, files, non_images = _folder_files(root)
+    if non_images and on_error == "raise":
+        listed = "\n  ".join(f"{p} ({why})" for p, why in non_images[:10])
+        raise DataError(f"{root} holds {len(non_images)} file(s) that are not images:\n  "
+                        f"{listed}\nMove them out, or load with on_error='skip'.")
+
+    def decode(item):
+        path, label = item
+        try:
+            arr, uid = _decode_file(path, size)
+            return arr, uid, label, None
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            return None, None, label, (str(path), str(err.__cause__ or err))
+
+    # PIL releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        decoded = list(pool.map(decode, files))
+    skipped = non_images + [bad for *_, bad in decoded if bad]
+    kept = [(a, u, lab) for a, u, lab, bad in decoded if bad is None]
+    return classes, kept, skipped
+
+
+def _load_hf(source: str, kind: str, size: int, on_error: str):
+    """Decode a ``datasets`` dataset (hub, parquet or save_to_disk): all splits pooled."""
+    import datasets
+
+    try:
+        if kind == "hub":
+            repo, _, rev = source.partition("@")
+            ds = datasets.load_dataset(repo, revision=rev or None)
+        elif kind == "parquet":
+            p = Path(source)
+            data_files = [str(p)] if p.is_file() else sorted(str(f) for f in p.rglob("*.parquet"))
+            ds = datasets.load_dataset("parquet", data_files=data_files)
+        else:
+            ds = datasets.load_from_disk(source)
+    except DataError:
+        raise
+    except Exception as err:  # the hub's many network errors all mean the same here
+        if kind == "hub":
+            raise _how_to_provide(f"Could not read the hub dataset {source}: "
+                                  f"{type(err).__name__}: {err}") from err
+        raise DataError(f"could not read {source} as a {kind} dataset: {err}") from err
+    splits = [ds[k] for k in sorted(ds.keys())] if isinstance(ds, datasets.DatasetDict) else [ds]
+    feats = splits[0].features
+    img_col = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
+    lab_col = next((k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
+    if img_col is None or lab_col is None:
+        raise DataError(f"{source} needs an Image column and a ClassLabel column; "
+                        f"it has {dict(feats)}.")
+    classes = list(feats[lab_col].names)
+    kept, skipped = [], []
+    for split in splits:
+        for i, row in enumerate(split.cast_column(img_col, datasets.Image(decode=False))):
+            where = f"{source} row {i}"
+            try:
+                blob = row[img_col]
+                raw = blob["bytes"] if blob.get("bytes") else Path(blob["path"]).read_bytes()
+                with Image.open(io.BytesIO(raw)) as img:
+                    img.load()
+                    arr, uid = _as_gray_square(img, size)
+                kept.append((arr, uid, int(row[lab_col])))
+            except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+                if on_error == "raise":
+                    raise DataError(f"cannot read image at {where}: {err}. Load with "
+                                    f"on_error='skip' to skip unreadable rows.") from err
+                skipped.append((where, str(err)))
+    return classes, kept, skipped
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _source_key(source: str, kind: str) -> str:
+    """A cheap fingerprint of what the source holds, for the decode cache."""
+    if kind == "hub":
+        return hashlib.sha1(source.encode()).hexdigest()[:16]
+    root = Path(source)
+    if root.is_file():
+        return _fingerprint_files([root], root.parent)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return _fingerprint_files(files, root)
+
+
+def content_fingerprint(ids: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> str:
+    """A hash of which images carry which class name, independent of source and order."""
+    pairs = sorted(f"{u}:{classes[lab]}" for u, lab in zip(ids, labels))
+    return hashlib.sha1("\n".join(pairs).encode()).hexdigest()[:16]
+
+
+def load_mri(source: str | os.PathLike | None = None, size: int = DEFAULTS["size"],
+             on_error: str = "raise", cache: bool = True) -> MRIData:
+    """Decode every slice of ``source`` to uint8 ``[N, 1, size, size]`` (cached in ``cache/``).
+
+    ``on_error='skip'`` skips unreadable and non-image files and lists them in
+    ``MRIData.skipped``; the default raises on the first one, naming it.
+    """
+    if size not in SIZES:
+        raise DataError(f"size={size} is not supported; use one of {SIZES} (the thesis's sizes).")
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error={on_error!r}; use 'raise' or 'skip'.")
+    source = resolve_source(source)
+    kind = "hub" if not Path(source).exists() else _source_kind(Path(source))
+    key = f"{_source_key(source, kind)}-{size}-{on_error}-v{CACHE_FORMAT}"
+    cache_file = CACHE / "data" / f"{key}.pt"
+    if cache and cache_file.exists():
+        blob = torch.load(cache_file, weights_only=True)
+        return MRIData(blob["images"], blob["labels"], tuple(blob["classes"]), blob["ids"],
+                       source, blob["fingerprint"], [tuple(s) for s in blob["skipped"]])
+
+    if kind == "folder":
+        classes, kept, skipped = _load_folder(Path(source), size, on_error)
+    else:
+        classes, kept, skipped = _load_hf(source, kind, size, on_error)
+    if not kept:
+        raise DataError(f"no readable images in {source}.")
+    labels = [lab for *_, lab in kept]
+    if len(set(labels)) < 2:
+        raise DataError(f"{source} has images of a single class only; a classifier needs two.")
+    images = torch.from_numpy(np.stack([a for a, *_ in kept]))[:, None]
+    ids = [u for _, u, _ in kept]
+    data = MRIData(images, torch.tensor(labels, dtype=torch.long), tuple(classes), ids,
+                   source, content_fingerprint(ids, labels, classes), skipped)
+    if cache:
+        buf = io.BytesIO()
+        torch.save({"images": data.images, "labels": data.labels, "classes": list(classes),
+                    "ids": ids, "fingerprint": data.fingerprint,
+                    "skipped": [list(s) for s in skipped]}, buf)
+        atomic_write_bytes(cache_file, buf.getvalue())
+    return data
+
+
+def _order_by_id(ids: Sequence[str], index: np.ndarray) -> np.ndarray:
+    """``index`` sorted by content id, so splits do not depend on the source's file order."""
+    return index[np.argsort([ids[i] for i in index], kind="stable")]
+
+
+def _per_class_counts(class_sizes: np.ndarray, fraction: float) -> np.ndarray:
+    """Largest-remainder allocation of round(fraction * total) across classes, >= 1 each."""
+    exact = class_sizes * fraction
+    counts = np.floor(exact).astype(int)
+    short = int(round(fraction * class_sizes.sum())) - counts.sum()
+    for c in np.argsort(-(exact - counts), kind="stable")[:max(short, 0)]:
+        counts[c] += 1
+    if fraction > 0:  # a stratified sample with a class missing is not stratified
+        counts = np.maximum(counts, np.minimum(1, class_sizes))
+    return np.minimum(counts, class_sizes)
+
+
+def stratified_sample(labels: torch.Tensor, fraction: float, seed: int,
+                      pool: torch.Tensor | None = None,
+                      ids: Sequence[str] | None = None) -> torch.Tensor:
+    """Indices of a stratified random ``fraction`` of ``pool`` (all indices when None).
+
+    Every class keeps its share (rounded by largest remainder, at least one image per
+    class). Pass ``ids`` to make the draw independent of the order images were loaded in.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction}: give a fraction in (0, 1], e.g. 0.3 for 30%.")
+    labels_np = labels.numpy()
+    pool_np = np.arange(len(labels_np)) if pool is None else np.asarray(pool, dtype=np.int64)
+    if ids is not None:
+        pool_np = _order_by_id(ids, pool_np)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels_np[pool_np])
+    members = [pool_np[labels_np[pool_np] == c] for c in classes]
+    counts = _per_class_counts(np.array([len(m) for m in members]), fraction)
+    chosen = [rng.permutation(m)[:k] for m, k in zip(members, counts)]
+    return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
+
+
+def split_mri(data: MRIData, test_frac: float | None = None, val_frac: float | None = None,
+              seed: int | None = None) -> Split:
+    """The fixed stratified test split, a validation split from the rest, and the pool.
+
+    Defaults come from :data:`DEFAULTS` (20% test, 10% of the rest for validation).
+    """
+    cfg = settings(DEFAULTS, PRESETS, **{k: v for k, v in
+                                         dict(test_frac=test_frac, val_frac=val_frac,
+                                              split_seed=seed).items() if v is not None})
+    everything = torch.arange(len(data))
+    test = stratified_sample(data.labels, cfg["test_frac"], cfg["split_seed"], ids=data.ids)
+    rest = everything[~torch.isin(everything, test)]
+    val = stratified_sample(data.labels, cfg["val_frac"], cfg["split_seed"] + 1, pool=rest,
+                            ids=data.ids)
+    train = rest[~torch.isin(rest, val)]
+    return Split(train=train, val=val, test=test, seed=cfg["split_seed"])
+
+
+def split_counts(data: MRIData, split: Split) -> dict[str, dict[str, int]]:
+    """Images per class in each part of ``split`` (the thesis's Table 2.1 and more)."""
+    return {name: data.counts(getattr(split, name)) for name in ("train", "val", "test")}
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+NEAR_DUPLICATE_RMS = 2.0  # gray levels on 32x32 thumbnails; the closest distinct slices here are ~4.5
+
+
+def _thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """[N, 1024] float thumbnails (4x4 mean-pooled to 32x32) for cheap near-duplicate search."""
+    side = images.shape[-1]
+    return torch.nn.functional.avg_pool2d(images.float(), side // 32).flatten(1)
+
+
+def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, same: bool = False,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS distance, index) of each query image's nearest reference image, in gray levels.
+
+    ``same=True`` when query and reference are the same images, so an image is not its
+    own neighbour. Chunked to keep memory at chunk x len(reference) floats.
+    """
+    q, r = _thumbnails(query), _thumbnails(reference)
+    dists, idx = [], []
+    for start in range(0, len(q), chunk):
+        d = torch.cdist(q[start:start + chunk], r) / q.shape[1] ** 0.5
+        if same:
+            rows = torch.arange(d.shape[0])
+            d[rows, rows + start] = float("inf")
+        best = d.min(dim=1)
+        dists.append(best.values)
+        idx.append(best.indices)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def duplicate_report(data: MRIData, split: Split, threshold: float = NEAR_DUPLICATE_RMS) -> dict:
+    """Exact (same content id) and near (thumbnail RMS < ``threshold``) duplicates.
+
+    Within the training pool and between the test/validation splits and the training
+    pool, plus the nearest-neighbour distances that show how close held-out slices sit
+    to training slices (adjacent slices of one subject are the usual reason).
+    """
+    part_of = {}
+    for name in ("train", "val", "test"):
+        for i in getattr(split, name).tolist():
+            part_of[i] = name
+    by_id: dict[str, list[int]] = {}
+    for i, uid in enumerate(data.ids):
+        by_id.setdefault(uid, []).append(i)
+    exact = [sorted(ix) for ix in by_id.values() if len(ix) > 1]
+    exact_across = [g for g in exact if len({part_of[i] for i in g}) > 1]
+
+    train_imgs = data.images[split.train]
+    within_d, within_i = nearest_neighbours(train_imgs, train_imgs, same=True)
+    held = torch.cat([split.val, split.test])
+    across_d, across_i = nearest_neighbours(data.images[held], train_imgs)
+    return {
+        "threshold": threshold,
+        "exact_groups": exact,
+        "exact_across_splits": exact_across,
+        "near_within_train": int((within_d < threshold).sum()),
+        "near_heldout_to_train": int((across_d < threshold).sum()),
+        "nn_within_train": within_d,
+        "nn_heldout_to_train": across_d,
+        # closest held-out/train pairs as global indices, nearest first
+        "closest_pairs": [(int(held[j]), int(split.train[across_i[j]]), float(across_d[j]))
+                          for j in torch.argsort(across_d)[:8].tolist()],
+    }

@@ -1,0 +1,51 @@
+"""Every path the project uses, in one place (Cookiecutter Data Science habit)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MRILIB_CACHE", ROOT / "cache"))
+NOTEBOOKS = ROOT / "notebooks"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "alzheimer_mri"
+
+
+def preset_name() -> str:
+    """The preset selected by ``MRILIB_PRESET`` (``thesis`` unless told otherwise)."""
+    return os.environ.get("MRILIB_PRESET", "thesis")
+
+
+def figures_dir() -> Path:
+    """Where figures go: ``figures/`` for the full protocol, ``cache/quick/`` otherwise.
+
+    Quick runs (tests, nbval, seminars) must never overwrite the committed figures
+    of the full GPU run.
+    """
+    if preset_name() == "thesis":
+        return ROOT / "figures"
+    return CACHE / preset_name() / "figures"
+
+
+def results_dir() -> Path:
+    """Where result tables go; same rule as :func:`figures_dir`."""
+    if preset_name() == "thesis":
+        return ROOT / "results"
+    return CACHE / preset_name() / "results"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,253 @@
+"""mrilib.data: sources, decoding, bad input, splits, duplicates, the `data` command."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrilib import cli
+from mrilib.data import (CLASSES, DataError, duplicate_report, load_mri, resolve_source,
+                         split_mri, stratified_sample)
+
+TINY = {"Mild_Demented": 6, "Moderate_Demented": 3, "Non_Demented": 10, "Very_Mild_Demented": 8}
+
+
+# ----------------------------------------------------------------------------- real data
+
+def test_real_folder_counts_and_layout(mri):
+    assert mri.images.shape == (6400, 1, 128, 128) and mri.images.dtype == torch.uint8
+    assert mri.classes == CLASSES
+    assert mri.counts() == {"Mild_Demented": 896, "Moderate_Demented": 64,
+                            "Non_Demented": 3200, "Very_Mild_Demented": 2240}
+    assert len(set(mri.ids)) == len(mri) and not mri.skipped
+
+
+def test_real_split_sizes_and_stratification(mri):
+    split = split_mri(mri)
+    assert len(split.test) == 1280 and len(split.val) == 512 and len(split.train) == 4608
+    assert mri.counts(split.test) == {"Mild_Demented": 179, "Moderate_Demented": 13,
+                                      "Non_Demented": 640, "Very_Mild_Demented": 448}
+    parts = [set(split.train.tolist()), set(split.val.tolist()), set(split.test.tolist())]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 6400
+
+
+def test_real_cli_json(mri_path, capsys):
+    assert cli.main(["data", "--source", str(mri_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"classes", "counts", "train_counts", "test_counts", "size"} <= set(out)
+    assert out["size"] == 128 and sum(out["counts"].values()) == 6400
+    assert [out["counts"][c] for c in CLASSES] == [896, 64, 3200, 2240]
+    assert sum(out["test_counts"].values()) == 1280
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("image_size", [(40, 40), (150, 90)])
+@pytest.mark.parametrize("size", [128, 256])
+def test_tiny_folder_any_mode_format_and_size(image_folder, mode, fmt, image_size, size):
+    root = image_folder(TINY, size=image_size, mode=mode, fmt=fmt)
+    data = load_mri(root, size=size)
+    assert data.images.shape == (27, 1, size, size) and data.images.dtype == torch.uint8
+    assert data.classes == CLASSES
+    assert data.counts() == TINY
+    assert data.labels.dtype == torch.long
+
+
+def test_non_square_images_are_padded_not_stretched(image_folder):
+    root = image_folder({"A": 1, "B": 1}, size=(64, 32))
+    for f in root.rglob("*.png"):
+        Image.fromarray(np.full((32, 64), 200, np.uint8)).save(f)
+    img = load_mri(root, size=128).images[0, 0]
+    assert img[64, 64] == 200 and img[5, 64] == 0  # padding above and below the band
+
+
+def test_sixteen_bit_images_are_stretched_not_clipped(image_folder):
+    root = image_folder({"A": 1, "B": 1})
+    arr = np.linspace(0, 4000, 40 * 40).reshape(40, 40).astype(np.uint16)
+    for f in root.rglob("*.png"):
+        Image.fromarray(arr).save(f)
+    img = load_mri(root, size=128).images[0, 0]
+    assert img.max() >= 250 and img.min() <= 5 and (img < 128).float().mean() > 0.3
+
+
+def test_cache_returns_identical_data(image_folder, tmp_path):
+    root = image_folder()
+    first = load_mri(root)
+    assert list((tmp_path / "cache" / "data").glob("*.pt"))
+    second = load_mri(root)
+    assert torch.equal(first.images, second.images) and first.ids == second.ids
+
+
+def test_cache_key_follows_content(image_folder):
+    root = image_folder()
+    first = load_mri(root)
+    victim = next((root / "Non_Demented").iterdir())
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(victim)
+    second = load_mri(root)
+    assert first.fingerprint != second.fingerprint
+
+
+def test_parquet_and_save_to_disk_give_the_same_data(image_folder, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = image_folder()
+    folder = load_mri(root)
+    rows = [{"image": str(p), "label": CLASSES.index(p.parent.name)}
+            for p in sorted(root.rglob("*.png"))]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=list(CLASSES))})
+    ds = datasets.Dataset.from_list(rows, features=features)
+    dd = datasets.DatasetDict({"train": ds.select(range(20)), "test": ds.select(range(20, 27))})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    for source in (tmp_path / "saved", tmp_path / "pq", tmp_path / "pq" / "train.parquet"):
+        other = load_mri(source)
+        assert other.fingerprint == folder.fingerprint, source
+        assert sorted(other.ids) == sorted(folder.ids)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_path_lists_the_three_ways(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_mri(tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "nowhere" in msg and "MRILIB_DATA" in msg and "Falah/Alzheimer_MRI" in msg
+
+
+def test_unreachable_hub_lists_the_three_ways(monkeypatch):
+    monkeypatch.delenv("MRILIB_DATA", raising=False)
+    with pytest.raises(DataError) as err:
+        load_mri(None)
+    assert "three ways" in str(err.value) and "MRILIB_DATA" in str(err.value)
+
+
+def test_source_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MRILIB_DATA", str(tmp_path))
+    assert resolve_source(None) == str(tmp_path)
+    assert resolve_source("Falah/Alzheimer_MRI@abc") == "Falah/Alzheimer_MRI@abc"
+    monkeypatch.delenv("MRILIB_DATA")
+    assert resolve_source(None).startswith("Falah/Alzheimer_MRI@")
+
+
+def test_empty_class_folder_is_named(image_folder):
+    root = image_folder()
+    shutil.rmtree(root / "Moderate_Demented")
+    (root / "Moderate_Demented").mkdir()
+    with pytest.raises(DataError, match="Moderate_Demented.*holds no images"):
+        load_mri(root)
+
+
+def test_corrupt_image_is_named_then_skippable(image_folder):
+    root = image_folder()
+    bad = root / "Non_Demented" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_mri(root)
+    data = load_mri(root, on_error="skip")
+    assert len(data) == 27 and [p for p, _ in data.skipped] == [str(bad)]
+
+
+def test_non_image_file_is_named_then_skippable(image_folder):
+    root = image_folder()
+    notes = root / "Mild_Demented" / "notes.txt"
+    notes.write_text("scanner settings")
+    with pytest.raises(DataError, match="notes.txt"):
+        load_mri(root)
+    data = load_mri(root, on_error="skip")
+    assert len(data) == 27 and str(notes) in [p for p, _ in data.skipped]
+
+
+def test_single_class_and_no_class_folders(image_folder, tmp_path):
+    root = image_folder({"Non_Demented": 4})
+    with pytest.raises(DataError, match="single class"):
+        load_mri(root)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / "a.png")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_mri(flat)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"size": 64}, "size=64"),
+                                           ({"on_error": "ignore"}, "on_error")])
+def test_bad_arguments(image_folder, kwargs, match):
+    with pytest.raises(DataError, match=match):
+        load_mri(image_folder(), **kwargs)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert cli.main(["data", "--source", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _labels(per_class):
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.8, 1.0])
+def test_stratified_sample_keeps_class_shares(fraction):
+    labels = _labels([896, 64, 3200, 2240])
+    idx = stratified_sample(labels, fraction, seed=1)
+    got = torch.bincount(labels[idx], minlength=4).numpy()
+    assert np.all(np.abs(got - fraction * np.array([896, 64, 3200, 2240])) <= 1)
+    assert len(idx) == len(set(idx.tolist()))
+
+
+def test_stratified_sample_seeds_and_pool():
+    labels = _labels([50, 5, 200, 140])
+    pool = torch.arange(0, len(labels), 2)
+    a, b = (stratified_sample(labels, 0.3, s, pool=pool) for s in (1, 2))
+    assert set(a.tolist()) <= set(pool.tolist()) and not torch.equal(a, b)
+    assert torch.equal(a, stratified_sample(labels, 0.3, 1, pool=pool))
+    assert (labels[stratified_sample(labels, 0.01, 0)] == 1).sum() == 1  # every class kept
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_stratified_sample_rejects_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_sample(_labels([5, 5]), fraction, 0)
+
+
+def test_split_is_independent_of_load_order(image_folder):
+    data = load_mri(image_folder())
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))
+    shuffled = data.subset(perm)
+    for name in ("train", "val", "test"):
+        original = {data.ids[i] for i in getattr(split_mri(data), name).tolist()}
+        reordered = {shuffled.ids[i] for i in getattr(split_mri(shuffled), name).tolist()}
+        assert original == reordered, name
+
+
+def test_split_seed_changes_split(image_folder):
+    data = load_mri(image_folder())
+    assert not torch.equal(split_mri(data, seed=1).test, split_mri(data, seed=2).test)
+    assert torch.equal(split_mri(data, seed=1).test, split_mri(data, seed=1).test)
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+def test_duplicate_report_finds_copies_across_splits(image_folder):
+    root = image_folder()
+    data = load_mri(root)
+    split = split_mri(data)
+    held = split.test[0].item()
+    copy = data.images.clone()
+    copy[split.train[0]] = copy[held]  # plant an exact copy of a test slice in train
+    ids = list(data.ids)
+    ids[split.train[0].item()] = ids[held]
+    planted = type(data)(copy, data.labels, data.classes, ids, data.source, data.fingerprint)
+    report = duplicate_report(planted, split)
+    assert report["exact_across_splits"] == [sorted([held, split.train[0].item()])]
+    assert report["near_heldout_to_train"] >= 1
+    assert report["closest_pairs"][0][:2] == (held, split.train[0].item())
+    assert duplicate_report(data, split)["exact_groups"] == []
