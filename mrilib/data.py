@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import settings
-from .paths import CACHE, atomic_write_bytes
+from .paths import CACHE, ROOT, atomic_write_bytes
 
 HUB_ID = "Falah/Alzheimer_MRI"
 # The hub cannot be reached from the machines this project is built on, so its commit
@@ -115,7 +115,11 @@ def resolve_source(source: str | os.PathLike | None = None) -> str:
         chosen, origin = os.environ["MRILIB_DATA"], "MRILIB_DATA"
     else:
         return f"{HUB_ID}@{HUB_REVISION}"
-    if Path(chosen).exists() or _looks_like_hub_id(chosen):
+    for candidate in (Path(chosen).expanduser(), ROOT / chosen):
+        # Relative paths are tried from the project root too: notebooks run in notebooks/.
+        if candidate.exists():
+            return str(candidate.resolve())
+    if _looks_like_hub_id(chosen):
         return chosen
     raise _how_to_provide(f"The data path {chosen!r} given by {origin} does not exist.")
 

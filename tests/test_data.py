@@ -130,7 +130,7 @@ def test_unreachable_hub_lists_the_three_ways(monkeypatch):
 
 def test_source_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("MRILIB_DATA", str(tmp_path))
-    assert resolve_source(None) == str(tmp_path)
+    assert resolve_source(None) == str(tmp_path.resolve())
     assert resolve_source("Falah/Alzheimer_MRI@abc") == "Falah/Alzheimer_MRI@abc"
     monkeypatch.delenv("MRILIB_DATA")
     assert resolve_source(None).startswith("Falah/Alzheimer_MRI@")
