@@ -48,7 +48,7 @@ def example_grid_figure(data, per_class: int = 4, seed: int = 0, save: str | Non
     for c, name in enumerate(data.classes):
         members = torch.nonzero(data.labels == c).flatten().numpy()
         for j, i in enumerate(rng.choice(members, size=min(per_class, len(members)), replace=False)):
-            axes[c, j].imshow(data.images[i, 0], cmap="gray", vmin=0, vmax=255)
+            axes[c, j].imshow(data.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=255)
         for ax in axes[c]:
             ax.set_xticks([]), ax.set_yticks([])
         axes[c, 0].set_ylabel(name.replace("_", " "), fontsize=8)
@@ -90,7 +90,7 @@ def nearest_neighbour_figure(data, report: dict, save: str | None = None):
     for j, (held, train, dist) in enumerate(pairs):
         for row, idx in enumerate((held, train)):
             a = fig.add_subplot(grid[row, 1 + j])
-            a.imshow(data.images[idx, 0], cmap="gray", vmin=0, vmax=255)
+            a.imshow(data.images[idx, 0].numpy(), cmap="gray", vmin=0, vmax=255)
             a.set_xticks([]), a.set_yticks([])
             a.set_title(("held-out" if row == 0 else "train") + (f"\nd={dist:.1f}" if row == 0 else ""),
                         fontsize=7)

@@ -1,0 +1,89 @@
+"""Chapter 2 / thesis chapter 2.2: what the generator makes, and whether it copies."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .data import _maybe_save
+
+
+def _note(fig, note: str | None):
+    if note:
+        fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, color="firebrick", wrap=True)
+
+
+def variations_figure(sources: torch.Tensor, labels: torch.Tensor, by_strength: dict,
+                      classes, note: str | None = None, save: str | None = None):
+    """Thesis Figure 2.2: each source slice next to its variations at each strength.
+
+    ``by_strength`` maps a strength (0 = the source, 1 = a fresh sample of the class) to
+    uint8 variations ``[B, n, 1, H, W]`` of ``sources`` ``[B, 1, H, W]``.
+    """
+    strengths = sorted(by_strength)
+    n = by_strength[strengths[0]].shape[1]
+    cols = 1 + n * len(strengths)
+    fig, axes = plt.subplots(len(sources), cols, figsize=(1.5 * cols, 1.6 * len(sources)),
+                             squeeze=False)
+    for row, (src, lab) in enumerate(zip(sources, labels.tolist())):
+        panels = [(src, "source")] + [(by_strength[s][row, k], f"strength {s:g}")
+                                      for s in strengths for k in range(n)]
+        for col, (img, title) in enumerate(panels):
+            axes[row, col].imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[row, col].set_xticks([]), axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(title, fontsize=8)
+        axes[row, 0].set_ylabel(classes[lab].replace("_", " "), fontsize=8)
+    fig.suptitle("Real slices and their synthetic variations")
+    fig.tight_layout()
+    _note(fig, note)
+    return _maybe_save(fig, save)
+
+
+def memorization_figure(distances: dict, synthetic: torch.Tensor, real_train: torch.Tensor,
+                        pairs: int = 4, note: str | None = None, save: str | None = None):
+    """Nearest-real distances of synthetic images vs real-to-real, and the closest pairs."""
+    synthetic = synthetic.reshape(-1, *synthetic.shape[-3:])
+    syn_d = distances["synthetic_to_real"]
+    fig = plt.figure(figsize=(10, 4.2))
+    grid = fig.add_gridspec(2, 1 + pairs, width_ratios=[3] + [1] * pairs)
+    ax = fig.add_subplot(grid[:, 0])
+    bins = np.linspace(0, float(max(syn_d.max(), distances["real_to_real"].max())), 50)
+    ax.hist(distances["real_to_real"].numpy(), bins=bins, alpha=0.6, density=True,
+            label="real train to nearest other real")
+    ax.hist(syn_d.numpy(), bins=bins, alpha=0.6, density=True, label="synthetic to nearest real train")
+    ax.set_xlabel("RMS distance on 32x32 thumbnails (gray levels)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    ax.set_title("Memorization check: lower than real-to-real = copying")
+    for j, i in enumerate(torch.argsort(syn_d)[:pairs].tolist()):
+        for row, img in enumerate((synthetic[i], real_train[distances["synthetic_nn_index"][i]])):
+            a = fig.add_subplot(grid[row, 1 + j])
+            a.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            a.set_xticks([]), a.set_yticks([])
+            a.set_title(f"synthetic\nd={syn_d[i]:.1f}" if row == 0 else "nearest real", fontsize=7)
+    fig.tight_layout()
+    _note(fig, note)
+    return _maybe_save(fig, save)
+
+
+def class_fidelity_figure(fidelity: dict[str, dict[str, float]], note: str | None = None,
+                          save: str | None = None):
+    """Accuracy per class of a real-only classifier on each image set (e.g. real test, synthetic)."""
+    sets = list(fidelity)
+    classes = list(fidelity[sets[0]])
+    x = np.arange(len(classes))
+    width = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for j, name in enumerate(sets):
+        bars = ax.bar(x + j * width, [fidelity[name][c] for c in classes], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1 / len(classes), color="k", ls="--", lw=1, label="chance")
+    ax.set_xticks(x + width * (len(sets) - 1) / 2, [c.replace("_", "\n") for c in classes], fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy of a real-only classifier")
+    ax.set_title("Class fidelity: do variations keep their source's class?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _note(fig, note)
+    return _maybe_save(fig, save)

@@ -1,0 +1,69 @@
+"""Synthetic-image checks (memorization, class fidelity) and chapter 2's figures."""
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+from mrilib.plots.synthetic import class_fidelity_figure, memorization_figure, variations_figure
+from mrilib.synthetic.quality import class_fidelity, memorization_distances
+
+matplotlib.use("Agg")
+
+
+def _images(n, seed):
+    return torch.randint(0, 256, (n, 1, 128, 128), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+def _levels(levels):
+    return torch.tensor(levels, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 128, 128).clone()
+
+
+def test_copies_are_flagged_and_new_images_are_not():
+    real = _levels(range(0, 120, 6))
+    copies = memorization_distances(real[:5].clone(), real)
+    assert torch.all(copies["synthetic_to_real"] < 1e-3)
+    assert torch.equal(copies["synthetic_nn_index"], torch.arange(5))
+    assert copies["share_closer_than_real_min"] == 1.0
+    fresh = memorization_distances(_levels([200, 220, 250]), real)
+    assert fresh["share_closer_than_real_min"] == 0.0
+    assert torch.allclose(fresh["synthetic_to_real"], torch.tensor([86.0, 106.0, 136.0]))
+    assert torch.all(fresh["real_to_real"] == 6.0)  # an image is never its own neighbour
+
+
+class _Constant(torch.nn.Module):
+    """Predicts class ``c`` for bright images, class 0 for dark ones."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        bright = (x.mean(dim=(1, 2, 3)) > 0).float()
+        logits = torch.zeros(len(x), 4)
+        logits[:, self.c] = 10 * bright
+        logits[:, 0] += 10 * (1 - bright)
+        return logits + self.dummy
+
+
+def test_class_fidelity_per_class():
+    images = torch.cat([torch.full((4, 1, 8, 8), 255, dtype=torch.uint8),
+                        torch.zeros((4, 1, 8, 8), dtype=torch.uint8)])
+    labels = torch.tensor([2, 2, 2, 2, 0, 0, 2, 2])
+    result = class_fidelity(_Constant(2), images, labels, ["a", "b", "c", "d"])
+    assert result["a"] == 1.0 and result["c"] == pytest.approx(4 / 6)
+    assert result["b"] != result["b"]  # NaN: no image of that class
+
+
+def test_chapter2_figures_render():
+    real = _images(12, 2)
+    labels = torch.tensor([0, 1, 2, 3])
+    var = {0.5: _images(8, 3).reshape(4, 2, 1, 128, 128), 1.0: _images(8, 4).reshape(4, 2, 1, 128, 128)}
+    fig = variations_figure(real[:4], labels, var, ["A", "B", "C", "D"], note="tiny generator")
+    assert len(fig.axes) == 4 * 5
+    dist = memorization_distances(var[0.5], real)
+    assert len(memorization_figure(dist, var[0.5], real).axes) == 1 + 2 * 4
+    fid = class_fidelity_figure({"real test": {"A": 0.9, "B": 0.5}, "synthetic": {"A": 0.7, "B": 0.2}})
+    assert fid.axes[0].get_ylim()[1] > 1
