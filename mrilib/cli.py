@@ -15,6 +15,12 @@ from .data import DataError
 COMMANDS = ("data",)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, ValueError)
+    api = sys.modules.get("mrilib.synthetic.openai_backend")
+    return errors + ((api.APIFailure,) if api is not None else ())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mrilib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        # Bad input is the user's to fix: say what, without a traceback.
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        # Bad input or a failed remote service is the user's to fix: say what, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
