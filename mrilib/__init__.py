@@ -1,20 +1,44 @@
 """mrilib: re-run, inspect and extend Kwon (2024), synthetic augmentation for MRI classifiers.
 
-The flat public API; each name lives in the module of its role.
+The flat public API; each name lives in the module of its role. Names from the heavy
+modules (timm, diffusers, openai, pytorch-grad-cam) are imported on first use, so that
+``import mrilib`` and ``python -m mrilib --help`` stay fast.
 """
-from .augment import POLICIES, augment_batch, get_policy, policy_draws
+from __future__ import annotations
+
+import importlib
+
 from .config import settings
 from .data import (CLASSES, DataError, MRIData, Split, duplicate_report, load_mri,
                    resolve_source, split_counts, split_mri, stratified_sample)
-from .models import MODELS, BasicCNN, build_model, init_of, model_label, normalize
 from .paths import ROOT, figures_dir, preset_name, results_dir
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MODELS", "POLICIES", "BasicCNN", "augment_batch", "build_model", "get_policy", "init_of",
-    "model_label", "normalize", "policy_draws",
+_LAZY = {
+    "augment": ["POLICIES", "augment_batch", "get_policy", "policy_draws"],
+    "models": ["MODELS", "BasicCNN", "build_model", "init_of", "model_label", "normalize"],
+    "synthetic": ["BACKENDS", "Backend", "BudgetExceeded", "Refused", "generate_cached",
+                  "get_backend", "read_manifest", "to_gray128"],
+    "synthetic.diffusion": ["LeakageError", "LocalDiffusion", "assert_no_leakage",
+                            "repeat_generator", "train_for_sample", "train_generator",
+                            "trained_generator"],
+    "synthetic.mixing": ["mixed_training_set", "real_sample", "stack_repeats"],
+    "synthetic.quality": ["class_fidelity", "memorization_distances"],
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mrilib' has no attribute {name!r}")
+
+
+__all__ = sorted([
     "CLASSES", "DataError", "MRIData", "ROOT", "Split", "duplicate_report", "figures_dir",
     "load_mri", "preset_name", "resolve_source", "results_dir", "settings", "split_counts",
-    "split_mri", "stratified_sample",
-]
+    "split_mri", "stratified_sample", *_WHERE,
+])

@@ -12,7 +12,7 @@ import sys
 
 from .data import DataError
 
-COMMANDS = ("data",)
+COMMANDS = ("data", "synth")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

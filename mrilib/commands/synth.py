@@ -1,0 +1,203 @@
+"""``python -m mrilib synth``: train the local generators, make and cache variations, time them.
+
+    synth train --real-frac 0.3 [--seed G] --minutes 9 --device cuda   (rerun until "done")
+    synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--seed r] [--json]
+    synth bench --device cuda [--out benchmarks/local_generator_h100.json]
+
+``train`` without ``--seed`` trains the G generators of X one after another within the
+time budget, so one command, repeated, trains them all on a machine that runs a command
+for at most 10 minutes.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    t = actions.add_parser("train", help="train or resume the local diffusion generator(s) of a "
+                                         "real fraction; prints each checkpoint path")
+    t.add_argument("--real-frac", type=float, required=True,
+                   help="X: the stratified share of the training pool the generator learns from")
+    t.add_argument("--seed", type=int, default=None,
+                   help="generator g (its sample seed and training seed), 0..G-1; repeat r uses "
+                        "g = r mod G. Default: every generator in turn")
+    t.add_argument("--minutes", type=float, default=None,
+                   help="minutes of training in this command, then checkpoint and stop; a rerun "
+                        "resumes (use 9 where a command may run 10)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps in all (default: the preset's); larger extends a run")
+    t.add_argument("--leaky", action="store_true",
+                   help="ABLATION: train on the whole training pool (leaks images outside the "
+                        "sample into the classifier's synthetic data)")
+    _common(t)
+    t.set_defaults(func=run_train)
+
+    g = actions.add_parser("generate", help="make (or find in the cache) variations of the "
+                                            "real sample's images")
+    g.add_argument("--backend", choices=("local", "openai"), default="local")
+    g.add_argument("--real-frac", type=float, required=True, help="X: the real sample's share")
+    g.add_argument("--per-image", type=int, required=True, help="variations per source image")
+    g.add_argument("--seed", type=int, default=0,
+                   help="repeat r: seeds the variations; the sources are the sample of "
+                        "generator r mod G (local) or the sample drawn with r (openai)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="local: SDEdit noise level, 0 = the source .. 1 = a fresh sample")
+    g.add_argument("--limit-sources", type=int, default=None,
+                   help="use only the first N images of the sample (a trial run)")
+    g.add_argument("--leaky", action="store_true", help="local: use the leaky ablation generator")
+    g.add_argument("--allow-unfinished", action="store_true",
+                   help="local: sample from a generator that has not finished training")
+    g.add_argument("--model", default=None, help="openai: GPT Image model for the edit route")
+    g.add_argument("--route", choices=("edit", "variation"), default=None,
+                   help="openai: 'edit' (current) or 'variation' (DALL-E 2, retired)")
+    g.add_argument("--max-images", type=int, default=None,
+                   help="openai: stop before more than N billed requests")
+    g.add_argument("--max-cost", type=float, default=None,
+                   help="openai: stop before the estimated spend passes USD")
+    g.add_argument("--usd-per-image", type=float, default=None,
+                   help="openai: price per request, when the built-in estimate is missing/stale")
+    g.add_argument("--base-url", default=None,
+                   help="openai: an OpenAI-compatible endpoint (default: the client's)")
+    _common(g)
+    g.set_defaults(func=run_generate)
+
+    b = actions.add_parser("bench", help="training images/s and variations/s of the local "
+                                         "generator at 128x128")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    b.add_argument("--train-steps", type=int, default=50, help="timed training steps")
+    b.add_argument("--variations", type=int, default=1000, help="timed variations")
+    b.add_argument("--out", default=None, help="also write the JSON to this file")
+    b.set_defaults(func=run_bench)
+
+
+def _common(p) -> None:
+    p.add_argument("--source", default=None,
+                   help="data source (default: $MRILIB_DATA, else the hub dataset)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _sigterm_as_interrupt() -> None:
+    """Let ``timeout``/SIGTERM stop a run like Ctrl-C, so training checkpoints first."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_train(args) -> int:
+    import time
+
+    from ..data import load_mri, split_mri
+    from ..synthetic.diffusion import DEFAULTS, PRESETS, train_for_sample
+    from ..config import settings
+
+    _sigterm_as_interrupt()
+    data = load_mri(args.source)
+    split = split_mri(data)
+    n_gen = settings(DEFAULTS, PRESETS)["n_generators"]
+    if args.seed is not None and not 0 <= args.seed < n_gen:
+        raise ValueError(f"--seed {args.seed}: generators are numbered 0..{n_gen - 1} "
+                         f"(repeat r uses r mod {n_gen})")
+    todo = [args.seed] if args.seed is not None else list(range(n_gen))
+    if args.leaky and args.seed is None:
+        todo = [0]  # one pool generator is the ablation; --seed picks another
+    deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+    results = []
+    for g in todo:
+        left = None if deadline is None else max(0.0, (deadline - time.monotonic()) / 60)
+        if left == 0.0:
+            break
+        path = train_for_sample(data, split, args.real_frac, g, leaky=args.leaky, minutes=left,
+                                steps=args.steps, device=args.device, progress=not args.json)
+        meta = json.loads((path.parent / "meta.json").read_text())
+        results.append({"generator": g, "checkpoint": str(path), "step": meta["step"],
+                        "target_steps": meta["target_steps"], "done": meta["done"],
+                        "leaky": args.leaky})
+        if not args.json:
+            state = "done" if meta["done"] else "unfinished: rerun to resume"
+            print(f"generator {g}{' (LEAKY ablation)' if args.leaky else ''}: step "
+                  f"{meta['step']}/{meta['target_steps']} ({state})\n  {path}")
+    all_done = len(results) == len(todo) and all(r["done"] for r in results)
+    if args.json:
+        print(json.dumps({"generators": results, "all_done": all_done}, indent=2))
+    elif not all_done:
+        print("time budget used up; rerun the same command to continue", file=sys.stderr)
+    return 0
+
+
+def run_generate(args) -> int:
+    from ..data import load_mri, split_mri
+    from ..synthetic.cache import generate_cached
+    from ..synthetic.mixing import real_sample
+
+    if args.per_image < 1:
+        raise ValueError(f"--per-image {args.per_image}: ask for at least one variation")
+    data = load_mri(args.source)
+    split = split_mri(data)
+    backend = _backend(args, data, split)
+    sample_seed = getattr(backend, "sample_seed", None)
+    sample_seed = args.seed if sample_seed is None else sample_seed
+    index = real_sample(data, split, args.real_frac, sample_seed)
+    if args.limit_sources is not None:
+        index = index[:max(0, args.limit_sources)]
+    _, report = generate_cached(backend, data.images[index], data.labels[index],
+                                [data.ids[i] for i in index.tolist()], args.per_image,
+                                args.seed, progress=not args.json,
+                                batch_size=getattr(backend, "max_batch", None))
+    summary = {k: v for k, v in report.items() if k != "ok"}
+    summary.update(backend=backend.name, params=backend.params(), real_fraction=args.real_frac,
+                   seed=args.seed, sample_seed=sample_seed, n_sources=len(index),
+                   per_image=args.per_image)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['generated']} generated, {summary['cached']} from cache, "
+              f"{summary['refused']} refused, {summary['missing']} missing in "
+              f"{summary['seconds']:.1f} s -> {summary['dir']}")
+        if summary["stopped"]:
+            print(f"stopped: {summary['stopped']}", file=sys.stderr)
+    return 0
+
+
+def _backend(args, data, split):
+    """The backend the arguments ask for; options of the other backend are an error."""
+    if args.backend == "local":
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "route", "max_images", "max_cost",
+                                                      "usd_per_image", "base_url")
+                 if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --backend openai only")
+        from ..synthetic.diffusion import LocalDiffusion
+
+        return LocalDiffusion.for_repeat(data, split, args.real_frac, args.seed,
+                                         leaky=args.leaky, strength=args.strength,
+                                         device=args.device,
+                                         allow_unfinished=args.allow_unfinished)
+    if args.strength is not None or args.leaky or args.allow_unfinished:
+        raise ValueError("--strength, --leaky and --allow-unfinished apply to --backend local only")
+    from ..synthetic.base import get_backend
+
+    overrides = {k: getattr(args, k) for k in ("model", "route", "max_images", "max_cost",
+                                               "usd_per_image") if getattr(args, k) is not None}
+    return get_backend("openai", base_url=args.base_url, **overrides)
+
+
+def run_bench(args) -> int:
+    from pathlib import Path
+
+    from ..experiment import provenance
+    from ..paths import atomic_write_bytes, preset_name
+    from ..synthetic.diffusion import benchmark
+
+    result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations)
+    result.update(preset=preset_name(), provenance=provenance(args.device))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write_bytes(Path(args.out), text.encode() + b"\n")
+    print(text)
+    return 0

@@ -1,0 +1,365 @@
+"""The local diffusion generator: training, resuming, variations, leakage, the synth CLI.
+
+All on CPU with the quick preset's tiny UNet (16x16 internally, a few steps).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mrilib.cli as cli
+import mrilib.synthetic.cache as cache_mod
+import mrilib.synthetic.diffusion as diffusion
+from mrilib.data import CLASSES, MRIData, split_mri
+from mrilib.synthetic.diffusion import (LeakageError, LocalDiffusion, assert_no_leakage,
+                                        generator_dir, repeat_generator, train_for_sample,
+                                        train_generator, trained_generator)
+from mrilib.synthetic.mixing import mixed_training_set, real_sample
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run fastest on one thread; on a shared 2-core box a second OpenMP
+    # thread spin-waits and makes each step several times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Smooth blobs whose brightness depends on the class, so classes differ."""
+    rng = np.random.default_rng(seed)
+    labels = torch.arange(n) % len(CLASSES)
+    yy, xx = np.mgrid[:128, :128] / 128.0
+    imgs = []
+    for c in labels.tolist():
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.05) * (60 + 50 * c)
+        imgs.append(np.clip(blob + rng.normal(0, 4, blob.shape), 0, 255))
+    images = torch.from_numpy(np.stack(imgs).astype(np.uint8))[:, None]
+    return images, labels, [f"img{seed}x{i:03d}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    images, labels, ids = tiny_images(16)
+    out = tmp_path_factory.mktemp("gen")
+    path = train_generator(images, labels, seed=0, out_dir=out, ids=ids, progress=False)
+    return path, images, labels, ids
+
+
+@pytest.fixture(scope="module")
+def backend(trained):
+    return LocalDiffusion(trained[0])
+
+
+def state_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_checkpoint_records_what_the_generator_learned_from(trained):
+    path, _, labels, ids = trained
+    ck = state_of(path)
+    steps = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["steps"]
+    assert ck["step"] == ck["target_steps"] == steps and ck["done"]
+    assert ck["train_ids"] == sorted(ids) and ck["n_images"] == len(ids)
+    assert ck["class_counts"] == dict(zip(CLASSES, torch.bincount(labels).tolist()))
+    assert [s for s, _ in ck["loss_history"]] == list(range(1, steps + 1))
+    assert all(np.isfinite(loss) for _, loss in ck["loss_history"])
+    assert set(ck) >= {"model", "optimizer", "lr_schedule", "ema", "rng", "config", "identity"}
+    assert (path.parent / "generator.pt").exists()
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["done"] and meta["train_fingerprint"] == ck["train_fingerprint"]
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_equals_uninterrupted(tmp_path, log_every):
+    images, labels, ids = tiny_images(12, seed=1)
+    kw = {"ids": ids, "progress": False, "log_every": log_every}
+    whole = train_generator(images, labels, 3, tmp_path / "a", steps=4, **kw)
+    half = train_generator(images, labels, 3, tmp_path / "b", steps=2, **kw)
+    saved = state_of(half)
+    assert saved["step"] == saved["target_steps"] == 2  # a larger steps extends it below
+    resumed = train_generator(images, labels, 3, tmp_path / "b", steps=4, **kw)
+    a, b = state_of(whole), state_of(resumed)
+    assert b["step"] == 4 and b["done"]
+    assert b["loss_history"][:len(saved["loss_history"])] == saved["loss_history"]  # continues
+    assert a["loss_history"] == b["loss_history"] and len(a["loss_history"]) == 4 // log_every
+    assert a["pending_loss"] == b["pending_loss"]
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
+        assert torch.equal(x, y)
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_interrupt_saves_and_resumes(tmp_path, monkeypatch):
+    images, labels, ids = tiny_images(12, seed=1)
+    whole = state_of(train_generator(images, labels, 3, tmp_path / "a", steps=4, ids=ids,
+                                     progress=False))
+    real_loss, calls = diffusion.F.mse_loss, []
+
+    def interrupted_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM in the CLI) inside step 3
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion.F, "mse_loss", interrupted_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(images, labels, 3, tmp_path / "b", steps=4, ids=ids, progress=False)
+    monkeypatch.setattr(diffusion.F, "mse_loss", real_loss)
+    assert state_of(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    resumed = state_of(train_generator(images, labels, 3, tmp_path / "b", steps=4, ids=ids,
+                                       progress=False))
+    assert resumed["loss_history"] == whole["loss_history"]
+    assert all(torch.equal(w, resumed["model"][k]) for k, w in whole["model"].items())
+
+
+def test_time_budget_stops_then_resumes(tmp_path):
+    images, labels, ids = tiny_images(8, seed=2)
+    path = train_generator(images, labels, 0, tmp_path, minutes=0, ids=ids, progress=False)
+    assert state_of(path)["step"] == 0 and not state_of(path)["done"]
+    with pytest.raises(ValueError, match="allow_unfinished"):
+        LocalDiffusion(tmp_path)
+    path = train_generator(images, labels, 0, tmp_path, ids=ids, progress=False)
+    assert state_of(path)["done"]
+
+
+def test_resume_refuses_another_run(tmp_path):
+    images, labels, ids = tiny_images(8, seed=2)
+    train_generator(images, labels, 0, tmp_path, steps=1, ids=ids, progress=False)
+    with pytest.raises(ValueError, match="another training run"):
+        train_generator(images, labels, 1, tmp_path, steps=2, ids=ids, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ids": ["a"]}, "one dataset id per image"),
+    ({"labels": torch.full((8,), 7)}, "class ids"),
+    ({"images": torch.zeros(8, 1, 64, 64, dtype=torch.uint8)}, "uint8"),
+    ({"minutes": -1}, "minutes"),
+])
+def test_train_rejects_bad_input(tmp_path, kwargs, match):
+    images, labels, ids = tiny_images(8)
+    args = {"images": images, "labels": labels, "ids": ids} | kwargs
+    with pytest.raises(ValueError, match=match):
+        train_generator(args.pop("images"), args.pop("labels"), 0, tmp_path, progress=False,
+                        **args)
+
+
+# ----------------------------------------------------------------------------- variations
+
+def test_variations_shape_dtype_params(backend, trained):
+    _, images, labels, _ = trained
+    out = backend.generate(images[:3], labels[:3], [1, 2, 3])
+    assert out.shape == (3, 1, 128, 128) and out.dtype == torch.uint8
+    many = backend.variations(images[:2], labels[:2], n=2, seed=0)
+    assert many.shape == (2, 2, 1, 128, 128)
+    params = backend.params()
+    ck = state_of(trained[0])
+    assert params["train_fingerprint"] == ck["train_fingerprint"]
+    assert params["strength"] == 0.6 and params["ddim_steps"] == 4 and params["step"] == ck["step"]
+    json.dumps(params)  # the cache keys on it
+
+
+def test_seed_determinism(backend, trained):
+    _, images, labels, _ = trained
+    a = backend.generate(images[:3], labels[:3], [10, 11, 12])
+    assert torch.equal(a, backend.generate(images[:3], labels[:3], [10, 11, 12]))
+    b = backend.generate(images[:3], labels[:3], [20, 21, 22])
+    assert all(not torch.equal(a[i], b[i]) for i in range(3))
+
+
+def test_independent_of_batch_composition(backend, trained):
+    _, images, labels, _ = trained
+    together = backend.generate(images[:4], labels[:4], [5, 6, 7, 8])
+    alone = backend.generate(images[2:3], labels[2:3], [7])
+    other_batch = backend.generate(images[[9, 2]], labels[[9, 2]], [99, 7])
+    for x in (alone[0], other_batch[1]):
+        diff = (x.int() - together[2].int()).abs()
+        # GEMM rounding differs with the batch size: at most one gray level, in few pixels
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_label_conditioning_is_used(backend, trained):
+    _, images, labels, _ = trained
+    src = images[:1].repeat(4, 1, 1, 1)
+    out = backend.generate(src, torch.arange(4), [3, 3, 3, 3])
+    assert len({o.numpy().tobytes() for o in out}) == 4
+
+
+def test_strength_zero_is_the_source_and_one_ignores_it(trained):
+    path, images, labels, _ = trained
+    zero = LocalDiffusion(path, strength=0.0)
+    assert torch.equal(zero.generate(images[:2], labels[:2], [1, 2]), images[:2])
+    one = LocalDiffusion(path, strength=1.0)
+    same_class = (labels == labels[0]).nonzero().flatten()[:2]
+    out = one.generate(images[same_class], labels[same_class], [4, 4])
+    assert torch.equal(out[0], out[1])  # a fresh sample: only label and seed matter
+
+
+def test_registered_as_local(trained):
+    from mrilib.synthetic import get_backend
+
+    assert isinstance(get_backend("local", checkpoint=trained[0]), LocalDiffusion)
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5])
+def test_bad_strength(trained, strength):
+    with pytest.raises(ValueError, match="strength"):
+        LocalDiffusion(trained[0], strength=strength)
+
+
+def test_seed_count_must_match(backend, trained):
+    _, images, labels, _ = trained
+    with pytest.raises(ValueError, match="one per image"):
+        backend.generate(images[:2], labels[:2], [1])
+
+
+# ----------------------------------------------------------------------------- leakage
+
+def test_assert_no_leakage(trained):
+    path, _, _, ids = trained
+    assert_no_leakage(path, ids)
+    assert_no_leakage(path.parent, ids + ["extra"])
+    with pytest.raises(LeakageError, match="1 of them outside"):
+        assert_no_leakage(path, ids[1:])
+    with pytest.raises(LeakageError, match="records no training ids"):
+        assert_no_leakage({"step": 1}, ids)
+
+
+@pytest.fixture
+def mri(tmp_path, monkeypatch):
+    """A tiny dataset and split, with generators and synthetic images cached in tmp_path."""
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    images, labels, ids = tiny_images(40, seed=5)
+    data = MRIData(images, labels, CLASSES, ids, "tiny", "fp")
+    return data, split_mri(data)
+
+
+def test_generators_learn_from_their_sample_only(mri):
+    data, split = mri
+    held_out = {data.ids[i] for i in torch.cat([split.val, split.test]).tolist()}
+    pool = {data.ids[i] for i in split.train.tolist()}
+    path = train_for_sample(data, split, 0.5, 1, progress=False)
+    seen = set(state_of(path)["train_ids"])
+    sample = {data.ids[i] for i in real_sample(data, split, 0.5, 1).tolist()}
+    assert seen == sample and not seen & held_out and seen < pool
+    leaky = train_for_sample(data, split, 0.5, 0, leaky=True, progress=False)
+    record = state_of(leaky)
+    assert set(record["train_ids"]) == pool and record["leaky"]
+    assert leaky.parent.name.startswith("leaky-pool")
+
+    # repeat r uses generator r mod G, and the mixed set of that repeat passes the check
+    n_gen = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["n_generators"]
+    assert repeat_generator(n_gen + 1) == 1
+    backend = LocalDiffusion.for_repeat(data, split, 0.5, n_gen + 1)
+    _, _, _, info = mixed_training_set(data, split, 0.5, 0.1, seed=n_gen + 1, backend=backend,
+                                       progress=False)
+    assert info["sample_seed"] == 1 and info["leaky"] is False
+    assert info["generator_checkpoint"] == str(path.parent / "generator.pt")
+    # a generator of another sample is leakage for this one
+    with pytest.raises(LeakageError):
+        mixed_training_set(data, split, 0.5, 0.1, seed=0, backend=backend, sample_seed=0,
+                           progress=False)
+    with pytest.raises(FileNotFoundError, match="synth train"):
+        trained_generator(data, split, 0.5, 0)
+
+
+def test_generator_dir_key(mri):
+    _, labels, ids = tiny_images(8)
+    base = generator_dir(ids, labels, 0.3, 0)
+    assert base == generator_dir(ids, labels, 0.3, 0)
+    assert len({base, generator_dir(ids, labels, 0.3, 1), generator_dir(ids, labels, 0.4, 0),
+                generator_dir(ids[:-1] + ["other"], labels, 0.3, 0),
+                generator_dir(ids, labels, 0.3, 0, lr=2e-4)}) == 5
+    # bookkeeping settings do not make a new generator
+    assert base == generator_dir(ids, labels, 0.3, 0, checkpoint_minutes=9, strength=0.2)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+@pytest.fixture
+def folder(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    return str(image_folder(per_class={c: 6 for c in CLASSES}))
+
+
+def test_cli_train_then_generate(folder, run_cli):
+    code, out, _ = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "1",
+                           "--source", folder, "--json")
+    assert code == 0
+    trained_info = json.loads(out)
+    assert trained_info["all_done"] and trained_info["generators"][0]["generator"] == 1
+
+    args = ("synth", "generate", "--backend", "local", "--real-frac", "0.5", "--per-image", "2",
+            "--seed", "3", "--limit-sources", "3", "--source", folder, "--json")
+    code, out, _ = run_cli(*args)
+    assert code == 0
+    first = json.loads(out)
+    assert first["generated"] == 6 and first["cached"] == 0 and first["refused"] == 0
+    assert first["sample_seed"] == 1  # repeat 3 uses generator 3 mod 2
+    assert {"seconds", "dir", "params"} <= set(first)
+    second = json.loads(run_cli(*args)[1])
+    assert second["generated"] == 0 and second["cached"] == 6
+
+
+def test_cli_errors_are_clear(folder, run_cli):
+    code, _, err = run_cli("synth", "generate", "--backend", "local", "--real-frac", "0.5",
+                           "--per-image", "1", "--source", folder)
+    assert code == 2 and "synth train --real-frac 0.5 --seed 0" in err
+    code, _, err = run_cli("synth", "generate", "--backend", "local", "--real-frac", "0.5",
+                           "--per-image", "1", "--max-cost", "3", "--source", folder)
+    assert code == 2 and "--max-cost" in err and "openai only" in err
+    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "9",
+                           "--source", folder)
+    assert code == 2 and "--seed 9" in err
+
+
+def test_cli_generate_openai(folder, run_cli, monkeypatch):
+    from fake_openai import FakeOpenAI
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    with FakeOpenAI() as server:
+        code, out, err = run_cli("synth", "generate", "--backend", "openai", "--real-frac", "0.5",
+                                 "--per-image", "1", "--limit-sources", "4", "--max-images", "2",
+                                 "--base-url", server.base_url, "--source", folder, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["generated"] == 2 and report["missing"] == 2 and report["stopped"]
+    assert "sk-test" not in out + err
+
+
+def test_benchmark_reports_speeds():
+    result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4)
+    assert result["device"] == "cpu"
+    assert result["train_images_per_s"] > 0 and result["variations_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_and_samples_on_cuda(tmp_path):
+    images, labels, ids = tiny_images(16)
+    path = train_generator(images, labels, 0, tmp_path, ids=ids, device="cuda", progress=False)
+    backend = LocalDiffusion(path, device="cuda")
+    out = backend.generate(images[:4], labels[:4], [1, 2, 3, 4])
+    assert out.shape == (4, 1, 128, 128) and out.dtype == torch.uint8
+    assert torch.equal(out, backend.generate(images[:4], labels[:4], [1, 2, 3, 4]))
