@@ -25,6 +25,13 @@ _LAZY = {
                             "trained_generator"],
     "synthetic.mixing": ["mixed_training_set", "real_sample", "stack_repeats"],
     "synthetic.quality": ["class_fidelity", "memorization_distances"],
+    "train": ["train_replicates", "real_fraction_index", "model_settings", "save_checkpoint",
+              "load_checkpoint", "trained_classifier"],
+    "cam": ["gradcam_maps", "gradcam_by_hand", "overlay", "cam_agreement",
+            "agreement_vs_baseline", "read_scan"],
+    "experiment": ["grid_cells", "run_grid", "grid_status", "load_results"],
+    "stats": ["bootstrap_median", "bootstrap_median_difference", "cell_summary",
+              "compare_cells", "synthetic_effects"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

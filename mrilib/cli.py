@@ -12,7 +12,7 @@ import sys
 
 from .data import DataError
 
-COMMANDS = ("data", "synth")
+COMMANDS = ("data", "train", "bench", "synth", "cam", "grid", "report")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

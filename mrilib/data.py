@@ -147,7 +147,7 @@ def _source_kind(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
-def _as_gray_square(img: Image.Image, size: int) -> tuple[np.ndarray, str]:
+def as_gray_square(img: Image.Image, size: int) -> tuple[np.ndarray, str]:
     """(uint8 [size, size] slice, content id) for any PIL image mode and shape."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float scans: stretch to 0..255 instead of letting PIL clip at 255.
@@ -171,11 +171,12 @@ def _as_gray_square(img: Image.Image, size: int) -> tuple[np.ndarray, str]:
     return np.asarray(img, dtype=np.uint8), uid
 
 
-def _decode_file(path: Path, size: int) -> tuple[np.ndarray, str]:
+def read_image(path: Path, size: int) -> tuple[np.ndarray, str]:
+    """(uint8 [size, size] slice, content id) of one image file, or a DataError naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return _as_gray_square(img, size)
+            return as_gray_square(img, size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file, "
                         f"or load with on_error='skip' to skip unreadable files.") from err
@@ -222,7 +223,7 @@ def _load_folder(root: Path, size: int, on_error: str):
     def decode(item):
         path, label = item
         try:
-            arr, uid = _decode_file(path, size)
+            arr, uid = read_image(path, size)
             return arr, uid, label, None
         except DataError as err:
             if on_error == "raise":
@@ -275,7 +276,7 @@ def _load_hf(source: str, kind: str, size: int, on_error: str):
                 raw = blob["bytes"] if blob.get("bytes") else Path(blob["path"]).read_bytes()
                 with Image.open(io.BytesIO(raw)) as img:
                     img.load()
-                    arr, uid = _as_gray_square(img, size)
+                    arr, uid = as_gray_square(img, size)
                 kept.append((arr, uid, int(row[lab_col])))
             except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
                 if on_error == "raise":

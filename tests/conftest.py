@@ -13,6 +13,11 @@ from mrilib.paths import SHARED_DATA
 os.environ.setdefault("MRILIB_PRESET", "quick")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the unreachable hub
 
+import torch  # noqa: E402
+
+# On a shared 2-core machine two OpenMP threads spin-wait on each other: one is faster.
+torch.set_num_threads(1)
+
 
 def real_data_path() -> Path | None:
     """The real dataset: $MRILIB_DATA if it exists, else ../shared/data/alzheimer_mri."""

@@ -2,10 +2,12 @@
 
 Given ``save=NAME`` a function also writes ``NAME.png`` with :func:`save_figure` under
 :func:`mrilib.paths.figures_dir` (``figures/`` for the full protocol, ``cache/quick/``
-for quick runs, so tests never overwrite the committed figures).
+for quick runs, so tests never overwrite the committed figures). The chapter 3 and 7
+figures are imported on first use (they pull in pytorch-grad-cam and the statistics).
 """
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 
@@ -22,6 +24,27 @@ def save_figure(fig, name: str, dpi: int = 150) -> Path:
 from .data import (class_counts_figure, class_counts_table,  # noqa: E402
                    example_grid_figure, intensity_histogram_figure,
                    nearest_neighbour_figure)
+from .synthetic import (class_fidelity_figure, memorization_figure,  # noqa: E402
+                        variations_figure)
 
-__all__ = ["save_figure", "class_counts_figure", "class_counts_table", "example_grid_figure",
-           "intensity_histogram_figure", "nearest_neighbour_figure"]
+_LAZY = {
+    "cam": ["real_vs_synthetic_cam_figure", "cam_agreement_figure", "scan_cam_figure"],
+    "results": ["loss_curves_figure", "augmentation_figure", "results_table",
+                "thesis_comparison", "thesis_comparison_figure", "fraction_sweep_figure",
+                "synthetic_effect_figure", "leakage_table", "leakage_figure"],
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mrilib.plots' has no attribute {name!r}")
+
+
+__all__ = sorted(["save_figure", "class_counts_figure", "class_counts_table",
+                  "example_grid_figure", "intensity_histogram_figure",
+                  "nearest_neighbour_figure", "class_fidelity_figure", "memorization_figure",
+                  "variations_figure", *_WHERE])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import _as_gray_square
+from ..data import as_gray_square
 
 SIZE = 128  # pixels per side of every image a backend takes and returns
 
@@ -128,7 +128,7 @@ def to_gray128(picture: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor
     if not isinstance(picture, Image.Image):
         raise TypeError(f"to_gray128 takes a PIL image, numpy array or tensor, "
                         f"not {type(picture).__name__}")
-    gray, _ = _as_gray_square(picture, SIZE)
+    gray, _ = as_gray_square(picture, SIZE)
     return torch.from_numpy(gray.copy()).unsqueeze(0)
 
 

@@ -1,0 +1,300 @@
+"""How much faster :func:`mrilib.train.train_replicates` is than the loop notebooks write.
+
+Three ways to train the same protocol (a stratified ``real_frac`` of the training pool,
+the model's epochs, batch size and learning rate from :mod:`mrilib.train`, validation
+and test evaluated every epoch), timed in one process on one device:
+
+(a) ``naive``: torchvision ``ImageFolder`` + ``DataLoader`` with PIL transforms
+    (Grayscale, Resize, the policy's flip / AutoAugment, ToTensor, Normalize), fp32,
+    one model at a time, ``loss.item()`` every step: what most public notebooks do.
+    Slow, so only a few replicates are timed and reported per replicate.
+(b) ``serial``: mrilib with ``max_parallel=1``: data resident on the device as uint8,
+    augmentation on the device, no DataLoader, but one replicate at a time.
+(c) ``parallel``: mrilib with all replicates in one vmap group.
+
+Each is warmed up once before timing (CUDA context, cuDNN heuristics, worker start-up
+code paths), so the numbers are steady-state per replicate. Decoding the images for
+(b)/(c) is timed separately: it happens once per process (and is cached on disk).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import settings
+
+DEFAULTS = {
+    "real_frac": 0.3,          # the thesis's headline case and the issue's reference protocol
+    "replicates": 20,          # (c): one thesis cell, all at once
+    "naive_replicates": 3,     # (a): seconds each even on a GPU; 3 give a stable mean
+    "serial_replicates": 3,    # (b): one at a time, same reason
+    "naive_workers": 2,        # DataLoader workers: the value Kaggle/Colab notebooks use most
+    "seed": 0,                 # replicate k uses seed+k in every approach
+}
+PRESETS = {
+    # CPU seminars and tests: few replicates; mrilib.train's quick preset gives 1 epoch.
+    "quick": {"replicates": 4, "naive_replicates": 1, "serial_replicates": 1},
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_image(model: str, img_size: int) -> dict[str, float]:
+    """FLOPs of one image through ``model``: ``forward`` and ``train`` (forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_model
+
+    net = build_model(model, img_size=img_size)
+    x = torch.zeros(2, 1, img_size, img_size)
+    with FlopCounterMode(display=False) as fwd:
+        net(x)
+    with FlopCounterMode(display=False) as both:
+        net(x).sum().backward()
+    return {"forward": fwd.get_total_flops() / 2, "train": both.get_total_flops() / 2}
+
+
+def naive_transform(aug: str, size: int):
+    """The PIL pipeline a notebook writes for ``aug`` (no augmentation for evaluation)."""
+    from torchvision import transforms as T
+
+    from .models import MRI_MEAN, MRI_STD
+
+    policy = {"none": [], "hflip": [T.RandomHorizontalFlip(p=0.5)],
+              "autoaugment": [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]}
+    if aug not in policy:
+        raise ValueError(f"the naive loop has no PIL version of policy {aug!r}; "
+                         f"choose one of {', '.join(policy)}")
+    return T.Compose([T.Grayscale(num_output_channels=1), T.Resize((size, size)),
+                      *policy[aug], T.ToTensor(), T.Normalize((MRI_MEAN,), (MRI_STD,))])
+
+
+def naive_split(targets: list[int], real_frac: float, seed: int):
+    """(train, val, test) indices of an ImageFolder with mrilib's split sizes and fractions."""
+    from .data import DEFAULTS as DATA
+    from .data import stratified_sample
+
+    labels = torch.tensor(targets)
+    every = torch.arange(len(labels))
+    test = stratified_sample(labels, DATA["test_frac"], DATA["split_seed"])
+    rest = every[~torch.isin(every, test)]
+    val = stratified_sample(labels, DATA["val_frac"], DATA["split_seed"] + 1, pool=rest)
+    pool = rest[~torch.isin(rest, val)]
+    return stratified_sample(labels, real_frac, seed, pool=pool), val, test
+
+
+def _image_folder(source) -> Path:
+    from .data import resolve_source
+
+    path = Path(resolve_source(source))
+    if not path.is_dir() or not any(p.is_dir() for p in path.iterdir()):
+        raise ValueError(f"the naive loop reads an image folder (one sub-folder per class), "
+                         f"but the source is {str(path)!r}; pass --source "
+                         f"path/to/alzheimer_mri or set MRILIB_DATA")
+    return path
+
+
+# ----------------------------------------------------------------------------- (a) naive
+
+def naive_replicate(root: Path, model: str, aug: str, seed: int, cfg: dict, size: int,
+                    device: torch.device, workers: int, epochs: int | None = None,
+                    evaluate: bool = True) -> dict:
+    """One notebook-style run; ``seconds`` and the last epoch's validation accuracy."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+
+    from .models import build_model
+
+    train_ds = ImageFolder(str(root), transform=naive_transform(aug, size))
+    eval_ds = ImageFolder(str(root), transform=naive_transform("none", size))
+    train_idx, val_idx, test_idx = naive_split(train_ds.targets, cfg["real_frac"], seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(Subset(train_ds, train_idx.tolist()), batch_size=cfg["batch_size"],
+                        shuffle=True, num_workers=workers)
+    evals = [DataLoader(Subset(eval_ds, idx.tolist()), batch_size=cfg["batch_size"],
+                        num_workers=workers) for idx in (val_idx, test_idx)]
+    net = build_model(model, img_size=size).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(cfg["epochs"] if epochs is None else epochs):
+        net.train()
+        running = 0.0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            running += loss.item()  # the per-step host sync notebooks have, kept on purpose
+        net.eval()
+        with torch.no_grad():
+            accs = [_naive_accuracy(net, e, device) for e in (evals if evaluate else [])]
+    _sync(device)
+    return {"seconds": time.perf_counter() - start, "train_loss": running / len(loader),
+            "val_acc": accs[0] if accs else float("nan"), "n_train": len(train_idx)}
+
+
+def _naive_accuracy(net, loader, device) -> float:
+    correct = sum((net(x.to(device)).argmax(1) == y.to(device)).sum().item() for x, y in loader)
+    return correct / len(loader.dataset)
+
+
+# ----------------------------------------------------------------------------- (b), (c)
+
+def _mrilib_timed(model, aug, data, index, val, test, seeds, device, max_parallel, overrides):
+    from .train import train_replicates
+
+    _sync(device)
+    start = time.perf_counter()
+    records = train_replicates(model, data.images, data.labels, index, val, test, seeds,
+                               aug=aug, device=device, max_parallel=max_parallel, **overrides)
+    _sync(device)
+    return time.perf_counter() - start, records
+
+
+def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, workers):
+    """One short pass of every code path, so first-call costs stay out of the timings."""
+    from .train import train_replicates
+
+    small = index[:2, :cfg["batch_size"] * 2]
+    train_replicates(model, data.images, data.labels, small, (val[0][:64], val[1][:64]),
+                     (test[0][:64], test[1][:64]), list(range(len(small))), aug=aug,
+                     device=device, **{**overrides, "epochs": 1})
+    naive_replicate(root, model, aug, 0, {**cfg, "real_frac": min(cfg["real_frac"], 0.02)},
+                    data.images.shape[-1], device, workers, epochs=1, evaluate=False)
+
+
+def bench_train(model: str, aug: str = "none", source=None, device=None, size: int = 128,
+                **overrides) -> dict:
+    """Time (a) naive, (b) serial and (c) parallel training; one JSON-ready dict."""
+    from .data import load_mri, split_mri
+    from .paths import preset_name
+    from .train import DEFAULTS as TRAIN_DEFAULTS
+    from .train import model_settings, real_fraction_index, resolve_device
+
+    bench_keys = {k: overrides.pop(k) for k in list(overrides) if k in DEFAULTS}
+    if "max_parallel" in overrides:
+        raise ValueError("bench sets max_parallel itself (1 for serial, all replicates for "
+                         "parallel); lower --replicates instead if memory is short")
+    cfg = settings(DEFAULTS, PRESETS, **bench_keys)
+    unknown = set(overrides) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; bench takes "
+                         f"{sorted(DEFAULTS)} and mrilib.train's {sorted(TRAIN_DEFAULTS)}")
+    train_cfg = model_settings(model, **overrides)
+    device = resolve_device(device)
+    root = _image_folder(source)
+    workers = cfg["naive_workers"]
+
+    # -- data for mrilib: decoded once per process, then resident on the device
+    start = time.perf_counter()
+    data = load_mri(root, size=size)
+    load_seconds = time.perf_counter() - start
+    split = split_mri(data)
+    n_rep = max(cfg["replicates"], cfg["serial_replicates"])
+    seeds = [cfg["seed"] + k for k in range(n_rep)]
+    index = real_fraction_index(data.labels, split.train, cfg["real_frac"], seeds, data.ids)
+    val = (data.images[split.val], data.labels[split.val])
+    test = (data.images[split.test], data.labels[split.test])
+    naive_cfg = {**train_cfg, "real_frac": cfg["real_frac"]}
+    _warm_up(model, aug, data, index, val, test, device, overrides, root, naive_cfg, workers)
+
+    # -- (a) the notebook loop, a few replicates
+    naive = [naive_replicate(root, model, aug, cfg["seed"] + k, naive_cfg, size, device, workers)
+             for k in range(cfg["naive_replicates"])]
+    # -- (b) mrilib one replicate at a time, (c) all replicates in one vmap group
+    k_s, k_p = cfg["serial_replicates"], cfg["replicates"]
+    serial_s, serial = _mrilib_timed(model, aug, data, index[:k_s], val, test, seeds[:k_s],
+                                     device, 1, overrides)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    parallel_s, parallel = _mrilib_timed(model, aug, data, index[:k_p], val, test, seeds[:k_p],
+                                         device, k_p, overrides)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    # -- what the parallel run achieved: FLOP rate and step time
+    flops = flops_per_image(model, size)
+    n_train, n_eval = index.shape[1], len(split.val) + len(split.test)
+    epochs = train_cfg["epochs"]
+    work = k_p * epochs * (n_train * flops["train"] + n_eval * flops["forward"])
+    steps = epochs * math.ceil(n_train / train_cfg["batch_size"])
+    per = {"naive": sum(r["seconds"] for r in naive) / len(naive),
+           "serial": serial_s / k_s, "parallel": parallel_s / k_p}
+    return {
+        "model": model, "aug": aug, "init": parallel[0]["init"],
+        "device": parallel[0]["device"], "torch": str(torch.__version__),
+        "date": _dt.date.today().isoformat(), "preset": preset_name(),
+        "settings": {"real_frac": cfg["real_frac"], "n_train": int(n_train),
+                     "n_val": len(split.val), "n_test": len(split.test), "img_size": size,
+                     "epochs": epochs, "batch_size": train_cfg["batch_size"],
+                     "lr": train_cfg["lr"], "amp_mrilib": train_cfg["amp"],
+                     "naive_workers": workers, "naive_precision": "fp32"},
+        "load_seconds": load_seconds,
+        "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
+                  "n_train": naive[0]["n_train"],
+                  "median_final_val_acc": statistics.median(r["val_acc"] for r in naive)},
+        "serial": {"replicates": k_s, "seconds_per_replicate": per["serial"],
+                   "median_final_val_acc": _median_val_acc(serial)},
+        "parallel": {"replicates": k_p, "seconds_per_replicate": per["parallel"],
+                     "median_final_val_acc": _median_val_acc(parallel),
+                     "ms_per_step": 1000 * parallel_s / steps,
+                     "achieved_tflops": work / parallel_s / 1e12,
+                     "peak_memory_gib": None if peak is None else peak / 2 ** 30},
+        "speedup": {"serial_vs_naive": per["naive"] / per["serial"],
+                    "parallel_vs_naive": per["naive"] / per["parallel"],
+                    "parallel_vs_serial": per["serial"] / per["parallel"]},
+        "gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
+    }
+
+
+def _median_val_acc(records: list[dict]) -> float:
+    return statistics.median(r["final"]["val_acc"] for r in records)
+
+
+def report(result: dict) -> str:
+    """The benchmark as a few lines of text."""
+    s = result["settings"]
+    init = "from scratch" if result["init"] == "scratch" else "ImageNet weights"
+    rows = [("(a) naive: ImageFolder + DataLoader"
+             f"({s['naive_workers']} workers), PIL, fp32, one model at a time", "naive"),
+            ("(b) mrilib, data on device, one replicate at a time", "serial"),
+            (f"(c) mrilib, {result['parallel']['replicates']} replicates at once (vmap)",
+             "parallel")]
+    p = result["parallel"]
+    memory = "" if p["peak_memory_gib"] is None else f", peak memory {p['peak_memory_gib']:.2f} GiB"
+    lines = [
+        f"bench train: {result['model']} ({init}), aug {result['aug']}, "
+        f"{s['real_frac']:.0%} real = {s['n_train']} training images, {s['epochs']} epochs, "
+        f"batch {s['batch_size']}, lr {s['lr']:g}, {s['img_size']}px; val {s['n_val']} + "
+        f"test {s['n_test']} images evaluated every epoch",
+        f"device {result['device']} | torch {result['torch']} | preset {result['preset']} | "
+        f"{result['date']} | mrilib amp {s['amp_mrilib']}",
+        f"{'approach':<82}{'reps':>5}{'s/replicate':>13}{'speedup':>9}{'val acc':>9}",
+    ]
+    for title, key in rows:
+        r = result[key]
+        speed = result["naive"]["seconds_per_replicate"] / r["seconds_per_replicate"]
+        lines.append(f"{title:<82}{r['replicates']:>5}{r['seconds_per_replicate']:>13.3f}"
+                     f"{speed:>8.1f}x{r['median_final_val_acc']:>9.3f}")
+    lines += [
+        f"(c) in detail: {p['ms_per_step']:.2f} ms per step of all replicates (evaluation "
+        f"included), {p['achieved_tflops']:.3f} TFLOP/s achieved{memory}; "
+        f"{result['gflop_per_image']['forward']:.3f} GFLOP forward, "
+        f"{result['gflop_per_image']['train']:.3f} GFLOP forward+backward per image",
+        f"decoding the images for (b)/(c): {result['load_seconds']:.1f} s once per process "
+        f"(cached on disk after the first run), not in the per-replicate times",
+        "speedup = (a)'s seconds per replicate / this row's; val acc = median final-epoch "
+        "validation accuracy (a sanity check that all three learn).",
+    ]
+    return "\n".join(lines)

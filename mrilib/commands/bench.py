@@ -1,0 +1,74 @@
+"""``python -m mrilib bench train``: mrilib's training against the usual notebook loop."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time mrilib against the usual training loop")
+    what = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    t = what.add_parser("train", help="seconds per replicate: notebook loop vs mrilib "
+                                      "(one at a time, and K at once)")
+    t.add_argument("--model", default="basic_cnn",
+                   help="basic_cnn, resnet18, vit_tiny, vit_small, or a comma-separated "
+                        "list run one after another (default basic_cnn)")
+    t.add_argument("--aug", default="none", help="none, hflip or autoaugment (default none)")
+    t.add_argument("--replicates", type=int, default=None,
+                   help="replicates trained at once by mrilib (default 20; quick preset 4)")
+    t.add_argument("--naive-replicates", type=int, default=None,
+                   help="notebook-loop replicates timed (default 3; quick preset 1)")
+    t.add_argument("--serial-replicates", type=int, default=None,
+                   help="mrilib one-at-a-time replicates timed (default 3; quick preset 1)")
+    t.add_argument("--naive-workers", type=int, default=None,
+                   help="DataLoader workers of the notebook loop (default 2)")
+    t.add_argument("--real-frac", type=float, default=None, help="default 0.3")
+    t.add_argument("--seed", type=int, default=None, help="replicate k uses seed+k (default 0)")
+    t.add_argument("--epochs", type=int, default=None, help="default: the model's (mrilib.train)")
+    t.add_argument("--batch-size", type=int, default=None, help="default: the model's")
+    t.add_argument("--lr", type=float, default=None, help="default: the model's")
+    t.add_argument("--device", default=None, help="cpu, cuda... (default: cuda if present)")
+    t.add_argument("--source", default=None,
+                   help="the image folder (default: $MRILIB_DATA); the notebook loop reads it "
+                        "with torchvision's ImageFolder")
+    t.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="also write bench-train-<model>-<aug>-<device>.{txt,json} to DIR")
+    t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
+    p.set_defaults(func=run)
+
+
+def _overrides(args) -> dict:
+    names = {"replicates": args.replicates, "naive_replicates": args.naive_replicates,
+             "serial_replicates": args.serial_replicates, "naive_workers": args.naive_workers,
+             "real_frac": args.real_frac, "seed": args.seed, "epochs": args.epochs,
+             "batch_size": args.batch_size, "lr": args.lr}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
+
+
+def run(args) -> int:
+    from ..bench import bench_train, report
+    from ..paths import atomic_write_bytes
+
+    results = []
+    for model in [m.strip() for m in args.model.split(",") if m.strip()]:
+        result = bench_train(model, args.aug, args.source, args.device, args.size,
+                             **_overrides(args))
+        results.append(result)
+        text = report(result)
+        if not args.json:
+            print(text, flush=True)
+            print()
+        if args.out:
+            stem = _slug(f"bench-train-{model}-{args.aug}-{result['device']}")
+            atomic_write_bytes(Path(args.out) / f"{stem}.txt", (text + "\n").encode())
+            atomic_write_bytes(Path(args.out) / f"{stem}.json",
+                               (json.dumps(result, indent=2) + "\n").encode())
+    if args.json:
+        print(json.dumps({"results": results}, indent=2))
+    return 0

@@ -1,0 +1,54 @@
+"""``python -m mrilib grid``: train the chapter-7 grid, resumably, in time-boxed chunks."""
+from __future__ import annotations
+
+from ..config import KNOWN_PRESETS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("grid", help="train the chapter-7 grid (resumable, time-boxed chunks)")
+    p.add_argument("--preset", choices=KNOWN_PRESETS, default=None,
+                   help="thesis: the full grid; quick: a few cells on a CPU; cell: one cell "
+                        "(default: $MRILIB_PRESET, else thesis)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs already in the results folder (needed once it "
+                        "holds any)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly before a cell that would not finish within M minutes")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if present)")
+    p.add_argument("--train-generators", action="store_true",
+                   help="train (or resume) missing generators of the local backend inside "
+                        "the time budget, instead of listing their cells as blocked")
+    p.add_argument("--source", default=None,
+                   help="image folder, parquet, save_to_disk folder or hub id "
+                        "(default: $MRILIB_DATA, else the hub dataset)")
+    p.add_argument("--results", default=None,
+                   help="results folder (default: results/ for thesis, cache/<preset>/results/)")
+    p.add_argument("--list", action="store_true",
+                   help="print every cell with its finished repeats and train nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..experiment import grid_status, run_grid
+
+    if args.list:
+        status = grid_status(args.preset, args.results)
+        print(status.to_string(index=False))
+        print(f"{int((status['done'] == status['repeats']).sum())} of {len(status)} cells "
+              f"complete; {int(status['done'].sum())} of {int(status['repeats'].sum())} runs")
+        return 0
+    progress = run_grid(args.preset, args.results, resume=args.resume,
+                        max_minutes=args.max_minutes, device=args.device,
+                        train_generators=args.train_generators, source=args.source)
+    print(f"results  {progress.results}")
+    print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
+          f"{progress.runs_written} runs written by this call")
+    for key, why in progress.blocked.items():
+        print(f"blocked  {key}: {why}")
+    if progress.stopped_for_time:
+        print(f"stopped  before the next cell to stay within {args.max_minutes} minutes")
+    if progress.remaining:
+        preset = f" --preset {args.preset}" if args.preset else ""
+        print(f"{len(progress.remaining)} cell(s) left: rerun `python -m mrilib grid{preset} "
+              f"--resume` to continue where this stopped")
+    return 0

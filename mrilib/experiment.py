@@ -1,0 +1,835 @@
+"""Thesis chapter 7 as one declarative grid, and a resumable runner for it.
+
+A **cell** is one training configuration: (model, augmentation policy, synthetic policy,
+real fraction, generator mode). :func:`grid_cells` lists the cells of a preset,
+:func:`run_grid` trains every repeat of every cell and streams one row per run into
+``runs.jsonl`` (and one row per epoch into ``epochs.jsonl``) under
+:func:`mrilib.paths.results_dir`; :func:`load_results` reads them back for
+:mod:`mrilib.stats` and :mod:`mrilib.plots.results`.
+
+Synthetic policies (``X`` = real fraction of the training pool):
+
+* ``none``       X real, no synthetic images.
+* ``fill``       X real + synthetic up to the full pool size, i.e. ``1 - X`` synthetic
+  (the thesis's "30% real + 70% synthetic"; at X = 0.8 it is the table's "80% real /
+  20% synthetic" row, so ``"80+20"`` is accepted as a name for that same cell).
+* ``100+20mod``  the whole pool + 20% synthetic images of Moderate_Demented only.
+
+Generator modes: ``sample`` (leak-free: the generator of repeat ``r`` was trained on
+the same real sample the classifier of repeat ``r`` sees) and ``leaky`` (the ablation:
+generators trained on the whole training pool, so the synthetic images carry
+information from real images the classifier was not given). Generators are trained by
+:mod:`mrilib.synthetic.diffusion` (``python -m mrilib synth train``), or by the runner
+itself with ``train_generators=True`` (``grid --train-generators``), inside the same
+time budget, so one repeated command drives the whole grid on a time-limited GPU.
+
+Sampling design (what makes comparisons between cells paired):
+
+* ``G`` independent stratified real samples per real fraction (``G`` = the number of
+  generators per fraction, ``n_generators`` of :mod:`mrilib.synthetic.diffusion`: 5,
+  quick 2); sample ``g`` is drawn from the training pool with seed ``s_g = g``, the
+  seed generator ``g`` learned from.
+* Repeat ``r`` of **every** cell uses real sample ``g = r mod G`` (in synthetic cells
+  also generator ``g``), training seed ``t_r = seeds.train + r`` and variation seed
+  ``u_r = seeds.synthetic + r`` (so repeats ``r`` and ``r + G`` share real images and
+  generator but not their synthetic images, nor their initial weights).
+  So two cells at the same real fraction share their real images repeat by repeat
+  (paired comparisons, :func:`mrilib.stats.compare_cells`), and since
+  :func:`mrilib.data.stratified_sample` permutes each class once per seed, the 30%
+  sample of seed ``s_g`` is a subset of its 40% sample, and so on.
+* Repeats sharing ``g`` are clustered; :mod:`mrilib.stats` resamples clusters, then
+  repeats. With ``samples == repeats`` every repeat has its own sample, as in the
+  thesis (which drew a new sample and new Dall-E variations for each of 20 repeats).
+
+Results are append-only and each row is flushed and fsync'd: an interrupted or
+time-boxed run (``max_minutes``) resumes with no lost or duplicated rows, because each
+run has a stable key (cell, repeat and everything in the grid settings that changes
+what it trains) and finished keys are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from . import paths
+from .config import settings
+
+MODELS = ("basic_cnn", "resnet18", "vit_tiny")       # thesis ch. 5
+AUGS = ("none", "hflip", "autoaugment")               # thesis ch. 6.1, 6.2
+GENERATORS = ("none", "sample", "leaky")
+FRACTIONS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0, thesis 7.2
+MODERATE = "Moderate_Demented"
+
+
+@dataclass(frozen=True)
+class SyntheticPolicy:
+    """How many synthetic images a cell adds, of which classes, at which real fraction."""
+
+    label: str                      # the thesis's wording, for tables
+    fraction: float | None          # synthetic images / pool size; None: top up to the pool size
+    fixed_real: float | None        # the real fraction the policy implies, if any
+    classes: tuple[str, ...] | str  # "all" or the class names that get synthetic images
+
+    def synthetic_fraction(self, real_fraction: float) -> float:
+        """Synthetic images as a fraction of the full training-pool size."""
+        return round(1.0 - real_fraction, 4) if self.fraction is None else self.fraction
+
+
+SYNTHETIC = {
+    "none": SyntheticPolicy("real only", 0.0, None, "all"),
+    "fill": SyntheticPolicy("X% real + (100-X)% synthetic", None, None, "all"),
+    "100+20mod": SyntheticPolicy("100% real + 20% synthetic (Moderate only)", 0.2, 1.0,
+                                 (MODERATE,)),
+}
+ALIASES = {"80+20": ("fill", 0.8)}  # the table's 80/20 row is the fill cell at 80% real
+
+DEFAULTS = {
+    "models": list(MODELS),
+    "augs": list(AUGS),                 # every policy for the table and Figure 7.2
+    "sweep_augs": list(AUGS),           # policies for which the 30..100% sweep runs
+    "fractions": list(FRACTIONS),       # real fractions of the training pool
+    "leakage": [                        # cells that also run with the leaky generator
+        {"model": m, "aug": "none", "real_fraction": 0.3} for m in MODELS],
+    "moderate_only": True,              # run the 100% + 20% Moderate-only row
+    "cells": None,                      # explicit cell list: replaces the factorial above
+    "repeats": 20,                      # thesis 7.1: every combination trained 20 times
+    # G, real samples per fraction; None = the generators per fraction of the local
+    # backend (mrilib.synthetic.diffusion n_generators), which it must equal for "local".
+    "samples": None,
+    # t_r, u_r = base + r (u_r = r: diffusion's rule); "data": seed of the data_fraction subset
+    "seeds": {"train": 1000, "synthetic": 0, "data": 0},
+    # Share of the 6,400 slices the runner loads (stratified, before the split); 1.0 = all.
+    "data_fraction": 1.0,
+    "backend": "local",                 # synthetic-image backend (mrilib.synthetic.BACKENDS)
+    "train": {},                        # overrides passed to train_replicates
+}
+PRESETS = {
+    # A few cells touching every code path (both generator modes, every synthetic
+    # policy, two augmentations); tiny epochs come from mrilib.train's quick preset.
+    "quick": {
+        "cells": [
+            {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
+            {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
+            {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+            {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
+             "generator": "leaky"},
+            {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
+            {"model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
+        ],
+        "repeats": 2,
+        # A stratified 10% of the slices (461 in the pool): one 1-epoch cell then takes
+        # seconds on a 2-core CPU instead of minutes; numbers are for testing the code only.
+        "data_fraction": 0.1,
+    },
+    # The headline cell (30% real + 70% synthetic, basic CNN), e.g. for notebook 04.
+    "cell": {
+        "cells": [{"model": "basic_cnn", "aug": "none", "synthetic": "fill",
+                   "real_fraction": 0.3}],
+        "repeats": 5,
+    },
+}
+
+RUNS_FILE, EPOCHS_FILE = "runs.jsonl", "epochs.jsonl"
+
+
+# ----------------------------------------------------------------------------- cells
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid; ``key`` names it in results and logs."""
+
+    model: str
+    aug: str
+    synthetic: str
+    real_fraction: float
+    generator: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.aug}/{self.synthetic}/{self.real_fraction:g}/{self.generator}"
+
+    @property
+    def synthetic_fraction(self) -> float:
+        return SYNTHETIC[self.synthetic].synthetic_fraction(self.real_fraction)
+
+    @property
+    def synthetic_classes(self) -> tuple[str, ...] | str:
+        return SYNTHETIC[self.synthetic].classes
+
+
+def make_cell(model: str, aug: str = "none", synthetic: str = "none",
+              real_fraction: float | None = None, generator: str | None = None) -> Cell:
+    """A validated :class:`Cell`; names and fractions are checked, aliases resolved."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; the grid has {', '.join(MODELS)}")
+    if aug not in AUGS:
+        raise ValueError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGS)}")
+    if synthetic in ALIASES:
+        synthetic, implied = ALIASES[synthetic]
+        real_fraction = implied if real_fraction is None else real_fraction
+        if not math.isclose(real_fraction, implied):
+            raise ValueError(f"'80+20' means 80% real; got real_fraction={real_fraction}")
+    if synthetic not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic policy {synthetic!r}; choose one of "
+                         f"{', '.join([*SYNTHETIC, *ALIASES])}")
+    real_fraction = _checked_fraction(synthetic, real_fraction)
+    generator = generator or ("none" if synthetic == "none" else "sample")
+    if generator not in GENERATORS or (generator == "none") != (synthetic == "none"):
+        raise ValueError(f"generator={generator!r} does not fit synthetic={synthetic!r}: "
+                         f"real-only cells take 'none', synthetic ones 'sample' or 'leaky'")
+    return Cell(model, aug, synthetic, real_fraction, generator)
+
+
+def _checked_fraction(synthetic: str, real_fraction: float | None) -> float:
+    fixed = SYNTHETIC[synthetic].fixed_real
+    if real_fraction is None:
+        if fixed is None:
+            raise ValueError(f"synthetic policy {synthetic!r} needs a real_fraction, e.g. 0.3")
+        return fixed
+    real_fraction = round(float(real_fraction), 4)
+    if fixed is not None and not math.isclose(real_fraction, fixed):
+        raise ValueError(f"synthetic policy {synthetic!r} implies real_fraction={fixed}, "
+                         f"got {real_fraction}")
+    if not 0 < real_fraction <= 1:
+        raise ValueError(f"real_fraction={real_fraction}: give a fraction in (0, 1], e.g. 0.3")
+    if synthetic == "fill" and real_fraction >= 1:
+        raise ValueError("'fill' at 100% real adds no synthetic images; use synthetic='none'")
+    return real_fraction
+
+
+def grid_cells(preset: str | None = None, **overrides) -> list[Cell]:
+    """The cells of ``preset`` in the order they run: the most important first.
+
+    Per model (basic CNN first): the thesis's headline cells (30% and 100% real, 30%
+    real + 70% synthetic, the leakage ablation), its results table, Figure 7.2 (every
+    augmentation at 30% real), the real-fraction sweep without augmentation; then the
+    sweeps with the other augmentation policies. A partial run is then most useful.
+    """
+    cfg = settings(DEFAULTS, PRESETS, preset, **overrides)
+    if cfg["cells"]:
+        return list(dict.fromkeys(make_cell(**c) for c in cfg["cells"]))
+    cells: list[Cell] = []
+    for model in cfg["models"]:
+        cells += _core_cells(model, cfg)
+    for model in cfg["models"]:
+        for aug in cfg["sweep_augs"]:
+            cells += _sweep_cells(model, aug, cfg["fractions"])
+    return list(dict.fromkeys(cells))
+
+
+def _core_cells(model: str, cfg: dict) -> list[Cell]:
+    leaky = [make_cell(model, c.get("aug", "none"), "fill", c["real_fraction"], "leaky")
+             for c in cfg["leakage"] if c["model"] == model]
+    cells = [make_cell(model, "none", "none", 0.3), make_cell(model, "none", "none", 1.0),
+             make_cell(model, "none", "fill", 0.3), *leaky]
+    for aug in cfg["augs"]:  # the results table: 100/0, 80/20, 100/20 Moderate only
+        cells += [make_cell(model, aug, "none", 1.0), make_cell(model, aug, "80+20")]
+        if cfg["moderate_only"]:
+            cells.append(make_cell(model, aug, "100+20mod"))
+    for aug in cfg["augs"]:  # Figure 7.2
+        cells += [make_cell(model, aug, "none", 0.3), make_cell(model, aug, "fill", 0.3)]
+    if "none" in cfg["sweep_augs"]:
+        cells += _sweep_cells(model, "none", cfg["fractions"])
+    return cells
+
+
+def _sweep_cells(model: str, aug: str, fractions: Sequence[float]) -> list[Cell]:
+    cells = []
+    for x in fractions:
+        cells.append(make_cell(model, aug, "none", x))
+        if x < 1:
+            cells.append(make_cell(model, aug, "fill", x))
+    return cells
+
+
+# ----------------------------------------------------------------------------- seeds and keys
+
+@dataclass(frozen=True)
+class RepeatSeeds:
+    """The seeds of repeat ``repeat``: real sample ``sample_index`` drawn with ``sample_seed``."""
+
+    repeat: int
+    sample_index: int
+    sample_seed: int
+    train_seed: int
+    synth_seed: int
+
+
+def repeat_seeds(repeat: int, cfg: dict) -> RepeatSeeds:
+    """Seeds of one repeat under the sampling design in the module docstring."""
+    g = repeat % cfg["samples"]
+    s = cfg["seeds"]
+    return RepeatSeeds(repeat, g, g, s["train"] + repeat, s["synthetic"] + repeat)
+
+
+def grid_settings(preset: str | None = None, **overrides) -> dict:
+    """The grid settings in force for ``preset``, with ``samples`` (G) resolved."""
+    preset = preset or paths.preset_name()
+    cfg = settings(DEFAULTS, PRESETS, preset, **overrides)
+    if cfg["samples"] is None or cfg["backend"] == "local":
+        with preset_env(preset):
+            from .synthetic.diffusion import DEFAULTS as GEN, PRESETS as GEN_PRESETS
+            generators = settings(GEN, GEN_PRESETS)["n_generators"]
+        if cfg["samples"] not in (None, generators):
+            raise ValueError(f"samples={cfg['samples']} but the local backend trains "
+                             f"{generators} generators per real fraction (n_generators); "
+                             f"leave samples unset or change n_generators")
+        cfg["samples"] = generators
+    if not isinstance(cfg["samples"], int) or cfg["samples"] < 1:
+        raise ValueError(f"samples={cfg['samples']!r}: give a positive whole number")
+    return cfg
+
+
+def design_hash(cfg: dict, preset: str, model: str) -> str:
+    """8 hex digits over everything that changes what a run of ``model`` trains.
+
+    The grid settings (samples, seeds, backend, data share, train overrides), the preset,
+    and the training settings in force for ``model`` (:func:`mrilib.train.model_settings`),
+    so that a changed default retrains instead of mixing two protocols in one table.
+    Call it under :func:`preset_env`, as the training engine reads the preset too.
+    """
+    from .train import model_settings
+
+    run_only = ("max_parallel", "eval_batch_size")  # how a run is batched, not what it learns
+    training = {k: v for k, v in model_settings(model, **cfg["train"]).items()
+                if k not in run_only}
+    relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction")}
+    relevant.update(preset=preset, training=training)
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_key(cell: Cell, repeat: int, design: str) -> str:
+    """The stable id of one run: ``<cell key>/r<repeat>@<design hash>``."""
+    return f"{cell.key}/r{repeat:02d}@{design}"
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def provenance(device=None) -> dict:
+    """Git commit and dirty flag, package versions and device name, for every row."""
+    return {**_git_state(), **package_versions(), "device_name": device_name(device),
+            "host": platform.node()}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(paths.ROOT), *args], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_state() -> dict:
+    commit = (_git("rev-parse", "HEAD") or "").strip() or None
+    # Results and figures are what the run writes; they do not make its code dirty.
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)figures")
+    diff = _git("diff", "HEAD", "--", "mrilib") if commit else None
+    return {"git_commit": commit or "uncommitted",
+            "git_dirty": bool(status and status.strip()) if status is not None else None,
+            "git_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+
+
+def package_versions() -> dict:
+    """Versions of the packages a result depends on (None where not installed)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "diffusers", "numpy", "mrilib"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_name(device=None) -> str:
+    """The accelerator's name (e.g. ``NVIDIA H100 80GB HBM3``) or the CPU's."""
+    import torch
+
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} asked for, but torch sees no CUDA device "
+                             f"here; use --device cpu or run on a machine with a GPU")
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------- training sets
+
+@dataclass
+class TrainingSets:
+    """K repeats' training sets in one bank: ``index[k]`` picks repeat k's images."""
+
+    bank_images: object   # uint8 [M, 1, H, W]: real and synthetic images pooled
+    bank_labels: object   # int64 [M]
+    index: object         # int64 [K, n]
+    info: list[dict]      # one JSON-able dict per repeat (counts, generator, cache keys)
+
+
+def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: dict,
+                  device=None) -> TrainingSets:
+    """The training sets of ``seeds``'s repeats of ``cell``: real sample g, plus synthetic.
+
+    Synthetic cells need their generators trained (``python -m mrilib synth train``);
+    a missing one raises FileNotFoundError naming the command, and the runner moves on.
+    """
+    if cell.synthetic == "none":
+        from .train import real_fraction_index
+
+        index = real_fraction_index(data.labels, split.train, cell.real_fraction,
+                                    [s.sample_seed for s in seeds], data.ids)
+        info = [{"n_real": int(index.shape[1]), "n_synthetic": 0} for _ in seeds]
+        return TrainingSets(data.images, data.labels, index, info)
+    from .synthetic.mixing import mixed_training_set, stack_repeats
+
+    sets = [mixed_training_set(data, split, cell.real_fraction, cell.synthetic_fraction,
+                               classes=cell.synthetic_classes, seed=s.synth_seed,
+                               backend=_backend(cfg["backend"], data, split, cell, s, device),
+                               sample_seed=s.sample_seed, allow_leaky=cell.generator == "leaky",
+                               progress=False)
+            for s in seeds]
+    bank_images, bank_labels, index, infos = stack_repeats(sets)
+    return TrainingSets(bank_images, bank_labels, index, [_brief(i) for i in infos])
+
+
+def _backend(name: str, data, split, cell: Cell, seeds: RepeatSeeds, device):
+    if name == "local":
+        from .synthetic.diffusion import LocalDiffusion
+
+        return LocalDiffusion.for_repeat(data, split, cell.real_fraction, seeds.repeat,
+                                         leaky=cell.generator == "leaky", device=device)
+    if cell.generator == "leaky":
+        raise ValueError(f"the leaky ablation needs a generator trained on the pool; backend "
+                         f"{name!r} learns nothing from our data. Use backend='local'")
+    from .synthetic import get_backend
+    return get_backend(name)
+
+
+def _brief(info: dict) -> dict:
+    """A mixing info dict without its per-image id lists (kept as one hash)."""
+    out = {k: v for k, v in info.items() if k not in ("real_ids", "synthetic_sources")}
+    ids = "\n".join(info.get("real_ids", [])) + "|" + "\n".join(info.get("synthetic_sources", []))
+    out["ids_sha1"] = hashlib.sha1(ids.encode()).hexdigest()[:16]
+    return out
+
+
+def _train_replicates(*args, **kwargs):
+    from .train import train_replicates
+    return train_replicates(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- results files
+
+def _jsonable(value):
+    """Plain JSON types from tensors, arrays, numpy scalars, tuples and paths."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Rows of ``path`` and the byte length of its intact part.
+
+    Bytes after the last newline, or a last line that does not parse, are a row cut by
+    a kill: they are dropped (the caller truncates them away). A bad line in the middle
+    is damage nobody should paper over, and raises.
+    """
+    if not path.exists():
+        return [], 0
+    complete = path.read_bytes().rpartition(b"\n")[0]
+    lines = complete.split(b"\n") if complete else []
+    rows, good = [], 0
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path} line {i + 1} is not valid JSON ({err}); repair or "
+                             f"remove that line, then rerun with --resume") from None
+        good += len(line) + 1
+    return rows, good
+
+
+def _repaired_rows(path: Path) -> list[dict]:
+    """The intact rows of ``path``, cutting a torn last line off the file itself."""
+    rows, good = _read_jsonl(path)
+    if path.exists() and path.stat().st_size != good:
+        paths.atomic_write_bytes(path, path.read_bytes()[:good])
+    return rows
+
+
+class ResultsWriter:
+    """Append-only runs and epochs tables in one folder, resumable by run key."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.runs_path = self.directory / RUNS_FILE
+        self.epochs_path = self.directory / EPOCHS_FILE
+        self.runs = _repaired_rows(self.runs_path)
+        self.done = {r["run_key"] for r in self.runs}
+        self._drop_orphan_epochs()
+
+    def _drop_orphan_epochs(self) -> None:
+        """Epoch rows of runs whose run row never landed (killed in between) go."""
+        rows = _repaired_rows(self.epochs_path)
+        seen, kept = set(), []
+        for row in rows:
+            ident = (row["run_key"], row["epoch"])
+            if row["run_key"] in self.done and ident not in seen:
+                seen.add(ident)
+                kept.append(row)
+        if len(kept) != len(rows):
+            blob = "".join(json.dumps(r) + "\n" for r in kept).encode()
+            paths.atomic_write_bytes(self.epochs_path, blob)
+
+    def append(self, run_row: dict, epoch_rows: Iterable[dict]) -> None:
+        """Write one run: its epoch rows first, then the run row that marks it done."""
+        if run_row["run_key"] in self.done:
+            raise ValueError(f"run {run_row['run_key']} is already in {self.runs_path}")
+        _append_lines(self.epochs_path, epoch_rows)
+        _append_lines(self.runs_path, [run_row])
+        self.runs.append(run_row)
+        self.done.add(run_row["run_key"])
+
+
+def _append_lines(path: Path, rows: Iterable[dict]) -> None:
+    blob = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+    if not blob:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_results(directory: str | os.PathLike | None = None):
+    """``(runs, epochs)`` DataFrames from a results folder (default: :func:`results_dir`).
+
+    ``runs`` has one row per training run, ``epochs`` one per run and epoch; both carry
+    the cell columns, so ``runs.groupby(list(mrilib.stats.CELL_COLUMNS))`` gives cells.
+    """
+    import pandas as pd
+
+    directory = Path(directory) if directory is not None else paths.results_dir()
+    runs_path = directory / RUNS_FILE
+    if not runs_path.exists():
+        raise FileNotFoundError(f"no results at {runs_path}; run the grid first "
+                                f"(python -m mrilib grid --preset ...) or point at the "
+                                f"folder that holds {RUNS_FILE}")
+    runs, _ = _read_jsonl(runs_path)
+    epochs, _ = _read_jsonl(directory / EPOCHS_FILE)
+    done = {r["run_key"] for r in runs}
+    epochs = [e for e in epochs if e["run_key"] in done]
+    return pd.DataFrame(runs), pd.DataFrame(epochs)
+
+
+def export_csv(directory: str | os.PathLike | None = None) -> list[Path]:
+    """``runs.csv`` and ``epochs.csv`` beside the JSONL files (nested values as JSON)."""
+    directory = Path(directory) if directory is not None else paths.results_dir()
+    runs, epochs = load_results(directory)
+    written = []
+    for name, frame in (("runs.csv", runs), ("epochs.csv", epochs)):
+        flat = frame.copy()
+        for col in flat.columns:
+            if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
+                flat[col] = flat[col].map(json.dumps)
+        written.append(paths.atomic_write_bytes(directory / name,
+                                                flat.to_csv(index=False).encode()))
+    return written
+
+
+# ----------------------------------------------------------------------------- rows
+
+_STAGE_KEYS = ("epoch", "val_loss", "val_acc", "test_loss", "test_acc", "test_confusion",
+               "val_confusion")
+_RECORD_KEYS = {"history", "final", "best", "seconds", "device", "init"}
+
+
+def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: str, info: dict,
+            n_train: int, cell_seconds: float) -> dict:
+    """The results row of one run: cell, seeds, metrics, provenance, config."""
+    row = {"run_key": run_key(cell, seeds.repeat, design), "cell_key": cell.key,
+           "design": design,
+           **asdict(cell), "synthetic_fraction": cell.synthetic_fraction,
+           "synthetic_classes": cell.synthetic_classes, **asdict(seeds),
+           "init": record.get("init"), "n_train": n_train, "synthetic_info": info}
+    for stage in ("final", "best"):
+        for key in _STAGE_KEYS:
+            row[f"{stage}_{key}"] = record[stage].get(key)
+    row.update({"seconds": record.get("seconds"), "cell_seconds": cell_seconds,
+                "device": str(record.get("device")),
+                "train_settings": {k: v for k, v in record.items() if k not in _RECORD_KEYS},
+                **{k: v for k, v in base.items()},
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return row
+
+
+def epoch_rows(cell: Cell, seeds: RepeatSeeds, record: dict, design: str) -> list[dict]:
+    """One row per epoch of one run, for loss curves."""
+    key = run_key(cell, seeds.repeat, design)
+    return [{"run_key": key, **asdict(cell), "repeat": seeds.repeat,
+             "sample_index": seeds.sample_index, "init": record.get("init"), **h}
+            for h in record["history"]]
+
+
+# ----------------------------------------------------------------------------- runner
+
+@contextlib.contextmanager
+def preset_env(preset: str):
+    """``MRILIB_PRESET=preset`` for the duration: every module reads the same preset."""
+    before = os.environ.get("MRILIB_PRESET")
+    os.environ["MRILIB_PRESET"] = preset
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MRILIB_PRESET", None)
+        else:
+            os.environ["MRILIB_PRESET"] = before
+
+
+@dataclass
+class GridProgress:
+    """What a call to :func:`run_grid` did and what is left."""
+
+    results: Path
+    cells_total: int
+    cells_done: int
+    runs_written: int
+    stopped_for_time: bool
+    remaining: list[str]              # cell keys with repeats still missing
+    blocked: dict[str, str]           # cell key -> why it could not start (a generator missing)
+
+
+class _Budget:
+    """Stops between cells when the next one would not finish inside ``max_minutes``."""
+
+    def __init__(self, max_minutes: float | None, clock: Callable[[], float], history: list[dict]):
+        if max_minutes is not None and max_minutes <= 0:
+            raise ValueError(f"max_minutes={max_minutes}: give a positive number of minutes")
+        self.limit = None if max_minutes is None else 60.0 * max_minutes
+        self.clock, self.start = clock, clock()
+        # Cell durations seen before, per model: from earlier chunks, then this one.
+        self.seconds = {}
+        for row in history:
+            if row.get("cell_seconds") is not None:
+                self.seconds[row["model"]] = float(row["cell_seconds"])
+
+    def allows(self, cell: Cell) -> bool:
+        if self.limit is None:
+            return True
+        expected = self.seconds.get(cell.model, 0.0)
+        return self.clock() - self.start + expected <= self.limit
+
+    def minutes_for_generators(self, cell: Cell) -> float | None:
+        """Minutes left for generator training, keeping back the cell's own time."""
+        if self.limit is None:
+            return None
+        left = self.limit - (self.clock() - self.start) - self.seconds.get(cell.model, 0.0)
+        return max(left, 0.0) / 60.0
+
+    def record(self, cell: Cell, seconds: float) -> None:
+        self.seconds[cell.model] = seconds
+
+
+def run_grid(preset: str | None = None, results_path: str | os.PathLike | None = None,
+             resume: bool = True, max_minutes: float | None = None, device=None,
+             train_fn: Callable | None = None, synth_fn: Callable | None = None,
+             data=None, split=None, clock: Callable[[], float] = time.monotonic,
+             progress: bool = True, train_generators: bool = False, source=None,
+             **overrides) -> GridProgress:
+    """Train every missing run of ``preset``'s grid, one cell at a time, streaming rows.
+
+    ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
+    repeats of a cell in one call; ``synth_fn`` (default :func:`training_sets`) builds
+    their training sets. ``max_minutes`` stops cleanly before a cell that would not
+    finish in time (judged by the last duration of a cell of the same model). A cell
+    whose generator is not trained yet is skipped and listed in ``blocked``, unless
+    ``train_generators`` (local backend): then the runner trains (or resumes) the
+    generators it needs within the time left and runs the cell once they are done.
+    ``resume=False`` refuses to touch a folder that already holds runs. ``data`` defaults
+    to ``load_mri(source)`` (a stratified ``data_fraction`` of it) and ``split`` to its
+    fixed split; data passed in is used as given.
+    """
+    preset = preset or paths.preset_name()
+    cfg = grid_settings(preset, **overrides)
+    with preset_env(preset):
+        directory = Path(results_path) if results_path is not None else paths.results_dir()
+        writer = ResultsWriter(directory)
+        if writer.runs and not resume:
+            raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
+                             f"--resume (resume=True) to continue them, or give another "
+                             f"results folder")
+        session = _Session(cfg, preset, writer, device,
+                           train_fn or _train_replicates, synth_fn or training_sets,
+                           _Budget(max_minutes, clock, writer.runs), train_generators,
+                           progress, source, data, split)
+        try:
+            return session.run(grid_cells(preset, **overrides))
+        finally:
+            if writer.runs:
+                export_csv(directory)
+
+
+def _grid_data(data, cfg: dict):
+    """``data``, or its stratified ``data_fraction`` subset (the quick preset's 10%)."""
+    if cfg["data_fraction"] >= 1.0:
+        return data
+    from .data import stratified_sample
+
+    keep = stratified_sample(data.labels, cfg["data_fraction"], cfg["seeds"]["data"],
+                             ids=data.ids)
+    return data.subset(keep)
+
+
+@dataclass
+class _Session:
+    """One call of :func:`run_grid`: what it trains with and where it writes."""
+
+    cfg: dict
+    preset: str
+    writer: ResultsWriter
+    device: object
+    train_fn: Callable
+    synth_fn: Callable
+    budget: _Budget
+    train_generators: bool = False
+    progress: bool = True
+    source: object = None
+    data: object = None
+    split: object = None
+    base: dict | None = None
+    designs: dict = field(default_factory=dict)
+
+    def design(self, model: str) -> str:
+        if model not in self.designs:
+            self.designs[model] = design_hash(self.cfg, self.preset, model)
+        return self.designs[model]
+
+    def run(self, cells: list[Cell]) -> GridProgress:
+        from tqdm.auto import tqdm
+
+        todo = {c: [r for r in range(self.cfg["repeats"])
+                    if run_key(c, r, self.design(c.model)) not in self.writer.done]
+                for c in cells}
+        written, stopped, blocked = 0, False, {}
+        with tqdm(total=len(cells), initial=sum(not m for m in todo.values()), unit="cell",
+                  desc=f"grid ({self.preset})", disable=not self.progress) as bar:
+            for cell in [c for c in cells if todo[c]]:
+                if not self.budget.allows(cell):
+                    stopped = True
+                    break
+                bar.set_postfix_str(cell.key)
+                self._ensure_data()  # outside the try: a missing dataset is no missing generator
+                try:
+                    written += self.run_cell(cell, todo[cell])
+                except FileNotFoundError as err:
+                    if cell.synthetic == "none":
+                        raise
+                    if not (self.train_generators and self.trained_generators(cell, todo[cell])):
+                        blocked[cell.key] = str(err)  # its generator is not trained yet
+                        continue
+                    written += self.run_cell(cell, todo[cell])
+                todo[cell] = []
+                bar.update(1)
+        remaining = [c.key for c in cells if todo[c]]
+        return GridProgress(self.writer.directory, len(cells), len(cells) - len(remaining),
+                            written, stopped, remaining, blocked)
+
+    def run_cell(self, cell: Cell, repeats: list[int]) -> int:
+        """Train the missing ``repeats`` of ``cell`` in one call; append their rows."""
+        start = self.budget.clock()
+        seeds = [repeat_seeds(r, self.cfg) for r in repeats]
+        sets = self.synth_fn(self.data, self.split, cell, seeds, self.cfg, self.device)
+        val = (self.data.images[self.split.val], self.data.labels[self.split.val])
+        test = (self.data.images[self.split.test], self.data.labels[self.split.test])
+        records = self.train_fn(cell.model, sets.bank_images, sets.bank_labels, sets.index,
+                                val, test, [s.train_seed for s in seeds], aug=cell.aug,
+                                device=self.device, **self.cfg["train"])
+        if len(records) != len(seeds):
+            raise ValueError(f"train_fn returned {len(records)} records for {len(seeds)} "
+                             f"repeats of {cell.key}")
+        seconds = self.budget.clock() - start
+        self.budget.record(cell, seconds)
+        design = self.design(cell.model)
+        for s, record, info in zip(seeds, records, sets.info):
+            self.writer.append(
+                run_row(cell, s, record, self.base, design, info, int(sets.index.shape[1]),
+                        seconds),
+                epoch_rows(cell, s, record, design))
+        return len(records)
+
+    def trained_generators(self, cell: Cell, repeats: list[int]) -> bool:
+        """Train or resume the generators ``repeats`` of ``cell`` use; True once all are done."""
+        from .synthetic.diffusion import train_for_sample, trained_generator
+
+        if self.cfg["backend"] != "local":
+            return False  # other backends learn nothing here: nothing to train
+        leaky = cell.generator == "leaky"
+        for g in sorted({repeat_seeds(r, self.cfg).sample_index for r in repeats}):
+            minutes = self.budget.minutes_for_generators(cell)
+            if minutes is not None and minutes <= 0:
+                return False
+            train_for_sample(self.data, self.split, cell.real_fraction, g, leaky=leaky,
+                             minutes=minutes, device=self.device, progress=self.progress)
+            try:
+                trained_generator(self.data, self.split, cell.real_fraction, g, leaky=leaky)
+            except FileNotFoundError:
+                return False  # stopped by the time budget; the next chunk resumes it
+        return True
+
+    def _ensure_data(self) -> None:
+        """Data, split and the shared columns, loaded only once a cell needs training."""
+        from .data import load_mri, split_mri
+
+        if self.data is None:
+            self.data = _grid_data(load_mri(self.source), self.cfg)
+        if self.split is None:
+            self.split = split_mri(self.data)
+        if self.base is None:
+            self.base = {"preset": self.preset,
+                         **provenance(self.device), "data_fingerprint": self.data.fingerprint,
+                         "n_images": len(self.data),
+                         "split_seed": self.split.seed, "classes": list(self.data.classes),
+                         "samples": self.cfg["samples"], "backend": self.cfg["backend"],
+                         "config": self.cfg}
+
+
+def grid_status(preset: str | None = None, results_path: str | os.PathLike | None = None,
+                **overrides):
+    """A DataFrame: each cell of ``preset``'s grid with its finished and total repeats."""
+    import pandas as pd
+
+    preset = preset or paths.preset_name()
+    cfg = grid_settings(preset, **overrides)
+    cells = grid_cells(preset, **overrides)
+    with preset_env(preset):
+        directory = Path(results_path) if results_path is not None else paths.results_dir()
+        designs = {m: design_hash(cfg, preset, m) for m in {c.model for c in cells}}
+    runs, _ = _read_jsonl(directory / RUNS_FILE)
+    done = {r["run_key"] for r in runs}
+    return pd.DataFrame([{"cell": c.key, "done": sum(run_key(c, r, designs[c.model]) in done
+                                                      for r in range(cfg["repeats"])),
+                          "repeats": cfg["repeats"]} for c in cells])

@@ -1,0 +1,385 @@
+"""Thesis chapter 7: loss curves, the augmentation comparison, the results table, the sweep.
+
+Every function takes the tables of :func:`mrilib.experiment.load_results` (``runs``:
+one row per training run; ``epochs``: one row per run and epoch) and returns a Figure
+(or a DataFrame for tables); ``save=NAME`` also writes it with
+:func:`mrilib.plots.save_figure`. Intervals are percentile-bootstrap 95% intervals of
+the median over repeats (:mod:`mrilib.stats`), hierarchical where repeats share a
+real sample or generator.
+
+Two labels are never left out: ResNet-18 and the ViT say "from scratch" when their
+runs started from random weights (``init == "scratch"``, the thesis fine-tuned ImageNet
+weights), and every figure notes that the splits are slice-level, so its losses are
+optimistic compared with a subject-level split.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .. import stats
+
+SPLIT_NOTE = ("Slice-level split: slices of one brain can fall on both sides, so losses "
+              "and accuracies are optimistic compared with a subject-level split.")
+AUG_LABELS = {"none": "No augmentation", "hflip": "Random horizontal flip",
+              "autoaugment": "AutoAugment"}
+METRIC_LABELS = {
+    "final_val_loss": "validation cross-entropy (last epoch)",
+    "best_val_loss": "validation cross-entropy (best epoch)",
+    "final_test_loss": "test cross-entropy (last epoch)",
+    "best_test_loss": "test cross-entropy (best epoch by validation loss)",
+}
+# Kwon (2024) ch. 7.2: basic CNN, median validation cross-entropy over repeats.
+THESIS_NUMBERS = pd.DataFrame([
+    {"setting": "30% real", "synthetic": "none", "real_fraction": 0.3, "thesis": 0.219863},
+    {"setting": "100% real", "synthetic": "none", "real_fraction": 1.0, "thesis": 0.176023},
+    {"setting": "30% real + 70% synthetic", "synthetic": "fill", "real_fraction": 0.3,
+     "thesis": 0.174202},
+])
+# The thesis's results table (ch. 7.2): its rows as (synthetic policy, real fraction).
+TABLE_ROWS = {
+    "100% real / 0% synthetic": ("none", 1.0),
+    "80% real / 20% synthetic": ("fill", 0.8),
+    "100% real / 20% synthetic (ModerateDemented only)": ("100+20mod", 1.0),
+}
+# Figure 7.1's three training sets.
+CURVE_CELLS = (("fill", 0.3, "30% real + 70% synthetic"), ("none", 0.3, "30% real"),
+               ("none", 1.0, "100% real"))
+
+
+def _fraction_axis(ax) -> None:
+    """Real fractions 30%..100% on the x axis, the same on every panel."""
+    from ..experiment import FRACTIONS
+
+    ax.set_xlim(FRACTIONS[0] - 0.05, FRACTIONS[-1] + 0.05)
+    ax.set_xticks(FRACTIONS, [f"{x:.0%}" for x in FRACTIONS])
+    ax.set_xlabel("real fraction of the training pool")
+    ax.grid(alpha=0.3)
+
+
+def _maybe_save(fig, save):
+    if save:
+        from . import save_figure
+        save_figure(fig, save)
+    return fig
+
+
+def model_label(runs: pd.DataFrame, model: str) -> str:
+    """``"Basic CNN"``, ``"ResNet-18 (from scratch)"``, ``"ViT-Tiny/16 (ImageNet)"``..."""
+    from ..models import MODELS
+
+    label = MODELS[model].label if model in MODELS else model
+    if model == "basic_cnn":
+        return label  # always trained from scratch, as in the thesis
+    inits = (set(runs.loc[runs["model"] == model, "init"].astype(str))
+             if "init" in runs.columns else set())
+    names = {"scratch": "from scratch", "imagenet": "ImageNet"}
+    return f"{label} ({' + '.join(names.get(i, i) for i in sorted(inits)) or 'init unknown'})"
+
+
+def _note(fig, extra: str = "") -> None:
+    fig.text(0.01, -0.01, (extra + " " if extra else "") + SPLIT_NOTE, fontsize=7,
+             ha="left", va="top", wrap=True, color="0.3")
+
+
+def _metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+# ----------------------------------------------------------------------------- Figure 7.1
+
+def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str = "none",
+                       band: tuple[float, float] = (0.25, 0.75), save: str | None = None):
+    """Figure 7.1: training and validation loss per epoch, median and band over repeats.
+
+    30% real + 70% synthetic against 30% and 100% real; the band spans the ``band``
+    quantiles of the repeats at each epoch.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    shown = 0
+    for (synthetic, fraction, label), color in zip(CURVE_CELLS, ("C3", "C0", "C2")):
+        curves = stats.select_cell(epochs, model=model, aug=aug, synthetic=synthetic,
+                                   real_fraction=fraction)
+        if curves.empty:
+            continue
+        shown += 1
+        n = curves["repeat"].nunique()
+        for ax, column in zip(axes, ("train_loss", "val_loss")):
+            q = curves.groupby("epoch")[column].quantile([band[0], 0.5, band[1]]).unstack()
+            ax.plot(q.index, q[0.5], color=color, label=f"{label} (n={n})")
+            ax.fill_between(q.index, q[band[0]], q[band[1]], color=color, alpha=0.2)
+    if not shown:
+        raise ValueError(f"loss_curves_figure: no epoch rows for {model}/{aug} at 30% or 100% "
+                         f"real; run those cells first")
+    for ax, title in zip(axes, ("Training loss", "Validation loss")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Figure 7.1 - {model_label(epochs, model)}, {AUG_LABELS[aug].lower()}: median and "
+                 f"{band[0]:.0%}-{band[1]:.0%} band over repeats")
+    fig.tight_layout()
+    _note(fig)
+    return _maybe_save(fig, save)
+
+
+# ----------------------------------------------------------------------------- Figure 7.2
+
+def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fraction: float = 0.3,
+                        metric: str = "final_val_loss", save: str | None = None):
+    """Figure 7.2: the distribution of the loss over repeats for each augmentation policy.
+
+    At ``real_fraction`` real images, without and with synthetic images (fill), so the
+    thesis's claim that synthetic images beat classical augmentation can be read off.
+    """
+    at = stats.select_cell(runs, model=model, real_fraction=real_fraction)
+    at = at[at["generator"].isin(["none", "sample"])]
+    if at.empty:
+        raise ValueError(f"augmentation_figure: no runs for {model} at {real_fraction:.0%} real")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    positions, labels, data, colors = [], [], [], []
+    for i, aug in enumerate(a for a in AUG_LABELS if a in set(at["aug"])):
+        for j, synthetic in enumerate(("none", "fill")):
+            values = stats.metric_values(at[(at["aug"] == aug) & (at["synthetic"] == synthetic)],
+                                         metric)
+            if not len(values):
+                continue
+            diverged = int((~np.isfinite(values)).sum())
+            positions.append(i * 3 + j)
+            data.append(values[np.isfinite(values)])
+            colors.append("C3" if synthetic == "fill" else "C0")
+            labels.append(f"{AUG_LABELS[aug]}\n{'+ synthetic' if synthetic == 'fill' else 'real only'}"
+                          + (f"\n({diverged} diverged)" if diverged else ""))
+    box = ax.boxplot(data, positions=positions, widths=0.7, patch_artist=True, showfliers=False)
+    for patch, color in zip(box["boxes"], colors):
+        patch.set_facecolor(color)
+        patch.set_alpha(0.35)
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is the same each time
+    for pos, values in zip(positions, data):
+        ax.scatter(pos + rng.uniform(-0.15, 0.15, len(values)), values, s=10, color="0.2")
+    ax.set_xticks(positions, labels, fontsize=8)
+    ax.set_ylabel(_metric_label(metric))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Figure 7.2 - {model_label(runs, model)}, {real_fraction:.0%} real: "
+                 f"loss over repeats by augmentation policy")
+    fig.tight_layout()
+    _note(fig, "Boxes: quartiles and median; dots: single runs.")
+    return _maybe_save(fig, save)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, float, int] | None:
+    sel = stats.select_cell(runs, **cell)
+    if sel.empty:
+        return None
+    iv = stats.bootstrap_median(stats.metric_values(sel, metric), stats.cluster_ids(sel),
+                                n_boot=n_boot, seed=seed)
+    return iv.estimate, iv.low, iv.high, len(sel)
+
+
+def format_interval(estimate: float, low: float, high: float, n: int | None = None,
+                    digits: int = 4) -> str:
+    """``"0.1760 [0.1712, 0.1801]"`` (and ``" n=20"`` when ``n`` is given)."""
+    text = f"{estimate:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return text if n is None else f"{text} n={n}"
+
+
+def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "final_val_loss",
+                  n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """The thesis's results table for one architecture: median [95% interval] n per cell.
+
+    Rows: 100% real / 0% synthetic, 80% real / 20% synthetic, 100% real / 20% synthetic
+    (ModerateDemented only); columns: the augmentation policies. "-" where not yet run.
+    """
+    table = {}
+    for row, (synthetic, fraction) in TABLE_ROWS.items():
+        table[row] = {}
+        for aug, aug_label in AUG_LABELS.items():
+            found = _cell_interval(runs, metric, n_boot, seed, model=model, aug=aug,
+                                   synthetic=synthetic, real_fraction=fraction)
+            table[row][aug_label] = format_interval(*found) if found else "-"
+    out = pd.DataFrame(table).T
+    out.index.name = f"{model_label(runs, model)}: median {_metric_label(metric)}"
+    return out
+
+
+def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
+                      n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """The thesis's three basic-CNN numbers beside ours (median, interval, n, ratio)."""
+    rows = []
+    for _, ref in THESIS_NUMBERS.iterrows():
+        found = _cell_interval(runs, metric, n_boot, seed, model="basic_cnn", aug="none",
+                               synthetic=ref["synthetic"], real_fraction=ref["real_fraction"])
+        median, low, high, n = found if found else (np.nan, np.nan, np.nan, 0)
+        rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
+                     "low": low, "high": high, "n": n, "ours / thesis": median / ref["thesis"],
+                     "thesis inside our interval": bool(low <= ref["thesis"] <= high)})
+    return pd.DataFrame(rows).set_index("setting")
+
+
+def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
+                             n_boot: int | None = None, seed: int | None = None,
+                             save: str | None = None):
+    """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation)."""
+    table = thesis_comparison(runs, metric, n_boot, seed)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    y = np.arange(len(table))
+    ours = table["ours"].to_numpy()
+    err = np.vstack([ours - table["low"].to_numpy(), table["high"].to_numpy() - ours])
+    ax.errorbar(ours, y, xerr=err, fmt="o", color="C0", capsize=4, label="ours: median, 95% interval")
+    ax.scatter(table["thesis"], y, marker="D", color="C3", zorder=3, label="Kwon (2024)")
+    ax.set_yticks(y, table.index)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"median {_metric_label(metric)}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Basic CNN, no augmentation: the thesis's numbers and ours")
+    fig.tight_layout()
+    _note(fig)
+    return _maybe_save(fig, save)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
+                          models: Sequence[str] | None = None, n_boot: int | None = None,
+                          seed: int | None = None, save: str | None = None):
+    """Loss against real fraction, without and with synthetic top-up, one panel per model.
+
+    Points are medians over repeats with 95% intervals; the basic-CNN panel also shows
+    the thesis's three numbers.
+    """
+    models = list(models or [m for m in ("basic_cnn", "resnet18", "vit_tiny")
+                             if ((runs["model"] == m) & (runs["aug"] == aug)).any()])
+    if not models:
+        raise ValueError(f"fraction_sweep_figure: the results table has no runs with aug={aug!r}")
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
+    summary = stats.cell_summary(runs[(runs["aug"] == aug) & runs["generator"].isin(["none", "sample"])
+                                      & runs["synthetic"].isin(["none", "fill"])],
+                                 metrics=[metric], n_boot=n_boot, seed=seed)
+    for ax, model in zip(axes[0], models):
+        for synthetic, label, color, shift in (("none", "real only", "C0", -0.006),
+                                               ("fill", "real + synthetic to 100%", "C3", 0.006)):
+            line = summary[(summary["model"] == model) & (summary["synthetic"] == synthetic)]
+            line = line.sort_values("real_fraction")
+            if line.empty:
+                continue
+            x = line["real_fraction"].to_numpy() + shift
+            err = np.vstack([line[metric] - line[f"{metric}_low"], line[f"{metric}_high"] - line[metric]])
+            ax.errorbar(x, line[metric], yerr=err, fmt="o-", color=color, capsize=3, label=label)
+        if model == "basic_cnn" and aug == "none":
+            for synthetic, color in (("none", "C0"), ("fill", "C3")):
+                ref = THESIS_NUMBERS[THESIS_NUMBERS["synthetic"] == synthetic]
+                ax.scatter(ref["real_fraction"], ref["thesis"], marker="D", facecolor="none",
+                           edgecolor=color, zorder=3, s=40,
+                           label=f"Kwon (2024), {'real only' if synthetic == 'none' else '+ synthetic'}")
+        ax.set_title(model_label(runs, model))
+        _fraction_axis(ax)
+        ax.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel(f"median {_metric_label(metric)}")
+    fig.suptitle(f"Loss against real fraction ({AUG_LABELS[aug].lower()}), median and 95% interval")
+    fig.tight_layout()
+    _note(fig)
+    return _maybe_save(fig, save)
+
+
+def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
+                            n_boot: int | None = None, seed: int | None = None,
+                            save: str | None = None):
+    """Did synthetic images help? Paired median differences (synthetic - real only), per model.
+
+    Below zero the synthetic images lowered the loss; an interval that crosses zero is
+    not distinguishable from noise.
+    """
+    effects = stats.synthetic_effects(runs[runs["aug"] == aug], metric, n_boot=n_boot, seed=seed)
+    effects = effects[effects["generator"] == "sample"] if len(effects) else effects
+    if effects.empty:
+        raise ValueError(f"synthetic_effect_figure: no synthetic cell with a real-only twin "
+                         f"for aug={aug!r}")
+    models = list(dict.fromkeys(effects["model"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, model in enumerate(models):
+        for synthetic, marker in (("fill", "o"), ("100+20mod", "s")):
+            part = effects[(effects["model"] == model) & (effects["synthetic"] == synthetic)]
+            if part.empty:
+                continue
+            part = part.sort_values("real_fraction")
+            x = part["real_fraction"].to_numpy() + 0.01 * (i - (len(models) - 1) / 2)
+            err = np.vstack([part["difference"] - part["low"], part["high"] - part["difference"]])
+            label = model_label(runs, model) + ("" if synthetic == "fill" else ", +20% Moderate only")
+            ax.errorbar(x, part["difference"], yerr=err, fmt=marker, color=f"C{i}", capsize=3,
+                        label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    _fraction_axis(ax)
+    ax.set_ylabel(f"median difference in\n{_metric_label(metric)}")
+    ax.set_title(f"Synthetic minus real only ({AUG_LABELS[aug].lower()}): paired, 95% intervals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _note(fig, "Below 0: the synthetic images lowered the loss.")
+    return _maybe_save(fig, save)
+
+
+# ----------------------------------------------------------------------------- leakage
+
+def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+                  seed: int | None = None) -> pd.DataFrame:
+    """Each leaky-generator cell beside its leak-free twin and its real-only twin."""
+    rows = []
+    for _, leaky in runs[runs["generator"] == "leaky"].drop_duplicates(
+            ["model", "aug", "real_fraction"]).iterrows():
+        cell = {"model": leaky["model"], "aug": leaky["aug"], "real_fraction": leaky["real_fraction"]}
+        row = {"model": model_label(runs, cell["model"]), "aug": cell["aug"],
+               "real": f"{cell['real_fraction']:.0%}"}
+        for name, spec in (("real only", {"synthetic": "none"}),
+                           ("leak-free generator", {"synthetic": "fill", "generator": "sample"}),
+                           ("leaky generator", {"synthetic": "fill", "generator": "leaky"})):
+            found = _cell_interval(runs, metric, n_boot, seed, **cell, **spec)
+            row[name] = format_interval(*found) if found else "-"
+        twin = {**cell, "synthetic": "fill", "generator": "sample"}
+        if not stats.select_cell(runs, **twin).empty:
+            diff = stats.compare_cells(runs, {**cell, "synthetic": "fill", "generator": "leaky"},
+                                       twin, metric, n_boot=n_boot, seed=seed)
+            row["leaky - leak-free"] = format_interval(diff["difference"], diff["low"], diff["high"])
+            row["distinguishable"] = diff["distinguishable"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+                   seed: int | None = None, save: str | None = None):
+    """The leakage ablation: real only, leak-free and leaky generator, median and interval."""
+    keys = runs[runs["generator"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
+    if keys.empty:
+        raise ValueError("leakage_figure: no leaky-generator runs in the results table")
+    fig, ax = plt.subplots(figsize=(10, 1.8 + 1.1 * len(keys)))
+    specs = (("real only", {"synthetic": "none"}, "C0"),
+             ("leak-free generator", {"synthetic": "fill", "generator": "sample"}, "C3"),
+             ("leaky generator (trained on the whole pool)",
+              {"synthetic": "fill", "generator": "leaky"}, "C1"))
+    ticks = []
+    for i, (_, key) in enumerate(keys.iterrows()):
+        cell = {"model": key["model"], "aug": key["aug"], "real_fraction": key["real_fraction"]}
+        ticks.append(f"{model_label(runs, key['model'])}\n{key['real_fraction']:.0%} real, "
+                     f"{AUG_LABELS[key['aug']].lower()}")
+        for j, (label, spec, color) in enumerate(specs):
+            found = _cell_interval(runs, metric, n_boot, seed, **cell, **spec)
+            if found is None:
+                continue
+            est, low, high, _ = found
+            ax.errorbar(est, i + 0.22 * (j - 1), xerr=[[est - low], [high - est]], fmt="o",
+                        color=color, capsize=3, label=label if i == 0 else None)
+    ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"median {_metric_label(metric)}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Leakage ablation: does a generator that saw the whole pool flatter the result?")
+    fig.tight_layout()
+    _note(fig)
+    return _maybe_save(fig, save)

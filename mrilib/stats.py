@@ -1,0 +1,400 @@
+"""Medians over repeats, their bootstrap intervals, and which differences are real.
+
+The thesis reports one number per cell of the grid: the median validation
+cross-entropy over 20 training runs. This module adds what a reader needs to trust a
+difference between two such numbers:
+
+* **metrics from confusion matrices** (rows = true class, columns = predicted, as
+  :func:`mrilib.train.train_replicates` records them): accuracy, macro-F1 and
+  per-class recall. Moderate_Demented has 64 images in all; with the fixed split of
+  :func:`mrilib.data.split_mri` the test split holds 13 of its 1,280 images (and the
+  validation split 5 of 512), so its recall moves in steps of 1/13 and its interval is
+  wide whatever the number of repeats.
+* **percentile-bootstrap intervals** for medians and for differences of medians, with
+  an explicit seed and ``n_boot`` resamples.
+* **clustering**: repeats of one cell are not independent where they share a real
+  sample or a generator (repeat ``r`` uses sample/generator ``r mod G``, see
+  :mod:`mrilib.experiment`). There the bootstrap is hierarchical: resample the
+  ``G`` clusters, then the repeats inside each drawn cluster.
+* **pairing**: two cells at the same real fraction share their real samples repeat by
+  repeat; their difference is bootstrapped over pairs (the same resampled indices for
+  both), which removes the between-sample variance from the comparison.
+
+A difference is called *distinguishable from noise* when its interval excludes 0 and
+it rests on at least ``min_clusters`` independent units (clusters): with G = 5
+generators per fraction, a synthetic cell has 5 independent units, not 20.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import settings
+
+DEFAULTS = {
+    "n_boot": 10_000,     # bootstrap resamples; Monte Carlo error of a 2.5% quantile is ~0.2% of B
+    "level": 0.95,        # two-sided interval coverage
+    "seed": 20240601,     # bootstrap seed: the same table comes out on every rerun
+    "metric": "final_val_loss",  # the thesis's measure: median validation cross-entropy
+    # Independent units (clusters) a comparison needs before a difference is called
+    # distinguishable: a percentile bootstrap over 2-4 units covers far below its level.
+    "min_clusters": 5,
+}
+PRESETS = {
+    "quick": {"n_boot": 500},   # tests and seminars: intervals to within ~1% of B=10,000
+    "cell": {"n_boot": 2_000},
+}
+
+# The columns that identify one cell of the grid (see mrilib.experiment.Cell).
+CELL_COLUMNS = ("model", "aug", "synthetic", "real_fraction", "generator")
+
+
+class Interval(NamedTuple):
+    """A point estimate with its bootstrap interval ``[low, high]``."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        """True when the interval lies wholly above or below 0."""
+        return bool(self.low > 0 or self.high < 0)
+
+
+# ----------------------------------------------------------------------------- confusion metrics
+
+def _confusions(confusion) -> np.ndarray:
+    """``confusion`` as a float array [..., C, C]; a ValueError for anything else."""
+    conf = np.asarray(confusion, dtype=np.float64)
+    if conf.ndim < 2 or conf.shape[-1] != conf.shape[-2]:
+        raise ValueError(f"a confusion matrix must be square [C, C] (or a stack [N, C, C]), "
+                         f"got shape {list(conf.shape)}")
+    if (conf < 0).any():
+        raise ValueError("a confusion matrix holds counts; it has negative entries")
+    return conf
+
+
+def accuracy(confusion) -> np.ndarray:
+    """Share of correct predictions: trace / total (per matrix of a stack)."""
+    conf = _confusions(confusion)
+    return np.trace(conf, axis1=-2, axis2=-1) / conf.sum(axis=(-2, -1))
+
+
+def class_recall(confusion) -> np.ndarray:
+    """Recall per class [..., C]; NaN for a class with no true images."""
+    conf = _confusions(confusion)
+    support = conf.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diagonal(conf, axis1=-2, axis2=-1) / support
+
+
+def macro_f1(confusion) -> np.ndarray:
+    """Unweighted mean of per-class F1 over the classes present in the true labels.
+
+    A class that is present but never predicted has precision 0 and F1 0 (as
+    scikit-learn's ``zero_division=0``), so a model that ignores Moderate_Demented is
+    penalised for it; a class absent from the true labels is left out of the mean.
+    """
+    conf = _confusions(confusion)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    support, predicted = conf.sum(axis=-1), conf.sum(axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
+    f1 = np.where(support > 0, f1, np.nan)
+    return np.nanmean(f1, axis=-1)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def _resampled_index(groups: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, L] indices into the data, -1 for padding: clusters first, then members.
+
+    Each row draws as many clusters as there are (with replacement), then inside each
+    drawn cluster as many members as it has (with replacement). With every observation
+    its own cluster this is the ordinary bootstrap.
+    """
+    _, cluster = np.unique(groups, return_inverse=True)
+    order = np.argsort(cluster, kind="stable")
+    sizes = np.bincount(cluster)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n_clusters, widest = len(sizes), int(sizes.max())
+    drawn = rng.integers(n_clusters, size=(n_boot, n_clusters))
+    drawn_sizes = sizes[drawn][..., None]
+    within = np.floor(rng.random((n_boot, n_clusters, widest)) * drawn_sizes).astype(np.int64)
+    index = order[np.minimum(starts[drawn][..., None] + within, len(order) - 1)]
+    index = np.where(np.arange(widest) < drawn_sizes, index, -1)
+    return index.reshape(n_boot, n_clusters * widest)
+
+
+def _medians_at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Median of ``values`` over each row of ``index`` (-1 entries ignored)."""
+    picked = np.where(index >= 0, values[np.maximum(index, 0)], np.nan)
+    return np.nanmedian(picked, axis=1)
+
+
+def _clean(values, groups, name: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError(f"{name}: no values to summarise; the cell has no finished runs")
+    if np.isnan(x).any():
+        raise ValueError(f"{name}: {int(np.isnan(x).sum())} value(s) are NaN; a diverged run's "
+                         f"loss counts as +inf (metric_values does that), anything else must "
+                         f"be dropped explicitly before summarising")
+    g = np.arange(x.size) if groups is None else np.asarray(groups).ravel()
+    if g.size != x.size:
+        raise ValueError(f"{name}: {g.size} group ids for {x.size} values; give one per value")
+    return x, g
+
+
+def _bounds(boot: np.ndarray, level: float) -> tuple[float, float]:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: give a coverage in (0, 1), e.g. 0.95")
+    tail = (1 - level) / 2
+    low, high = np.quantile(boot, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_median(values, groups=None, n_boot: int | None = None, level: float | None = None,
+                     seed: int | None = None) -> Interval:
+    """The median of ``values`` with its percentile-bootstrap interval.
+
+    ``groups`` gives a cluster id per value (e.g. the real sample / generator a repeat
+    used); the bootstrap then resamples clusters, then repeats within them.
+    """
+    cfg = settings(DEFAULTS, PRESETS, **_given(n_boot=n_boot, level=level, seed=seed))
+    x, g = _clean(values, groups, "bootstrap_median")
+    rng = np.random.default_rng(cfg["seed"])
+    boot = _medians_at(x, _resampled_index(g, cfg["n_boot"], rng))
+    return Interval(float(np.median(x)), *_bounds(boot, cfg["level"]))
+
+
+def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool = False,
+                                n_boot: int | None = None, level: float | None = None,
+                                seed: int | None = None) -> Interval:
+    """median(a) - median(b) with its percentile-bootstrap interval.
+
+    ``paired=True`` means ``a[i]`` and ``b[i]`` share their real sample (and cluster
+    ``groups_a[i]``): both are resampled with the same indices. Otherwise each side is
+    resampled on its own, hierarchically where groups are given.
+    """
+    cfg = settings(DEFAULTS, PRESETS, **_given(n_boot=n_boot, level=level, seed=seed))
+    xa, ga = _clean(a, groups_a, "bootstrap_median_difference (a)")
+    xb, gb = _clean(b, groups_b, "bootstrap_median_difference (b)")
+    rng = np.random.default_rng(cfg["seed"])
+    if paired:
+        if xa.size != xb.size:
+            raise ValueError(f"paired comparison needs one b per a; got {xa.size} and {xb.size}")
+        index = _resampled_index(ga, cfg["n_boot"], rng)
+        boot = _medians_at(xa, index) - _medians_at(xb, index)
+    else:
+        boot = (_medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng))
+                - _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng)))
+    return Interval(float(np.median(xa) - np.median(xb)), *_bounds(boot, cfg["level"]))
+
+
+def _given(**kwargs):
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- runs tables
+
+def with_confusion_metrics(runs: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """``runs`` plus accuracy, macro-F1 and per-class recall columns from each confusion.
+
+    For every ``<stage>_<split>_confusion`` column (e.g. ``final_test_confusion``) adds
+    ``<stage>_<split>_macro_f1`` and ``<stage>_<split>_recall_<class>``; accuracy is
+    recomputed from the matrix as ``<stage>_<split>_accuracy``.
+    """
+    out = runs.copy()
+    classes = list(classes or _classes_of(runs))
+    for col in [c for c in runs.columns if c.endswith("_confusion")]:
+        stem = col[: -len("_confusion")]
+        conf = np.stack([np.asarray(m, dtype=np.float64) for m in runs[col]])
+        if conf.shape[-1] != len(classes):
+            raise ValueError(f"{col} holds {conf.shape[-1]}x{conf.shape[-1]} matrices but "
+                             f"{len(classes)} class names were given: {classes}")
+        out[f"{stem}_accuracy"] = accuracy(conf)
+        out[f"{stem}_macro_f1"] = macro_f1(conf)
+        for name, recall in zip(classes, class_recall(conf).T):
+            out[f"{stem}_recall_{name}"] = recall
+    return out
+
+
+def _classes_of(runs: pd.DataFrame) -> list[str]:
+    if "classes" in runs.columns and len(runs):
+        return list(runs["classes"].iloc[0])
+    from .data import CLASSES
+    return list(CLASSES)
+
+
+def cluster_ids(runs: pd.DataFrame) -> np.ndarray:
+    """The bootstrap cluster of each run: its sample index where repeats share samples.
+
+    Repeats share randomness only where the real sample is a proper subset of the pool
+    or a generator made part of the training set; at 100% real without synthetic
+    images every repeat sees the same pool and is its own cluster.
+    """
+    shared = (runs["real_fraction"] < 1.0) | (runs["synthetic"] != "none")
+    return np.where(shared, runs["sample_index"].astype(str),
+                    "r" + runs["repeat"].astype(str)).astype(str)
+
+
+def metric_values(runs: pd.DataFrame, metric: str) -> np.ndarray:
+    """``runs[metric]`` as floats; a missing (diverged, NaN) loss counts as +inf.
+
+    A run whose loss blew up is the worst outcome, not a missing one: dropping it would
+    flatter its cell. The median is unmoved by a few infinities; only when half the runs
+    of a cell diverge does its median become inf.
+    """
+    values = runs[metric].to_numpy(dtype=np.float64)
+    return np.where(np.isnan(values), np.inf, values) if metric.endswith("_loss") else values
+
+
+def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
+                 n_boot: int | None = None, level: float | None = None,
+                 seed: int | None = None) -> pd.DataFrame:
+    """One row per cell: runs, and for each metric its median with bootstrap interval.
+
+    Columns: the cell columns, ``n``, ``init``, ``diverged`` (runs whose final validation
+    loss is missing or infinite), and ``<metric>``, ``<metric>_low``, ``<metric>_high``
+    for each metric (default: final and best validation and test cross-entropy, test
+    accuracy and macro-F1, and Moderate_Demented test recall).
+    """
+    runs = _with_metrics(runs)
+    metrics = list(metrics or default_metrics(runs))
+    missing = [m for m in metrics if m not in runs.columns]
+    if missing:
+        raise ValueError(f"metric(s) {missing} are not columns of the runs table; "
+                         f"available: {sorted(runs.columns)}")
+    rows = []
+    for key, cell in runs.groupby(list(CELL_COLUMNS), sort=True, dropna=False):
+        row = dict(zip(CELL_COLUMNS, key), n=len(cell), init=_init_of(cell))
+        if "final_val_loss" in cell:
+            row["diverged"] = int((~np.isfinite(metric_values(cell, "final_val_loss"))).sum())
+        groups = cluster_ids(cell)
+        for metric in metrics:
+            values = metric_values(cell, metric)
+            if np.isnan(values).all():  # e.g. recall of a class the split does not hold
+                row.update({metric: np.nan, f"{metric}_low": np.nan, f"{metric}_high": np.nan})
+                continue
+            iv = bootstrap_median(values, groups, n_boot, level, seed)
+            row.update({metric: iv.estimate, f"{metric}_low": iv.low, f"{metric}_high": iv.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def default_metrics(runs: pd.DataFrame) -> list[str]:
+    """The metrics the report shows, those of them that ``runs`` has."""
+    wanted = ["final_val_loss", "best_val_loss", "final_test_loss", "best_test_loss",
+              "final_test_accuracy", "final_test_macro_f1",
+              "final_test_recall_Moderate_Demented"]
+    return [m for m in wanted if m in runs.columns]
+
+
+def _with_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    if any(c.endswith("_confusion") for c in runs.columns) and \
+            not any(c.endswith("_macro_f1") for c in runs.columns):
+        return with_confusion_metrics(runs)
+    return runs
+
+
+def _init_of(cell: pd.DataFrame) -> str:
+    return ",".join(sorted(set(cell["init"].astype(str)))) if "init" in cell else "unknown"
+
+
+def select_cell(runs: pd.DataFrame, **cell) -> pd.DataFrame:
+    """The runs of one cell, e.g. ``select_cell(runs, model="basic_cnn", aug="none", ...)``.
+
+    Cell columns left out match anything; ``generator`` defaults to ``"none"`` for
+    real-only cells and ``"sample"`` otherwise (the leak-free generator).
+    """
+    unknown = set(cell) - set(CELL_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown cell field(s) {sorted(unknown)}; use {CELL_COLUMNS}")
+    if "generator" not in cell and "synthetic" in cell:
+        cell["generator"] = "none" if cell["synthetic"] == "none" else "sample"
+    mask = np.ones(len(runs), dtype=bool)
+    for col, value in cell.items():
+        if col == "real_fraction":
+            mask &= np.isclose(runs[col].astype(float), float(value))
+        else:
+            mask &= (runs[col] == value).to_numpy()
+    return runs[mask]
+
+
+def compare_cells(runs: pd.DataFrame, a: dict, b: dict, metric: str | None = None,
+                  n_boot: int | None = None, level: float | None = None,
+                  seed: int | None = None) -> dict:
+    """median(a) - median(b) of ``metric`` with its interval, paired where possible.
+
+    The cells are paired when they have the same real fraction and their repeats share
+    sample seeds (repeat ``r`` of each used real sample ``r mod G``); only repeats
+    present in both enter a paired comparison. ``clusters`` counts the independent
+    units the comparison rests on; below ``min_clusters`` it is never distinguishable.
+    """
+    cfg = settings(DEFAULTS, PRESETS)
+    metric = metric or cfg["metric"]
+    runs = _with_metrics(runs)
+    ra, rb = select_cell(runs, **dict(a)), select_cell(runs, **dict(b))
+    for name, sel, spec in (("a", ra, a), ("b", rb, b)):
+        if sel.empty:
+            raise ValueError(f"cell {name} = {spec} has no runs in the table; run it first "
+                             f"(python -m mrilib grid) or fix the cell fields")
+    paired = _paired(ra, rb)
+    if paired:
+        joined = ra.merge(rb, on="repeat", suffixes=("_a", "_b"))
+        iv = bootstrap_median_difference(metric_values(_side(joined, "_a"), metric),
+                                         metric_values(_side(joined, "_b"), metric),
+                                         groups_a=cluster_ids(_side(joined, "_a")),
+                                         paired=True, n_boot=n_boot, level=level, seed=seed)
+        n_a = n_b = len(joined)
+        clusters = len(set(cluster_ids(_side(joined, "_a"))))
+    else:
+        iv = bootstrap_median_difference(metric_values(ra, metric), metric_values(rb, metric),
+                                         cluster_ids(ra), cluster_ids(rb),
+                                         paired=False, n_boot=n_boot, level=level, seed=seed)
+        n_a, n_b = len(ra), len(rb)
+        clusters = min(len(set(cluster_ids(ra))), len(set(cluster_ids(rb))))
+    return {"metric": metric, "difference": iv.estimate, "low": iv.low, "high": iv.high,
+            "paired": paired, "n_a": n_a, "n_b": n_b, "clusters": clusters,
+            "median_a": float(np.median(metric_values(ra, metric))),
+            "median_b": float(np.median(metric_values(rb, metric))),
+            "distinguishable": iv.excludes_zero() and clusters >= cfg["min_clusters"]}
+
+
+def _paired(ra: pd.DataFrame, rb: pd.DataFrame) -> bool:
+    if "sample_seed" not in ra or not np.isclose(ra["real_fraction"].iloc[0],
+                                                 rb["real_fraction"].iloc[0]):
+        return False
+    joined = ra.merge(rb, on="repeat", suffixes=("_a", "_b"))
+    return len(joined) >= 2 and bool((joined["sample_seed_a"] == joined["sample_seed_b"]).all())
+
+
+def _side(joined: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    cols = {c: c[: -len(suffix)] for c in joined.columns if c.endswith(suffix)}
+    return joined[list(cols) + ["repeat"]].rename(columns=cols)
+
+
+def synthetic_effects(runs: pd.DataFrame, metric: str | None = None,
+                      n_boot: int | None = None, level: float | None = None,
+                      seed: int | None = None) -> pd.DataFrame:
+    """Did synthetic images help? Each synthetic cell against its real-only twin.
+
+    The twin has the same model, augmentation and real fraction and no synthetic
+    images, so the two share their real samples and the comparison is paired. A
+    negative ``difference`` of a loss means the synthetic images lowered it.
+    """
+    rows = []
+    synthetic = runs[runs["synthetic"] != "none"]
+    keys = ["model", "aug", "synthetic", "real_fraction", "generator"]
+    for key, _ in synthetic.groupby(keys, sort=True):
+        cell = dict(zip(keys, key))
+        twin = {"model": cell["model"], "aug": cell["aug"], "synthetic": "none",
+                "real_fraction": cell["real_fraction"]}
+        if select_cell(runs, **twin).empty:
+            continue
+        result = compare_cells(runs, cell, twin, metric, n_boot, level, seed)
+        rows.append({**cell, **result})
+    return pd.DataFrame(rows)

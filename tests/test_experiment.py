@@ -1,0 +1,462 @@
+"""The grid spec and its runner: rows streamed, resumed without loss or duplicates, time-boxed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mrilib import experiment as ex
+from mrilib.data import CLASSES, MRIData, split_mri, stratified_sample
+
+EPOCHS = 3
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tiny():
+    """60 random 128x128 'slices' in 4 classes (the generators' size), split as the real data."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 12 + [1] * 6 + [2] * 24 + [3] * 18)
+    images = torch.randint(0, 256, (len(labels), 1, 128, 128), generator=g, dtype=torch.uint8)
+    images[:, :, :4, :4] = (labels * 60).to(torch.uint8)[:, None, None, None]
+    data = MRIData(images, labels, CLASSES, [f"{i:04d}" for i in range(len(labels))],
+                   "constructed", "tinyfingerprint")
+    return data, split_mri(data)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_sets(data, split, cell, seeds, cfg, device=None):
+    """Real sample per seed; synthetic cells append copies as 'synthetic' images."""
+    rows = torch.stack([stratified_sample(data.labels, cell.real_fraction, s.sample_seed,
+                                          pool=split.train, ids=data.ids) for s in seeds])
+    n_syn = round(cell.synthetic_fraction * len(split.train))
+    bank_x, bank_y, index = data.images, data.labels, rows
+    if n_syn:
+        fake = torch.arange(n_syn) % len(split.train)
+        bank_x = torch.cat([data.images, 255 - data.images[split.train][fake]])
+        bank_y = torch.cat([data.labels, data.labels[split.train][fake]])
+        extra = len(data.labels) + torch.arange(n_syn)
+        index = torch.cat([rows, extra.expand(len(seeds), -1)], dim=1)
+    info = [{"n_real": rows.shape[1], "n_synthetic": n_syn} for _ in seeds]
+    return ex.TrainingSets(bank_x, bank_y, index, info)
+
+
+class FakeTrainer:
+    """train_replicates' contract with made-up losses; ticks a fake clock; can fail."""
+
+    def __init__(self, clock=None, seconds_per_cell=10.0, fail_after=None):
+        self.clock, self.seconds, self.fail_after = clock, seconds_per_cell, fail_after
+        self.calls = []
+
+    def __call__(self, model, bank_images, bank_labels, train_index, val, test, seeds,
+                 aug="none", device=None, **overrides):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("simulated crash (out of time, preempted, ...)")
+        self.calls.append((model, aug, list(seeds), tuple(train_index.shape)))
+        if self.clock is not None:
+            self.clock.now += self.seconds
+        conf = np.diag([3, 1, 5, 4]).tolist()
+        records = []
+        for k, seed in enumerate(seeds):
+            loss = 0.2 + 0.002 * (seed % 10) + 0.01 * k
+            history = [{"epoch": e + 1, "train_loss": loss + 0.1 / (e + 1), "val_loss": loss + 0.01 * e,
+                        "val_acc": 0.8, "test_loss": loss, "test_acc": 0.8} for e in range(EPOCHS)]
+            stage = {"epoch": EPOCHS, "val_loss": loss, "val_acc": 0.8, "test_loss": loss,
+                     "test_acc": 0.8, "test_confusion": conf, "val_confusion": conf}
+            records.append({"history": history, "final": stage, "best": {**stage, "epoch": 1},
+                            "seconds": self.seconds / len(seeds), "device": "fake",
+                            "init": "scratch", "epochs": EPOCHS, "seed": seed})
+        return records
+
+
+def run(tiny, path, trainer, clock=None, **kw):
+    data, split = tiny
+    return ex.run_grid("quick", results_path=path, train_fn=trainer, synth_fn=fake_sets,
+                       data=data, split=split, clock=clock or FakeClock(), progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------- the spec
+
+def test_quick_grid_touches_every_policy_and_generator_mode():
+    cells = ex.grid_cells("quick")
+    assert len(cells) == len(set(cells)) == 6
+    assert {c.synthetic for c in cells} == {"none", "fill", "100+20mod"}
+    assert {c.generator for c in cells} == {"none", "sample", "leaky"}
+    assert {c.aug for c in cells} == {"none", "hflip"}
+
+
+def test_thesis_grid_is_the_full_factorial_headline_first():
+    cells = ex.grid_cells("thesis")
+    assert len(cells) == len(set(cells))
+    keys = {c.key for c in cells}
+    for model in ex.MODELS:
+        for aug in ex.AUGS:
+            for x in ex.FRACTIONS:
+                assert f"{model}/{aug}/none/{x:g}/none" in keys
+                if x < 1:
+                    assert f"{model}/{aug}/fill/{x:g}/sample" in keys
+            assert f"{model}/{aug}/100+20mod/1/sample" in keys
+        assert f"{model}/none/fill/0.3/leaky" in keys
+    per_model = 3 * (8 + 7 + 1) + 1  # augs x (sweep none + sweep fill + Moderate-only) + leaky
+    assert len(cells) == 3 * per_model
+    assert [c.key for c in cells[:4]] == ["basic_cnn/none/none/0.3/none", "basic_cnn/none/none/1/none",
+                                          "basic_cnn/none/fill/0.3/sample",
+                                          "basic_cnn/none/fill/0.3/leaky"]
+    assert all(c.model == "basic_cnn" for c in cells[:per_model - 2 * 15])
+
+
+def test_80_20_is_the_fill_cell_at_80_percent():
+    assert ex.make_cell("basic_cnn", "none", "80+20") == ex.make_cell("basic_cnn", "none", "fill", 0.8)
+    assert ex.make_cell("basic_cnn", "none", "fill", 0.3).synthetic_fraction == pytest.approx(0.7)
+    mod = ex.make_cell("basic_cnn", "none", "100+20mod")
+    assert (mod.real_fraction, mod.synthetic_fraction, mod.synthetic_classes) == \
+        (1.0, 0.2, ("Moderate_Demented",))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="alexnet"), "unknown model"),
+    (dict(model="basic_cnn", aug="cutout"), "unknown augmentation"),
+    (dict(model="basic_cnn", synthetic="fill"), "needs a real_fraction"),
+    (dict(model="basic_cnn", synthetic="fill", real_fraction=1.0), "adds no synthetic"),
+    (dict(model="basic_cnn", synthetic="none", real_fraction=0.3, generator="leaky"), "does not fit"),
+    (dict(model="basic_cnn", synthetic="100+20mod", real_fraction=0.5), "implies"),
+    (dict(model="basic_cnn", synthetic="none", real_fraction=1.5), r"\(0, 1\]"),
+])
+def test_bad_cells_are_refused_with_what_to_do(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ex.make_cell(**kwargs)
+
+
+def test_repeats_share_samples_modulo_g_so_cells_pair():
+    cfg = ex.grid_settings("thesis")
+    assert cfg["samples"] == 5  # the local backend's generators per real fraction
+    seeds = [ex.repeat_seeds(r, cfg) for r in range(cfg["repeats"])]
+    assert [s.sample_index for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
+    # sample g is drawn with seed g, the seed generator g learned from
+    assert [s.sample_seed for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
+    assert len({s.train_seed for s in seeds}) == len({s.synth_seed for s in seeds}) == 20
+
+
+def test_samples_of_one_seed_are_nested_across_fractions(mri):
+    """The documented design: sample g at 30% lies inside sample g at 40%, ... 100%."""
+    split = split_mri(mri)
+    previous = None
+    for x in ex.FRACTIONS:
+        sample = set(stratified_sample(mri.labels, x, 3, pool=split.train, ids=mri.ids).tolist())
+        assert previous is None or previous <= sample
+        previous = sample
+    assert previous == set(split.train.tolist())
+
+
+def test_quick_grid_uses_a_stratified_tenth_of_the_slices(mri):
+    cfg = ex.grid_settings("quick")
+    small = ex._grid_data(mri, cfg)
+    assert len(small) == 640 and small.counts()["Moderate_Demented"] == 6
+    assert ex._grid_data(mri, ex.grid_settings("thesis")) is mri
+
+
+def test_moderate_demented_in_the_test_split(mri):
+    """The report's caveat: 13 of the 1,280 test images are Moderate_Demented."""
+    counts = mri.counts(split_mri(mri).test)
+    assert counts["Moderate_Demented"] == 13 and sum(counts.values()) == 1280
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def test_rows_are_streamed_with_full_metadata(tiny, tmp_path):
+    trainer = FakeTrainer()
+    progress = run(tiny, tmp_path, trainer)
+    runs, epochs = ex.load_results(tmp_path)
+    assert progress.runs_written == len(runs) == 6 * 2 and not progress.remaining
+    assert len(epochs) == len(runs) * EPOCHS
+    assert len(trainer.calls) == 6 and all(len(seeds) == 2 for *_, seeds, _ in trainer.calls)
+    for col in ("run_key", "cell_key", "model", "aug", "synthetic", "real_fraction", "generator",
+                "repeat", "sample_index", "sample_seed", "train_seed", "synth_seed", "init",
+                "final_val_loss", "best_val_loss", "final_test_confusion", "seconds",
+                "git_commit", "git_dirty", "torch", "timm", "diffusers", "numpy", "python",
+                "device", "device_name", "config", "preset", "data_fingerprint", "classes"):
+        assert col in runs.columns, col
+    assert runs["run_key"].is_unique
+    assert (runs["data_fingerprint"] == "tinyfingerprint").all()
+    assert runs["config"].iloc[0]["repeats"] == 2
+    assert (tmp_path / "runs.csv").exists() and (tmp_path / "epochs.csv").exists()
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == len(runs)
+
+
+def test_synthetic_cells_get_more_images_and_pair_with_real_only(tiny, tmp_path):
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer)
+    runs, _ = ex.load_results(tmp_path)
+    real = runs[(runs.synthetic == "none") & (runs.real_fraction == 0.3) & (runs.aug == "none")]
+    syn = runs[(runs.synthetic == "fill") & (runs.generator == "sample")]
+    assert list(real["sample_seed"]) == list(syn["sample_seed"])
+    assert list(real["train_seed"]) == list(syn["train_seed"])
+    assert syn["n_train"].min() > real["n_train"].max()
+    assert syn["n_train"].iloc[0] == pytest.approx(len(tiny[1].train), abs=1)
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tiny, tmp_path / "chunked", FakeTrainer(fail_after=3))
+    partial, _ = ex.load_results(tmp_path / "chunked")
+    assert len(partial) == 3 * 2
+    second = FakeTrainer()
+    run(tiny, tmp_path / "chunked", second)
+    assert len(second.calls) == 3  # only the cells that were missing
+    run(tiny, tmp_path / "straight", FakeTrainer())
+    chunked, chunked_epochs = ex.load_results(tmp_path / "chunked")
+    straight, _ = ex.load_results(tmp_path / "straight")
+    assert sorted(chunked["run_key"]) == sorted(straight["run_key"])
+    assert chunked["run_key"].is_unique
+    assert not chunked_epochs.duplicated(["run_key", "epoch"]).any()
+    cols = ["run_key", "final_val_loss", "sample_seed", "train_seed"]
+    pd.testing.assert_frame_equal(chunked[cols].sort_values("run_key").reset_index(drop=True),
+                                  straight[cols].sort_values("run_key").reset_index(drop=True))
+
+
+def test_a_row_torn_by_a_kill_is_dropped_and_rerun(tiny, tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tiny, tmp_path, FakeTrainer(fail_after=2))
+    runs_file, epochs_file = tmp_path / ex.RUNS_FILE, tmp_path / ex.EPOCHS_FILE
+    lines = runs_file.read_bytes().splitlines(keepends=True)
+    torn_key = json.loads(lines[-1])["run_key"]
+    runs_file.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # killed mid-write
+    with open(epochs_file, "a") as f:  # epochs of a run whose run row never landed
+        f.write(json.dumps({"run_key": "ghost", "epoch": 1}) + "\n")
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer)
+    runs, epochs = ex.load_results(tmp_path)
+    assert len(runs) == 12 and runs["run_key"].is_unique and torn_key in set(runs["run_key"])
+    assert trainer.calls[0][2] == [1001]  # only the torn repeat of that cell was retrained
+    raw_epochs = [json.loads(x) for x in epochs_file.read_text().splitlines()]
+    assert len(raw_epochs) == 12 * EPOCHS and "ghost" not in {e["run_key"] for e in raw_epochs}
+
+
+def test_max_minutes_stops_between_cells_by_the_expected_cell_time(tiny, tmp_path):
+    clock = FakeClock()
+    trainer = FakeTrainer(clock, seconds_per_cell=10.0)
+    # 30 s budget, 10 s per cell: cells end at 10, 20, 30 s; a fourth would end at 40 s.
+    progress = run(tiny, tmp_path, trainer, clock=clock, max_minutes=0.5)
+    assert len(trainer.calls) == 3 and progress.stopped_for_time
+    assert len(progress.remaining) == 3 and progress.cells_done == 3
+    # The next chunk knows a cell takes 10 s from the stored rows: a 15 s budget runs one.
+    clock2 = FakeClock()
+    trainer2 = FakeTrainer(clock2, seconds_per_cell=10.0)
+    progress = run(tiny, tmp_path, trainer2, clock=clock2, max_minutes=0.25)
+    assert len(trainer2.calls) == 1 and len(progress.remaining) == 2
+
+
+def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path):
+    def no_generators(data, split, cell, seeds, cfg, device=None):
+        if cell.synthetic != "none":
+            raise FileNotFoundError(f"no generator for {cell.key}; train it with synth train")
+        return fake_sets(data, split, cell, seeds, cfg)
+
+    data, split = tiny
+    progress = ex.run_grid("quick", results_path=tmp_path, train_fn=FakeTrainer(),
+                           synth_fn=no_generators, data=data, split=split, progress=False)
+    assert set(progress.blocked) == {c.key for c in ex.grid_cells("quick") if c.synthetic != "none"}
+    assert progress.runs_written == 3 * 2 and set(progress.remaining) == set(progress.blocked)
+    assert "synth train" in next(iter(progress.blocked.values()))
+    progress = run(tiny, tmp_path, FakeTrainer())  # generators trained since: the rest runs
+    assert not progress.blocked and not progress.remaining and progress.runs_written == 3 * 2
+
+
+def test_refuses_to_overwrite_without_resume(tiny, tmp_path):
+    run(tiny, tmp_path, FakeTrainer())
+    with pytest.raises(ValueError, match="--resume"):
+        run(tiny, tmp_path, FakeTrainer(), resume=False)
+    with pytest.raises(ValueError, match="max_minutes"):
+        run(tiny, tmp_path / "other", FakeTrainer(), max_minutes=0)
+
+
+def test_a_changed_design_is_a_different_run(tiny, tmp_path):
+    other_seeds = {"train": 8, "synthetic": 9}
+    run(tiny, tmp_path, FakeTrainer())
+    assert (ex.grid_status("quick", tmp_path, seeds=other_seeds)["done"] == 0).all()
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer, seeds=other_seeds)
+    assert len(trainer.calls) == 6
+    runs, _ = ex.load_results(tmp_path)
+    assert len(runs) == 24 and runs["design"].nunique() == 2
+
+
+def test_the_run_key_follows_the_training_protocol_not_its_batching():
+    cfg = ex.grid_settings("quick")
+    key = ex.design_hash(cfg, "quick", "basic_cnn")
+    assert key == ex.design_hash(ex.grid_settings("quick", train={"max_parallel": 3}),
+                                 "quick", "basic_cnn")
+    assert key != ex.design_hash(ex.grid_settings("quick", train={"lr": 1e-4}), "quick", "basic_cnn")
+    assert key != ex.design_hash(cfg, "quick", "vit_tiny")  # its own lr and schedule
+    assert key != ex.design_hash(cfg, "cell", "basic_cnn")
+
+
+def test_grid_status_counts_finished_repeats(tiny, tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tiny, tmp_path, FakeTrainer(fail_after=4))
+    status = ex.grid_status("quick", tmp_path)
+    assert list(status["done"]) == [2, 2, 2, 2, 0, 0]
+
+
+# ----------------------------------------------------------------------------- the real engine
+
+def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, monkeypatch):
+    """train_replicates, mixed_training_set and quick-preset generators, CPU, end to end."""
+    import mrilib.synthetic.cache as cache_mod
+    import mrilib.synthetic.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    data, split = tiny
+    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.5},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
+              "generator": "leaky"}]
+    kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
+                  cells=cells, train={"epochs": 2, "batch_size": 16}, progress=False)
+    progress = ex.run_grid("quick", **kwargs)
+    assert set(progress.blocked) == {"basic_cnn/none/fill/0.5/sample",
+                                     "basic_cnn/none/fill/0.5/leaky"}
+    assert "synth train" in progress.blocked["basic_cnn/none/fill/0.5/sample"]
+    # the runner trains the G = 2 generators per mode itself, then the cells
+    progress = ex.run_grid("quick", train_generators=True, **kwargs)
+    assert not progress.blocked and not progress.remaining
+    assert len(list((tmp_path / "cache" / "generators").glob("*/generator.pt"))) == 4
+    runs, epochs = ex.load_results(tmp_path / "results")
+    assert len(runs) == 6 and len(epochs) == 12 and (runs["init"] == "scratch").all()
+    assert runs["final_val_loss"].map(np.isfinite).all()
+    assert runs["final_test_confusion"].map(lambda m: np.asarray(m).sum()).eq(len(split.test)).all()
+    info = pd.DataFrame(list(runs["synthetic_info"]))
+    synthetic = runs["synthetic"] == "fill"
+    # the mixing drew the same real sample the runner says the repeat used
+    assert (info.loc[synthetic, "sample_seed"].to_numpy() == runs.loc[synthetic, "sample_seed"]).all()
+    assert (info.loc[synthetic, "n_synthetic"] > 0).all()
+    assert list(info.loc[runs["generator"] == "leaky", "leaky"]) == [True, True]
+    real_n = runs.loc[~synthetic, "n_train"].iloc[0]
+    assert (runs.loc[synthetic, "n_train"] > real_n).all()
+
+
+# ----------------------------------------------------------------------------- the report
+
+REPORT_CELLS = [
+    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
+     "generator": "leaky"},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.8},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "80+20"},
+    {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
+    {"model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
+    {"model": "basic_cnn", "aug": "hflip", "synthetic": "fill", "real_fraction": 0.3},
+    {"model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
+    {"model": "resnet18", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+]
+
+
+class SyntheticHelps(FakeTrainer):
+    """Loss falls by 0.05 x the synthetic share of the training set: a known gain."""
+
+    def __init__(self, n_real_rows):
+        super().__init__()
+        self.n_real_rows = n_real_rows
+
+    def __call__(self, model, bank_images, bank_labels, train_index, val, test, seeds, **kw):
+        records = super().__call__(model, bank_images, bank_labels, train_index, val, test,
+                                   seeds, **kw)
+        share = (train_index >= self.n_real_rows).float().mean(dim=1)
+        for record, s in zip(records, share.tolist()):
+            for part in (record["final"], record["best"], *record["history"]):
+                part["val_loss"] -= 0.05 * s
+        return records
+
+
+@pytest.fixture
+def results_with_a_known_gain(tiny, tmp_path, monkeypatch):
+    import mrilib.paths as paths
+
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")  # figures of the quick preset
+    data, split = tiny
+    # Five samples, one repeat each: enough independent units for a verdict. The backend
+    # is named only so that G may differ from the local generators' count (fake_sets
+    # makes the images).
+    ex.run_grid("quick", results_path=tmp_path / "results", train_fn=SyntheticHelps(len(data)),
+                synth_fn=fake_sets, data=data, split=split, progress=False,
+                cells=REPORT_CELLS, repeats=5, samples=5, backend="openai")
+    return tmp_path / "results", tmp_path / "cache" / "quick" / "figures"
+
+
+def test_report_writes_every_figure_and_a_summary(results_with_a_known_gain):
+    from mrilib.commands.report import write_report
+
+    results, figures = results_with_a_known_gain
+    path = write_report(results, n_boot=200)
+    assert path == figures.parent / "results" / "summary.md"  # the quick preset's folder
+    summary = path.read_text()
+    assert {p.stem for p in figures.glob("*.png")} == {
+        "fig7_1_loss_curves", "fig7_2_augmentation", "fraction_sweep", "synthetic_effect",
+        "fraction_sweep_hflip", "synthetic_effect_hflip", "thesis_comparison", "leakage"}
+    for phrase in ("ResNet-18 (from scratch)", "slice-level", "Beside the thesis", "0.1760",
+                   "Did synthetic images help?", "Leakage ablation", "80% real / 20% synthetic",
+                   "Moderate_Demented has 1 of the 13 test images", "git commit"):
+        assert phrase in summary, phrase
+    verdicts = [line for line in summary.splitlines() if "| 30 |" in line and "| fill |" in line]
+    assert len(verdicts) == 3 and all("helped (lower loss)" in v for v in verdicts)
+    assert "fig7_1_loss_curves.png" in summary
+
+
+def test_results_table_and_thesis_comparison_have_intervals(results_with_a_known_gain):
+    from mrilib.plots import results as plots
+
+    runs, epochs = ex.load_results(results_with_a_known_gain[0])
+    table = plots.results_table(runs, "basic_cnn", n_boot=200)
+    assert list(table.columns) == list(plots.AUG_LABELS.values())
+    assert table.loc["80% real / 20% synthetic", "No augmentation"].endswith("n=5")
+    assert table.loc["80% real / 20% synthetic", "AutoAugment"] == "-"
+    comparison = plots.thesis_comparison(runs, n_boot=200)
+    assert (comparison["low"] <= comparison["ours"]).all()
+    assert (comparison["ours"] <= comparison["high"]).all()
+    assert comparison.loc["100% real", "thesis"] == pytest.approx(0.176023)
+    assert "from scratch" in plots.model_label(runs, "resnet18")
+    assert plots.model_label(runs, "basic_cnn") == "Basic CNN"
+
+
+def test_figures_refuse_missing_cells_by_name(results_with_a_known_gain):
+    from mrilib.plots import results as plots
+
+    runs, epochs = ex.load_results(results_with_a_known_gain[0])
+    with pytest.raises(ValueError, match="vit_tiny"):
+        plots.loss_curves_figure(epochs, model="vit_tiny")
+    with pytest.raises(ValueError, match="no runs"):
+        plots.augmentation_figure(runs, real_fraction=0.5)
+
+
+def test_cli_modules_parse_and_run(results_with_a_known_gain, capsys):
+    import argparse
+
+    from mrilib.commands import grid, report
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    grid.add_parser(sub)
+    report.add_parser(sub)
+    results, figures = results_with_a_known_gain
+    args = parser.parse_args(["grid", "--preset", "quick", "--list", "--results", str(results)])
+    assert args.func(args) == 0
+    assert "cells complete" in capsys.readouterr().out
+    args = parser.parse_args(["report", "--preset", "quick", "--results", str(results),
+                              "--n-boot", "200"])
+    assert args.func(args) == 0
+    assert (figures.parent / "results" / "summary.md").exists()
+    assert not (results / "summary.md").exists()

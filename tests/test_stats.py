@@ -1,0 +1,192 @@
+"""Statistics on constructed data where the right answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mrilib import stats
+
+# A hand-checked 3-class confusion matrix (rows true, columns predicted).
+#   class 0: tp 5, support 7, predicted 6 -> P 5/6, R 5/7, F1 = 10/13
+#   class 1: tp 2, support 4, predicted 3 -> P 2/3, R 1/2, F1 = 4/7
+#   class 2: tp 6, support 7, predicted 9 -> P 2/3, R 6/7, F1 = 3/4
+HAND = np.array([[5, 1, 1],
+                 [0, 2, 2],
+                 [1, 0, 6]])
+
+
+def test_confusion_metrics_match_hand_computation():
+    assert stats.accuracy(HAND) == pytest.approx(13 / 18)
+    assert stats.class_recall(HAND) == pytest.approx([5 / 7, 1 / 2, 6 / 7])
+    assert stats.macro_f1(HAND) == pytest.approx((10 / 13 + 4 / 7 + 3 / 4) / 3)
+
+
+def test_macro_f1_penalises_a_never_predicted_class_and_skips_an_absent_one():
+    never_predicted = np.array([[4, 0], [3, 0]])  # class 1 present, never predicted
+    assert stats.macro_f1(never_predicted) == pytest.approx((8 / 11 + 0) / 2)
+    absent = np.array([[4, 0, 1], [0, 0, 0], [1, 0, 4]])  # class 1 has no true images
+    assert stats.macro_f1(absent) == pytest.approx(0.8)
+    assert np.isnan(stats.class_recall(absent)[1])
+
+
+def test_confusion_metrics_work_on_a_stack():
+    stack = np.stack([HAND, np.eye(3, dtype=int) * 4])
+    assert stats.macro_f1(stack) == pytest.approx([stats.macro_f1(HAND), 1.0])
+
+
+@pytest.mark.parametrize("bad", [np.ones((2, 3)), -np.eye(2), np.ones(4)])
+def test_bad_confusion_matrices_are_refused(bad):
+    with pytest.raises(ValueError, match="confusion matrix"):
+        stats.accuracy(bad)
+
+
+def test_median_interval_holds_the_median_and_is_reproducible():
+    x = np.random.default_rng(1).normal(0.2, 0.02, size=20)
+    iv = stats.bootstrap_median(x, n_boot=2000, seed=7)
+    assert iv.estimate == pytest.approx(np.median(x))
+    assert iv.low <= iv.estimate <= iv.high
+    assert iv == stats.bootstrap_median(x, n_boot=2000, seed=7)
+
+
+def test_median_interval_covers_the_true_median_about_95_percent():
+    rng = np.random.default_rng(2024)
+    trials, true_median = 300, np.log(2)  # median of an Exponential(1)
+    hits = 0
+    for t in range(trials):
+        iv = stats.bootstrap_median(rng.exponential(1.0, 20), n_boot=400, seed=t)
+        hits += iv.low <= true_median <= iv.high
+    # Percentile intervals for a median of 20 are slightly conservative; 95% +- 3 s.e.
+    assert 0.90 <= hits / trials <= 0.99
+
+
+def test_clustered_data_need_the_hierarchical_interval():
+    """Repeats sharing a sample are not independent: the naive interval undercovers."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(5), 4)
+    naive_hits = hier_hits = 0
+    trials = 200
+    for t in range(trials):
+        x = rng.normal(0, 1, 5)[groups] + rng.normal(0, 0.2, 20)  # big between-sample spread
+        naive = stats.bootstrap_median(x, n_boot=300, seed=t)
+        hier = stats.bootstrap_median(x, groups, n_boot=300, seed=t)
+        assert hier.high - hier.low > naive.high - naive.low - 1e-12
+        naive_hits += naive.low <= 0 <= naive.high
+        hier_hits += hier.low <= 0 <= hier.high
+    assert naive_hits / trials < 0.75
+    assert hier_hits / trials > naive_hits / trials + 0.1
+
+
+def test_a_shifted_distribution_is_detected_and_an_identical_one_is_not():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.20, 0.01, 20)
+    shifted = stats.bootstrap_median_difference(a + 0.03, a, n_boot=2000, seed=0)
+    assert shifted.excludes_zero() and shifted.estimate == pytest.approx(0.03)
+    same = stats.bootstrap_median_difference(a, a.copy(), n_boot=2000, seed=0)
+    assert not same.excludes_zero()
+    other_draw = stats.bootstrap_median_difference(rng.normal(0.20, 0.01, 20),
+                                                   rng.normal(0.20, 0.01, 20), n_boot=2000, seed=0)
+    assert not other_draw.excludes_zero()
+
+
+def test_pairing_finds_a_small_shift_hidden_by_between_sample_spread():
+    rng = np.random.default_rng(4)
+    sample_effect = rng.normal(0, 0.05, 20)
+    a = 0.20 + sample_effect + rng.normal(0, 0.002, 20)
+    b = 0.21 + sample_effect + rng.normal(0, 0.002, 20)
+    unpaired = stats.bootstrap_median_difference(a, b, n_boot=2000, seed=0)
+    paired = stats.bootstrap_median_difference(a, b, paired=True, n_boot=2000, seed=0)
+    assert not unpaired.excludes_zero()
+    assert paired.excludes_zero() and paired.high < 0
+
+
+@pytest.mark.parametrize("values, match", [([], "no values"), ([0.1, np.nan], "NaN")])
+def test_bad_values_are_refused(values, match):
+    with pytest.raises(ValueError, match=match):
+        stats.bootstrap_median(values)
+
+
+def _runs(shift: float, n: int = 20, groups: int = 5, seed: int = 0) -> pd.DataFrame:
+    """A runs table: real-only and fill cells at 30%, real-only at 100%, paired by repeat."""
+    rng = np.random.default_rng(seed)
+    sample_effect = rng.normal(0, 0.02, groups)
+    rows = []
+    for r in range(n):
+        g = r % groups
+        base = 0.22 + sample_effect[g] + rng.normal(0, 0.003)
+        conf = np.diag([170, 10, 600, 420]) + 1
+        for synthetic, fraction, loss in (("none", 0.3, base), ("fill", 0.3, base + shift),
+                                          ("none", 1.0, 0.176 + rng.normal(0, 0.003))):
+            rows.append(dict(model="basic_cnn", aug="none", synthetic=synthetic,
+                             real_fraction=fraction,
+                             generator="none" if synthetic == "none" else "sample",
+                             repeat=r, sample_index=g, sample_seed=1000 + g, init="scratch",
+                             final_val_loss=loss, final_test_confusion=conf.tolist()))
+    return pd.DataFrame(rows)
+
+
+def test_synthetic_effects_detect_a_known_gain_and_not_a_null():
+    helped = stats.synthetic_effects(_runs(-0.04), n_boot=1000, seed=0)
+    assert len(helped) == 1
+    row = helped.iloc[0]
+    assert row["paired"] and row["distinguishable"] and row["high"] < 0
+    assert row["difference"] == pytest.approx(-0.04, abs=0.005)
+    null = stats.synthetic_effects(_runs(0.0), n_boot=1000, seed=0).iloc[0]
+    assert not null["distinguishable"]
+
+
+def test_compare_cells_across_fractions_is_unpaired():
+    out = stats.compare_cells(_runs(-0.04), {"synthetic": "fill", "real_fraction": 0.3},
+                              {"synthetic": "none", "real_fraction": 1.0}, n_boot=500)
+    assert not out["paired"] and out["n_a"] == out["n_b"] == 20
+
+
+def test_compare_cells_names_a_missing_cell():
+    with pytest.raises(ValueError, match="no runs"):
+        stats.compare_cells(_runs(0.0), {"synthetic": "fill", "real_fraction": 0.5},
+                            {"synthetic": "none", "real_fraction": 0.5})
+
+
+def test_cell_summary_has_intervals_and_confusion_metrics():
+    summary = stats.cell_summary(_runs(-0.04), n_boot=300)
+    assert len(summary) == 3 and (summary["n"] == 20).all()
+    for metric in ("final_val_loss", "final_test_macro_f1", "final_test_recall_Moderate_Demented"):
+        assert (summary[f"{metric}_low"] <= summary[metric]).all()
+        assert (summary[metric] <= summary[f"{metric}_high"]).all()
+    assert summary["final_test_recall_Moderate_Demented"].iloc[0] == pytest.approx(11 / 14)
+
+
+def test_clusters_apply_only_where_repeats_share_something():
+    runs = _runs(0.0)
+    ids = stats.cluster_ids(runs)
+    full = (runs["real_fraction"] == 1.0).to_numpy()
+    assert len(set(ids[full])) == 20
+    assert len(set(ids[~full])) == 5
+
+
+def test_a_diverged_run_counts_as_the_worst_loss_not_a_missing_one():
+    runs = _runs(0.0)
+    first = runs.index[(runs["synthetic"] == "fill")][0]
+    runs.loc[first, "final_val_loss"] = np.nan
+    summary = stats.cell_summary(runs, metrics=["final_val_loss"], n_boot=200)
+    fill = summary[summary["synthetic"] == "fill"].iloc[0]
+    assert fill["diverged"] == 1 and np.isfinite(fill["final_val_loss"])
+    kept = stats.metric_values(runs[runs["synthetic"] == "fill"], "final_val_loss")
+    assert np.isinf(kept).sum() == 1
+    assert fill["final_val_loss"] >= np.median(kept[np.isfinite(kept)])
+
+
+def test_two_samples_are_too_few_to_call_any_difference():
+    runs = _runs(-0.04, n=4, groups=2)
+    out = stats.compare_cells(runs, {"synthetic": "fill", "real_fraction": 0.3},
+                              {"synthetic": "none", "real_fraction": 0.3}, n_boot=500)
+    assert out["paired"] and out["clusters"] == 2
+    assert out["high"] < 0 and not out["distinguishable"]
+
+
+def test_a_class_missing_from_the_split_leaves_its_recall_empty_not_an_error():
+    runs = _runs(0.0)
+    runs["final_test_confusion"] = [np.diag([170, 0, 600, 420]).tolist()] * len(runs)
+    summary = stats.cell_summary(runs, n_boot=100)
+    assert summary["final_test_recall_Moderate_Demented"].isna().all()
+    assert summary["final_test_macro_f1"].notna().all()

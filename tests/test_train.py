@@ -1,0 +1,431 @@
+"""The training engine: replicate-parallel equals one at a time, determinism, every
+model x policy trains, checkpoints, bad input, and the train / bench commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrilib import train
+from mrilib.augment import POLICIES, augment_batch
+from mrilib.models import MODELS, normalize
+from mrilib.train import (load_checkpoint, model_settings, real_fraction_index,
+                          save_checkpoint, train_replicates)
+
+SIZE = 32  # pixels: divisible by 16 (ViT patches) and 4 (basic CNN pools); big enough for ResNet
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """One intra-op thread for these tiny tensors: measured on the shared 2-core machine,
+    this file ran in 27 s with one thread and 125 s with two (OpenMP threads spin-waiting
+    for cores that other processes hold)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_bank(n: int = 48, size: int = SIZE, seed: int = 0):
+    """uint8 images whose mean brightness tells the class, so the losses move."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    noise = torch.randint(0, 96, (n, 1, size, size), generator=g)
+    images = (noise + labels.view(-1, 1, 1, 1) * 50).to(torch.uint8)
+    return images, labels
+
+
+def tiny_problem(k: int = 3, n_train: int = 16, seed: int = 0):
+    """(bank images, labels, train_index [k, n_train], val, test) over one tiny bank."""
+    images, labels = tiny_bank(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = torch.stack([torch.randperm(32, generator=g)[:n_train] for _ in range(k)])
+    val, test = (images[32:40], labels[32:40]), (images[40:48], labels[40:48])
+    return images, labels, index, val, test
+
+
+def reference_run(name, images, labels, rows, val, seed, aug, cfg):
+    """One replicate the textbook way: an nn.Module, torch.optim.Adam, loss.backward().
+
+    Same seed protocol as mrilib.train: initial weights from the replicate's init
+    stream, batch order and augmentation draws from its data generator.
+    """
+    model = train._initial_model(name, seed, cfg, SIZE)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    g = torch.Generator().manual_seed(train._stream_seed(seed, 1))
+    history = []
+    for _ in range(cfg["epochs"]):
+        order = rows[torch.randperm(len(rows), generator=g)]
+        x_all, y_all = images[order], labels[order]
+        if aug != "none":
+            x_all = augment_batch(aug, x_all, g)
+        model.train()
+        total = 0.0
+        for s in range(0, len(order), cfg["batch_size"]):
+            x, y = x_all[s:s + cfg["batch_size"]], y_all[s:s + cfg["batch_size"]]
+            loss = F.cross_entropy(model(normalize(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+        model.eval()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(model(normalize(val[0])), val[1]).item()
+        history.append((total / len(order), val_loss))
+    return history, model.state_dict()
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+def test_adam_over_stacked_tensors_is_independent_adams():
+    g = torch.Generator().manual_seed(0)
+    stacked = torch.randn(3, 5, 4, generator=g).requires_grad_()
+    singles = [stacked[k].detach().clone().requires_grad_() for k in range(3)]
+    opt_stacked = torch.optim.Adam([stacked], lr=1e-2)
+    opts = [torch.optim.Adam([p], lr=1e-2) for p in singles]
+    for step in range(5):
+        grads = torch.randn(3, 5, 4, generator=g) * (10.0 ** torch.arange(3)).view(3, 1, 1)
+        stacked.grad = grads.clone()
+        opt_stacked.step()
+        for k, (p, opt) in enumerate(zip(singles, opts)):
+            p.grad = grads[k].clone()
+            opt.step()
+    for k in range(3):
+        torch.testing.assert_close(stacked[k].detach(), singles[k].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,k,aug,epochs", [("basic_cnn", 3, "hflip", 2),
+                                              ("resnet18", 2, "none", 1)])
+def test_replicates_together_match_textbook_runs_one_at_a_time(name, k, aug, epochs):
+    images, labels, index, val, test = tiny_problem(k=k)
+    seeds = [11, 12, 13][:k]
+    kw = dict(epochs=epochs, batch_size=8, device="cpu", max_parallel=k)
+    together, models = train_replicates(name, images, labels, index, val, test, seeds, aug=aug,
+                                        return_models=True, **kw)
+    cfg = model_settings(name, epochs=epochs, batch_size=8)
+    # Adam moves a weight by at most ~lr per step whatever its gradient, and near-zero
+    # gradients (float noise of grouped vs plain kernels) can flip its sign: so weights
+    # agree to 2 * lr * steps, far below the ~0.1 differences between replicates' inits.
+    weight_tol = 2 * cfg["lr"] * cfg["epochs"] * math.ceil(index.shape[1] / cfg["batch_size"])
+    for j, seed in enumerate(seeds):
+        history, state = reference_run(name, images, labels, index[j], val, seed, aug, cfg)
+        ours = [(h["train_loss"], h["val_loss"]) for h in together[j]["history"]]
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(history), rtol=1e-4, atol=1e-5)
+        for key, value in state.items():
+            tol = 5e-3 if "running" in key else weight_tol
+            torch.testing.assert_close(models[j][0][key].to(value.dtype), value, rtol=0,
+                                       atol=tol, msg=f"replicate {j} {key}")
+    if name == "resnet18":
+        # BatchNorm statistics are per replicate: apart by far more than the tolerance.
+        for key in ("bn1.running_mean", "layer4.1.bn2.running_var"):
+            assert (models[0][0][key] - models[1][0][key]).abs().max() > 0.02
+
+
+def test_vmap_of_one_replicate_matches_vmap_of_several():
+    images, labels, index, val, test = tiny_problem(k=3)
+    kw = dict(aug="hflip", device="cpu", epochs=2, batch_size=8)
+    together = train_replicates("basic_cnn", images, labels, index, val, test, [1, 2, 3],
+                                max_parallel=3, **kw)
+    assert {r["group_size"] for r in together} == {3}
+    alone = [train_replicates("basic_cnn", images, labels, index[j:j + 1], val, test, [s], **kw)[0]
+             for j, s in enumerate([1, 2, 3])]
+    for a, b in zip(together, alone):
+        losses = [[h[key] for h in r["history"]]
+                  for r in (a, b) for key in ("train_loss", "val_loss")]
+        torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(losses[2:]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_history_and_different_seeds_differ():
+    images, labels, index, val, test = tiny_problem(k=2)
+    kw = dict(aug="autoaugment", device="cpu", epochs=2, batch_size=8, max_parallel=2)
+    first = train_replicates("basic_cnn", images, labels, index, val, test, [5, 6], **kw)
+    again = train_replicates("basic_cnn", images, labels, index, val, test, [5, 6], **kw)
+    assert [r["history"] for r in first] == [r["history"] for r in again]
+    other = train_replicates("basic_cnn", images, labels, index, val, test, [7, 8], **kw)
+    assert first[0]["history"] != other[0]["history"]
+
+
+# ----------------------------------------------------------------------------- every model x policy
+
+@pytest.mark.parametrize("aug", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_under_every_policy(name, aug):
+    images, labels, index, val, test = tiny_problem(k=2, n_train=8)
+    records = train_replicates(name, images, labels, index, val, test, [0, 1], aug=aug,
+                               device="cpu", epochs=1, batch_size=8, max_parallel=2)
+    assert [r["replicate"] for r in records] == [0, 1]
+    assert [r["group_size"] for r in records] == [2, 2]
+    for r in records:
+        assert (r["model"], r["aug"], r["init"]) == (name, aug, "scratch")
+        assert (r["epochs"], r["n_train"]) == (1, 8)
+        assert len(r["history"]) == 1 and r["best"]["epoch"] == r["final"]["epoch"] == 1
+        assert all(math.isfinite(v) for v in r["history"][0].values())
+        for part, n in (("val", 8), ("test", 8)):
+            confusion = torch.tensor(r["final"][f"{part}_confusion"])
+            assert confusion.shape == (4, 4) and int(confusion.sum()) == n
+            assert r["final"][f"{part}_acc"] == pytest.approx(float(confusion.diag().sum()) / n)
+        assert r["seconds"] > 0 and r["device"].startswith("cpu")
+
+
+def test_best_epoch_is_chosen_by_validation_loss_only():
+    # Made-up metrics of 3 epochs x 2 replicates where validation and test disagree.
+    val_loss = torch.tensor([[0.9, 0.5], [0.4, 0.6], [0.6, 0.7]])
+    test_loss = torch.tensor([[0.2, 0.9], [0.8, 0.1], [0.3, 0.5]])
+    metrics = {"train_loss": torch.ones(3, 2), "val_loss": val_loss, "test_loss": test_loss,
+               "val_acc": 1 - val_loss, "test_acc": 1 - test_loss,
+               "val_confusion": torch.zeros(3, 2, 4, 4, dtype=torch.long),
+               "test_confusion": torch.arange(3).view(3, 1, 1, 1).expand(3, 2, 4, 4)}
+    first, second = train._records(metrics, [7, 8], 10, {"model": "m"})
+    assert (first["best"]["epoch"], second["best"]["epoch"]) == (2, 1)
+    assert first["best"]["test_loss"] == pytest.approx(0.8)
+    assert first["best"]["test_confusion"] == [[1] * 4] * 4
+    assert first["final"]["epoch"] == 3 and first["final"]["test_loss"] == pytest.approx(0.3)
+    assert (first["replicate"], second["seed"], second["model"]) == (10, 8, "m")
+    assert [h["val_loss"] for h in second["history"]] == pytest.approx([0.5, 0.6, 0.7])
+
+
+def test_bf16_autocast_path_trains_on_cpu():
+    # The CUDA default (bf16 autocast through vmap) exercised on the CPU.
+    images, labels, index, val, test = tiny_problem(k=2, n_train=8)
+    records = train_replicates("resnet18", images, labels, index, val, test, [0, 1],
+                               device="cpu", epochs=1, batch_size=8, amp="bf16",
+                               max_parallel=2)
+    assert all(math.isfinite(r["final"]["val_loss"]) for r in records)
+
+
+def test_groups_of_max_parallel_give_the_same_replicates():
+    images, labels, index, val, test = tiny_problem(k=3)
+    kw = dict(device="cpu", epochs=1, batch_size=8)
+    whole = train_replicates("basic_cnn", images, labels, index, val, test, [1, 2, 3],
+                             max_parallel=3, **kw)
+    parts = train_replicates("basic_cnn", images, labels, index, val, test, [1, 2, 3],
+                             max_parallel=2, **kw)
+    assert [r["group_size"] for r in parts] == [2, 2, 1]
+    assert [r["replicate"] for r in parts] == [0, 1, 2]
+    for a, b in zip(whole, parts):
+        assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- settings, samples
+
+def test_model_settings_per_model_rows_and_overrides():
+    assert model_settings("basic_cnn", preset="thesis")["batch_size"] == 32
+    assert model_settings("vit_tiny", preset="thesis")["schedule"] == "cosine"
+    assert model_settings("resnet18", epochs=7)["epochs"] == 7
+    assert model_settings("resnet18", preset="thesis")["max_parallel"] == {"cuda": 20, "cpu": 1}
+    with pytest.raises(ValueError, match="max_parallel=0"):
+        model_settings("basic_cnn", max_parallel={"cuda": 0, "cpu": 1})
+    imagenet = model_settings("resnet18", weights="w.pth")
+    assert imagenet["lr"] == train.PER_MODEL["resnet18"]["lr_imagenet"]
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        model_settings("basic_cnn", pretrained=True)
+    with pytest.raises(ValueError, match="unknown model 'lenet'"):
+        model_settings("lenet")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        model_settings("basic_cnn", batch_size=0)
+
+
+def test_warmup_then_cosine_schedule():
+    factor = train._lr_factor({"epochs": 4, "warmup_epochs": 1, "schedule": "cosine"}, 10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(39) < 0.01
+    flat = train._lr_factor({"epochs": 4, "warmup_epochs": 0, "schedule": "constant"}, 10)
+    assert {flat(s) for s in range(40)} == {1.0}
+
+
+def test_real_fraction_index_stacks_stratified_samples():
+    labels = torch.arange(200) % 4
+    pool = torch.arange(40, 200)
+    index = real_fraction_index(labels, pool, 0.3, [0, 1, 2])
+    assert index.shape == (3, 48)
+    assert bool(torch.isin(index, pool).all())
+    for row in index:
+        assert torch.bincount(labels[row], minlength=4).tolist() == [12, 12, 12, 12]
+    assert not torch.equal(index[0], index[1])
+    assert torch.equal(index, real_fraction_index(labels, pool, 0.3, [0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_reproduces_the_final_validation_loss(tmp_path):
+    images, labels, index, val, test = tiny_problem(k=2)
+    records, models = train_replicates("resnet18", images, labels, index, val, test, [3, 4],
+                                       device="cpu", epochs=1, batch_size=8, max_parallel=2,
+                                       return_models=True)
+    for record, (state, config) in zip(records, models):
+        path = save_checkpoint(tmp_path / f"r{record['replicate']}.pt", state, config)
+        model, loaded = load_checkpoint(path)
+        assert loaded == config and loaded["seed"] == record["seed"]
+        assert not model.training
+        with torch.no_grad():
+            loss = F.cross_entropy(model(normalize(val[0])), val[1]).item()
+        assert loss == pytest.approx(record["final"]["val_loss"], rel=1e-4)
+
+
+def test_checkpoint_mismatch_and_bad_files_say_what_is_wrong(tmp_path):
+    from mrilib.models import build_model
+
+    images, labels, index, val, test = tiny_problem(k=1)
+    _, [(state, config)] = train_replicates("basic_cnn", images, labels, index, val, test, [0],
+                                            device="cpu", epochs=1, return_models=True)
+    path = save_checkpoint(tmp_path / "cnn.pt", state, config)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_checkpoint(path, model="resnet18")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_checkpoint(path, model=build_model("basic_cnn", img_size=64))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable mrilib checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an mrilib checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        save_checkpoint(tmp_path / "x.pt", state, {"model": "basic_cnn"})
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bad(case):
+    images, labels, index, val, test = tiny_problem(k=2)
+    args = dict(model="basic_cnn", bank_images=images, bank_labels=labels, train_index=index,
+                val=val, test=test, seeds=[0, 1], device="cpu")
+    if case == "index_1d":
+        args["train_index"] = index[0]
+    elif case == "seeds_count":
+        args["seeds"] = [0, 1, 2]
+    elif case == "empty_index":
+        args["train_index"] = index[:, :0]
+    elif case == "no_replicates":
+        args.update(train_index=index[:0], seeds=[])
+    elif case == "index_out_of_bank":
+        args["train_index"] = index + 100
+    elif case == "label_out_of_range":
+        args["bank_labels"] = labels + 4
+    elif case == "float_images":
+        args["bank_images"] = images.float()
+    elif case == "val_size":
+        args["val"] = (val[0][..., :16, :16], val[1])
+    elif case == "unknown_aug":
+        args["aug"] = "mixup"
+    elif case == "no_cuda":
+        args["device"] = "cuda"
+    return args
+
+
+@pytest.mark.parametrize("case,message", [
+    ("index_1d", r"train_index must be an integer tensor \[K, n\]"),
+    ("seeds_count", "2 rows but 3 seeds"),
+    ("empty_index", "needs at least one training image"),
+    ("no_replicates", "no replicates"),
+    ("index_out_of_bank", "bank holds 48 images"),
+    ("label_out_of_range", "there are 4 classes"),
+    ("float_images", "must be uint8"),
+    ("val_size", "val images are"),
+    ("unknown_aug", "unknown augmentation policy 'mixup'"),
+    pytest.param("no_cuda", "no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is present, so asking for it is not an error")),
+])
+def test_bad_input_names_the_value(case, message):
+    with pytest.raises(ValueError, match=message):
+        train_replicates(**_bad(case))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_train_command_json_and_saved_checkpoints(image_folder, tmp_path, capsys):
+    from mrilib.commands import train as train_cmd
+
+    root = image_folder()
+    args = _parse(train_cmd, ["train", "--source", str(root), "--model", "basic_cnn",
+                              "--aug", "hflip", "--real-frac", "0.5", "--epochs", "1",
+                              "--replicates", "2", "--device", "cpu", "--json",
+                              "--save", str(tmp_path / "ckpt")])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    assert out["runs"][0]["real_frac"] == 0.5 and "slice-level" in out["note"]
+    assert len(out["checkpoints"]) == 2
+    model, config = load_checkpoint(out["checkpoints"][1])
+    assert (config["model"], config["seed"], config["aug"]) == ("basic_cnn", 1, "hflip")
+    assert config["classes"] == ["Mild_Demented", "Moderate_Demented", "Non_Demented",
+                                 "Very_Mild_Demented"]
+
+
+def test_train_command_table_labels_from_scratch_models(image_folder, capsys):
+    from mrilib.commands import train as train_cmd
+
+    root = image_folder()
+    args = _parse(train_cmd, ["train", "--source", str(root), "--model", "resnet18",
+                              "--real-frac", "0.5", "--epochs", "1", "--replicates", "1",
+                              "--device", "cpu"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "FROM SCRATCH" in out and "slice-level" in out and "median" in out
+
+
+def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, capsys):
+    from mrilib.commands import bench as bench_cmd
+
+    root = image_folder()
+    args = _parse(bench_cmd, ["bench", "train", "--source", str(root), "--model", "basic_cnn",
+                              "--aug", "hflip", "--replicates", "2", "--naive-workers", "0",
+                              "--real-frac", "0.5", "--epochs", "1", "--device", "cpu",
+                              "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "(a) naive" in text and "(c) mrilib, 2 replicates at once" in text
+    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*.json")
+    result = json.loads(saved.read_text())
+    assert result["naive"]["n_train"] == result["settings"]["n_train"]
+    assert result["parallel"]["replicates"] == 2 and result["serial"]["replicates"] == 1
+    for key in ("naive", "serial", "parallel"):
+        assert result[key]["seconds_per_replicate"] > 0
+    assert result["speedup"]["parallel_vs_naive"] == pytest.approx(
+        result["naive"]["seconds_per_replicate"] / result["parallel"]["seconds_per_replicate"])
+
+
+def test_bench_refuses_a_source_that_is_not_an_image_folder(tmp_path):
+    from mrilib.bench import bench_train
+
+    with pytest.raises(ValueError, match="image folder"):
+        bench_train("basic_cnn", source=tmp_path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_training_is_deterministic_for_each_model(name):
+    images, labels, index, val, test = tiny_problem(k=2, n_train=16)
+    kw = dict(aug="autoaugment", device="cuda", epochs=2, batch_size=8)
+    first = train_replicates(name, images, labels, index, val, test, [0, 1], **kw)
+    again = train_replicates(name, images, labels, index, val, test, [0, 1], **kw)
+    assert [r["history"] for r in first] == [r["history"] for r in again]
+    assert all(math.isfinite(r["final"]["val_loss"]) for r in first)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_replicates_together_match_one_at_a_time_in_fp32():
+    images, labels, index, val, test = tiny_problem(k=3)
+    kw = dict(device="cuda", epochs=2, batch_size=8, amp="off", max_parallel=3)
+    together = train_replicates("resnet18", images, labels, index, val, test, [1, 2, 3], **kw)
+    alone = [train_replicates("resnet18", images, labels, index[j:j + 1], val, test, [s], **kw)[0]
+             for j, s in enumerate([1, 2, 3])]
+    for a, b in zip(together, alone):
+        assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)
