@@ -53,6 +53,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import settings
+from ..train import resolve_device  # one rule for every module
 from ..data import CLASSES, content_fingerprint
 from ..paths import CACHE, atomic_write_bytes
 from .base import SIZE, Backend, check_batch
@@ -171,15 +172,6 @@ def sample_scheduler(cfg: Mapping) -> DDIMScheduler:
                          timestep_spacing="trailing")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when there is one, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} was asked for but CUDA is not available here; "
-                         f"use device='cpu' or run on a machine with a GPU")
-    return device
 
 
 def _autocast(device: torch.device):
