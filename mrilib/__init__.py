@@ -6,8 +6,7 @@ modules (timm, diffusers, openai, pytorch-grad-cam) are imported on first use, s
 """
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_names
 from .config import settings
 from .data import (CLASSES, DataError, MRIData, Split, duplicate_report, load_mri,
                    resolve_source, split_counts, split_mri, stratified_sample)
@@ -33,19 +32,10 @@ _LAZY = {
     "stats": ["bootstrap_median", "bootstrap_median_difference", "cell_summary",
               "compare_cells", "synthetic_effects"],
 }
-_WHERE = {name: module for module, names in _LAZY.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mrilib' has no attribute {name!r}")
-
+__getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 
 __all__ = sorted([
     "CLASSES", "DataError", "MRIData", "ROOT", "Split", "duplicate_report", "figures_dir",
     "load_mri", "preset_name", "resolve_source", "results_dir", "settings", "split_counts",
-    "split_mri", "stratified_sample", *_WHERE,
+    "split_mri", "stratified_sample", *_LAZY_NAMES,
 ])

@@ -7,10 +7,10 @@ figures are imported on first use (they pull in pytorch-grad-cam and the statist
 """
 from __future__ import annotations
 
-import importlib
 import io
 from pathlib import Path
 
+from .._lazy import lazy_names
 from ..paths import atomic_write_bytes, figures_dir
 
 
@@ -33,18 +33,9 @@ _LAZY = {
                 "thesis_comparison", "thesis_comparison_figure", "fraction_sweep_figure",
                 "synthetic_effect_figure", "leakage_table", "leakage_figure"],
 }
-_WHERE = {name: module for module, names in _LAZY.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mrilib.plots' has no attribute {name!r}")
-
+__getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 
 __all__ = sorted(["save_figure", "class_counts_figure", "class_counts_table",
                   "example_grid_figure", "intensity_histogram_figure",
                   "nearest_neighbour_figure", "class_fidelity_figure", "memorization_figure",
-                  "variations_figure", *_WHERE])
+                  "variations_figure", *_LAZY_NAMES])
