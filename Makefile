@@ -39,4 +39,4 @@ lab: env
 	$(PY) -m jupyter lab notebooks
 
 clean-cache:
-	find cache -mindepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf cache
