@@ -15,8 +15,8 @@ Synthetic policies (``X`` = real fraction of the training pool):
   20% synthetic" row, so ``"80+20"`` is accepted as a name for that same cell).
 * ``100+20mod``  the whole pool + 20% synthetic images of Moderate_Demented only.
 
-Generator modes: ``sample`` (leak-free: the generator of repeat ``r`` was trained on
-the same real sample the classifier of repeat ``r`` sees) and ``leaky`` (the ablation:
+Generator modes: ``sample`` (leak-free: the generator of repeat ``r`` learned only from
+real images the classifier of repeat ``r`` sees) and ``leaky`` (the ablation:
 generators trained on the whole training pool, so the synthetic images carry
 information from real images the classifier was not given). Generators are trained by
 :mod:`mrilib.synthetic.diffusion` (``python -m mrilib synth train``), or by the runner
@@ -26,17 +26,26 @@ time budget, so one repeated command drives the whole grid on a time-limited GPU
 Sampling design (what makes comparisons between cells paired):
 
 * ``G`` independent stratified real samples per real fraction (``G`` = the number of
-  generators per fraction, ``n_generators`` of :mod:`mrilib.synthetic.diffusion`: 5,
-  quick 2); sample ``g`` is drawn from the training pool with seed ``s_g = g``, the
-  seed generator ``g`` learned from.
+  generators, ``n_generators`` of :mod:`mrilib.synthetic.diffusion`: 5, quick 2);
+  sample ``g`` is drawn from the training pool with seed ``s_g = g``.
+* Generator ``g`` learns from sample ``g`` at the *smallest* real fraction of the grid
+  (``generator_fraction``, 30%) and serves every synthetic cell. This is leak-free at
+  every fraction because samples are nested: :func:`mrilib.data.stratified_sample`
+  permutes each class once per seed, so the 30% sample of seed ``s_g`` is a subset of
+  its 40% sample, and so on; :func:`mrilib.synthetic.mixing.mixed_training_set`
+  checks it for every repeat (the generator's recorded training ids against the
+  classifier's sample). It also mirrors the thesis, whose generator (DALL-E 2) was one
+  fixed model for every fraction, and it trains G generators instead of G per fraction
+  (5 instead of 40: the difference between one GPU session and eight). At larger X the
+  generator has seen fewer images than the classifier, which if anything understates
+  what synthetic images can add there; ``generator_fraction=None`` trains one set per
+  fraction instead.
 * Repeat ``r`` of **every** cell uses real sample ``g = r mod G`` (in synthetic cells
   also generator ``g``), training seed ``t_r = seeds.train + r`` and variation seed
   ``u_r = seeds.synthetic + r`` (so repeats ``r`` and ``r + G`` share real images and
   generator but not their synthetic images, nor their initial weights).
   So two cells at the same real fraction share their real images repeat by repeat
-  (paired comparisons, :func:`mrilib.stats.compare_cells`), and since
-  :func:`mrilib.data.stratified_sample` permutes each class once per seed, the 30%
-  sample of seed ``s_g`` is a subset of its 40% sample, and so on.
+  (paired comparisons, :func:`mrilib.stats.compare_cells`).
 * Repeats sharing ``g`` are clustered; :mod:`mrilib.stats` resamples clusters, then
   repeats. With ``samples == repeats`` every repeat has its own sample, as in the
   thesis (which drew a new sample and new Dall-E variations for each of 20 repeats).
@@ -107,6 +116,10 @@ DEFAULTS = {
     # G, real samples per fraction; None = the generators per fraction of the local
     # backend (mrilib.synthetic.diffusion n_generators), which it must equal for "local".
     "samples": None,
+    # Real fraction whose sample g generator g learns from; it serves every synthetic cell
+    # at this fraction or above (samples are nested, see the module docstring). None: one
+    # generator set per cell fraction (G x 8 generators instead of G).
+    "generator_fraction": 0.3,
     # t_r, u_r = base + r (u_r = r: diffusion's rule); "data": seed of the data_fraction subset
     "seeds": {"train": 1000, "synthetic": 0, "data": 0},
     # Share of the 6,400 slices the runner loads (stratified, before the split); 1.0 = all.
@@ -304,7 +317,8 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     run_only = ("max_parallel", "eval_batch_size")  # how a run is batched, not what it learns
     training = {k: v for k, v in model_settings(model, **cfg["train"]).items()
                 if k not in run_only}
-    relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction")}
+    relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction",
+                                    "generator_fraction")}
     relevant.update(preset=preset, training=training)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -396,7 +410,8 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
 
     sets = [mixed_training_set(data, split, cell.real_fraction, cell.synthetic_fraction,
                                classes=cell.synthetic_classes, seed=s.synth_seed,
-                               backend=_backend(cfg["backend"], data, split, cell, s, device),
+                               backend=_backend(cfg["backend"], data, split, cell, s, device,
+                                                cfg),
                                sample_seed=s.sample_seed, allow_leaky=cell.generator == "leaky",
                                progress=False)
             for s in seeds]
@@ -404,11 +419,29 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
     return TrainingSets(bank_images, bank_labels, index, [_brief(i) for i in infos])
 
 
-def _backend(name: str, data, split, cell: Cell, seeds: RepeatSeeds, device):
+def generator_fraction(cell: Cell, cfg: dict) -> float:
+    """The real fraction whose sample the generators of ``cell`` learned from.
+
+    ``cfg["generator_fraction"]`` (30%: one generator set for the whole grid), or the
+    cell's own fraction when that is None. A generator trained on more real images than
+    the cell's sample would leak, so a larger value is refused.
+    """
+    fraction = cfg.get("generator_fraction")
+    if fraction is None:
+        return cell.real_fraction
+    if fraction > cell.real_fraction + 1e-9:
+        raise ValueError(f"generator_fraction={fraction:g} is above {cell.key}'s real fraction "
+                         f"{cell.real_fraction:g}: its generators would have learned from real "
+                         f"images the classifier does not see. Give the smallest real "
+                         f"fraction of the grid, or None")
+    return fraction
+
+
+def _backend(name: str, data, split, cell: Cell, seeds: RepeatSeeds, device, cfg: dict):
     if name == "local":
         from .synthetic.diffusion import LocalDiffusion
 
-        return LocalDiffusion.for_repeat(data, split, cell.real_fraction, seeds.repeat,
+        return LocalDiffusion.for_repeat(data, split, generator_fraction(cell, cfg), seeds.repeat,
                                          leaky=cell.generator == "leaky", device=device)
     if cell.generator == "leaky":
         raise ValueError(f"the leaky ablation needs a generator trained on the pool; backend "
@@ -792,10 +825,11 @@ class _Session:
             minutes = self.budget.minutes_for_generators(cell)
             if minutes is not None and minutes <= 0:
                 return False
-            train_for_sample(self.data, self.split, cell.real_fraction, g, leaky=leaky,
+            fraction = generator_fraction(cell, self.cfg)
+            train_for_sample(self.data, self.split, fraction, g, leaky=leaky,
                              minutes=minutes, device=self.device, progress=self.progress)
             try:
-                trained_generator(self.data, self.split, cell.real_fraction, g, leaky=leaky)
+                trained_generator(self.data, self.split, fraction, g, leaky=leaky)
             except FileNotFoundError:
                 return False  # stopped by the time budget; the next chunk resumes it
         return True

@@ -22,7 +22,7 @@ difference between two such numbers:
 
 A difference is called *distinguishable from noise* when its interval excludes 0 and
 it rests on at least ``min_clusters`` independent units (clusters): with G = 5
-generators per fraction, a synthetic cell has 5 independent units, not 20.
+real samples (and generators), a cell has 5 independent units, not 20.
 """
 from __future__ import annotations
 

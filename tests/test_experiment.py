@@ -140,12 +140,27 @@ def test_bad_cells_are_refused_with_what_to_do(kwargs, match):
 
 def test_repeats_share_samples_modulo_g_so_cells_pair():
     cfg = ex.grid_settings("thesis")
-    assert cfg["samples"] == 5  # the local backend's generators per real fraction
+    assert cfg["samples"] == 5  # the local backend's generators (one per real sample)
     seeds = [ex.repeat_seeds(r, cfg) for r in range(cfg["repeats"])]
     assert [s.sample_index for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
     # sample g is drawn with seed g, the seed generator g learned from
     assert [s.sample_seed for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
     assert len({s.train_seed for s in seeds}) == len({s.synth_seed for s in seeds}) == 20
+
+
+def test_one_generator_set_serves_every_fraction_at_or_above_its_own():
+    cfg = ex.grid_settings("thesis")
+    assert cfg["generator_fraction"] == min(ex.FRACTIONS) == 0.3
+    for cell in ex.grid_cells("thesis"):
+        if cell.synthetic != "none":
+            assert ex.generator_fraction(cell, cfg) == 0.3
+    cell = ex.make_cell("basic_cnn", "none", "fill", 0.6)
+    assert ex.generator_fraction(cell, {**cfg, "generator_fraction": None}) == 0.6
+    with pytest.raises(ValueError, match="generator_fraction=0.7 is above"):
+        ex.generator_fraction(cell, {**cfg, "generator_fraction": 0.7})
+    # a different generator set is a different protocol: its runs get their own key
+    assert (ex.design_hash(cfg, "thesis", "basic_cnn")
+            != ex.design_hash({**cfg, "generator_fraction": None}, "thesis", "basic_cnn"))
 
 
 def test_samples_of_one_seed_are_nested_across_fractions(mri):
@@ -322,19 +337,25 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.5},
              {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
              {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
-              "generator": "leaky"}]
+              "generator": "leaky"},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"}]
     kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
                   cells=cells, train={"epochs": 2, "batch_size": 16}, progress=False)
     progress = ex.run_grid("quick", **kwargs)
     assert set(progress.blocked) == {"basic_cnn/none/fill/0.5/sample",
-                                     "basic_cnn/none/fill/0.5/leaky"}
-    assert "synth train" in progress.blocked["basic_cnn/none/fill/0.5/sample"]
-    # the runner trains the G = 2 generators per mode itself, then the cells
+                                     "basic_cnn/none/fill/0.5/leaky",
+                                     "basic_cnn/none/100+20mod/1/sample"}
+    assert "synth train --real-frac 0.3" in progress.blocked["basic_cnn/none/fill/0.5/sample"]
+    # the runner trains the G = 2 generators per mode itself, then the cells; the leak-free
+    # ones learn from the 30% samples and serve the 50% and 100% cells (nested samples;
+    # mixed_training_set checks each generator's training ids against the cell's sample)
     progress = ex.run_grid("quick", train_generators=True, **kwargs)
     assert not progress.blocked and not progress.remaining
-    assert len(list((tmp_path / "cache" / "generators").glob("*/generator.pt"))) == 4
+    trained = sorted(p.parent.name.split("-")[0] + "-" + p.parent.name.split("-")[1]
+                     for p in (tmp_path / "cache" / "generators").glob("*/generator.pt"))
+    assert trained == ["leaky-pool", "leaky-pool", "x0.3-s0", "x0.3-s1"]
     runs, epochs = ex.load_results(tmp_path / "results")
-    assert len(runs) == 6 and len(epochs) == 12 and (runs["init"] == "scratch").all()
+    assert len(runs) == 8 and len(epochs) == 16 and (runs["init"] == "scratch").all()
     assert runs["final_val_loss"].map(np.isfinite).all()
     assert runs["final_test_confusion"].map(lambda m: np.asarray(m).sum()).eq(len(split.test)).all()
     info = pd.DataFrame(list(runs["synthetic_info"]))
@@ -343,7 +364,7 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     assert (info.loc[synthetic, "sample_seed"].to_numpy() == runs.loc[synthetic, "sample_seed"]).all()
     assert (info.loc[synthetic, "n_synthetic"] > 0).all()
     assert list(info.loc[runs["generator"] == "leaky", "leaky"]) == [True, True]
-    real_n = runs.loc[~synthetic, "n_train"].iloc[0]
+    real_n = runs.loc[runs["synthetic"] == "none", "n_train"].iloc[0]
     assert (runs.loc[synthetic, "n_train"] > real_n).all()
 
 

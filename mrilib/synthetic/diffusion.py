@@ -15,7 +15,10 @@ set, and :func:`mrilib.synthetic.mixing.mixed_training_set` calls it.
 Sharing. Training one generator per repeat (20 repeats x several cells) would cost hours
 of GPU time, so ``n_generators`` (G = 5) generators are trained per real fraction X:
 generator g learns from the stratified sample drawn with ``sample_seed = g`` (training
-seed g as well), and repeat r of a cell uses sample and generator ``g = r mod G``. Repeats
+seed g as well), and repeat r of a cell uses sample and generator ``g = r mod G``. The
+chapter-7 grid trains them at its smallest fraction only (30%) and uses them for every
+fraction, which nested samples make leak-free (``generator_fraction`` in
+:mod:`mrilib.experiment`). Repeats
 r and r + G therefore share their real images and their generator but draw different
 variations (the variation seed is r), so they are not independent draws of the real
 sample; with 20 repeats each of the 5 samples is used 4 times. :func:`repeat_generator`
@@ -100,7 +103,7 @@ DEFAULTS = {
     # --- bookkeeping (not part of the generator's identity) ---
     "checkpoint_minutes": 2.0,  # wall minutes between checkpoints during training
     "log_every": 50,  # steps between loss readings (each one syncs the GPU)
-    "n_generators": 5,  # G: generators per real fraction, shared by repeats r mod G
+    "n_generators": 5,  # G: generators (real samples) per fraction, shared by repeats r mod G
     # --- sampling ---
     "strength": 0.6,  # SDEdit noise level of a variation: 0 = the source, 1 = a fresh sample
     "ddim_steps": 50,  # DDIM steps for strength 1; a variation runs strength x ddim_steps
