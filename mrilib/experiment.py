@@ -726,7 +726,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
                 export_csv(directory)
 
 
-def _grid_data(data, cfg: dict):
+def grid_data(data, cfg: dict):
     """``data``, or its stratified ``data_fraction`` subset (the quick preset's 10%)."""
     if cfg["data_fraction"] >= 1.0:
         return data
@@ -839,7 +839,7 @@ class _Session:
         from .data import load_mri, split_mri
 
         if self.data is None:
-            self.data = _grid_data(load_mri(self.source), self.cfg)
+            self.data = grid_data(load_mri(self.source), self.cfg)
         if self.split is None:
             self.split = split_mri(self.data)
         if self.base is None:

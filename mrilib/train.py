@@ -25,7 +25,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -361,8 +361,12 @@ def _evaluate(stack: _Stack, images, labels, cfg, device):
 
 # ----------------------------------------------------------------------------- the hot loop
 
-def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device, label):
-    """Train one vmap group of replicates; per-epoch metrics as CPU tensors, plus the stack."""
+def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device, label,
+                 report=None):
+    """Train one vmap group of replicates; per-epoch metrics as CPU tensors, plus the stack.
+
+    ``report(epoch, metrics)``, if given, is called after each epoch's evaluation.
+    """
     from .models import init_of, normalize
 
     # -- setup: K initial networks stacked, one Adam over the stacked tensors, generators
@@ -383,7 +387,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
                                    "test_loss", "test_acc", "test_confusion")}
 
     bar = tqdm(total=cfg["epochs"] * steps, desc=label, unit="step", leave=False, disable=None)
-    for _ in range(cfg["epochs"]):
+    for epoch in range(cfg["epochs"]):
         # -- one epoch's shuffled, augmented images per replicate, still uint8 on the device
         xs, ys = _epoch_data(bank_x, bank_y, index, generators, aug)
         # Summed on the device, read once per epoch: no host sync inside the step loop.
@@ -409,8 +413,28 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
             metrics[f"{part}_loss"].append(part_loss)
             metrics[f"{part}_acc"].append(part_acc)
             metrics[f"{part}_confusion"].append(part_conf)
+        if report is not None:
+            report(epoch, metrics)
     bar.close()
     return {key: torch.stack(v).cpu() for key, v in metrics.items()}, stack, init
+
+
+def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
+                    seeds: Sequence[int], epochs: int):
+    """``report`` for :func:`_train_group` that hands ``on_epoch`` one dict per epoch.
+
+    Validation only, never test metrics: a hook that sees an epoch's numbers is where
+    early stopping or a live plot goes, and neither may look at the test split. The
+    three values cross to the host in one copy, right after evaluation (whose bincount
+    already waits for the device), so the step loop gains no synchronisation.
+    """
+    def report(epoch: int, metrics: dict) -> None:
+        train_loss, val_loss, val_acc = torch.stack(
+            [metrics[key][-1].float() for key in ("train_loss", "val_loss", "val_acc")]).cpu()
+        on_epoch({"epoch": epoch + 1, "epochs": epochs, "replicates": list(replicates),
+                  "seeds": [int(s) for s in seeds], "train_loss": train_loss.tolist(),
+                  "val_loss": val_loss.tolist(), "val_acc": val_acc.tolist()})
+    return report
 
 
 def _at_epoch(metrics, e: int, j: int) -> dict:
@@ -443,7 +467,8 @@ def _records(metrics, seeds, first, base_record):
 def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.Tensor,
                      train_index: torch.Tensor, val, test, seeds: Sequence[int],
                      aug: str = "none", device: str | torch.device | None = None,
-                     return_models: bool = False, **overrides: Any):
+                     return_models: bool = False,
+                     on_epoch: Callable[[dict], Any] | None = None, **overrides: Any):
     """Train K replicates of ``model``; one record per replicate (see module docstring).
 
     ``bank_images`` uint8 ``[M, 1, H, W]`` and ``bank_labels`` ``[M]`` hold every image
@@ -452,7 +477,11 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     labels)`` shared by all. ``overrides`` are :data:`DEFAULTS` keys (``epochs=3``...).
     Each record's ``seconds`` is its vmap group's wall time divided by the group's size.
     With ``return_models=True`` also returns ``[(state_dict, config)]`` of the final
-    epoch, one per replicate, ready for :func:`save_checkpoint`.
+    epoch, one per replicate, ready for :func:`save_checkpoint`. ``on_epoch``, if given,
+    is called after every epoch of every vmap group with a dict: ``epoch`` (from 1),
+    ``epochs``, the group's ``replicates`` (indices into ``seeds``) and ``seeds``, and
+    per replicate ``train_loss``, ``val_loss`` and ``val_acc`` (the same numbers as the
+    records' ``history``); e.g. :class:`mrilib.plots.training.LiveLossPlot`.
     """
     from .augment import POLICIES
 
@@ -489,10 +518,12 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
         for first in range(0, len(seeds), group_size):
             group = seeds[first:first + group_size]
             label = f"{model}/{aug} replicates {first}-{first + len(group) - 1}"
+            report = None if on_epoch is None else _epoch_reporter(
+                on_epoch, range(first, first + len(group)), group, cfg["epochs"])
             start = time.perf_counter()
             metrics, stack, init = _train_group(
                 model, cfg, bank_x, bank_y, index[first:first + len(group)], val, test,
-                group, aug, device, label)
+                group, aug, device, label, report)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = (time.perf_counter() - start) / len(group)

@@ -176,9 +176,9 @@ def test_samples_of_one_seed_are_nested_across_fractions(mri):
 
 def test_quick_grid_uses_a_stratified_tenth_of_the_slices(mri):
     cfg = ex.grid_settings("quick")
-    small = ex._grid_data(mri, cfg)
+    small = ex.grid_data(mri, cfg)
     assert len(small) == 640 and small.counts()["Moderate_Demented"] == 6
-    assert ex._grid_data(mri, ex.grid_settings("thesis")) is mri
+    assert ex.grid_data(mri, ex.grid_settings("thesis")) is mri
 
 
 def test_moderate_demented_in_the_test_split(mri):

@@ -212,6 +212,40 @@ def test_groups_of_max_parallel_give_the_same_replicates():
         assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-4)
 
 
+def check_on_epoch(device: str, max_parallel: int) -> None:
+    """on_epoch sees each epoch of each vmap group once, with the numbers of the history."""
+    images, labels, index, val, test = tiny_problem(k=3)
+    seen = []
+    records = train_replicates("basic_cnn", images, labels, index, val, test, [4, 5, 6],
+                               device=device, epochs=2, batch_size=8, max_parallel=max_parallel,
+                               on_epoch=seen.append)
+    groups = [[0, 1, 2]] if max_parallel == 3 else [[0, 1], [2]]
+    assert [(u["replicates"], u["epoch"]) for u in seen] == [
+        (g, e) for g in groups for e in (1, 2)]
+    for update in seen:
+        assert update["epochs"] == 2
+        assert update["seeds"] == [[4, 5, 6][j] for j in update["replicates"]]
+        assert "test_loss" not in update and "test_acc" not in update  # validation only
+        for j, rep in enumerate(update["replicates"]):
+            history = records[rep]["history"][update["epoch"] - 1]
+            for key in ("train_loss", "val_loss", "val_acc"):
+                assert update[key][j] == history[key]
+
+
+@pytest.mark.parametrize("max_parallel", [3, 2])
+def test_on_epoch_reports_each_epoch_of_each_group_as_the_history_records_it(max_parallel):
+    check_on_epoch("cpu", max_parallel)
+
+
+def test_on_epoch_leaves_the_training_unchanged():
+    images, labels, index, val, test = tiny_problem(k=2)
+    kw = dict(device="cpu", epochs=2, batch_size=8, max_parallel=2)
+    plain = train_replicates("basic_cnn", images, labels, index, val, test, [1, 2], **kw)
+    watched = train_replicates("basic_cnn", images, labels, index, val, test, [1, 2],
+                               on_epoch=lambda update: None, **kw)
+    assert [r["history"] for r in plain] == [r["history"] for r in watched]
+
+
 # ----------------------------------------------------------------------------- settings, samples
 
 def test_model_settings_per_model_rows_and_overrides():
@@ -417,6 +451,12 @@ def test_cuda_training_is_deterministic_for_each_model(name):
     again = train_replicates(name, images, labels, index, val, test, [0, 1], **kw)
     assert [r["history"] for r in first] == [r["history"] for r in again]
     assert all(math.isfinite(r["final"]["val_loss"]) for r in first)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_on_epoch_reports_each_epoch_as_the_history_records_it():
+    check_on_epoch("cuda", 3)
 
 
 @pytest.mark.gpu

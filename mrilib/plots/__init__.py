@@ -32,6 +32,7 @@ _LAZY = {
     "results": ["loss_curves_figure", "augmentation_figure", "results_table",
                 "thesis_comparison", "thesis_comparison_figure", "fraction_sweep_figure",
                 "synthetic_effect_figure", "leakage_table", "leakage_figure"],
+    "training": ["LiveLossPlot", "training_set_figure", "replicates_table"],
 }
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 
