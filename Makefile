@@ -1,5 +1,7 @@
 # One command runs the main job, one runs the tests; both build the environment first.
-#   make reproduce   execute every chapter notebook headless (preset: $MRILIB_PRESET, default thesis)
+#   make reproduce   train the chapter-7 grid unless committed results/ covers it, execute every
+#                    chapter notebook headless, then write the report (preset: $MRILIB_PRESET,
+#                    default thesis; the thesis grid wants a GPU)
 #   make test        pytest for the library + nbval over every notebook, quick preset
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -26,14 +28,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: env
 	MRILIB_PRESET=quick $(PY) -m pytest -ra tests --nbval-lax notebooks
 
+# The grid runs first (resumable: a rerun after an interruption continues it) unless
+# mrilib.experiment.needs_grid says the committed results/ already hold what chapter 7 reads;
+# notebook 05 and the report read the runs by the same rule (mrilib.experiment.chapter_results).
 reproduce: env
 	mkdir -p build/notebooks
+	@preset=$${MRILIB_PRESET:-thesis}; \
+	if $(PY) -c 'import sys; from mrilib.experiment import needs_grid; sys.exit(not needs_grid(sys.argv[1]))' $$preset; then \
+	  echo "== chapter-7 grid (preset $$preset)"; \
+	  $(PY) -m mrilib grid --preset $$preset --train-generators --resume || exit 1; \
+	else \
+	  echo "== committed results/ cover the $$preset grid: not training"; \
+	fi
 	for nb in notebooks/[0-9]*.ipynb; do \
 	  echo "== $$nb (preset $${MRILIB_PRESET:-thesis})"; \
 	  $(PY) -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	    --output-dir build/notebooks "$$nb" || exit 1; \
 	done
-	@echo "Executed notebooks are in build/notebooks/; figures in figures/ (thesis preset) or cache/<preset>/figures/."
+	$(PY) -m mrilib report --preset $${MRILIB_PRESET:-thesis}
+	@echo "Executed notebooks are in build/notebooks/; figures in figures/ (thesis preset) or cache/<preset>/figures/; summary.md beside the results read."
 
 lab: env
 	$(PY) -m jupyter lab notebooks

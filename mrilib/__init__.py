@@ -28,9 +28,9 @@ _LAZY = {
               "load_checkpoint", "trained_classifier"],
     "cam": ["gradcam_maps", "gradcam_by_hand", "overlay", "cam_agreement",
             "agreement_vs_baseline", "read_scan"],
-    "experiment": ["grid_cells", "run_grid", "grid_status", "load_results"],
+    "experiment": ["grid_cells", "run_grid", "grid_status", "load_results", "chapter_results"],
     "stats": ["bootstrap_median", "bootstrap_median_difference", "cell_summary",
-              "compare_cells", "synthetic_effects"],
+              "compare_cells", "synthetic_effects", "split_support"],
 }
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 

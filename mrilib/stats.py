@@ -222,6 +222,22 @@ def with_confusion_metrics(runs: pd.DataFrame, classes: Sequence[str] | None = N
     return out
 
 
+def split_support(runs: pd.DataFrame, column: str = "final_test_confusion") -> pd.Series:
+    """Images per true class in the split a confusion column was measured on.
+
+    Every run of one results table is evaluated on the same split, so every row must
+    give the same counts; different counts mean tables of two splits were mixed.
+    """
+    if column not in runs or runs.empty:
+        raise ValueError(f"split_support: the runs table has no {column!r} values")
+    support = np.stack([np.asarray(m, dtype=np.int64).sum(axis=-1) for m in runs[column]])
+    if (support != support[0]).any():
+        raise ValueError(f"{column}: runs disagree on the images per class "
+                         f"({sorted({tuple(s) for s in support.tolist()})}); the table mixes "
+                         f"results of different splits or data shares")
+    return pd.Series(support[0], index=_classes_of(runs), name=column)
+
+
 def _classes_of(runs: pd.DataFrame) -> list[str]:
     if "classes" in runs.columns and len(runs):
         return list(runs["classes"].iloc[0])

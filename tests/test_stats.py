@@ -190,3 +190,17 @@ def test_a_class_missing_from_the_split_leaves_its_recall_empty_not_an_error():
     summary = stats.cell_summary(runs, n_boot=100)
     assert summary["final_test_recall_Moderate_Demented"].isna().all()
     assert summary["final_test_macro_f1"].notna().all()
+
+
+def test_split_support_counts_true_images_per_class_and_refuses_mixed_splits():
+    runs = _runs(0.0, n=4)
+    support = stats.split_support(runs)
+    assert support["Moderate_Demented"] == 14
+    assert support.sum() == 1216  # diagonal 1,200 + 1 in each of the 16 entries
+    other = runs.copy()
+    other["final_test_confusion"] = [np.eye(4, dtype=int).tolist()] + list(runs[
+        "final_test_confusion"][1:])
+    with pytest.raises(ValueError, match="different splits"):
+        stats.split_support(other)
+    with pytest.raises(ValueError, match="no 'final_val_confusion'"):
+        stats.split_support(runs, "final_val_confusion")

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
                    help="whose results: thesis (results/, figures/) or quick/cell "
                         "(cache/<preset>/); default: $MRILIB_PRESET, else thesis")
     p.add_argument("--results", default=None,
-                   help="folder holding runs.jsonl to read (default: the preset's results folder)")
+                   help="folder holding runs.jsonl to read (default: the committed results/ "
+                        "when it holds runs, else the preset's results folder)")
     p.add_argument("--out", default=None,
                    help="folder for summary.md (default: the preset's results folder, so a "
                         "quick run never overwrites the committed results/summary.md)")
@@ -42,28 +43,63 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
                  seed: int | None = None, out=None) -> Path:
     """Draw every figure and write ``summary.md``; the path of the summary.
 
-    Reads ``results`` (default :func:`results_dir`); figures go to :func:`figures_dir`
-    and the summary to ``out`` (default :func:`results_dir`), both by the preset in
-    force, so reading the committed results under the quick preset writes nothing
-    over them.
+    Reads ``results``, by default the runs :func:`mrilib.experiment.chapter_results`
+    picks without training (the committed ``results/`` when it holds runs, else the
+    preset's results folder); figures go to :func:`figures_dir` and the summary to
+    ``out`` (default :func:`results_dir`), both by the preset in force, so reading the
+    committed results under the quick preset writes nothing over them. Figures whose
+    cells are not run yet are listed in the summary with the reason.
     """
     import matplotlib.pyplot as plt
 
     from .. import stats
-    from ..experiment import load_results
+    from ..experiment import chapter_results, load_results, preset_note
     from ..paths import atomic_write_bytes, results_dir
     from ..plots import results as plots
     from ..plots import save_figure
 
-    directory = Path(results) if results is not None else results_dir()
-    runs, epochs = load_results(directory)
+    if results is None:
+        chapter = chapter_results(train=False)
+        directory, runs, epochs = chapter.directory, chapter.runs, chapter.epochs
+        origin = chapter.description
+    else:
+        directory, origin = Path(results), None
+        runs, epochs = load_results(directory)
+    if runs.empty:
+        raise FileNotFoundError(f"{directory / 'runs.jsonl'} holds no runs yet; run the grid "
+                                f"first (python -m mrilib grid --preset ... --resume)")
     runs = stats.with_confusion_metrics(runs)
-    boot = {"n_boot": n_boot, "seed": seed}
-    makers = {  # file name under figures/ -> how to draw it
-        "fig7_1_loss_curves": lambda: plots.loss_curves_figure(epochs),
-        "fig7_2_augmentation": lambda: plots.augmentation_figure(runs, metric=metric),
-        "thesis_comparison": lambda: plots.thesis_comparison_figure(runs, metric, **boot),
-        "leakage": lambda: plots.leakage_figure(runs, metric, **boot),
+    figures = {}
+    for name, make in figure_makers(runs, epochs, metric, n_boot, seed,
+                                    preset_note(runs)).items():
+        try:
+            fig = make()
+        except plots.MissingCells as err:  # the cells it needs are not in the table yet
+            figures[name] = f"not drawn: {err}"
+            continue
+        figures[name] = save_figure(fig, name)
+        plt.close(fig)
+    out = Path(out) if out is not None else results_dir()
+    text = summary_markdown(runs, directory, out, figures, metric, n_boot, seed, origin)
+    return atomic_write_bytes(out / "summary.md", text.encode())
+
+
+def figure_makers(runs, epochs, metric: str = "final_val_loss", n_boot: int | None = None,
+                  seed: int | None = None, note: str | None = None) -> dict:
+    """File name under figures/ -> a call that draws it, for every chapter-7 figure.
+
+    Figures 7.1 and 7.2 for the basic CNN (the thesis's), the sweep and the synthetic
+    effect once per augmentation policy; ``note`` goes under each
+    (:func:`mrilib.experiment.preset_note`).
+    """
+    from ..plots import results as plots
+
+    boot = {"n_boot": n_boot, "seed": seed, "note": note}
+    makers = {
+        "fig7_1_loss_curves": partial(plots.loss_curves_figure, epochs, note=note),
+        "fig7_2_augmentation": partial(plots.augmentation_figure, runs, metric=metric, note=note),
+        "thesis_comparison": partial(plots.thesis_comparison_figure, runs, metric, **boot),
+        "leakage": partial(plots.leakage_figure, runs, metric, **boot),
     }
     for aug in [a for a in plots.AUG_LABELS if (runs["aug"] == a).any()]:
         suffix = "" if aug == "none" else f"_{aug}"
@@ -71,18 +107,7 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
                                                     metric, **boot)
         makers[f"synthetic_effect{suffix}"] = partial(plots.synthetic_effect_figure, runs, aug,
                                                       metric, **boot)
-    figures = {}
-    for name, make in makers.items():
-        try:
-            fig = make()
-        except ValueError as err:  # the cells it needs are not in the table yet
-            figures[name] = f"not drawn: {err}"
-            continue
-        figures[name] = save_figure(fig, name)
-        plt.close(fig)
-    out = Path(out) if out is not None else results_dir()
-    text = summary_markdown(runs, directory, out, figures, metric, n_boot, seed)
-    return atomic_write_bytes(out / "summary.md", text.encode())
+    return makers
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -103,23 +128,13 @@ def _cell(value) -> str:
     return str(value).replace("|", "/").replace("\n", " ")
 
 
-def verdict(row) -> str:
-    """How a loss difference (synthetic - real only) reads: helped, hurt or neither."""
-    from ..config import settings
-    from ..stats import DEFAULTS, PRESETS
-
-    needed = settings(DEFAULTS, PRESETS)["min_clusters"]
-    if row["clusters"] < needed:
-        return f"too few independent samples to tell ({row['clusters']} < {needed})"
-    if not row["distinguishable"]:
-        return "no distinguishable difference"
-    return "helped (lower loss)" if row["difference"] < 0 else "hurt (higher loss)"
-
-
 def summary_markdown(runs, directory: Path, out: Path, figures: dict,
                      metric: str = "final_val_loss", n_boot: int | None = None,
-                     seed: int | None = None) -> str:
-    """The report: provenance, caveats, the thesis comparison, every table, the figures."""
+                     seed: int | None = None, origin: str | None = None) -> str:
+    """The report: provenance, caveats, the thesis comparison, every table, the figures.
+
+    ``origin`` is :attr:`mrilib.experiment.ChapterResults.description`, shown first.
+    """
     from ..plots import results as plots
 
     from ..paths import ROOT
@@ -131,12 +146,14 @@ def summary_markdown(runs, directory: Path, out: Path, figures: dict,
              f"{len(runs)} runs in {runs['cell_key'].nunique()} cells "
              f"(`{source}`). Measure: median "
              f"{plots.METRIC_LABELS.get(metric, metric)} over repeats, with percentile-"
-             f"bootstrap 95% intervals (hierarchical over shared real samples/generators).",
+             f"bootstrap 95% intervals (hierarchical over shared real samples/generators)."
+             + (f"\n\n**{origin}**" if origin else ""),
              _provenance(runs), _caveats(runs),
              _thesis_section(runs, metric, n_boot, seed),
              _effects_section(runs, metric, n_boot, seed),
              _tables_section(runs, metric, n_boot, seed),
              _leakage_section(runs, metric, n_boot, seed),
+             _classification_section(runs, n_boot, seed),
              _figures_section(out, figures),
              _cells_section(runs, n_boot, seed)]
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -159,10 +176,10 @@ def _provenance(runs) -> str:
 
 
 def _caveats(runs) -> str:
-    import numpy as np
+    from ..plots import results as plots
+    from ..plots.results import model_label
 
     lines = ["## Read this first"]
-    from ..plots.results import model_label
 
     scratch = sorted({m for m, i in zip(runs["model"], runs["init"].astype(str))
                       if m != "basic_cnn" and i == "scratch"})
@@ -172,17 +189,10 @@ def _caveats(runs) -> str:
                      f"cannot be fetched on the machines this ran on); the thesis fine-tuned "
                      f"ImageNet weights, so their numbers are not the thesis's setting.")
     lines.append("- Splits are **slice-level**: the dataset has about 32 axial slices per "
-                 "subject and no subject ids, so slices of one brain sit on both sides of "
-                 "every split; all losses and accuracies are optimistic compared with a "
-                 "subject-level split.")
-    if "final_test_confusion" in runs and len(runs):
-        support = np.asarray(runs["final_test_confusion"].iloc[0]).sum(axis=1)
-        classes = list(runs["classes"].iloc[0]) if "classes" in runs else []
-        if "Moderate_Demented" in classes and support[classes.index("Moderate_Demented")]:
-            k = classes.index("Moderate_Demented")
-            lines.append(f"- Moderate_Demented has {int(support[k])} of the {int(support.sum())} "
-                         f"test images (the full dataset has 64 in all): its recall moves in steps of "
-                         f"1/{int(support[k])} and carries a wide interval whatever the repeats.")
+                 "subject (6,400 slices: likely about 200 OASIS subjects) and no subject ids, "
+                 "so slices of one brain sit on both sides of every split; all losses and "
+                 "accuracies are optimistic compared with a subject-level split.")
+    lines.append("- " + plots.moderate_note(runs))
     lines.append("- Synthetic images come from a class-conditional DDPM trained here on each "
                  "repeat's own real sample (SDEdit variations), not from Dall-E 2 as in the "
                  "thesis; epochs, learning rates and batch sizes, which the thesis does not "
@@ -228,22 +238,14 @@ def _thesis_section(runs, metric, n_boot, seed) -> str:
 
 
 def _effects_section(runs, metric, n_boot, seed) -> str:
-    from .. import stats
     from ..plots import results as plots
 
-    effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
-    if effects.empty:
-        return "## Did synthetic images help?\n\nNo synthetic cell has a real-only twin yet."
-    effects = effects[effects["generator"] == "sample"].copy()
-    effects["architecture"] = [plots.model_label(runs, m) for m in effects["model"]]
-    effects["real %"] = (effects["real_fraction"] * 100).round().astype(int)
-    effects["synthetic - real only"] = [plots.format_interval(d, lo, hi) for d, lo, hi in
-                                        zip(effects["difference"], effects["low"], effects["high"])]
-    effects["verdict"] = effects.apply(verdict, axis=1)
-    effects = effects.sort_values(["model", "aug", "synthetic", "real_fraction"])
-    shown = effects[["architecture", "aug", "synthetic", "real %", "median_b", "median_a",
-                     "synthetic - real only", "paired", "verdict"]].rename(
-        columns={"median_b": "real only", "median_a": "with synthetic"})
+    try:
+        effects = plots.effects_table(runs, metric, n_boot, seed)
+    except plots.MissingCells:
+        return ("## Did synthetic images help?\n\nNo synthetic cell with a leak-free generator "
+                "has its real-only twin in the results yet.")
+    shown = effects.drop(columns="clusters")
     helped = effects[effects["verdict"].str.startswith("helped")]
     lines = ["## Did synthetic images help?",
              "Each synthetic cell against the real-only cell with the same architecture, "
@@ -272,8 +274,9 @@ def _tables_section(runs, metric, n_boot, seed) -> str:
 def _leakage_section(runs, metric, n_boot, seed) -> str:
     from ..plots import results as plots
 
-    table = plots.leakage_table(runs, metric, n_boot, seed)
-    if table.empty:
+    try:
+        table = plots.leakage_table(runs, metric, n_boot, seed)
+    except plots.MissingCells:
         return ""
     return "\n\n".join(["## Leakage ablation",
                         "A generator trained on the whole training pool (leaky) against one "
@@ -281,6 +284,15 @@ def _leakage_section(runs, metric, n_boot, seed) -> str:
                         "the leak-free generator does not reproduce is information from real "
                         "images the classifier was not given.",
                         markdown_table(table, index=False)])
+
+
+def _classification_section(runs, n_boot, seed) -> str:
+    from ..plots import results as plots
+
+    return "\n\n".join(["## Accuracy, macro-F1 and recall per class (test split, last epoch)",
+                        plots.moderate_note(runs),
+                        markdown_table(plots.classification_table(runs, n_boot=n_boot,
+                                                                  seed=seed), index=False)])
 
 
 def _figures_section(directory: Path, figures: dict) -> str:

@@ -31,7 +31,8 @@ _LAZY = {
     "cam": ["real_vs_synthetic_cam_figure", "cam_agreement_figure", "scan_cam_figure"],
     "results": ["loss_curves_figure", "augmentation_figure", "results_table",
                 "thesis_comparison", "thesis_comparison_figure", "fraction_sweep_figure",
-                "synthetic_effect_figure", "leakage_table", "leakage_figure"],
+                "synthetic_effect_figure", "leakage_table", "leakage_figure", "effects_table",
+                "classification_table", "moderate_note", "if_available", "MissingCells"],
     "training": ["LiveLossPlot", "training_set_figure", "replicates_table"],
 }
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())

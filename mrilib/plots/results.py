@@ -7,6 +7,10 @@ one row per training run; ``epochs``: one row per run and epoch) and returns a F
 the median over repeats (:mod:`mrilib.stats`), hierarchical where repeats share a
 real sample or generator.
 
+A figure or table whose cells are not in the results yet (the quick grid, a GPU run cut
+short) raises :class:`MissingCells` naming them; :func:`if_available` turns that into a
+printed note, so a notebook or the report over a partial grid draws what it can.
+
 Two labels are never left out: ResNet-18 and the ViT say "from scratch" when their
 runs started from random weights (``init == "scratch"``, the thesis fine-tuned ImageNet
 weights), and every figure notes that the splits are slice-level, so its losses are
@@ -14,7 +18,7 @@ optimistic compared with a subject-level split.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -50,6 +54,23 @@ CURVE_CELLS = (("fill", 0.3, "30% real + 70% synthetic"), ("none", 0.3, "30% rea
                ("none", 1.0, "100% real"))
 
 
+class MissingCells(ValueError):
+    """The cells a figure or table needs are not in the results yet (a partial grid)."""
+
+
+def if_available(make: Callable, *args, **kwargs):
+    """``make(*args, **kwargs)``, or None with a printed note when its cells are not run yet.
+
+    For notebooks and the report over a partial grid (the quick grid, a GPU run cut
+    short): what can be drawn is drawn, and what cannot says which cells it waits for.
+    """
+    try:
+        return make(*args, **kwargs)
+    except MissingCells as err:
+        print(f"not shown: {err}")
+        return None
+
+
 def _fraction_axis(ax) -> None:
     """Real fractions 30%..100% on the x axis, the same on every panel."""
     from ..experiment import FRACTIONS
@@ -80,9 +101,22 @@ def model_label(runs: pd.DataFrame, model: str) -> str:
     return f"{label} ({' + '.join(names.get(i, i) for i in sorted(inits)) or 'init unknown'})"
 
 
-def _note(fig, extra: str = "") -> None:
-    fig.text(0.01, -0.01, (extra + " " if extra else "") + SPLIT_NOTE, fontsize=7,
-             ha="left", va="top", wrap=True, color="0.3")
+def _note(fig, extra: str = "", note: str | None = None) -> None:
+    """The split caveat under every figure; ``note`` (e.g. quick-preset numbers) in red below.
+
+    Wrapped here, not by matplotlib, so the red line starts below the last grey one.
+    """
+    import textwrap
+
+    width_in, height_in = fig.get_size_inches()
+    y = -0.01
+    for text, size, color in (((extra + " " if extra else "") + SPLIT_NOTE, 7, "0.3"),
+                              (note, 8, "firebrick")):
+        if not text:
+            continue
+        lines = textwrap.wrap(text, width=int(width_in * 144 / size))  # ~0.5 em per char
+        fig.text(0.01, y, "\n".join(lines), fontsize=size, ha="left", va="top", color=color)
+        y -= len(lines) * 1.35 * size / 72 / height_in
 
 
 def _metric_label(metric: str) -> str:
@@ -92,7 +126,8 @@ def _metric_label(metric: str) -> str:
 # ----------------------------------------------------------------------------- Figure 7.1
 
 def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str = "none",
-                       band: tuple[float, float] = (0.25, 0.75), save: str | None = None):
+                       band: tuple[float, float] = (0.25, 0.75), save: str | None = None,
+                       note: str | None = None):
     """Figure 7.1: training and validation loss per epoch, median and band over repeats.
 
     30% real + 70% synthetic against 30% and 100% real; the band spans the ``band``
@@ -100,6 +135,7 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     shown = 0
+    few = epochs["epoch"].nunique() <= 12 if "epoch" in epochs else True  # dots show each epoch
     for (synthetic, fraction, label), color in zip(CURVE_CELLS, ("C3", "C0", "C2")):
         curves = stats.select_cell(epochs, model=model, aug=aug, synthetic=synthetic,
                                    real_fraction=fraction)
@@ -109,29 +145,40 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
         n = curves["repeat"].nunique()
         for ax, column in zip(axes, ("train_loss", "val_loss")):
             q = curves.groupby("epoch")[column].quantile([band[0], 0.5, band[1]]).unstack()
-            ax.plot(q.index, q[0.5], color=color, label=f"{label} (n={n})")
-            ax.fill_between(q.index, q[band[0]], q[band[1]], color=color, alpha=0.2)
+            ax.plot(q.index, q[0.5], color=color, marker="o" if few else None, ms=4,
+                    label=f"{label} (n={n})")
+            if len(q) > 1:
+                ax.fill_between(q.index, q[band[0]], q[band[1]], color=color, alpha=0.2)
+            else:  # one epoch: a band has no width, draw it as a bar
+                ax.vlines(q.index, q[band[0]], q[band[1]], color=color, alpha=0.4, lw=6)
     if not shown:
-        raise ValueError(f"loss_curves_figure: no epoch rows for {model}/{aug} at 30% or 100% "
-                         f"real; run those cells first")
+        plt.close(fig)
+        raise MissingCells(f"loss_curves_figure: no epoch rows for {model}/{aug} at 30% or "
+                           f"100% real yet; run those cells first")
+    last = int(epochs["epoch"].max())
     for ax, title in zip(axes, ("Training loss", "Validation loss")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)
+        if few:
+            ax.set_xticks(range(1, last + 1))
+        else:
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Figure 7.1 - {model_label(epochs, model)}, {AUG_LABELS[aug].lower()}: median and "
                  f"{band[0]:.0%}-{band[1]:.0%} band over repeats")
     fig.tight_layout()
-    _note(fig)
+    _note(fig, note=note)
     return _maybe_save(fig, save)
 
 
 # ----------------------------------------------------------------------------- Figure 7.2
 
 def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fraction: float = 0.3,
-                        metric: str = "final_val_loss", save: str | None = None):
+                        metric: str = "final_val_loss", save: str | None = None,
+                        note: str | None = None):
     """Figure 7.2: the distribution of the loss over repeats for each augmentation policy.
 
     At ``real_fraction`` real images, without and with synthetic images (fill), so the
@@ -140,7 +187,8 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     at = stats.select_cell(runs, model=model, real_fraction=real_fraction)
     at = at[at["generator"].isin(["none", "sample"])]
     if at.empty:
-        raise ValueError(f"augmentation_figure: no runs for {model} at {real_fraction:.0%} real")
+        raise MissingCells(f"augmentation_figure: no runs for {model} at {real_fraction:.0%} "
+                           f"real yet")
     fig, ax = plt.subplots(figsize=(8, 4))
     positions, labels, data, colors = [], [], [], []
     for i, aug in enumerate(a for a in AUG_LABELS if a in set(at["aug"])):
@@ -168,7 +216,7 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     ax.set_title(f"Figure 7.2 - {model_label(runs, model)}, {real_fraction:.0%} real: "
                  f"loss over repeats by augmentation policy")
     fig.tight_layout()
-    _note(fig, "Boxes: quartiles and median; dots: single runs.")
+    _note(fig, "Boxes: quartiles and median; dots: single runs.", note)
     return _maybe_save(fig, save)
 
 
@@ -225,9 +273,12 @@ def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
 
 def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
                              n_boot: int | None = None, seed: int | None = None,
-                             save: str | None = None):
+                             save: str | None = None, note: str | None = None):
     """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation)."""
     table = thesis_comparison(runs, metric, n_boot, seed)
+    if not table["n"].any():
+        raise MissingCells("thesis_comparison_figure: none of the thesis's three basic-CNN "
+                           "cells (30%, 100% real, 30% + 70% synthetic) has runs yet")
     fig, ax = plt.subplots(figsize=(7, 3.6))
     y = np.arange(len(table))
     ours = table["ours"].to_numpy()
@@ -241,7 +292,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Basic CNN, no augmentation: the thesis's numbers and ours")
     fig.tight_layout()
-    _note(fig)
+    _note(fig, note=note)
     return _maybe_save(fig, save)
 
 
@@ -249,20 +300,23 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
 
 def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
                           models: Sequence[str] | None = None, n_boot: int | None = None,
-                          seed: int | None = None, save: str | None = None):
+                          seed: int | None = None, save: str | None = None,
+                          note: str | None = None):
     """Loss against real fraction, without and with synthetic top-up, one panel per model.
 
     Points are medians over repeats with 95% intervals; the basic-CNN panel also shows
     the thesis's three numbers.
     """
-    models = list(models or [m for m in ("basic_cnn", "resnet18", "vit_tiny")
-                             if ((runs["model"] == m) & (runs["aug"] == aug)).any()])
+    drawn = runs[(runs["aug"] == aug) & runs["generator"].isin(["none", "sample"])
+                 & runs["synthetic"].isin(["none", "fill"])]
+    models = [m for m in (models or ("basic_cnn", "resnet18", "vit_tiny"))
+              if (drawn["model"] == m).any()]
     if not models:
-        raise ValueError(f"fraction_sweep_figure: the results table has no runs with aug={aug!r}")
-    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
-    summary = stats.cell_summary(runs[(runs["aug"] == aug) & runs["generator"].isin(["none", "sample"])
-                                      & runs["synthetic"].isin(["none", "fill"])],
-                                 metrics=[metric], n_boot=n_boot, seed=seed)
+        raise MissingCells(f"fraction_sweep_figure: no real-only or topped-up runs with "
+                           f"aug={aug!r} yet")
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.6 * len(models), 6.4), 3.8),
+                             squeeze=False)
+    summary = stats.cell_summary(drawn, metrics=[metric], n_boot=n_boot, seed=seed)
     for ax, model in zip(axes[0], models):
         for synthetic, label, color, shift in (("none", "real only", "C0", -0.006),
                                                ("fill", "real + synthetic to 100%", "C3", 0.006)):
@@ -285,13 +339,13 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
     axes[0][0].set_ylabel(f"median {_metric_label(metric)}")
     fig.suptitle(f"Loss against real fraction ({AUG_LABELS[aug].lower()}), median and 95% interval")
     fig.tight_layout()
-    _note(fig)
+    _note(fig, note=note)
     return _maybe_save(fig, save)
 
 
 def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
                             n_boot: int | None = None, seed: int | None = None,
-                            save: str | None = None):
+                            save: str | None = None, note: str | None = None):
     """Did synthetic images help? Paired median differences (synthetic - real only), per model.
 
     Below zero the synthetic images lowered the loss; an interval that crosses zero is
@@ -300,8 +354,8 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     effects = stats.synthetic_effects(runs[runs["aug"] == aug], metric, n_boot=n_boot, seed=seed)
     effects = effects[effects["generator"] == "sample"] if len(effects) else effects
     if effects.empty:
-        raise ValueError(f"synthetic_effect_figure: no synthetic cell with a real-only twin "
-                         f"for aug={aug!r}")
+        raise MissingCells(f"synthetic_effect_figure: no synthetic cell with a real-only "
+                           f"twin for aug={aug!r} yet")
     models = list(dict.fromkeys(effects["model"]))
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for i, model in enumerate(models):
@@ -321,8 +375,85 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     ax.set_title(f"Synthetic minus real only ({AUG_LABELS[aug].lower()}): paired, 95% intervals")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _note(fig, "Below 0: the synthetic images lowered the loss.")
+    _note(fig, "Below 0: the synthetic images lowered the loss.", note)
     return _maybe_save(fig, save)
+
+
+def verdict(row) -> str:
+    """How a loss difference (synthetic - real only) reads: helped, hurt or neither."""
+    from ..config import settings
+
+    needed = settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
+    if row["clusters"] < needed:
+        return f"too few independent samples to tell ({row['clusters']} < {needed})"
+    if not row["distinguishable"]:
+        return "no distinguishable difference"
+    return "helped (lower loss)" if row["difference"] < 0 else "hurt (higher loss)"
+
+
+def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+                  seed: int | None = None) -> pd.DataFrame:
+    """Did synthetic images help? One row per synthetic cell against its real-only twin.
+
+    Same architecture, augmentation and real fraction, leak-free generator, paired by
+    real sample; the difference is synthetic minus real only, with its 95% interval and
+    a verdict that needs ``min_clusters`` independent samples (:mod:`mrilib.stats`).
+    """
+    effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
+    if not effects.empty:
+        effects = effects[effects["generator"] == "sample"].copy()
+    if effects.empty:
+        raise MissingCells("effects_table: no synthetic cell with a leak-free generator has "
+                           "its real-only twin (same architecture, augmentation, real "
+                           "fraction) in the results yet")
+    effects["architecture"] = [model_label(runs, m) for m in effects["model"]]
+    effects["real %"] = (effects["real_fraction"] * 100).round().astype(int)
+    effects["synthetic - real only"] = [format_interval(d, lo, hi) for d, lo, hi in
+                                        zip(effects["difference"], effects["low"], effects["high"])]
+    effects["verdict"] = effects.apply(verdict, axis=1)
+    effects = effects.sort_values(["model", "aug", "synthetic", "real_fraction"])
+    return effects[["architecture", "aug", "synthetic", "real %", "median_b", "median_a",
+                    "synthetic - real only", "paired", "clusters", "verdict"]].rename(
+        columns={"median_b": "real only", "median_a": "with synthetic"}).reset_index(drop=True)
+
+
+def classification_table(runs: pd.DataFrame, split: str = "test", stage: str = "final",
+                         n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """Accuracy, macro-F1 and recall of every class per cell: median [95% interval].
+
+    From the ``<stage>_<split>_confusion`` matrices of the runs (last epoch on the test
+    split by default); one row per cell, ``n`` runs each.
+    """
+    column = f"{stage}_{split}_confusion"
+    if column not in runs:
+        raise ValueError(f"classification_table: the runs carry no {column} column; "
+                         f"choose split='test' or 'val' and stage='final' or 'best'")
+    runs = stats.with_confusion_metrics(runs) if f"{stage}_{split}_macro_f1" not in runs else runs
+    prefix = f"{stage}_{split}_"
+    metrics = [prefix + "accuracy", prefix + "macro_f1",
+               *[c for c in runs.columns if c.startswith(prefix + "recall_")]]
+    summary = stats.cell_summary(runs, metrics=metrics, n_boot=n_boot, seed=seed)
+    out = pd.DataFrame({"architecture": [model_label(runs, m) for m in summary["model"]],
+                        "aug": summary["aug"], "synthetic": summary["synthetic"],
+                        "real": [f"{x:.0%}" for x in summary["real_fraction"]],
+                        "generator": summary["generator"], "n": summary["n"]})
+    for metric in metrics:
+        name = metric[len(prefix):].replace("recall_", "recall ").replace("_", " ")
+        out[name] = ["-" if e != e else format_interval(e, lo, hi, digits=3) for e, lo, hi in
+                     zip(summary[metric], summary[f"{metric}_low"], summary[f"{metric}_high"])]
+    return out
+
+
+def moderate_note(runs: pd.DataFrame) -> str:
+    """How many Moderate_Demented slices the test split holds, and what that does to recall."""
+    support = stats.split_support(runs)
+    k = int(support.get("Moderate_Demented", 0))
+    if not k:
+        return ("The test split holds no Moderate_Demented slice (the dataset has 64 in all): "
+                "its recall cannot be measured here.")
+    return (f"Moderate_Demented has {k} of the {int(support.sum())} test images (the full "
+            f"dataset has 64 in all): its recall moves in steps of 1/{k} and carries a wide "
+            f"interval whatever the repeats.")
 
 
 # ----------------------------------------------------------------------------- leakage
@@ -330,6 +461,8 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
 def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
                   seed: int | None = None) -> pd.DataFrame:
     """Each leaky-generator cell beside its leak-free twin and its real-only twin."""
+    if not (runs["generator"] == "leaky").any():
+        raise MissingCells("leakage_table: no leaky-generator runs in the results yet")
     rows = []
     for _, leaky in runs[runs["generator"] == "leaky"].drop_duplicates(
             ["model", "aug", "real_fraction"]).iterrows():
@@ -352,11 +485,11 @@ def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: in
 
 
 def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
-                   seed: int | None = None, save: str | None = None):
+                   seed: int | None = None, save: str | None = None, note: str | None = None):
     """The leakage ablation: real only, leak-free and leaky generator, median and interval."""
     keys = runs[runs["generator"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
     if keys.empty:
-        raise ValueError("leakage_figure: no leaky-generator runs in the results table")
+        raise MissingCells("leakage_figure: no leaky-generator runs in the results yet")
     fig, ax = plt.subplots(figsize=(10, 1.8 + 1.1 * len(keys)))
     specs = (("real only", {"synthetic": "none"}, "C0"),
              ("leak-free generator", {"synthetic": "fill", "generator": "sample"}, "C3"),
@@ -381,5 +514,5 @@ def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: i
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Leakage ablation: does a generator that saw the whole pool flatter the result?")
     fig.tight_layout()
-    _note(fig)
+    _note(fig, note=note)
     return _maybe_save(fig, save)

@@ -1,0 +1,222 @@
+"""Chapter 7 from whatever runs exist: committed results first, the quick grid on demand,
+and every figure and table drawn or skipped with a note on a partial grid, never a crash."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+import mrilib.paths as paths
+from mrilib import experiment as ex
+from mrilib.commands.report import figure_makers, write_report
+from mrilib.data import CLASSES
+from mrilib.plots import results as plots
+
+QUICK_CELLS = [c.key for c in ex.grid_cells("quick")]
+CONFUSION = [[3, 0, 1, 0], [0, 1, 0, 0], [1, 0, 5, 0], [0, 0, 1, 4]]  # 1 Moderate test slice
+
+
+# ----------------------------------------------------------------------------- fake results
+
+def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quick",
+               epochs: int = 1) -> Path:
+    """runs.jsonl and epochs.jsonl as the runner writes them, with made-up losses."""
+    directory.mkdir(parents=True, exist_ok=True)
+    runs, curves = [], []
+    for key in cell_keys:
+        model, aug, synthetic, fraction, generator = key.split("/")
+        cell = {"model": model, "aug": aug, "synthetic": synthetic,
+                "real_fraction": float(fraction), "generator": generator}
+        for r in range(repeats):
+            loss = 0.3 - 0.05 * (synthetic != "none") + 0.01 * r
+            run_key = f"{key}/r{r:02d}@fake"
+            runs.append({"run_key": run_key, "cell_key": key, "design": "fake", **cell,
+                         "repeat": r, "sample_index": r % 2, "sample_seed": r % 2,
+                         "init": "scratch", "final_val_loss": loss, "best_val_loss": loss,
+                         "final_test_loss": loss, "best_test_loss": loss,
+                         "final_test_confusion": CONFUSION, "classes": list(CLASSES),
+                         "preset": preset, "n_images": 640, "seconds": 1.0,
+                         "train_settings": {"epochs": epochs}, "device_name": "fake cpu",
+                         "git_commit": "0123456789abcdef"})
+            curves += [{"run_key": run_key, **cell, "repeat": r, "init": "scratch",
+                        "epoch": e + 1, "train_loss": loss + 0.1 / (e + 1),
+                        "val_loss": loss + 0.01 * e} for e in range(epochs)]
+    for name, rows in (("runs.jsonl", runs), ("epochs.jsonl", curves)):
+        (directory / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A repository root and cache of our own: committed results/ starts empty."""
+    monkeypatch.setattr(paths, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")
+    (tmp_path / "repo" / "results").mkdir(parents=True)
+    return tmp_path
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("chapter_results must not train when results exist")
+
+
+# ----------------------------------------------------------------------------- chapter_results
+
+@pytest.mark.parametrize("preset", ["quick", "thesis"])
+def test_committed_results_are_read_whatever_the_preset(repo, monkeypatch, preset):
+    write_runs(repo / "repo" / "results", QUICK_CELLS[:3], repeats=20, preset="thesis")
+    monkeypatch.setattr(ex, "run_grid", no_training)
+    chapter = ex.chapter_results(preset)
+    assert chapter.committed and chapter.directory == repo / "repo" / "results"
+    assert len(chapter.runs) == 60 and len(chapter.epochs) == 60
+    assert chapter.description.startswith("Committed full run (results/, partial: 3 of")
+    assert chapter.note is None  # the thesis protocol's numbers need no warning
+    assert ("read under the quick preset" in chapter.description) == (preset == "quick")
+
+
+def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatch):
+    calls = []
+
+    def fake_grid(preset, **kwargs):
+        calls.append((preset, kwargs))
+        folder = paths.CACHE / preset / "results"
+        if not (folder / "runs.jsonl").exists():  # what resume=True does: only what is missing
+            write_runs(folder, QUICK_CELLS)
+
+    monkeypatch.setattr(ex, "run_grid", fake_grid)
+    first = ex.chapter_results("quick", progress=False)
+    second = ex.chapter_results("quick", progress=False)
+    assert [c[0] for c in calls] == ["quick", "quick"]
+    assert all(c[1]["train_generators"] and c[1]["resume"] for c in calls)
+    assert first.directory == second.directory == repo / "cache" / "quick" / "results"
+    assert not first.committed and len(second.runs) == 2 * len(QUICK_CELLS)
+    assert "Quick CPU grid" in first.description
+    assert "6 of 6 cells complete" in first.description
+    assert "numbers test the code only" in first.description
+    assert "1-epoch models on 640 of the 6,400 slices" in first.note
+
+
+def test_the_thesis_preset_without_committed_results_says_what_to_run(repo, monkeypatch):
+    monkeypatch.setattr(ex, "run_grid", no_training)
+    with pytest.raises(FileNotFoundError) as err:
+        ex.chapter_results("thesis")
+    message = str(err.value)
+    assert "results/ holds no runs yet" in message
+    assert "python -m mrilib grid --preset thesis --train-generators --resume" in message
+    assert "MRILIB_PRESET=quick" in message
+
+
+def test_train_false_only_reads(repo, monkeypatch):
+    monkeypatch.setattr(ex, "run_grid", no_training)
+    with pytest.raises(FileNotFoundError, match="--preset quick"):
+        ex.chapter_results("quick", train=False)
+    write_runs(repo / "cache" / "quick" / "results", QUICK_CELLS[:2])
+    assert len(ex.chapter_results("quick", train=False).runs) == 4
+
+
+def test_needs_grid_follows_what_chapter_results_would_read(repo):
+    committed = repo / "repo" / "results"
+    assert ex.needs_grid("thesis") and ex.needs_grid("quick")
+    write_runs(committed, [c.key for c in ex.grid_cells("thesis")][:5], repeats=20,
+               preset="thesis")
+    assert ex.needs_grid("thesis")      # a partial full run is resumed
+    assert not ex.needs_grid("quick")   # but the quick preset reads it as it is
+    write_runs(committed, [c.key for c in ex.grid_cells("thesis")], repeats=20, preset="thesis")
+    assert not ex.needs_grid("thesis")
+
+
+# ----------------------------------------------------------------------------- partial grids
+
+PARTIAL_GRIDS = {
+    "quick grid": QUICK_CELLS,
+    "headline cells only": QUICK_CELLS[:3],
+    "one real-only cell": ["basic_cnn/none/none/1/none"],
+    "Moderate-only cells alone for an augmentation": QUICK_CELLS[:2] + [
+        "basic_cnn/hflip/100+20mod/1/sample"],
+    "another architecture without the basic CNN": ["resnet18/none/none/0.3/none",
+                                                   "resnet18/none/fill/0.3/sample"],
+}
+
+
+@pytest.mark.parametrize("cells", PARTIAL_GRIDS.values(), ids=PARTIAL_GRIDS.keys())
+def test_every_figure_is_drawn_or_skipped_with_a_note(tmp_path, capsys, cells):
+    runs, epochs = ex.load_results(write_runs(tmp_path / "results", cells))
+    makers = figure_makers(runs, epochs, n_boot=50)
+    for name, make in makers.items():
+        fig = plots.if_available(make)
+        if fig is not None:
+            plt.close(fig)
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not shown")]
+    assert all("yet" in line for line in skipped)
+    for table in (plots.effects_table, plots.leakage_table):
+        plots.if_available(table, runs, n_boot=50)
+    for model in dict.fromkeys(runs["model"]):
+        assert plots.results_table(runs, model, n_boot=50).shape == (3, 3)
+    assert len(plots.classification_table(runs, n_boot=50)) == len(cells)
+    assert len(plots.thesis_comparison(runs, n_boot=50)) == 3
+
+
+@pytest.mark.parametrize("cells", PARTIAL_GRIDS.values(), ids=PARTIAL_GRIDS.keys())
+def test_the_report_lists_what_it_could_not_draw(repo, cells):
+    results = write_runs(repo / "results", cells)
+    summary = write_report(results, n_boot=50).read_text()
+    assert "Chapter 7 results" in summary and "slice-level" in summary
+    assert "Moderate_Demented has 1 of the 16 test images" in summary
+    drawn = {p.stem for p in (repo / "cache" / "quick" / "figures").glob("*.png")}
+    for name in figure_makers(*ex.load_results(results)):
+        assert name in drawn or f"- {name}: not drawn:" in summary, name
+
+
+def test_the_quick_grid_report_skips_the_missing_cells_by_name(repo):
+    summary = write_report(write_runs(repo / "results", QUICK_CELLS), n_boot=50).read_text()
+    assert "- synthetic_effect_hflip: not drawn: synthetic_effect_figure: no synthetic cell" \
+        in summary
+    assert "Leakage ablation" in summary and "| recall Moderate Demented |" in summary
+
+
+def test_the_report_reads_committed_results_by_default(repo, monkeypatch):
+    monkeypatch.setenv("MRILIB_PRESET", "quick")
+    monkeypatch.setattr(ex, "run_grid", no_training)
+    write_runs(repo / "repo" / "results", QUICK_CELLS, repeats=3, preset="thesis")
+    path = write_report(n_boot=50)
+    assert path == repo / "cache" / "quick" / "results" / "summary.md"  # not over results/
+    assert "**Committed full run (results/" in path.read_text()
+
+
+def test_an_empty_results_file_is_refused_not_drawn(repo):
+    (repo / "results").mkdir()
+    (repo / "results" / "runs.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="holds no runs yet"):
+        write_report(repo / "results")
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_one_epoch_curves_show_their_epoch_and_band(tmp_path):
+    runs, epochs = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS, epochs=1))
+    fig = plots.loss_curves_figure(epochs, note="quick preset: test")
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [1]
+    assert all(line.get_marker() == "o" for line in ax.get_lines())
+    assert any("quick preset: test" in t.get_text() for t in fig.texts)
+    plt.close(fig)
+
+
+def test_the_red_note_starts_below_the_wrapped_split_note():
+    fig, _ = plt.subplots(figsize=(5, 3))
+    plots._note(fig, "A long extra sentence. " * 3, note="quick preset")
+    grey, red = fig.texts
+    assert grey.get_text().count("\n") >= 1  # wrapped for a narrow figure
+    assert red.get_position()[1] < grey.get_position()[1] - 0.05
+    plt.close(fig)
+
+
+def test_classification_table_has_every_class_with_intervals(tmp_path):
+    runs, _ = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS[:2]))
+    table = plots.classification_table(runs, n_boot=50)
+    assert {f"recall {c.replace('_', ' ')}" for c in CLASSES} <= set(table.columns)
+    assert table.loc[0, "accuracy"] == "0.812 [0.812, 0.812]"  # 13 of 16 on the diagonal
+    assert (table["n"] == 2).all()
+    assert np.isclose(plots.stats.split_support(runs)["Moderate_Demented"], 1)
