@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run HERE after a device call of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
+# (FILES_AT = the folder the device tool put session.tgz, gen-*.pt and session.log in).
+# Unpacks benchmarks into benchmarks/, generators into cache/generators/ (for chapters
+# 2-3 in the thesis preset), and results into results/ after checking that the GPU's
+# runs.jsonl holds every run already here (it resumed from the committed file), then
+# rewrites the CSV exports, the report and its figures. Review `git diff` and commit.
+set -euo pipefail
+src=${1:?usage: collect.sh FILES_AT}
+cd "$(git rev-parse --show-toplevel)"
+PY=${PY:-.venv/bin/python}
+[ -f "$src/session.tgz" ] || { echo "no session.tgz in $src (see $src/session.log)" >&2; exit 1; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+tar xzf "$src/session.tgz" -C "$tmp"
+[ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
+  cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
+if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
+for f in "$src"/gen-*.pt; do
+  [ -e "$f" ] || continue
+  name=$(basename "$f" .pt); name=${name#gen-}
+  mkdir -p "cache/generators/$name" && cp "$f" "cache/generators/$name/generator.pt"
+  echo "generator: cache/generators/$name/generator.pt"
+done
+runs=$(cd "$tmp" && find . -name runs.jsonl | head -1)
+if [ -n "$runs" ]; then
+  dir=$(dirname "${runs#./}")   # results (thesis) or cache/<preset>/results
+  preset=thesis; [ "$dir" = results ] || preset=$(basename "$(dirname "$dir")")
+  "$PY" - "$tmp/$dir" "$dir" <<'PY'
+import json, sys
+from pathlib import Path
+new, old = Path(sys.argv[1]), Path(sys.argv[2])
+def keys(path):
+    return {json.loads(line)["run_key"] for line in path.read_text().splitlines() if line.strip()} \
+        if path.exists() else set()
+have, got = keys(old / "runs.jsonl"), keys(new / "runs.jsonl")
+missing = have - got
+if missing:
+    sys.exit(f"the GPU's runs.jsonl lacks {len(missing)} runs that {old} holds (e.g. "
+             f"{sorted(missing)[0]}): it did not resume from this checkout; merge by hand")
+print(f"results: {len(have)} runs here, {len(got)} from the GPU ({len(got - have)} new)")
+PY
+  mkdir -p "$dir"
+  cp "$tmp/$dir/runs.jsonl" "$tmp/$dir/epochs.jsonl" "$dir/"
+  "$PY" -c "import sys; from mrilib.experiment import export_csv; export_csv(sys.argv[1])" "$dir"
+  MRILIB_PRESET=$preset "$PY" -m mrilib report --results "$dir"
+fi
+git status --short benchmarks results figures cache/quick 2>/dev/null || true

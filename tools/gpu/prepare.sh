@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run HERE (the development machine), in any folder of the repo, before a device call.
+#
+# The GPU machine reaches nothing outside itself and receives only the working tree (64 MiB
+# in all, carried paths included), so this puts two ignored folders in the repo root:
+#   .gpudata/alzheimer_mri   the dataset's JPEGs (47 MB; never committed)
+#   .whl/                    wheels of what the GPU image lacks (diffusers, grad-cam, ttach),
+#                            for its Python 3.12, at the versions of this .venv
+# Then call the device tool with carry [".gpudata", ".whl"] and the command printed at the end.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+PY=${PY:-.venv/bin/python}
+exclude=.git/info/exclude
+mkdir -p .git/info && touch "$exclude"
+for p in /.gpudata/ /.whl/; do grep -qxF "$p" "$exclude" || echo "$p" >> "$exclude"; done
+
+data=${MRILIB_DATA:-../shared/data/alzheimer_mri}
+if [ ! -d .gpudata/alzheimer_mri ]; then
+  [ -d "$data" ] || { echo "no dataset at $data: set MRILIB_DATA to the image folder" >&2; exit 1; }
+  mkdir -p .gpudata && cp -r "$data" .gpudata/alzheimer_mri
+fi
+
+version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+rm -rf .whl && mkdir -p .whl
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d .whl "diffusers==$(version diffusers)"
+# grad-cam and ttach publish source archives only (grad-cam's holds its example images,
+# 8 MB): build pure-Python wheels of just the packages here instead of carrying those.
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
+  "ttach==$(version ttach)"
+
+size=$(du -cb .gpudata .whl $(git ls-files) 2>/dev/null | tail -1 | cut -f1)
+echo "carry .gpudata + .whl + tracked files: $((size / 1048576)) MiB of the 64 MiB a call may send"
+[ "$size" -lt $((64 * 1048576)) ] || { echo "too large to send: trim before calling" >&2; exit 1; }
+echo 'device run: carry [".gpudata", ".whl"], command: bash tools/gpu/session.sh checks'

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Run THERE (the GPU machine), from the repo root, as the device tool's command, after
+# tools/gpu/prepare.sh here and with carry [".gpudata", ".whl"]:
+#
+#   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
+#   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
+#
+# A drawn task gets 15 minutes of device time in all (start and transfers included) and
+# one command may run 10, so each stage is budgeted in wall minutes and packs what it made
+# under $OUT (at most 8 files of 16 MiB come back), even when it is cut short:
+#   $OUT/session.tgz   benchmarks/*, results/*.jsonl
+#   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
+#   $OUT/session.log   everything printed
+# Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
+#
+# Every step is cut to the stage's deadline (checks: 8 minutes; grid: MINUTES), keeping
+# 30 s to pack, so the archive comes back even when the work does not finish: give the
+# device call a timeout_s a minute above it.
+# Knobs (environment): GEN_MINUTES (generator training inside `grid`, default 5),
+# GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
+# BENCH_MODELS (default "basic_cnn resnet18 vit_tiny").
+set -uo pipefail
+stage=${1:?usage: session.sh checks | grid MINUTES}
+OUT=${OUT:-/tmp/mrilib-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1 MRILIB_PRESET=${MRILIB_PRESET:-thesis}
+export MRILIB_DATA=${MRILIB_DATA:-$PWD/.gpudata/alzheimer_mri}
+PY=${PY:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+DEVICE=${DEVICE:-cuda}
+start=$(date +%s)
+elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
+deadline=$(( start + 60 * ${2:-8} - 30 ))
+within() {  # within CAP_SECONDS cmd...: run cmd for at most CAP s and never past the deadline
+  local cap=$1; shift
+  local left=$(( deadline - $(date +%s) ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -le 5 ]; then echo "skipped (no time left): $*"; return 1; fi
+  timeout "$cap" "$@"
+  local rc=$?
+  [ "$rc" = 124 ] && echo "stopped at its time limit (${cap} s): $*"
+  return "$rc"
+}
+
+# The preset's results folder (results/ for thesis, cache/<preset>/results otherwise).
+results=$($PY -c "import os; from mrilib.paths import results_dir; print(os.path.relpath(results_dir()))")
+pack() {  # whatever exists now goes back, even after a timeout
+  local files=()
+  for f in benchmarks/bench-train-*.txt benchmarks/bench-train-*.json \
+           benchmarks/local_generator_*.json benchmarks/tests-gpu.log \
+           "$results/runs.jsonl" "$results/epochs.jsonl"; do
+    [ -e "$f" ] && files+=("$f")
+  done
+  [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
+  # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
+  # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here.
+  local n=0
+  for f in cache/generators/x*/generator.pt; do
+    [ -e "$f" ] || continue
+    $PY -c "import sys; from mrilib.synthetic.diffusion import training_record as r
+sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # unfinished
+    cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
+  done
+  echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
+}
+trap pack EXIT
+
+$PY - <<'PY'
+import torch, platform
+print(f"torch {torch.__version__} | cuda {torch.version.cuda} | "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU'} | "
+      f"python {platform.python_version()}")
+PY
+mkdir -p benchmarks
+# Decode the JPEGs once into cache/data/ now, rather than in each of the parallel
+# generator processes below at the same time.
+within 120 $PY -m mrilib data --source "$MRILIB_DATA" > /dev/null
+case "$stage" in
+  checks)
+    # The CUDA tests of #3-#5 (GPU-marked) and the replicate/augment tests on CUDA.
+    within 150 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_train.py \
+      tests/test_augment.py tests/test_diffusion.py tests/test_cam.py \
+      2>&1 | tee benchmarks/tests-gpu.log
+    for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
+      within 120 $PY -m mrilib bench train --model "$m" --device "$DEVICE" --out benchmarks
+    done
+    card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
+      if torch.cuda.is_available() else 'cpu').lower()).strip('_'))")
+    within 90 $PY -m mrilib synth bench --device "$DEVICE" --out "benchmarks/local_generator_$card.json"
+    ;;
+  grid)
+    minutes=${2:?grid needs MINUTES, e.g. 9}
+    gen=${GEN_MINUTES:-5}
+    # The G = 5 leak-free generators (30% samples, shared by every fraction) in parallel
+    # processes: one small UNet leaves most of the GPU idle. A generator that cannot
+    # finish is lost with the machine (its checkpoint is too big to come back), so size
+    # GEN_MINUTES to finish. The grid then runs without --train-generators: cells whose
+    # generators are missing (the leaky ablation unless GEN_LEAKY=1) are listed as
+    # blocked and skipped, instead of spending the rest of the budget on one generator.
+    read -r G X < <($PY -c "from mrilib.experiment import grid_settings as s; c = s();
+print(c['samples'], c['generator_fraction'])")
+    pids=()
+    for g in $(seq 0 $(( G - 1 ))); do
+      within $(( 60 * gen + 60 )) $PY -m mrilib synth train --real-frac "$X" --seed $g \
+        --minutes "$gen" --device "$DEVICE" > "/tmp/gen-$g.log" 2>&1 & pids+=($!)
+      if [ "${GEN_LEAKY:-0}" = 1 ]; then
+        within $(( 60 * gen + 60 )) $PY -m mrilib synth train --real-frac "$X" --seed $g \
+          --leaky --minutes "$gen" --device "$DEVICE" > "/tmp/gen-leaky-$g.log" 2>&1 & pids+=($!)
+      fi
+    done
+    wait "${pids[@]}"
+    tail -n 2 /tmp/gen-*.log
+    # --max-minutes stops between cells; `within` is the hard stop (rows are fsync'd one
+    # by one, so a cut-off cell loses only its own unfinished repeats).
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -ge 60 ]; then
+      within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
+        --max-minutes "$(( left / 60 ))"
+    fi
+    $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
+    ;;
+  *) echo "unknown stage $stage: use checks or grid MINUTES" >&2; exit 2 ;;
+esac
