@@ -65,6 +65,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -557,11 +558,37 @@ def _append_lines(path: Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def load_results(directory: str | os.PathLike | None = None):
+class MixedDesignsWarning(UserWarning):
+    """A results folder holds runs of several designs; :func:`load_results` set some aside."""
+
+
+def load_results(directory: str | os.PathLike | None = None, design: str | None = "current"):
     """``(runs, epochs)`` DataFrames from a results folder (default: :func:`results_dir`).
 
     ``runs`` has one row per training run, ``epochs`` one per run and epoch; both carry
     the cell columns, so ``runs.groupby(list(mrilib.stats.CELL_COLUMNS))`` gives cells.
+
+    A folder can hold runs of several designs (:func:`design_hash`: the training protocol
+    and grid settings a run was trained under), e.g. after a default changed and
+    ``grid --resume`` retrained under the new one. Medians over repeats must not mix two
+    protocols, so by default (``design="current"``) one design is kept per (preset,
+    model), the granularity at which :func:`design_hash` is defined:
+
+    1. the design the current code computes for that preset's own settings
+       (``design_hash(grid_settings(preset), preset, model)``, what ``grid --resume`` and
+       :func:`grid_status` count as done) when the folder holds rows of it: the rule for
+       the committed full run and the presets' grids; else
+    2. the design of the (preset, model)'s most recently written row: rows made with
+       explicit settings (``train={...}``, ``seeds=...``, ``samples=...`` passed to
+       :func:`run_grid`; ``cells=``/``repeats=`` do not change the design) or under older
+       defaults that no current run replaces. A folder of one design per (preset, model)
+       is read whole; the newest experiment wins over older ones, whatever their size.
+
+    Rows set aside are reported with a :class:`MixedDesignsWarning` (folder, count, the
+    designs kept and set aside) and in ``runs.attrs["set_aside"]`` (None when nothing
+    was). ``design=None`` keeps every row; ``design="a1b2c3d4"`` keeps that one design
+    (a ValueError lists the folder's designs when it holds none of it). ``epochs``
+    always holds the epochs of the runs kept.
     """
     import pandas as pd
 
@@ -572,16 +599,86 @@ def load_results(directory: str | os.PathLike | None = None):
                                 f"(python -m mrilib grid --preset ...) or point at the "
                                 f"folder that holds {RUNS_FILE}")
     runs, _ = _read_jsonl(runs_path)
+    runs, aside = _one_design(runs, design, directory)
     epochs, _ = _read_jsonl(directory / EPOCHS_FILE)
     done = {r["run_key"] for r in runs}
     epochs = [e for e in epochs if e["run_key"] in done]
-    return pd.DataFrame(runs), pd.DataFrame(epochs)
+    if aside is not None:
+        warnings.warn(aside["message"], MixedDesignsWarning, stacklevel=2)
+    runs = pd.DataFrame(runs)
+    runs.attrs["set_aside"] = aside
+    return runs, pd.DataFrame(epochs)
+
+
+def _one_design(rows: list[dict], design: str | None, directory: Path
+                ) -> tuple[list[dict], dict | None]:
+    """``rows`` of the design(s) :func:`load_results` keeps, and what was set aside."""
+    from collections import Counter
+
+    if design is None or not rows:
+        return rows, None
+    counts = Counter(r.get("design") for r in rows)
+    if design != "current":
+        if design not in counts:
+            held = ", ".join(f"{d} ({n} runs)" for d, n in counts.items())
+            raise ValueError(f"{_shown(directory)}/{RUNS_FILE} holds no runs of design "
+                             f"{design!r}; it holds {held}. Pass one of those, "
+                             f"design='current' or design=None (every row)")
+        return [r for r in rows if r.get("design") == design], None
+    groups: dict[tuple, list] = {}
+    for r in rows:  # file order is the order the runs were written in
+        groups.setdefault((r.get("preset"), r.get("model")), []).append(r.get("design"))
+    chosen, why = {}, {}
+    for (preset, model), designs in groups.items():
+        current = _current_design(preset, model) if len(set(designs)) > 1 else None
+        if current in designs:
+            chosen[preset, model], why[preset, model] = current, "the current code's"
+        else:
+            chosen[preset, model], why[preset, model] = designs[-1], "the newest"
+    keep = [r.get("design") == chosen[r.get("preset"), r.get("model")] for r in rows]
+    if all(keep):
+        return rows, None
+    kept = [r for r, k in zip(rows, keep) if k]
+    dropped = [r for r, k in zip(rows, keep) if not k]
+    set_aside = Counter(r.get("design") for r in dropped)
+    parts = []
+    for key, designs in groups.items():
+        others = Counter(d for d in designs if d != chosen[key])
+        if others:
+            preset, model = key
+            parts.append(f"{model} ({preset} preset): kept design {chosen[key]} "
+                         f"({why[key]}, {designs.count(chosen[key])} runs), set aside "
+                         + ", ".join(f"{d} ({n} runs)" for d, n in others.items()))
+    folder = _shown(directory)
+    example = next(iter(set_aside))
+    message = (f"{folder}/{RUNS_FILE}: {len(dropped)} of {len(rows)} runs set aside so that "
+               f"no cell mixes two training protocols; " + "; ".join(parts) + ". Read them "
+               f"anyway with load_results({folder!r}, design=None) (every row) or "
+               f"design={example!r} (one design).")
+    short = (f"{len(dropped)} runs of another design ("
+             + ", ".join(str(d) for d in set_aside) + ") set aside; "
+             f"load_results(..., design=None) reads them.")
+    return kept, {"dropped": len(dropped), "kept": sorted({str(d) for d in chosen.values()}),
+                  "set_aside": {str(d): n for d, n in set_aside.items()},
+                  "message": message, "short": short}
+
+
+def _current_design(preset, model) -> str | None:
+    """The design the current code gives ``model``'s runs under ``preset``'s own settings."""
+    if preset is None or model is None:
+        return None
+    try:
+        cfg = grid_settings(preset)
+        with preset_env(preset):
+            return design_hash(cfg, preset, model)
+    except (ValueError, TypeError, KeyError):  # a preset or model this code no longer has
+        return None
 
 
 def export_csv(directory: str | os.PathLike | None = None) -> list[Path]:
     """``runs.csv`` and ``epochs.csv`` beside the JSONL files (nested values as JSON)."""
     directory = Path(directory) if directory is not None else paths.results_dir()
-    runs, epochs = load_results(directory)
+    runs, epochs = load_results(directory, design=None)  # a faithful copy: every design
     written = []
     for name, frame in (("runs.csv", runs), ("epochs.csv", epochs)):
         flat = frame.copy()
@@ -902,12 +999,17 @@ def chapter_results(preset: str | None = None, train: bool = True, progress: boo
        into ``cache/<preset>/results`` and use it; ``train=False`` only reads it.
     3. Otherwise use the preset's own results folder if it holds runs (e.g. ``cell``),
        else raise FileNotFoundError with the commands that make them.
+
+    Either folder is read by :func:`load_results`, one design per (preset, model): runs
+    of a superseded design are set aside (with a :class:`MixedDesignsWarning`), and
+    ``description`` says how many.
     """
     preset = preset or paths.preset_name()
     committed = committed_results_dir()
     if _run_count(committed):
         runs, epochs = load_results(committed)
-        return ChapterResults(runs, epochs, committed, _committed_line(runs, preset), True,
+        return ChapterResults(runs, epochs, committed,
+                              _with_set_aside(_committed_line(runs, preset), runs), True,
                               preset_note(runs))
     with preset_env(preset):
         directory = paths.results_dir()
@@ -924,8 +1026,15 @@ def chapter_results(preset: str | None = None, train: bool = True, progress: boo
             f"the chapter on a small CPU grid with MRILIB_PRESET=quick (numbers test the "
             f"code only)")
     runs, epochs = load_results(directory)
-    return ChapterResults(runs, epochs, directory, _local_line(runs, preset, directory), False,
+    return ChapterResults(runs, epochs, directory,
+                          _with_set_aside(_local_line(runs, preset, directory), runs), False,
                           preset_note(runs))
+
+
+def _with_set_aside(line: str, runs) -> str:
+    """``line`` plus what :func:`load_results` set aside to keep one design per model."""
+    aside = runs.attrs.get("set_aside")
+    return line if not aside else f"{line} {aside['short']}"
 
 
 def needs_grid(preset: str | None = None) -> bool:

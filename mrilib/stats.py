@@ -239,10 +239,40 @@ def split_support(runs: pd.DataFrame, column: str = "final_test_confusion") -> p
 
 
 def _classes_of(runs: pd.DataFrame) -> list[str]:
-    if "classes" in runs.columns and len(runs):
-        return list(runs["classes"].iloc[0])
+    """The class names of ``runs``: the one class list its ``classes`` column agrees on.
+
+    Rows without a list (NaN or None, e.g. after concatenating a table that has no such
+    column) are skipped; a ValueError names the column when the rows that have one
+    disagree, or when none has one. A table without the column (or without rows) gets
+    :data:`mrilib.data.CLASSES`.
+    """
+    if "classes" not in runs.columns or not len(runs):
+        from .data import CLASSES
+        return list(CLASSES)
+    lists = []
+    for value in runs["classes"]:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"column 'classes' holds {value!r}; each row needs the list of "
+                             f"class names (e.g. {list(_default_classes())})")
+        names = tuple(str(v) for v in value)
+        if names not in lists:
+            lists.append(names)
+    if not lists:
+        raise ValueError(f"column 'classes' has no class list in any of the {len(runs)} "
+                         f"rows; fill it (e.g. {list(_default_classes())}) or pass "
+                         f"classes=... explicitly")
+    if len(lists) > 1:
+        raise ValueError(f"column 'classes' disagrees between rows: "
+                         f"{' vs '.join(map(str, map(list, lists)))}; the table mixes "
+                         f"results of different datasets or class orders")
+    return list(lists[0])
+
+
+def _default_classes() -> tuple[str, ...]:
     from .data import CLASSES
-    return list(CLASSES)
+    return tuple(CLASSES)
 
 
 def cluster_ids(runs: pd.DataFrame) -> np.ndarray:

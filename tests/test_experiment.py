@@ -303,7 +303,7 @@ def test_a_changed_design_is_a_different_run(tiny, tmp_path):
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer, seeds=other_seeds)
     assert len(trainer.calls) == 6
-    runs, _ = ex.load_results(tmp_path)
+    runs, _ = ex.load_results(tmp_path, design=None)  # every row; the default keeps one design
     assert len(runs) == 24 and runs["design"].nunique() == 2
 
 
@@ -481,3 +481,62 @@ def test_cli_modules_parse_and_run(results_with_a_known_gain, capsys):
     assert args.func(args) == 0
     assert (figures.parent / "results" / "summary.md").exists()
     assert not (results / "summary.md").exists()
+
+
+# ----------------------------------------------------------------------------- one design per read
+
+def test_a_changed_default_sets_the_old_design_aside_when_read(tiny, tmp_path, monkeypatch):
+    """After a default changes, a resumed grid holds two designs; reads keep the current one."""
+    import warnings
+
+    import mrilib.train as train
+
+    resnet = {"model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
+    cells = [*ex.PRESETS["quick"]["cells"][:3], resnet]
+    run(tiny, tmp_path, FakeTrainer(), cells=cells)
+    old = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
+    monkeypatch.setitem(train.PRESETS["quick"], "epochs", 2)  # the protocol changes
+    with ex.preset_env("quick"):
+        new = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
+    assert new != old
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer, cells=cells[:2])  # a partial resume: two cells retrained
+    assert len(trainer.calls) == 2
+    with pytest.warns(ex.MixedDesignsWarning) as caught:
+        runs, epochs = ex.load_results(tmp_path)
+    message = str(caught[-1].message)
+    for phrase in (str(tmp_path), "6 of 12 runs set aside", f"kept design {new}",
+                   f"set aside {old} (6 runs)", "design=None", "one design"):
+        assert phrase in message, phrase
+    basic = runs[runs["model"] == "basic_cnn"]
+    assert set(basic["design"]) == {new} and len(basic) == 4  # the third cell is not rerun yet
+    assert set(runs.loc[runs["model"] == "resnet18", "design"]) == {old}  # its only design
+    assert runs.attrs["set_aside"]["set_aside"] == {old: 6}
+    assert set(epochs["run_key"]) == set(runs["run_key"]) and len(epochs) == len(runs) * EPOCHS
+    assert list(ex.grid_status("quick", tmp_path, cells=cells[:3])["done"]) == [2, 2, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        every, every_epochs = ex.load_results(tmp_path, design=None)
+        older, _ = ex.load_results(tmp_path, design=old)
+    assert len(every) == 12 and set(every["design"]) == {old, new}
+    assert len(every_epochs) == 12 * EPOCHS and every.attrs["set_aside"] is None
+    assert len(older) == 8 and set(older["design"]) == {old}
+    with pytest.raises(ValueError, match=f"{old} \\(8 runs\\)"):
+        ex.load_results(tmp_path, design="deadbeef")
+
+
+def test_rows_made_with_explicit_settings_are_kept_newest_first(tiny, tmp_path):
+    """Overrides (tests, notebook 04) give designs the defaults do not: the newest is kept."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(tiny, tmp_path, FakeTrainer(), train={"lr": 1e-4})
+        runs, _ = ex.load_results(tmp_path)
+    assert len(runs) == 12 and runs.attrs["set_aside"] is None
+    first = runs["design"].iloc[0]
+    run(tiny, tmp_path, FakeTrainer(), train={"lr": 3e-4})  # same cells, another protocol
+    with pytest.warns(ex.MixedDesignsWarning, match="the newest"):
+        runs, _ = ex.load_results(tmp_path)
+    assert len(runs) == 12 and first not in set(runs["design"])
+    assert len(ex.load_results(tmp_path, design=first)[0]) == 12

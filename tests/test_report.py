@@ -220,3 +220,59 @@ def test_classification_table_has_every_class_with_intervals(tmp_path):
     assert table.loc[0, "accuracy"] == "0.812 [0.812, 0.812]"  # 13 of 16 on the diagonal
     assert (table["n"] == 2).all()
     assert np.isclose(plots.stats.split_support(runs)["Moderate_Demented"], 1)
+
+
+# ----------------------------------------------------------------------------- one design per read
+
+def redesign(directory: Path, design: str, shift: float) -> list[str]:
+    """The rows of ``directory`` as if run under ``design`` with losses moved by ``shift``."""
+    out = []
+    for name in ("runs.jsonl", "epochs.jsonl"):
+        for line in (directory / name).read_text().splitlines():
+            row = json.loads(line)
+            row["run_key"] = row["run_key"].replace("@fake", f"@{design}")
+            if name == "runs.jsonl":
+                row["design"] = design
+                row["final_val_loss"] += shift
+            out.append((name, json.dumps(row)))
+    return out
+
+
+def two_designs(directory: Path, first: str, second: str) -> Path:
+    """A results folder whose cells were run under ``first``, then again under ``second``."""
+    write_runs(directory, QUICK_CELLS)
+    rows = redesign(directory, first, 0.0) + redesign(directory, second, 1.0)
+    for name in ("runs.jsonl", "epochs.jsonl"):
+        (directory / name).write_text("".join(r + "\n" for n, r in rows if n == name))
+    return directory
+
+
+def test_the_report_reads_one_design_of_a_folder_that_holds_two(repo):
+    results = two_designs(repo / "results", "0ld0ld00", "5eed5eed")
+    with pytest.warns(ex.MixedDesignsWarning, match="12 of 24 runs set aside"):
+        summary = write_report(results, n_boot=50).read_text()
+    assert "design hash(es): 5eed5eed;" in summary and "0ld0ld00;" not in summary
+    assert "12 runs of another design (0ld0ld00) set aside" in summary
+    assert f"from 12 runs in {len(QUICK_CELLS)} cells" in summary
+
+
+def test_the_current_design_wins_over_a_newer_one(repo):
+    with ex.preset_env("quick"):
+        current = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
+    results = two_designs(repo / "results", current, "0ther000")  # the other one is newer
+    with pytest.warns(ex.MixedDesignsWarning, match="the current code's"):
+        runs, epochs = ex.load_results(results)
+    assert set(runs["design"]) == {current} and len(runs) == 2 * len(QUICK_CELLS)
+    assert runs["final_val_loss"].max() < 1  # not the shifted rows
+    assert set(epochs["run_key"]) == set(runs["run_key"])
+
+
+def test_chapter_results_says_what_it_set_aside(repo, monkeypatch):
+    monkeypatch.setattr(ex, "run_grid", no_training)
+    two_designs(repo / "repo" / "results", "0ld0ld00", "5eed5eed")
+    with pytest.warns(ex.MixedDesignsWarning):
+        chapter = ex.chapter_results("thesis")
+    assert set(chapter.runs["design"]) == {"5eed5eed"} and len(chapter.runs) == 12
+    assert len(chapter.epochs) == 12
+    assert chapter.description.startswith("Committed full run (results/")
+    assert "12 runs of another design (0ld0ld00) set aside" in chapter.description

@@ -204,3 +204,24 @@ def test_split_support_counts_true_images_per_class_and_refuses_mixed_splits():
         stats.split_support(other)
     with pytest.raises(ValueError, match="no 'final_val_confusion'"):
         stats.split_support(runs, "final_val_confusion")
+
+
+def test_class_names_come_from_the_first_row_that_has_them():
+    runs = _runs(0.0, n=4)
+    names = ["a", "b", "c", "d"]
+    runs["classes"] = [np.nan] + [names] * (len(runs) - 1)  # e.g. a row of another table
+    assert list(stats.split_support(runs).index) == names
+    assert "final_test_recall_d" in stats.with_confusion_metrics(runs).columns
+    runs["classes"] = [None, np.nan] + [tuple(names)] * (len(runs) - 2)
+    assert list(stats.split_support(runs).index) == names
+
+
+def test_class_names_that_disagree_or_are_missing_are_refused_by_column():
+    runs = _runs(0.0, n=4)
+    runs["classes"] = [["a", "b", "c", "d"]] + [["d", "c", "b", "a"]] * (len(runs) - 1)
+    with pytest.raises(ValueError, match="column 'classes' disagrees"):
+        stats.with_confusion_metrics(runs)
+    runs["classes"] = np.nan
+    with pytest.raises(ValueError, match="column 'classes' has no class list"):
+        stats.split_support(runs)
+    assert len(stats.with_confusion_metrics(runs, classes=list("abcd")))  # names given: fine

@@ -48,7 +48,9 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
     preset's results folder); figures go to :func:`figures_dir` and the summary to
     ``out`` (default :func:`results_dir`), both by the preset in force, so reading the
     committed results under the quick preset writes nothing over them. Figures whose
-    cells are not run yet are listed in the summary with the reason.
+    cells are not run yet are listed in the summary with the reason. Runs of a
+    superseded design are left out, as :func:`mrilib.experiment.load_results` does by
+    default, and the summary says how many.
     """
     import matplotlib.pyplot as plt
 
@@ -63,8 +65,10 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
         directory, runs, epochs = chapter.directory, chapter.runs, chapter.epochs
         origin = chapter.description
     else:
-        directory, origin = Path(results), None
-        runs, epochs = load_results(directory)
+        directory = Path(results)
+        runs, epochs = load_results(directory)  # one design per model; warns what it set aside
+        aside = runs.attrs.get("set_aside")
+        origin = aside["short"] if aside else None
     if runs.empty:
         raise FileNotFoundError(f"{directory / 'runs.jsonl'} holds no runs yet; run the grid "
                                 f"first (python -m mrilib grid --preset ... --resume)")
