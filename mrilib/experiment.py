@@ -348,6 +348,12 @@ def _git(*args: str) -> str | None:
 
 def _git_state() -> dict:
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
+    if commit is None and os.environ.get("MRILIB_GIT_COMMIT"):
+        # A copy of the tree without .git (a lent GPU machine): tools/gpu/prepare.sh
+        # recorded the checkout's state, and session.sh passes it on.
+        dirty = os.environ.get("MRILIB_GIT_DIRTY")
+        return {"git_commit": os.environ["MRILIB_GIT_COMMIT"],
+                "git_dirty": None if dirty is None else dirty == "1", "git_diff_sha1": None}
     # Results and figures are what the run writes; they do not make its code dirty.
     status = _git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)figures")
     diff = _git("diff", "HEAD", "--", "mrilib") if commit else None
@@ -1041,14 +1047,16 @@ def needs_grid(preset: str | None = None) -> bool:
     """Whether ``make reproduce`` must train ``preset``'s grid before the notebooks.
 
     Not when :func:`chapter_results` would read the committed ``results/`` anyway: in
-    the thesis preset once they hold every cell of the grid with all its repeats (a
-    partial committed run is resumed), in the other presets once they hold any runs.
+    the thesis preset once they hold every run of the grid under the current training
+    protocol (counted by run key, as ``grid --resume`` counts them, so runs of an older
+    design do not count; a partial committed run is resumed), in the other presets once
+    they hold any runs.
     """
     preset = preset or paths.preset_name()
-    rows, _ = _read_jsonl(committed_results_dir() / RUNS_FILE)
     if preset != "thesis":
-        return not rows
-    return _complete_cells(rows, "thesis")[0] < len(grid_cells("thesis"))
+        return not _read_jsonl(committed_results_dir() / RUNS_FILE)[0]
+    status = grid_status("thesis", committed_results_dir())
+    return bool((status["done"] < status["repeats"]).any())
 
 
 def preset_note(runs) -> str | None:

@@ -475,7 +475,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     any replicate may train on (real and synthetic pooled); replicate k trains on rows
     ``train_index[k]`` with seed ``seeds[k]``. ``val`` and ``test`` are ``(images,
     labels)`` shared by all. ``overrides`` are :data:`DEFAULTS` keys (``epochs=3``...).
-    Each record's ``seconds`` is its vmap group's wall time divided by the group's size.
+    Each record's ``seconds`` is its vmap group's wall time divided by the group's size
+    (including the time ``on_epoch`` takes: time without a hook when speed matters).
     With ``return_models=True`` also returns ``[(state_dict, config)]`` of the final
     epoch, one per replicate, ready for :func:`save_checkpoint`. ``on_epoch``, if given,
     is called after every epoch of every vmap group with a dict: ``epoch`` (from 1),

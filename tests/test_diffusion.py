@@ -132,6 +132,21 @@ def test_time_budget_stops_then_resumes(tmp_path):
     assert state_of(path)["done"]
 
 
+def test_a_shipped_generator_is_kept_not_retrained(tmp_path):
+    """generator.pt brought back from a GPU machine without its checkpoint.pt."""
+    images, labels, ids = tiny_images(8, seed=2)
+    kw = {"ids": ids, "progress": False}
+    train_generator(images, labels, 0, tmp_path, steps=2, **kw)
+    (tmp_path / "checkpoint.pt").unlink()
+    shipped = (tmp_path / "generator.pt").read_bytes()
+    assert train_generator(images, labels, 0, tmp_path, steps=2, **kw) == tmp_path / "generator.pt"
+    assert (tmp_path / "generator.pt").read_bytes() == shipped
+    assert not (tmp_path / "checkpoint.pt").exists()
+    # another run's, or an unfinished one's, is not taken for it: that run trains afresh
+    path = train_generator(images, labels, 0, tmp_path, steps=3, **kw)
+    assert path.name == "checkpoint.pt" and state_of(path)["step"] == 3
+
+
 def test_resume_refuses_another_run(tmp_path):
     images, labels, ids = tiny_images(8, seed=2)
     train_generator(images, labels, 0, tmp_path, steps=1, ids=ids, progress=False)

@@ -540,3 +540,14 @@ def test_rows_made_with_explicit_settings_are_kept_newest_first(tiny, tmp_path):
         runs, _ = ex.load_results(tmp_path)
     assert len(runs) == 12 and first not in set(runs["design"])
     assert len(ex.load_results(tmp_path, design=first)[0]) == 12
+
+
+def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
+    """On a GPU machine the tree arrives without .git; prepare.sh recorded its commit."""
+    monkeypatch.setattr(ex, "_git", lambda *args: None)
+    monkeypatch.delenv("MRILIB_GIT_COMMIT", raising=False)
+    assert ex._git_state()["git_commit"] == "uncommitted"
+    monkeypatch.setenv("MRILIB_GIT_COMMIT", "0123abcd" * 5)
+    monkeypatch.setenv("MRILIB_GIT_DIRTY", "0")
+    state = ex._git_state()
+    assert state["git_commit"] == "0123abcd" * 5 and state["git_dirty"] is False

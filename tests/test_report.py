@@ -22,18 +22,24 @@ CONFUSION = [[3, 0, 1, 0], [0, 1, 0, 0], [1, 0, 5, 0], [0, 0, 1, 4]]  # 1 Modera
 # ----------------------------------------------------------------------------- fake results
 
 def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quick",
-               epochs: int = 1) -> Path:
-    """runs.jsonl and epochs.jsonl as the runner writes them, with made-up losses."""
+               epochs: int = 1, design: str = "fake") -> Path:
+    """runs.jsonl and epochs.jsonl as the runner writes them, with made-up losses.
+
+    ``design="current"``: the design hash the current code gives ``preset``'s runs.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     runs, curves = [], []
     for key in cell_keys:
         model, aug, synthetic, fraction, generator = key.split("/")
+        with ex.preset_env(preset):
+            hashed = (ex.design_hash(ex.grid_settings(preset), preset, model)
+                      if design == "current" else design)
         cell = {"model": model, "aug": aug, "synthetic": synthetic,
                 "real_fraction": float(fraction), "generator": generator}
         for r in range(repeats):
             loss = 0.3 - 0.05 * (synthetic != "none") + 0.01 * r
-            run_key = f"{key}/r{r:02d}@fake"
-            runs.append({"run_key": run_key, "cell_key": key, "design": "fake", **cell,
+            run_key = f"{key}/r{r:02d}@{hashed}"
+            runs.append({"run_key": run_key, "cell_key": key, "design": hashed, **cell,
                          "repeat": r, "sample_index": r % 2, "sample_seed": r % 2,
                          "init": "scratch", "final_val_loss": loss, "best_val_loss": loss,
                          "final_test_loss": loss, "best_test_loss": loss,
@@ -119,11 +125,14 @@ def test_train_false_only_reads(repo, monkeypatch):
 def test_needs_grid_follows_what_chapter_results_would_read(repo):
     committed = repo / "repo" / "results"
     assert ex.needs_grid("thesis") and ex.needs_grid("quick")
-    write_runs(committed, [c.key for c in ex.grid_cells("thesis")][:5], repeats=20,
-               preset="thesis")
+    every = [c.key for c in ex.grid_cells("thesis")]
+    write_runs(committed, every[:5], repeats=20, preset="thesis", design="current")
     assert ex.needs_grid("thesis")      # a partial full run is resumed
     assert not ex.needs_grid("quick")   # but the quick preset reads it as it is
-    write_runs(committed, [c.key for c in ex.grid_cells("thesis")], repeats=20, preset="thesis")
+    # every cell, but under another training protocol: grid --resume would retrain them all
+    write_runs(committed, every, repeats=20, preset="thesis", design="0ld0ld00")
+    assert ex.needs_grid("thesis")
+    write_runs(committed, every, repeats=20, preset="thesis", design="current")
     assert not ex.needs_grid("thesis")
 
 

@@ -197,8 +197,9 @@ def _caveats(runs) -> str:
                  "so slices of one brain sit on both sides of every split; all losses and "
                  "accuracies are optimistic compared with a subject-level split.")
     lines.append("- " + plots.moderate_note(runs))
-    lines.append("- Synthetic images come from a class-conditional DDPM trained here on each "
-                 "repeat's own real sample (SDEdit variations), not from Dall-E 2 as in the "
+    lines.append("- Synthetic images come from a class-conditional DDPM trained here on the "
+                 "30% real sample that lies inside each repeat's own sample at every fraction "
+                 "(SDEdit variations), not from Dall-E 2 as in the "
                  "thesis; epochs, learning rates and batch sizes, which the thesis does not "
                  "state, are mrilib.train's documented choices. Either can move the numbers.")
     lines.append("- Many comparisons are made below at 95% each: a few intervals excluding 0 "

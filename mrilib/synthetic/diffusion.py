@@ -300,6 +300,16 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
     out_dir = Path(out_dir)
     identity = _identity(cfg, seed, ids, labels, leaky)
 
+    # A finished generator.pt without its checkpoint.pt (one brought back from a GPU
+    # machine, where only generator.pt fits the outbox) is the result: keep it rather than
+    # retrain from step 0 over it. Extending it (more steps) needs the checkpoint.
+    shipped = out_dir / "generator.pt"
+    if shipped.exists() and not (out_dir / "checkpoint.pt").exists():
+        record = training_record(shipped)
+        if record.get("identity") == identity and record.get("done") \
+                and record.get("target_steps", 0) >= cfg["steps"]:
+            return shipped
+
     # --- set up: fresh, or resumed from out_dir/checkpoint.pt ---
     unet, opt, lr_sched, ema = _fresh_state(cfg, seed, device)
     step, history, elapsed, pending, saved_target = 0, [], 0.0, [0.0, 0], None
