@@ -20,6 +20,10 @@ if [ ! -d .gpudata/alzheimer_mri ]; then
   mkdir -p .gpudata && cp -r "$data" .gpudata/alzheimer_mri
 fi
 
+# The tree arrives there without .git: record the commit the results will be made from.
+printf '%s %s\n' "$(git rev-parse HEAD)" \
+  "$([ -z "$(git status --porcelain -- mrilib tools)" ] && echo 0 || echo 1)" > .gpudata/GIT_STATE
+
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -30,7 +34,9 @@ rm -rf .whl && mkdir -p .whl
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
   "ttach==$(version ttach)"
 
-size=$(du -cb .gpudata .whl $(git ls-files) 2>/dev/null | tail -1 | cut -f1)
-echo "carry .gpudata + .whl + tracked files: $((size / 1048576)) MiB of the 64 MiB a call may send"
+# What travels: tracked and untracked-not-ignored files, plus the two carried folders.
+size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find .gpudata .whl -type f -exec cat {} +) \
+  2>/dev/null | wc -c)
+echo "the tree that travels: $((size / 1048576)) MiB of the 64 MiB a call may send"
 [ "$size" -lt $((64 * 1048576)) ] || { echo "too large to send: trim before calling" >&2; exit 1; }
 echo 'device run: carry [".gpudata", ".whl"], command: bash tools/gpu/session.sh checks'

@@ -13,7 +13,7 @@
 #   $OUT/session.log   everything printed
 # Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
 #
-# Every step is cut to the stage's deadline (checks: 8 minutes; grid: MINUTES), keeping
+# Every step is cut to the stage's deadline (checks: 9 minutes; grid: MINUTES), keeping
 # 30 s to pack, so the archive comes back even when the work does not finish: give the
 # device call a timeout_s a minute above it.
 # Knobs (environment): GEN_MINUTES (generator training inside `grid`, default 5),
@@ -33,9 +33,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 DEVICE=${DEVICE:-cuda}
+if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row names its commit
+  read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY < .gpudata/GIT_STATE
+  export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
+fi
 start=$(date +%s)
 elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
-deadline=$(( start + 60 * ${2:-8} - 30 ))
+deadline=$(( start + 60 * ${2:-9} - 30 ))
 within() {  # within CAP_SECONDS cmd...: run cmd for at most CAP s and never past the deadline
   local cap=$1; shift
   local left=$(( deadline - $(date +%s) ))
@@ -58,10 +62,13 @@ pack() {  # whatever exists now goes back, even after a timeout
   done
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
   # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
-  # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here.
-  local n=0
+  # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here. The
+  # results archive and the log go first; generators only while the outbox stays < 62 MiB.
+  local n=0 used
   for f in cache/generators/x*/generator.pt; do
     [ -e "$f" ] || continue
+    used=$(du -cb "$OUT" | tail -1 | cut -f1)
+    [ $(( used + $(stat -c %s "$f") )) -lt $(( 62 * 1048576 )) ] || { echo "outbox full: $f stays"; continue; }
     $PY -c "import sys; from mrilib.synthetic.diffusion import training_record as r
 sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # unfinished
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
@@ -83,15 +90,15 @@ within 120 $PY -m mrilib data --source "$MRILIB_DATA" > /dev/null
 case "$stage" in
   checks)
     # The CUDA tests of #3-#5 (GPU-marked) and the replicate/augment tests on CUDA.
-    within 150 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_train.py \
+    within 90 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_train.py \
       tests/test_augment.py tests/test_diffusion.py tests/test_cam.py \
       2>&1 | tee benchmarks/tests-gpu.log
-    for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
-      within 120 $PY -m mrilib bench train --model "$m" --device "$DEVICE" --out benchmarks
-    done
     card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
       if torch.cuda.is_available() else 'cpu').lower()).strip('_'))")
-    within 90 $PY -m mrilib synth bench --device "$DEVICE" --out "benchmarks/local_generator_$card.json"
+    within 75 $PY -m mrilib synth bench --device "$DEVICE" --out "benchmarks/local_generator_$card.json"
+    for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
+      within 110 $PY -m mrilib bench train --model "$m" --device "$DEVICE" --out benchmarks
+    done
     ;;
   grid)
     minutes=${2:?grid needs MINUTES, e.g. 9}
@@ -102,6 +109,7 @@ case "$stage" in
     # GEN_MINUTES to finish. The grid then runs without --train-generators: cells whose
     # generators are missing (the leaky ablation unless GEN_LEAKY=1) are listed as
     # blocked and skipped, instead of spending the rest of the budget on one generator.
+    rm -f /tmp/gen-*.log
     read -r G X < <($PY -c "from mrilib.experiment import grid_settings as s; c = s();
 print(c['samples'], c['generator_fraction'])")
     pids=()
@@ -115,12 +123,14 @@ print(c['samples'], c['generator_fraction'])")
     done
     wait "${pids[@]}"
     tail -n 2 /tmp/gen-*.log
-    # --max-minutes stops between cells; `within` is the hard stop (rows are fsync'd one
-    # by one, so a cut-off cell loses only its own unfinished repeats).
+    # --max-minutes stops between cells (judged by the last cell of the same model; 0 s for
+    # a model not seen yet, hence the margin); `within` is the hard stop. A cell's repeats
+    # train in one vmap group and are written together, so a cut-off cell loses all of
+    # its repeats, never those of finished cells (rows are fsync'd).
     left=$(( deadline - $(date +%s) ))
-    if [ "$left" -ge 60 ]; then
+    if [ "$left" -ge 120 ]; then
       within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
-        --max-minutes "$(( left / 60 ))"
+        --max-minutes "$(( left / 60 - 1 ))"
     fi
     $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
     ;;
