@@ -40,8 +40,26 @@ if missing:
              f"{sorted(missing)[0]}): it did not resume from this checkout; merge by hand")
 print(f"results: {len(have)} runs here, {len(got)} from the GPU ({len(got - have)} new)")
 PY
+  before=$( [ -f "$dir/runs.jsonl" ] && wc -l < "$dir/runs.jsonl" || echo 0)
   mkdir -p "$dir"
   cp "$tmp/$dir/runs.jsonl" "$tmp/$dir/epochs.jsonl" "$dir/"
+  # One line per GPU chunk in the results folder's README: what ran, where, how long.
+  log="$src/session.log"; readme="$dir/README.md"
+  if [ -f "$log" ]; then
+    [ -f "$readme" ] || printf '%s\n' "# Results of the chapter-7 grid" "" \
+      "Rows: \`runs.jsonl\` (one per training run, with its config, seeds, commit, package" \
+      "versions and device) and \`epochs.jsonl\` (one per run and epoch); \`summary.md\` and" \
+      "\`../figures/\` are written from them by \`python -m mrilib report\`. Made in chunks on" \
+      "lent GPUs with tools/gpu (see benchmarks/README.md); each chunk, as collect.sh logged it:" "" \
+      "| started (UTC) | command | device | wall | runs added | runs in all |" \
+      "| --- | --- | --- | ---: | ---: | ---: |" > "$readme"
+    command=$(sed -n 's/^session: \(.*\) | started .*/\1/p' "$log" | head -1 | sed 's/ | /; /g')
+    started=$(sed -n 's/^session: .* | started \(.*\)/\1/p' "$log" | head -1)
+    device=$(sed -n 's/^torch .* | cuda [^|]* | \(.*\) | python .*/\1/p' "$log" | head -1)
+    wall=$(sed -n 's/^wall: \([0-9]*\) s/\1/p' "$log" | tail -1)
+    after=$(wc -l < "$dir/runs.jsonl")
+    echo "| $started | \`$command\` | $device | ${wall:-?} s | $(( after - before )) | $after |" >> "$readme"
+  fi
   "$PY" -c "import sys; from mrilib.experiment import export_csv; export_csv(sys.argv[1])" "$dir"
   MRILIB_PRESET=$preset "$PY" -m mrilib report --results "$dir"
 fi

@@ -33,6 +33,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 DEVICE=${DEVICE:-cuda}
+echo "session: bash tools/gpu/session.sh $* | GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0} | started $(date -u +%Y-%m-%dT%H:%MZ)"
 if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row names its commit
   read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY < .gpudata/GIT_STATE
   export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
@@ -74,6 +75,7 @@ sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # un
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
   done
   echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
+  echo "wall: $(( $(date +%s) - start )) s"
 }
 trap pack EXIT
 
