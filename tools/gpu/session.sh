@@ -4,23 +4,29 @@
 #
 #   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
 #   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
+#   bash tools/gpu/session.sh all MINUTES   # one lease's worth: benchmarks, then as many
+#                                           # generators as surely finish, then the grid
 #
 # A drawn task gets 15 minutes of device time in all (start and transfers included) and
-# one command may run 10, so each stage is budgeted in wall minutes and packs what it made
-# under $OUT (at most 8 files of 16 MiB come back), even when it is cut short:
+# one command may run 10, so each stage is budgeted in wall minutes (decimals allowed) and
+# packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
 #   $OUT/session.tgz   benchmarks/*, results/*.jsonl
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
 #   $OUT/session.log   everything printed
 # Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
 #
-# Every step is cut to the stage's deadline (checks: 9 minutes; grid: MINUTES), keeping
+# Every step is cut to the stage's deadline (checks: 9 minutes; grid/all: MINUTES), keeping
 # 30 s to pack, so the archive comes back even when the work does not finish: give the
 # device call a timeout_s a minute above it.
 # Knobs (environment): GEN_MINUTES (generator training inside `grid`, default 5),
 # GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
-# BENCH_MODELS (default "basic_cnn resnet18 vit_tiny").
+# SKIP_GEN=1 (`grid` trains no generators: a second call on a still-warm machine),
+# SKIP_GEN_OUT=1 (send no generators back: they came back from an earlier call),
+# BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"), BENCH_ARGS (extra `bench train`
+# arguments; `all` uses "--naive-replicates 2 --serial-replicates 2"), BENCH_CAP (seconds
+# per model, default 110; `all` 70).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES}
 OUT=${OUT:-/tmp/mrilib-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -40,7 +46,8 @@ if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row na
 fi
 start=$(date +%s)
 elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
-deadline=$(( start + 60 * ${2:-9} - 30 ))
+deadline=$(( start + $(awk -v m="${2:-9}" 'BEGIN { printf "%d", 60 * m }') - 30 ))
+left_s() { echo $(( deadline - $(date +%s) )); }
 within() {  # within CAP_SECONDS cmd...: run cmd for at most CAP s and never past the deadline
   local cap=$1; shift
   local left=$(( deadline - $(date +%s) ))
@@ -67,6 +74,7 @@ pack() {  # whatever exists now goes back, even after a timeout
   # results archive and the log go first; generators only while the outbox stays < 62 MiB.
   local n=0 used
   for f in cache/generators/x*/generator.pt; do
+    [ "${SKIP_GEN_OUT:-0}" = 1 ] && break
     [ -e "$f" ] || continue
     used=$(du -cb "$OUT" | tail -1 | cut -f1)
     [ $(( used + $(stat -c %s "$f") )) -lt $(( 62 * 1048576 )) ] || { echo "outbox full: $f stays"; continue; }
@@ -89,52 +97,101 @@ mkdir -p benchmarks
 # Decode the JPEGs once into cache/data/ now, rather than in each of the parallel
 # generator processes below at the same time.
 within 120 $PY -m mrilib data --source "$MRILIB_DATA" > /dev/null
+cuda_tests() {  # the CUDA tests of #3-#5 (GPU-marked) and the replicate/augment tests on CUDA
+  within 90 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_train.py \
+    tests/test_augment.py tests/test_diffusion.py tests/test_cam.py \
+    2>&1 | tee benchmarks/tests-gpu.log
+}
+card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
+  if torch.cuda.is_available() else 'cpu').lower()).strip('_'))")
+synth_bench() { within "${1:-75}" $PY -m mrilib synth bench --device "$DEVICE" \
+  --out "benchmarks/local_generator_$card.json"; }
+bench_train() {
+  for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
+    # shellcheck disable=SC2086
+    within "${BENCH_CAP:-110}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
+      --out benchmarks ${BENCH_ARGS:-}
+  done
+}
+read -r G X < <($PY -c "from mrilib.experiment import grid_settings as s; c = s();
+print(c['samples'], c['generator_fraction'])")
+generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel processes
+  # One small UNet leaves most of the GPU idle. A generator that cannot finish is lost
+  # with the machine (its checkpoint is too big to come back), so size MINUTES to finish.
+  local k=$1 gen=$2 pids=() g
+  rm -f /tmp/gen-*.log
+  for g in $(seq 0 $(( k - 1 ))); do
+    within "$(awk -v m="$gen" 'BEGIN { printf "%d", 60 * m + 60 }')" $PY -m mrilib synth train \
+      --real-frac "$X" --seed "$g" --minutes "$gen" --device "$DEVICE" > "/tmp/gen-$g.log" 2>&1 &
+    pids+=($!)
+    if [ "${GEN_LEAKY:-0}" = 1 ]; then
+      within "$(awk -v m="$gen" 'BEGIN { printf "%d", 60 * m + 60 }')" $PY -m mrilib synth train \
+        --real-frac "$X" --seed "$g" --leaky --minutes "$gen" --device "$DEVICE" \
+        > "/tmp/gen-leaky-$g.log" 2>&1 & pids+=($!)
+    fi
+  done
+  wait "${pids[@]}"
+  tail -n 2 /tmp/gen-*.log
+}
+grid() {  # the thesis grid for the time left (cells whose generators are missing: blocked)
+  # --max-minutes stops between cells (judged by the last cell of the same model; 0 s for
+  # a model not seen yet, hence the margin); `within` is the hard stop. A cell's repeats
+  # train in one vmap group and are written together, so a cut-off cell loses all of its
+  # repeats, never those of finished cells (rows are fsync'd).
+  local left; left=$(left_s)
+  if [ "$left" -ge 120 ]; then
+    within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
+      --max-minutes "$(( left / 60 - 1 ))"
+  fi
+  $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
+}
+
 case "$stage" in
   checks)
-    # The CUDA tests of #3-#5 (GPU-marked) and the replicate/augment tests on CUDA.
-    within 90 $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_train.py \
-      tests/test_augment.py tests/test_diffusion.py tests/test_cam.py \
-      2>&1 | tee benchmarks/tests-gpu.log
-    card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
-      if torch.cuda.is_available() else 'cpu').lower()).strip('_'))")
-    within 75 $PY -m mrilib synth bench --device "$DEVICE" --out "benchmarks/local_generator_$card.json"
-    for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
-      within 110 $PY -m mrilib bench train --model "$m" --device "$DEVICE" --out benchmarks
-    done
+    cuda_tests
+    synth_bench 75
+    bench_train
     ;;
   grid)
-    minutes=${2:?grid needs MINUTES, e.g. 9}
-    gen=${GEN_MINUTES:-5}
-    # The G = 5 leak-free generators (30% samples, shared by every fraction) in parallel
-    # processes: one small UNet leaves most of the GPU idle. A generator that cannot
-    # finish is lost with the machine (its checkpoint is too big to come back), so size
-    # GEN_MINUTES to finish. The grid then runs without --train-generators: cells whose
-    # generators are missing (the leaky ablation unless GEN_LEAKY=1) are listed as
-    # blocked and skipped, instead of spending the rest of the budget on one generator.
-    rm -f /tmp/gen-*.log
-    read -r G X < <($PY -c "from mrilib.experiment import grid_settings as s; c = s();
-print(c['samples'], c['generator_fraction'])")
-    pids=()
-    for g in $(seq 0 $(( G - 1 ))); do
-      within $(( 60 * gen + 60 )) $PY -m mrilib synth train --real-frac "$X" --seed $g \
-        --minutes "$gen" --device "$DEVICE" > "/tmp/gen-$g.log" 2>&1 & pids+=($!)
-      if [ "${GEN_LEAKY:-0}" = 1 ]; then
-        within $(( 60 * gen + 60 )) $PY -m mrilib synth train --real-frac "$X" --seed $g \
-          --leaky --minutes "$gen" --device "$DEVICE" > "/tmp/gen-leaky-$g.log" 2>&1 & pids+=($!)
-      fi
-    done
-    wait "${pids[@]}"
-    tail -n 2 /tmp/gen-*.log
-    # --max-minutes stops between cells (judged by the last cell of the same model; 0 s for
-    # a model not seen yet, hence the margin); `within` is the hard stop. A cell's repeats
-    # train in one vmap group and are written together, so a cut-off cell loses all of
-    # its repeats, never those of finished cells (rows are fsync'd).
-    left=$(( deadline - $(date +%s) ))
-    if [ "$left" -ge 120 ]; then
-      within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
-        --max-minutes "$(( left / 60 - 1 ))"
-    fi
-    $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
+    : "${2:?grid needs MINUTES, e.g. 9}"
+    # The G = 5 leak-free generators (30% samples, shared by every fraction). The grid then
+    # runs without --train-generators: cells whose generators are missing (the leaky
+    # ablation unless GEN_LEAKY=1) are listed as blocked and skipped, instead of spending
+    # the rest of the budget on one generator.
+    [ "${SKIP_GEN:-0}" = 1 ] || generators "$G" "${GEN_MINUTES:-5}"
+    grid
     ;;
-  *) echo "unknown stage $stage: use checks or grid MINUTES" >&2; exit 2 ;;
+  all)
+    : "${2:?all needs MINUTES, e.g. 9.5}"
+    # Benchmarks first, alone on the GPU (their timings are the numbers reported); then the
+    # CUDA tests beside as many generators as the measured speed says will finish in the
+    # time left (finished ones come back and can travel to a later lease, two at a time;
+    # unfinished ones are lost), then the grid for whatever time remains.
+    synth_bench 45
+    BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 2 --serial-replicates 2"} BENCH_CAP=${BENCH_CAP:-70} \
+      bench_train
+    left=$(( $(left_s) - 15 ))
+    k=$($PY - "benchmarks/local_generator_$card.json" "$left" "$G" <<'PY'
+import json, sys
+path, left, g = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    one = 60 * json.load(open(path))["minutes_for_default_steps"]  # one generator, alone
+except (OSError, KeyError, ValueError):
+    one = 90.0  # no measurement: the design estimate (13 PFLOP at ~150 TFLOP/s)
+# Parallel processes share the GPU by time slices: k of them take about k times one, and
+# the CUDA tests run beside them; 1.3 is the margin for both.
+print(max(0, min(g, int(left / (1.3 * one)))))
+PY
+)
+    echo "generators: $k of $G fit in $left s"
+    cuda_tests & tests_pid=$!
+    if [ "$k" -gt 0 ]; then
+      # --minutes is the generators' own stop; it leaves 45 s of the time left for their
+      # start (imports, data) and the final save, so the deadline never kills one unsaved.
+      generators "$k" "$(awk -v s="$left" 'BEGIN { printf "%.2f", (s - 45) / 60 }')"
+    fi
+    wait "$tests_pid"
+    grid
+    ;;
+  *) echo "unknown stage $stage: use checks, grid MINUTES or all MINUTES" >&2; exit 2 ;;
 esac
