@@ -254,10 +254,10 @@ def _deterministic_kernels(on: bool):
     """Kernels that give the same bits on every run, for the duration; restored afterwards.
 
     cuDNN: its deterministic algorithms, no autotuning. Attention: the math backend
-    (matmul, softmax, matmul), because the flash and memory-efficient backwards add
-    into dQ with atomics in varying order; at the ViT's 65-257 tokens the fused kernels
-    save little. It is also the backend vmap batches on the CPU (the CPU flash kernel
-    has no batching rule and would run the replicates one by one).
+    (matmul, softmax, matmul) for any SDPA call, because the flash and memory-efficient
+    backwards add into dQ with atomics in varying order; at the ViT's 65-257 tokens the
+    fused kernels save little. (The stacked models themselves use timm's explicit
+    attention, the same arithmetic: see ``_vmap_amp_safe``.)
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -287,11 +287,46 @@ def _lr_factor(cfg: dict, steps_per_epoch: int):
     return factor
 
 
+class _Fp32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes in fp32 whatever autocast made its input; same state."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _vmap_amp_safe(template: nn.Module) -> nn.Module:
+    """Route two ops of ``template`` around CUDA kernels that reject what vmap + bf16 give them.
+
+    Both were seen on an H200 (torch 2.11, CUDA 13) and neither happens on a CPU, where
+    autocast runs BatchNorm in fp32 and the math attention keeps bf16 throughout:
+
+    - BatchNorm: under CUDA autocast its input is bf16 beside fp32 weights and running
+      statistics, and vmap's batch rule for its backward hands the CUDA kernel a weight
+      in the input's dtype: "Expected running_mean to have type BFloat16 but got Float".
+      Normalizing in fp32 (cast in, cast back) keeps every tensor of the op fp32, which
+      is also how mixed precision usually treats BatchNorm. State dict unchanged.
+    - Attention: SDPA's math backend calls ``_safe_softmax``, which on CUDA upcasts bf16
+      to fp32 inside; its backward then gives CUDA's softmax backward an fp32 gradient
+      for a bf16 input, which that kernel accepts for fp16 only ("expected input and
+      grad types to match, or input to be at::Half and grad to be at::Float"). timm's
+      explicit attention (q @ k^T, softmax, @ v) is the same arithmetic as the math
+      backend, and autocast runs its softmax in fp32 as an ordinary op. Deterministic too.
+
+    The template is the module ``functional_call`` runs; replicates' weights are untouched.
+    """
+    for module in template.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = _Fp32BatchNorm2d
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return template
+
+
 class _Stack:
     """K replicates of one architecture as stacked tensors, run with ``vmap``."""
 
     def __init__(self, models: list[nn.Module], device: torch.device):
-        self.template = copy.deepcopy(models[0]).to("meta")
+        self.template = _vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
         # randomness="error": a model that draws random numbers in forward (dropout)
