@@ -347,13 +347,14 @@ def _git(*args: str) -> str | None:
 
 
 def _git_state() -> dict:
-    commit = (_git("rev-parse", "HEAD") or "").strip() or None
-    if commit is None and os.environ.get("MRILIB_GIT_COMMIT"):
-        # A copy of the tree without .git (a lent GPU machine): tools/gpu/prepare.sh
-        # recorded the checkout's state, and session.sh passes it on.
+    if os.environ.get("MRILIB_GIT_COMMIT"):
+        # A copy of the tree on a lent GPU machine: tools/gpu/prepare.sh recorded the
+        # checkout's state and session.sh passes it on. It wins over any .git there: the
+        # copy's .git was seen to hold an older HEAD than the tree it came with.
         dirty = os.environ.get("MRILIB_GIT_DIRTY")
         return {"git_commit": os.environ["MRILIB_GIT_COMMIT"],
                 "git_dirty": None if dirty is None else dirty == "1", "git_diff_sha1": None}
+    commit = (_git("rev-parse", "HEAD") or "").strip() or None
     # Results and figures are what the run writes; they do not make its code dirty.
     status = _git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)figures")
     diff = _git("diff", "HEAD", "--", "mrilib") if commit else None
@@ -415,6 +416,8 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
         return TrainingSets(data.images, data.labels, index, info)
     from .synthetic.mixing import mixed_training_set, stack_repeats
 
+    if cfg["backend"] == "local":
+        _check_generators(data, split, cell, seeds, cfg)
     sets = [mixed_training_set(data, split, cell.real_fraction, cell.synthetic_fraction,
                                classes=cell.synthetic_classes, seed=s.synth_seed,
                                backend=_backend(cfg["backend"], data, split, cell, s, device,
@@ -424,6 +427,20 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
             for s in seeds]
     bank_images, bank_labels, index, infos = stack_repeats(sets)
     return TrainingSets(bank_images, bank_labels, index, [_brief(i) for i in infos])
+
+
+def _check_generators(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: dict) -> None:
+    """FileNotFoundError naming the first generator ``seeds``'s repeats lack, before sampling.
+
+    Checked up front because the repeats are sampled in turn: a cell whose generator 1
+    is missing would otherwise first make all of generator 0's variations (seen: 45 s
+    of an H200 lease) and then stop anyway.
+    """
+    from .synthetic.diffusion import repeat_generator, trained_generator
+
+    for g in sorted({repeat_generator(s.repeat) for s in seeds}):
+        trained_generator(data, split, generator_fraction(cell, cfg), g,
+                          leaky=cell.generator == "leaky")
 
 
 def generator_fraction(cell: Cell, cfg: dict) -> float:

@@ -288,6 +288,28 @@ def test_generators_learn_from_their_sample_only(mri):
         trained_generator(data, split, 0.5, 0)
 
 
+def test_a_cell_missing_one_generator_stops_before_sampling_any(mri, monkeypatch):
+    # Repeats 0 and 1 use generators 0 and 1; only 0 is trained. The cell must stop at
+    # once, naming generator 1, rather than sample repeat 0's variations first.
+    import mrilib.experiment as ex
+
+    data, split = mri
+    cfg = ex.grid_settings("quick", generator_fraction=0.5)
+    cell = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5)
+    train_for_sample(data, split, 0.5, 0, progress=False)
+    sampled, generate = [], LocalDiffusion.generate
+    monkeypatch.setattr(LocalDiffusion, "generate",
+                        lambda self, *a, **k: sampled.append(1) or pytest.fail("sampled"))
+    seeds = [ex.repeat_seeds(r, cfg) for r in (0, 1)]
+    with pytest.raises(FileNotFoundError, match="no generator 1 for real fraction 0.5"):
+        ex.training_sets(data, split, cell, seeds, cfg)
+    assert not sampled
+    train_for_sample(data, split, 0.5, 1, progress=False)
+    monkeypatch.setattr(LocalDiffusion, "generate", generate)
+    sets = ex.training_sets(data, split, cell, seeds, cfg)
+    assert [i["n_synthetic"] > 0 for i in sets.info] == [True, True]
+
+
 def test_generator_dir_key(mri):
     _, labels, ids = tiny_images(8)
     base = generator_dir(ids, labels, 0.3, 0)

@@ -543,7 +543,7 @@ def test_rows_made_with_explicit_settings_are_kept_newest_first(tiny, tmp_path):
 
 
 def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
-    """On a GPU machine the tree arrives without .git; prepare.sh recorded its commit."""
+    """On a GPU machine prepare.sh's record of the checkout names the commit."""
     monkeypatch.setattr(ex, "_git", lambda *args: None)
     monkeypatch.delenv("MRILIB_GIT_COMMIT", raising=False)
     assert ex._git_state()["git_commit"] == "uncommitted"
@@ -551,3 +551,8 @@ def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
     monkeypatch.setenv("MRILIB_GIT_DIRTY", "0")
     state = ex._git_state()
     assert state["git_commit"] == "0123abcd" * 5 and state["git_dirty"] is False
+    # A stale .git in the copy (seen on the H200) does not override the recorded state.
+    monkeypatch.setattr(ex, "_git", lambda *args: "fedcba98" * 5 if args[0] == "rev-parse" else "")
+    assert ex._git_state()["git_commit"] == "0123abcd" * 5
+    monkeypatch.delenv("MRILIB_GIT_COMMIT")
+    assert ex._git_state()["git_commit"] == "fedcba98" * 5
