@@ -239,7 +239,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                      "n_val": len(split.val), "n_test": len(split.test), "img_size": size,
                      "epochs": epochs, "batch_size": train_cfg["batch_size"],
                      "lr": train_cfg["lr"], "amp_mrilib": train_cfg["amp"],
-                     "naive_workers": workers, "naive_precision": "fp32"},
+                     "naive_workers": workers, "naive_precision": "fp32",
+                     "deterministic_mrilib": train_cfg["deterministic"]},
         "load_seconds": load_seconds,
         "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
                   "n_train": naive[0]["n_train"],
@@ -279,7 +280,8 @@ def report(result: dict) -> str:
         f"batch {s['batch_size']}, lr {s['lr']:g}, {s['img_size']}px; val {s['n_val']} + "
         f"test {s['n_test']} images evaluated every epoch",
         f"device {result['device']} | torch {result['torch']} | preset {result['preset']} | "
-        f"{result['date']} | mrilib amp {s['amp_mrilib']}",
+        f"{result['date']} | mrilib amp {s['amp_mrilib']}"
+        + ("" if s.get("deterministic_mrilib", True) else " | non-deterministic kernels"),
         f"{'approach':<82}{'reps':>5}{'s/replicate':>13}{'speedup':>9}{'val acc':>9}",
     ]
     for title, key in rows:

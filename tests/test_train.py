@@ -491,12 +491,18 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
     args = _parse(bench_cmd, ["bench", "train", "--source", str(root), "--model", "basic_cnn",
                               "--aug", "hflip", "--replicates", "2", "--naive-workers", "0",
                               "--real-frac", "0.5", "--epochs", "1", "--device", "cpu",
-                              "--out", str(tmp_path)])
+                              "--out", str(tmp_path), "--nondeterministic"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "(a) naive" in text and "(c) mrilib, 2 replicates at once" in text
-    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*.json")
+    assert "non-deterministic kernels" in text
+    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet.json")
     result = json.loads(saved.read_text())
+    assert result["settings"]["deterministic_mrilib"] is False
+    default = _parse(bench_cmd, ["bench", "train", "--aug", "none"])
+    assert bench_cmd.file_stem("resnet18", default, "NVIDIA H200") == \
+        "bench-train-resnet18-none-nvidia-h200"
+    assert "deterministic" not in bench_cmd._overrides(default)
     assert result["naive"]["n_train"] == result["settings"]["n_train"]
     assert result["parallel"]["replicates"] == 2 and result["serial"]["replicates"] == 1
     for key in ("naive", "serial", "parallel"):

@@ -33,8 +33,12 @@ def add_parser(sub) -> None:
                    help="the image folder (default: $MRILIB_DATA); the notebook loop reads it "
                         "with torchvision's ImageFolder")
     t.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
+    t.add_argument("--nondeterministic", action="store_true",
+                   help="let cuDNN autotune and pick non-deterministic kernels in (b) and (c), "
+                        "to measure what the default bit-for-bit reproducibility costs")
     t.add_argument("--out", default=None, metavar="DIR",
-                   help="also write bench-train-<model>-<aug>-<device>.{txt,json} to DIR")
+                   help="also write bench-train-<model>-<aug>-<device>[-k<K>][-nondet].{txt,json} "
+                        "to DIR (K when --replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
 
@@ -43,8 +47,16 @@ def _overrides(args) -> dict:
     names = {"replicates": args.replicates, "naive_replicates": args.naive_replicates,
              "serial_replicates": args.serial_replicates, "naive_workers": args.naive_workers,
              "real_frac": args.real_frac, "seed": args.seed, "epochs": args.epochs,
-             "batch_size": args.batch_size, "lr": args.lr}
+             "batch_size": args.batch_size, "lr": args.lr,
+             "deterministic": False if args.nondeterministic else None}
     return {k: v for k, v in names.items() if v is not None}
+
+
+def file_stem(model: str, args, device: str) -> str:
+    """bench-train-<model>-<aug>-<device>, plus what differs from the default protocol."""
+    extra = (f"-k{args.replicates}" if args.replicates is not None else "") + \
+        ("-nondet" if args.nondeterministic else "")
+    return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
 
 
 def _slug(text: str) -> str:
@@ -65,7 +77,7 @@ def run(args) -> int:
             print(text, flush=True)
             print()
         if args.out:
-            stem = _slug(f"bench-train-{model}-{args.aug}-{result['device']}")
+            stem = file_stem(model, args, result["device"])
             atomic_write_bytes(Path(args.out) / f"{stem}.txt", (text + "\n").encode())
             atomic_write_bytes(Path(args.out) / f"{stem}.json",
                                (json.dumps(result, indent=2) + "\n").encode())
