@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE after a device call of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
 # (FILES_AT = the folder the device tool put session.tgz, gen-*.pt and session.log in).
-# Unpacks benchmarks into benchmarks/, generators into cache/generators/ (for chapters
-# 2-3 in the thesis preset), and results into results/ after checking that the GPU's
+# Unpacks benchmarks into benchmarks/, generators into cache/generators/ and variations
+# into cache/synthetic/ (for chapters 2-3 in the thesis preset), and results into results/ after checking that the GPU's
 # runs.jsonl holds every run already here (it resumed from the committed file), then
 # rewrites the CSV exports, the report and its figures. Review `git diff` and commit.
 set -euo pipefail
@@ -16,6 +16,9 @@ tar xzf "$src/session.tgz" -C "$tmp"
 [ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
   cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
 if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
+if compgen -G "$src/synthetic.tar.part-*" > /dev/null; then  # variations, in pieces
+  cat "$src"/synthetic.tar.part-* | tar xf - && echo "variations: into cache/synthetic/"
+fi
 for f in "$src"/gen-*.pt; do
   [ -e "$f" ] || continue
   name=$(basename "$f" .pt); name=${name#gen-}

@@ -6,7 +6,8 @@
 #   .gpudata/alzheimer_mri   the dataset's JPEGs (47 MB; never committed)
 #   .whl/                    wheels of what the GPU image lacks (diffusers, grad-cam, ttach),
 #                            for its Python 3.12, at the versions of this .venv
-# Then call the device tool with carry [".gpudata", ".whl"] and the command printed at the end.
+#   cache/generators/x0.3-s0-*/generator.pt   generator 0, when finished here (carried as is)
+# Then call the device tool with the carry list and the command printed at the end.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
@@ -34,9 +35,18 @@ rm -rf .whl && mkdir -p .whl
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
   "ttach==$(version ttach)"
 
-# What travels: tracked and untracked-not-ignored files, plus the two carried folders.
-size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find .gpudata .whl -type f -exec cat {} +) \
+# Generator 0 of the 30% sample, if finished here, travels too (12 MiB): `session.sh all`
+# makes the variations notebooks 02-03 need from it, which take hours on a CPU.
+carry=(.gpudata .whl)
+for f in cache/generators/x0.3-s0-*/generator.pt; do
+  [ -e "$f" ] && "$PY" -c "import sys; from mrilib.synthetic.diffusion import training_record as r
+sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" && carry+=("$f") && break
+done
+
+# What travels: tracked and untracked-not-ignored files, plus the carried paths.
+size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]}" -type f -exec cat {} +) \
   2>/dev/null | wc -c)
 echo "the tree that travels: $((size / 1048576)) MiB of the 64 MiB a call may send"
 [ "$size" -lt $((64 * 1048576)) ] || { echo "too large to send: trim before calling" >&2; exit 1; }
-echo 'device run: carry [".gpudata", ".whl"], command: bash tools/gpu/session.sh checks'
+list=$(printf '"%s", ' "${carry[@]}")
+echo "device run: carry [${list%, }], timeout_s 600, command: bash tools/gpu/session.sh all 9.5"
