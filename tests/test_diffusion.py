@@ -78,10 +78,10 @@ def test_checkpoint_records_what_the_generator_learned_from(trained):
     assert meta["done"] and meta["train_fingerprint"] == ck["train_fingerprint"]
 
 
-@pytest.mark.parametrize("log_every", [1, 3])
-def test_resume_equals_uninterrupted(tmp_path, log_every):
+@pytest.mark.parametrize("log_every,channels_last", [(1, False), (3, False), (1, True)])
+def test_resume_equals_uninterrupted(tmp_path, log_every, channels_last):
     images, labels, ids = tiny_images(12, seed=1)
-    kw = {"ids": ids, "progress": False, "log_every": log_every}
+    kw = {"ids": ids, "progress": False, "log_every": log_every, "channels_last": channels_last}
     whole = train_generator(images, labels, 3, tmp_path / "a", steps=4, **kw)
     half = train_generator(images, labels, 3, tmp_path / "b", steps=2, **kw)
     saved = state_of(half)
@@ -97,6 +97,35 @@ def test_resume_equals_uninterrupted(tmp_path, log_every):
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
         assert torch.equal(x, y)
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_channels_last_is_the_same_training_in_another_layout(tmp_path):
+    images, labels, ids = tiny_images(12, seed=1)
+    kw = {"ids": ids, "progress": False, "steps": 4}
+    plain = state_of(train_generator(images, labels, 3, tmp_path / "a", **kw))
+    nhwc = train_generator(images, labels, 3, tmp_path / "b", channels_last=True, **kw)
+    # The same generator (the layout is a speed setting, not part of its identity)...
+    assert nhwc.parent == tmp_path / "b" and state_of(nhwc)["identity"] == plain["identity"]
+    # ...whose weights differ by float rounding only: Adam moves a weight by at most ~lr a
+    # step, so 2 x lr x steps bounds what a flipped sign of a near-zero gradient can do.
+    lr = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["lr"]
+    for name, w in plain["model"].items():
+        torch.testing.assert_close(state_of(nhwc)["model"][name], w, rtol=0, atol=2 * lr * 4)
+
+
+def test_loaded_optimizer_state_takes_its_weights_layout():
+    # Fused and foreach Adam pair a weight with its moments element by element in memory:
+    # a moment loaded contiguous beside a channels_last weight must be laid out like it.
+    w = torch.nn.Parameter(torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+    opt = torch.optim.AdamW([w])
+    saved = torch.randn(4, 3, 2, 2)
+    opt.state[w] = {"step": torch.tensor(3.0), "exp_avg": saved.clone(),
+                    "exp_avg_sq": saved.abs()}
+    diffusion._match_layouts(opt)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[w][key].stride() == w.stride()
+    assert torch.equal(opt.state[w]["exp_avg"], saved)
+    assert opt.state[w]["step"].shape == ()
 
 
 def test_interrupt_saves_and_resumes(tmp_path, monkeypatch):
@@ -385,10 +414,14 @@ def test_cli_generate_openai(folder, run_cli, monkeypatch):
     assert "sk-test" not in out + err
 
 
-def test_benchmark_reports_speeds():
-    result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4)
+@pytest.mark.parametrize("speed", [{}, {"channels_last": True, "cudnn_benchmark": True}])
+def test_benchmark_reports_speeds(speed):
+    result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4, **speed)
     assert result["device"] == "cpu"
     assert result["train_images_per_s"] > 0 and result["variations_per_s"] > 0
+    assert result["speed_settings"] == {"channels_last": bool(speed),
+                                        "cudnn_benchmark": bool(speed)}
+    assert not torch.backends.cudnn.benchmark  # restored after training
 
 
 @pytest.mark.gpu

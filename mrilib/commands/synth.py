@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     b.add_argument("--train-steps", type=int, default=50, help="timed training steps")
     b.add_argument("--variations", type=int, default=1000, help="timed variations")
+    b.add_argument("--channels-last", action="store_true",
+                   help="train in the channels_last layout (see the generator's DEFAULTS)")
+    b.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN autotune its convolution algorithms")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
 
@@ -194,7 +198,9 @@ def run_bench(args) -> int:
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.diffusion import benchmark
 
-    result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations)
+    speed = {k: True for k in ("channels_last", "cudnn_benchmark") if getattr(args, k)}
+    result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations,
+                       **speed)
     result.update(preset=preset_name(), provenance=provenance(args.device))
     text = json.dumps(result, indent=2)
     if args.out:

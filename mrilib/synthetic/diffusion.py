@@ -100,6 +100,11 @@ DEFAULTS = {
     "ema": True,
     "ema_max_decay": 0.9999,
     "ema_power": 0.75,  # reaches decay 0.999 at 10k steps (crowsonkb's short-run value)
+    # --- speed (not part of the generator's identity: same model, same steps) ---
+    # Both off until `synth bench --channels-last --cudnn-benchmark` shows they pay: on an
+    # H200 training ran at 50 TFLOP/s, 6% of the card's bf16 rate (benchmarks/README.md).
+    "channels_last": False,  # NHWC activations and weights, the layout tensor cores want
+    "cudnn_benchmark": False,  # let cuDNN time its convolution algorithms and keep the best
     # --- bookkeeping (not part of the generator's identity) ---
     "checkpoint_minutes": 2.0,  # wall minutes between checkpoints during training
     "log_every": 50,  # steps between loss readings (each one syncs the GPU)
@@ -133,7 +138,7 @@ PRESETS = {
 
 # Settings that change how a run is split up or sampled, not which weights it produces.
 _RUN_ONLY = ("steps", "checkpoint_minutes", "log_every", "n_generators", "strength",
-             "ddim_steps", "sample_batch")
+             "ddim_steps", "sample_batch", "channels_last", "cudnn_benchmark")
 
 
 class LeakageError(ValueError):
@@ -216,18 +221,36 @@ def _identity(cfg: Mapping, seed: int, ids: Sequence[str], labels: torch.Tensor,
             "leaky": bool(leaky)}
 
 
+def _memory_format(cfg: Mapping) -> torch.memory_format:
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+
 def _fresh_state(cfg: Mapping, seed: int, device: torch.device):
     """(unet, optimizer, lr schedule, ema): weights drawn from ``seed``, global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(cfg)
-    unet.to(device).train()
+    # The layout is set before the optimizer and the EMA copy their tensors from the weights.
+    unet.to(device, memory_format=_memory_format(cfg)).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             fused=device.type == "cuda")
     lr_sched = get_constant_schedule_with_warmup(opt, cfg["warmup_steps"])
     ema = (EMAModel(unet.parameters(), decay=cfg["ema_max_decay"], use_ema_warmup=True,
                     power=cfg["ema_power"], foreach=True) if cfg["ema"] else None)
     return unet, opt, lr_sched, ema
+
+
+def _match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each loaded optimizer state tensor its parameter's memory layout.
+
+    A checkpoint stores them contiguous; fused and foreach Adam pair a weight with its
+    moments element by element in memory, so a channels_last weight beside a contiguous
+    moment would be updated with another element's moments.
+    """
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -321,10 +344,13 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
                              f"or settings); give another out_dir or delete that folder")
         unet.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        _match_layouts(opt)
         lr_sched.load_state_dict(saved["lr_schedule"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
             ema.to(device)
+            ema.shadow_params = [torch.empty_like(p).copy_(v) for p, v in
+                                 zip(unet.parameters(), ema.shadow_params)]
         step, history, elapsed = saved["step"], saved["loss_history"], saved["elapsed_s"]
         pending, saved_target = saved["pending_loss"], saved["target_steps"]
 
@@ -355,6 +381,9 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
                                                      "loop_seconds": loop_s}}
 
     # --- the hot loop: one optimizer step per iteration, no host sync but for logging ---
+    fmt = _memory_format(cfg)
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
     start = last_save = time.monotonic()
     deadline = None if minutes is None else start + 60 * minutes
     first_step, loop_s, clean = step, 0.0, True
@@ -371,7 +400,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             t = torch.randint(cfg["num_train_timesteps"], (len(idx),), generator=g, device=device)
             noise = torch.randn(x0.shape, generator=g, device=device)
-            xt = noise_sched.add_noise(x0, noise, t)
+            xt = noise_sched.add_noise(x0, noise, t).contiguous(memory_format=fmt)
             with _autocast(device):
                 pred = unet(xt, t, class_labels=class_ids[idx]).sample
             loss = F.mse_loss(pred.float(), noise)
@@ -406,6 +435,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
         _sync(device)
         loop_s += time.monotonic() - last_save
     finally:  # also on Ctrl-C / SIGTERM turned KeyboardInterrupt: nothing trained is lost
+        torch.backends.cudnn.benchmark = autotune
         bar.close()
         elapsed += time.monotonic() - last_save
         if clean and (step > first_step or saved_target != cfg["steps"]):
@@ -669,7 +699,8 @@ def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
             "variations_per_s": n_variations / sample_s,
             "seconds_per_1000_variations": 1000 * sample_s / n_variations,
             "strength": backend.strength, "ddim_steps": backend.ddim_steps,
-            "settings": training_settings(cfg) | {"steps": cfg["steps"]}}
+            "settings": training_settings(cfg) | {"steps": cfg["steps"]},
+            "speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}
 
 
 def _sync(device: torch.device) -> None:

@@ -189,11 +189,15 @@ case "$stage" in
     # One lease, ordered by what the first lease (2026-11-26, H200) taught: the CUDA tests
     # first (they check the bf16 fixes for ResNet-18 and the ViT that no CPU can), then
     # the chapter 2-3 variations of any generator carried in (seconds here, hours on a
-    # CPU), then the benchmarks not measured yet, alone on the GPU, then the grid. No
+    # CPU), then the benchmarks not measured yet (the generator's speed settings, ResNet-18,
+    # ViT-Tiny, the basic CNN without determinism), alone on the GPU, then the grid. No
     # generators are trained: five take 21 minutes and only two can travel (see
     # benchmarks/README.md); `grid` still trains them where a lease can hold them.
     cuda_tests
     chapter_variations
+    # The generator's two untried speed levers, against the default measured on 2026-11-26.
+    within 45 $PY -m mrilib synth bench --device "$DEVICE" --channels-last --cudnn-benchmark \
+      --out "benchmarks/local_generator_${card}-nhwc-autotune.json" | grep -E 'per_s|minutes'
     BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
       BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 2 --serial-replicates 2"} \
       BENCH_CAP=${BENCH_CAP:-75} bench_train
