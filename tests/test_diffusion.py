@@ -419,8 +419,8 @@ def test_benchmark_reports_speeds(speed):
     result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4, **speed)
     assert result["device"] == "cpu"
     assert result["train_images_per_s"] > 0 and result["variations_per_s"] > 0
-    assert result["speed_settings"] == {"channels_last": bool(speed),
-                                        "cudnn_benchmark": bool(speed)}
+    assert result["training_speed_settings"] == {"channels_last": bool(speed),
+                                                 "cudnn_benchmark": bool(speed)}
     assert not torch.backends.cudnn.benchmark  # restored after training
 
 

@@ -34,11 +34,12 @@ def add_parser(sub) -> None:
                         "with torchvision's ImageFolder")
     t.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
     t.add_argument("--nondeterministic", action="store_true",
-                   help="let cuDNN autotune and pick non-deterministic kernels in (b) and (c), "
-                        "to measure what the default bit-for-bit reproducibility costs")
+                   help="allow non-deterministic cuDNN algorithms and attention kernels in "
+                        "(b) and (c) (no autotuning), to measure what the default bit-for-bit "
+                        "reproducibility costs")
     t.add_argument("--out", default=None, metavar="DIR",
-                   help="also write bench-train-<model>-<aug>-<device>[-k<K>][-nondet].{txt,json} "
-                        "to DIR (K when --replicates is given)")
+                   help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px][-nondet]"
+                        ".{txt,json} to DIR (K when --replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
 
@@ -55,6 +56,7 @@ def _overrides(args) -> dict:
 def file_stem(model: str, args, device: str) -> str:
     """bench-train-<model>-<aug>-<device>, plus what differs from the default protocol."""
     extra = (f"-k{args.replicates}" if args.replicates is not None else "") + \
+        (f"-{args.size}px" if args.size != 128 else "") + \
         ("-nondet" if args.nondeterministic else "")
     return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
 

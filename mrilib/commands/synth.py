@@ -72,9 +72,10 @@ def add_parser(sub) -> None:
     b.add_argument("--train-steps", type=int, default=50, help="timed training steps")
     b.add_argument("--variations", type=int, default=1000, help="timed variations")
     b.add_argument("--channels-last", action="store_true",
-                   help="train in the channels_last layout (see the generator's DEFAULTS)")
+                   help="train in the channels_last layout (training only; see the "
+                        "generator's DEFAULTS)")
     b.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN autotune its convolution algorithms")
+                   help="let cuDNN autotune its convolution algorithms (training only)")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
 

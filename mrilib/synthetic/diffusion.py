@@ -103,6 +103,7 @@ DEFAULTS = {
     # --- speed (not part of the generator's identity: same model, same steps) ---
     # Both off until `synth bench --channels-last --cudnn-benchmark` shows they pay: on an
     # H200 training ran at 50 TFLOP/s, 6% of the card's bf16 rate (benchmarks/README.md).
+    # Training only; sampling (11 s per 1,000 variations on an H200) keeps its defaults.
     "channels_last": False,  # NHWC activations and weights, the layout tensor cores want
     "cudnn_benchmark": False,  # let cuDNN time its convolution algorithms and keep the best
     # --- bookkeeping (not part of the generator's identity) ---
@@ -249,7 +250,7 @@ def _match_layouts(opt: torch.optim.Optimizer) -> None:
     """
     for param, state in opt.state.items():
         for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
+            if key != "step" and torch.is_tensor(value) and value.shape == param.shape:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
@@ -382,8 +383,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
 
     # --- the hot loop: one optimizer step per iteration, no host sync but for logging ---
     fmt = _memory_format(cfg)
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
+    autotune = torch.backends.cudnn.benchmark  # restored in the finally below
     start = last_save = time.monotonic()
     deadline = None if minutes is None else start + 60 * minutes
     first_step, loop_s, clean = step, 0.0, True
@@ -391,6 +391,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
     bar = tqdm(total=cfg["steps"], initial=step, desc="train generator", disable=not progress,
                unit="step")
     try:
+        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
         while step < cfg["steps"] and (deadline is None or time.monotonic() < deadline):
             g = torch.Generator(device=device).manual_seed(_hash_seed(seed, step))
             idx = torch.randint(len(data), (cfg["batch_size"],), generator=g, device=device)
@@ -700,7 +701,8 @@ def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
             "seconds_per_1000_variations": 1000 * sample_s / n_variations,
             "strength": backend.strength, "ddim_steps": backend.ddim_steps,
             "settings": training_settings(cfg) | {"steps": cfg["steps"]},
-            "speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}
+            # they apply to training only: sampling runs as it always does
+            "training_speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}
 
 
 def _sync(device: torch.device) -> None:

@@ -10,15 +10,26 @@ src=${1:?usage: collect.sh FILES_AT}
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
 [ -f "$src/session.tgz" ] || { echo "no session.tgz in $src (see $src/session.log)" >&2; exit 1; }
+if compgen -G "$src/synthetic.tar.part-*" > /dev/null; then  # variations, in pieces
+  # All pieces or nothing: a missing or cut piece would leave half-written PNGs in the cache.
+  want=$(cat "$src/synthetic.sha256" 2>/dev/null || echo missing)
+  got=$(cat "$src"/synthetic.tar.part-* | sha256sum | cut -d' ' -f1)
+  if [ "$want" != "$got" ]; then
+    echo "variations: the pieces' sha256 is $got, the GPU wrote $want; not unpacked" >&2
+    exit 1
+  fi
+  if ! cat "$src"/synthetic.tar.part-* | tar xf -; then
+    echo "variations: tar failed; cache/synthetic may hold a partial folder" >&2
+    exit 1
+  fi
+  echo "variations: into cache/synthetic/"
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar xzf "$src/session.tgz" -C "$tmp"
 [ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
   cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
 if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
-if compgen -G "$src/synthetic.tar.part-*" > /dev/null; then  # variations, in pieces
-  cat "$src"/synthetic.tar.part-* | tar xf - && echo "variations: into cache/synthetic/"
-fi
 for f in "$src"/gen-*.pt; do
   [ -e "$f" ] || continue
   name=$(basename "$f" .pt); name=${name#gen-}

@@ -35,13 +35,24 @@ rm -rf .whl && mkdir -p .whl
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
   "ttach==$(version ttach)"
 
-# Generator 0 of the 30% sample, if finished here, travels too (12 MiB): `session.sh all`
-# makes the variations notebooks 02-03 need from it, which take hours on a CPU.
+# Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB):
+# `session.sh all` makes the variations notebooks 02-03 need from it, hours on a CPU.
+# Found as the grid finds it (other presets' generators share the folder name's prefix).
 carry=(.gpudata .whl)
-for f in cache/generators/x0.3-s0-*/generator.pt; do
-  [ -e "$f" ] && "$PY" -c "import sys; from mrilib.synthetic.diffusion import training_record as r
-sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" && carry+=("$f") && break
-done
+gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null
+import os
+import mrilib
+from mrilib.experiment import grid_settings
+from mrilib.synthetic.diffusion import trained_generator
+data = mrilib.load_mri()
+try:
+    path = trained_generator(data, mrilib.split_mri(data), grid_settings()["generator_fraction"], 0)
+    print(os.path.relpath(path))
+except FileNotFoundError:
+    pass
+PY
+)
+[ -n "$gen" ] && carry+=("$gen")
 
 # What travels: tracked and untracked-not-ignored files, plus the carried paths.
 size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]}" -type f -exec cat {} +) \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE (the GPU machine), from the repo root, as the device tool's command, after
-# tools/gpu/prepare.sh here and with carry [".gpudata", ".whl"]:
+# tools/gpu/prepare.sh here and with the carry list it prints (".gpudata", ".whl", and
+# generator 0 when it is finished here):
 #
 #   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
 #   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
@@ -12,7 +13,8 @@
 # packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
 #   $OUT/session.tgz   benchmarks/*, results/*.jsonl
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
-#   $OUT/synthetic.tar.part-?  the variations made here (cache/synthetic/), in <= 4 pieces
+#   $OUT/synthetic.tar.part-?  the chapter 2-3 variations (cache/synthetic/), in 15 MiB
+#                      pieces, with synthetic.sha256 of the whole (collect.sh checks it)
 #   $OUT/session.log   everything printed
 # Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
 #
@@ -47,6 +49,7 @@ if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row na
   export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
 fi
 start=$(date +%s)
+rm -f /tmp/chapter-dirs  # a warm machine keeps /tmp between calls
 elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
 deadline=$(( start + $(awk -v m="${2:-9}" 'BEGIN { printf "%d", 60 * m }') - 30 ))
 left_s() { echo $(( deadline - $(date +%s) )); }
@@ -71,14 +74,6 @@ pack() {  # whatever exists now goes back, even after a timeout
     [ -e "$f" ] && files+=("$f")
   done
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
-  # Variations made here (cache/synthetic/, PNGs of ~9 KB): in 15 MiB pieces, at most 4
-  # (60 MiB; with the archive and the log, inside the 64 MiB and 8 files that come back).
-  if [ -d cache/synthetic ] && [ -n "$(ls -A cache/synthetic)" ]; then
-    tar cf - cache/synthetic | split -b 15M -a 1 - "$OUT/synthetic.tar.part-"
-    if compgen -G "$OUT/synthetic.tar.part-[e-z]" > /dev/null; then
-      echo "variations over 60 MiB: not sent back"; rm -f "$OUT"/synthetic.tar.part-*
-    fi
-  fi
   # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
   # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here. The
   # results archive and the log go first; generators only while the outbox stays < 62 MiB.
@@ -92,6 +87,25 @@ pack() {  # whatever exists now goes back, even after a timeout
 sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # unfinished
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
   done
+  # The chapter 2-3 variations (the cache folders chapter_variations made), in 15 MiB
+  # pieces with the whole stream's sha256, only if all of them fit what is left of the
+  # outbox (8 files, 64 MiB): collect.sh checks the sum before it unpacks anything.
+  if [ -s /tmp/chapter-dirs ]; then
+    local tarball=/tmp/synthetic.tar
+    tar cf "$tarball" $(sort -u /tmp/chapter-dirs)
+    used=$(du -cb "$OUT" | tail -1 | cut -f1)
+    local size; size=$(stat -c %s "$tarball")
+    local pieces=$(( (size + 15 * 1048576 - 1) / (15 * 1048576) ))
+    local files_now; files_now=$(find "$OUT" -type f | wc -l)
+    if [ $(( used + size + 65536 )) -lt $(( 63 * 1048576 )) ] && [ $(( files_now + pieces + 1 )) -le 8 ]; then
+      split -b 15M -a 1 "$tarball" "$OUT/synthetic.tar.part-"
+      sha256sum < "$tarball" | cut -d' ' -f1 > "$OUT/synthetic.sha256"
+      echo "variations: $(( size / 1048576 )) MiB in $pieces pieces"
+    else
+      echo "variations ($(( size / 1048576 )) MiB) do not fit the outbox: not sent back"
+    fi
+    rm -f "$tarball"
+  fi
   echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
   echo "wall: $(( $(date +%s) - start )) s"
 }
@@ -160,12 +174,20 @@ chapter_variations() {  # the variations notebooks 02-03 draw from generator 0, 
   # Same calls as the notebooks make (local backend, the 30% sample of generator 0,
   # seed 0): strength 0.6 with two per image (class fidelity, Grad-CAM agreement) and
   # strength 1.0 with one (memorization). They land in cache/synthetic/, keyed as the
-  # notebooks ask for them, and go back in pieces (see pack).
+  # notebooks ask for them; their folders are listed in /tmp/chapter-dirs for pack.
   compgen -G "cache/generators/x${X}-s0-*/generator.pt" > /dev/null || return 0
-  within 120 $PY -m mrilib synth generate --real-frac "$X" --seed 0 --per-image 2 \
-    --device "$DEVICE" --json | tail -n 12
-  within 90 $PY -m mrilib synth generate --real-frac "$X" --seed 0 --per-image 1 \
-    --strength 1.0 --device "$DEVICE" --json | tail -n 12
+  local strength cap json
+  for strength in "0.6 2 75" "1.0 1 60"; do
+    read -r strength per cap <<< "$strength"
+    json=$(within "$cap" $PY -m mrilib synth generate --real-frac "$X" --seed 0 \
+      --per-image "$per" --strength "$strength" --device "$DEVICE" --json) || true
+    echo "$json" | tail -n 8
+    echo "$json" | $PY -c "import json, os, sys
+try:
+    print(os.path.relpath(json.load(sys.stdin)['dir']))
+except (ValueError, KeyError):
+    pass" >> /tmp/chapter-dirs
+  done
 }
 
 case "$stage" in
@@ -195,15 +217,20 @@ case "$stage" in
     # benchmarks/README.md); `grid` still trains them where a lease can hold them.
     cuda_tests
     chapter_variations
-    # The generator's two untried speed levers, against the default measured on 2026-11-26.
-    within 45 $PY -m mrilib synth bench --device "$DEVICE" --channels-last --cudnn-benchmark \
-      --out "benchmarks/local_generator_${card}-nhwc-autotune.json" | grep -E 'per_s|minutes'
+    # Speed settings are compared with the defaults on the same card: measure those too
+    # where this card has none committed (the first lease's were an H200's).
+    [ -f "benchmarks/local_generator_$card.json" ] || synth_bench 40
+    within 40 $PY -m mrilib synth bench --device "$DEVICE" --channels-last --cudnn-benchmark \
+      --out "benchmarks/local_generator_${card}-nhwc-autotune.json" | tail -n 4
     BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
-      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 2 --serial-replicates 2"} \
-      BENCH_CAP=${BENCH_CAP:-75} bench_train
+      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1"} \
+      BENCH_CAP=${BENCH_CAP:-60} bench_train
     # What determinism costs the basic CNN (the 100x target was missed at 23 ms per step).
+    compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}.json" > /dev/null || \
+      BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1" \
+      BENCH_CAP=45 bench_train
     BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --nondeterministic" \
-      BENCH_CAP=50 bench_train
+      BENCH_CAP=45 bench_train
     grid
     ;;
   *) echo "unknown stage $stage: use checks, grid MINUTES or all MINUTES" >&2; exit 2 ;;
