@@ -66,7 +66,20 @@ within() {  # within CAP_SECONDS cmd...: run cmd for at most CAP s and never pas
 
 # The preset's results folder (results/ for thesis, cache/<preset>/results otherwise).
 results=$($PY -c "import os; from mrilib.paths import results_dir; print(os.path.relpath(results_dir()))")
+# A warm machine keeps /tmp between calls, but each call's tree replaces results/ with the
+# checkout's (seen: a second grid call retrained the first call's cells). Carry the rows
+# over when the checkout's file is a prefix of the kept one (same base, appended here).
+keep=/tmp/mrilib-results
+if [ -f "$keep/runs.jsonl" ]; then
+  here=$( [ -f "$results/runs.jsonl" ] && stat -c %s "$results/runs.jsonl" || echo 0)
+  if [ "$here" = 0 ] || cmp -s -n "$here" "$results/runs.jsonl" "$keep/runs.jsonl"; then
+    mkdir -p "$results" && cp "$keep/runs.jsonl" "$keep/epochs.jsonl" "$results/"
+    echo "results: $(wc -l < "$results/runs.jsonl") runs kept from this machine's last call"
+  fi
+fi
 pack() {  # whatever exists now goes back, even after a timeout
+  [ -f "$results/runs.jsonl" ] && mkdir -p "$keep" && \
+    cp "$results/runs.jsonl" "$results/epochs.jsonl" "$keep/" 2>/dev/null
   local files=()
   for f in benchmarks/bench-train-*.txt benchmarks/bench-train-*.json \
            benchmarks/local_generator_*.json benchmarks/tests-gpu.log \
