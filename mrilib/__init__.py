@@ -23,7 +23,7 @@ _LAZY = {
                             "repeat_generator", "train_for_sample", "train_generator",
                             "trained_generator"],
     "synthetic.mixing": ["mixed_training_set", "real_sample", "stack_repeats"],
-    "synthetic.quality": ["class_fidelity", "memorization_distances"],
+    "synthetic.quality": ["background_levels", "class_fidelity", "memorization_distances"],
     "train": ["train_replicates", "real_fraction_index", "model_settings", "save_checkpoint",
               "load_checkpoint", "trained_classifier"],
     "cam": ["gradcam_maps", "gradcam_by_hand", "overlay", "cam_agreement",

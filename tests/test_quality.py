@@ -1,4 +1,4 @@
-"""Synthetic-image checks (memorization, class fidelity) and chapter 2's figures."""
+"""Synthetic-image checks (memorization, class fidelity, background) and chapter 2's figures."""
 from __future__ import annotations
 
 import matplotlib
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrilib.plots.synthetic import class_fidelity_figure, memorization_figure, variations_figure
-from mrilib.synthetic.quality import class_fidelity, memorization_distances
+from mrilib.synthetic.quality import background_levels, class_fidelity, memorization_distances
 
 matplotlib.use("Agg")
 
@@ -18,6 +18,25 @@ def _images(n, seed):
 
 def _levels(levels):
     return torch.tensor(levels, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 128, 128).clone()
+
+
+def test_background_levels_flag_a_grey_background_per_class():
+    # Four "scans": a bright square on black. Variations keep the brain; class 1's paint
+    # the background 20 grey levels up, class 0's keep it black.
+    sources = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    sources[:, :, 4:12, 4:12] = 150
+    labels = torch.tensor([0, 0, 1, 1])
+    variations = sources.clone()
+    variations[2:][sources[2:] == 0] = 20
+    variations[:, :, 6, 6] = 90  # a changed brain pixel is not background
+    levels = background_levels(sources, variations, labels, ["a", "b", "c"])
+    assert levels["a"] == {"source": 0.0, "variation": 0.0, "share_above_10": 0.0, "n": 2}
+    assert levels["b"]["variation"] == pytest.approx(20.0) and levels["b"]["share_above_10"] == 1.0
+    assert levels["c"]["n"] == 0
+    two_each = background_levels(sources, torch.stack([variations, sources], 1), labels, "abc")
+    assert two_each["b"]["variation"] == pytest.approx(10.0) and two_each["b"]["n"] == 4
+    with pytest.raises(ValueError, match="do not line up"):
+        background_levels(sources, variations[:3], labels, "abc")
 
 
 def test_copies_are_flagged_and_new_images_are_not():
