@@ -163,6 +163,55 @@ def _mrilib_timed(model, aug, data, index, val, test, seeds, device, max_paralle
     return time.perf_counter() - start, records
 
 
+def profile_parallel(model, aug, data, index, val, test, seeds, device, overrides,
+                     top: int = 15) -> dict:
+    """One epoch of (c) under ``torch.profiler``: where a step's time goes.
+
+    Per training step (all K replicates: forward, backward, Adam): the host's wall time
+    inside the step and the device time of the kernels it launched; the same for one
+    evaluation pass; the kernel launches per step; and the ops that took most device
+    time (CPU time on a CPU). A step whose device time is far below its host time is
+    launch- or Python-bound: more replicates per group are nearly free and CUDA graphs
+    would help; a step whose device time fills it is bound by its kernels, and the top
+    ops say which. Profiling adds a few microseconds per op on the host, so the host
+    times here are upper bounds; the device times are not inflated.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from .train import PROFILE_EVAL, PROFILE_STEP, train_replicates
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        train_replicates(model, data.images, data.labels, index, val, test, seeds, aug=aug,
+                         device=device, max_parallel=len(seeds), **{**overrides, "epochs": 1})
+        _sync(device)
+        wall = time.perf_counter() - start
+    events = prof.events()
+
+    def ranges(name):
+        found = [e for e in events if e.name == name and e.device_type == DeviceType.CPU]
+        n = max(len(found), 1)
+        return {"count": len(found),
+                "host_ms": sum(e.cpu_time_total for e in found) / n / 1000,
+                "device_ms": sum(e.device_time_total for e in found) / n / 1000}
+
+    step, evaluation = ranges(PROFILE_STEP), ranges(PROFILE_EVAL)
+    kernels = sum(1 for e in events if e.device_type != DeviceType.CPU)
+    averages = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in averages)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {"replicates": len(seeds), "epochs": 1, "wall_s": wall,
+            "device_busy_s": device_us / 1e6, "device_busy_share": device_us / 1e6 / wall,
+            "kernels": kernels,
+            "kernels_per_step": kernels / max(step["count"], 1) if cuda else None,
+            "step": step, "evaluate": evaluation,
+            "table": averages.table(sort_by=sort, row_limit=top, max_name_column_width=60)}
+
+
 def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, workers):
     """One short pass of every code path, so first-call costs stay out of the timings."""
     from .train import train_replicates
@@ -176,8 +225,14 @@ def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, w
 
 
 def bench_train(model: str, aug: str = "none", source=None, device=None, size: int = 128,
-                **overrides) -> dict:
-    """Time (a) naive, (b) serial and (c) parallel training; one JSON-ready dict."""
+                profile: bool = False, on_timed=None, **overrides) -> dict:
+    """Time (a) naive, (b) serial and (c) parallel training; one JSON-ready dict.
+
+    ``profile=True`` adds ``profile``: one more epoch of (c) under the profiler
+    (:func:`profile_parallel`), after and apart from the timings. ``on_timed(result)``,
+    if given, receives the timings before that profile runs (so a caller can save them
+    first: on a lent GPU a command may be cut off at its time limit).
+    """
     from .data import load_mri, split_mri
     from .paths import preset_name
     from .train import DEFAULTS as TRAIN_DEFAULTS
@@ -231,7 +286,7 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     steps = epochs * math.ceil(n_train / train_cfg["batch_size"])
     per = {"naive": sum(r["seconds"] for r in naive) / len(naive),
            "serial": serial_s / k_s, "parallel": parallel_s / k_p}
-    return {
+    result = {
         "model": model, "aug": aug, "init": parallel[0]["init"],
         "device": parallel[0]["device"], "torch": str(torch.__version__),
         "date": _dt.date.today().isoformat(), "preset": preset_name(),
@@ -257,6 +312,15 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                     "parallel_vs_serial": per["serial"] / per["parallel"]},
         "gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
     }
+    if on_timed is not None:
+        on_timed(result)
+    if profile:
+        try:
+            result["profile"] = profile_parallel(model, aug, data, index[:k_p], val, test,
+                                                 seeds[:k_p], device, overrides)
+        except Exception as err:  # noqa: BLE001 - the timings above must not be lost to it
+            result["profile"] = {"error": f"{type(err).__name__}: {err}"}
+    return result
 
 
 def _median_val_acc(records: list[dict]) -> float:
@@ -299,4 +363,27 @@ def report(result: dict) -> str:
         "speedup = (a)'s seconds per replicate / this row's; val acc = median final-epoch "
         "validation accuracy (a sanity check that all three learn).",
     ]
+    if "profile" in result:
+        lines += profile_report(result["profile"])
     return "\n".join(lines)
+
+
+def profile_report(prof: dict) -> list[str]:
+    """The lines :func:`report` adds for a ``profile`` entry."""
+    if "error" in prof:
+        return [f"profile: failed ({prof['error']})"]
+    st, ev = prof["step"], prof["evaluate"]
+    on_device = prof["kernels_per_step"] is not None  # a CPU run has no device timeline
+    busy = (f", device busy {prof['device_busy_s']:.2f} s ({prof['device_busy_share']:.0%}); "
+            f"{prof['kernels_per_step']:.0f} device ops per training step (evaluation's "
+            f"spread over them)") if on_device else ""
+
+    def part(title, r):
+        device = f", device {r['device_ms']:.2f} ms" if on_device else ""
+        return f"{title} ({r['count']}x): host {r['host_ms']:.2f} ms{device}"
+    return [
+        f"profile of (c), {prof['replicates']} replicates, {prof['epochs']} epoch under "
+        f"torch.profiler: wall {prof['wall_s']:.2f} s{busy}",
+        f"  {part('training step', st)} | {part('evaluation pass', ev)}",
+        prof["table"].rstrip(),
+    ]

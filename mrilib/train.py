@@ -32,10 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .config import settings
 from .paths import atomic_write_bytes
+
+# Names of the profiler ranges around one training step (all K replicates) and one
+# evaluation pass, read by mrilib.bench.profile_parallel.
+PROFILE_STEP = "mrilib: train step"
+PROFILE_EVAL = "mrilib: evaluate"
 
 # The thesis (ch. 4-5) says Adam and cross-entropy and nothing about epochs, batch size or
 # learning rate, so these are choices. Each model's row is used unchanged in every data
@@ -428,23 +434,26 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
         # Summed on the device, read once per epoch: no host sync inside the step loop.
         loss_sum = torch.zeros(k, device=device)
         for s in range(0, n, bs):
-            # -- forward of all K replicates at once; loss in fp32 whatever autocast did
-            x, y = normalize(xs[:, s:s + bs]), ys[:, s:s + bs]
-            with _autocast(device, cfg["amp"]):
-                logits = stack.train_logits(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                   reduction="none").view(k, -1).mean(1)
-            # -- backward of the sum: replicate k's tensors get exactly its own gradient
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * y.shape[1]
+            # Named ranges for torch.profiler (`bench train --profile`); ~1 us when off.
+            with record_function(PROFILE_STEP):
+                # -- forward of all K replicates at once; loss in fp32 whatever autocast did
+                x, y = normalize(xs[:, s:s + bs]), ys[:, s:s + bs]
+                with _autocast(device, cfg["amp"]):
+                    logits = stack.train_logits(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                       reduction="none").view(k, -1).mean(1)
+                # -- backward of the sum: replicate k's tensors get exactly its own gradient
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * y.shape[1]
             bar.update()
         # -- evaluation on the shared validation and test images (BatchNorm running stats)
         metrics["train_loss"].append(loss_sum / n)
         for part, (images, labels) in (("val", val), ("test", test)):
-            part_loss, part_acc, part_conf = _evaluate(stack, images, labels, cfg, device)
+            with record_function(PROFILE_EVAL):
+                part_loss, part_acc, part_conf = _evaluate(stack, images, labels, cfg, device)
             metrics[f"{part}_loss"].append(part_loss)
             metrics[f"{part}_acc"].append(part_acc)
             metrics[f"{part}_confusion"].append(part_conf)

@@ -491,13 +491,19 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
     args = _parse(bench_cmd, ["bench", "train", "--source", str(root), "--model", "basic_cnn",
                               "--aug", "hflip", "--replicates", "2", "--naive-workers", "0",
                               "--real-frac", "0.5", "--epochs", "1", "--device", "cpu",
-                              "--out", str(tmp_path), "--nondeterministic"])
+                              "--out", str(tmp_path), "--nondeterministic", "--profile"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "(a) naive" in text and "(c) mrilib, 2 replicates at once" in text
     assert "non-deterministic kernels" in text
-    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet.json")
+    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet-profile.json")
     result = json.loads(saved.read_text())
+    # The profile covers one more epoch of (c): every step and both evaluation passes.
+    prof = result["profile"]
+    steps = -(-result["settings"]["n_train"] // result["settings"]["batch_size"])
+    assert (prof["step"]["count"], prof["evaluate"]["count"]) == (steps, 2)
+    assert 0 < prof["step"]["host_ms"] and 0 < prof["evaluate"]["host_ms"] < 1000 * prof["wall_s"]
+    assert "training step (%dx)" % steps in text and "aten::" in prof["table"]
     assert result["settings"]["deterministic_mrilib"] is False
     default = _parse(bench_cmd, ["bench", "train", "--aug", "none"])
     assert bench_cmd.file_stem("resnet18", default, "NVIDIA H200") == \

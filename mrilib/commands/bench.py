@@ -37,9 +37,12 @@ def add_parser(sub) -> None:
                    help="allow non-deterministic cuDNN algorithms and attention kernels in "
                         "(b) and (c) (no autotuning), to measure what the default bit-for-bit "
                         "reproducibility costs")
+    t.add_argument("--profile", action="store_true",
+                   help="after the timings, run one epoch of (c) under torch.profiler and "
+                        "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
-                   help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px][-nondet]"
-                        ".{txt,json} to DIR (K when --replicates is given)")
+                   help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
+                        "[-nondet][-profile].{txt,json} to DIR (K when --replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
 
@@ -57,7 +60,7 @@ def file_stem(model: str, args, device: str) -> str:
     """bench-train-<model>-<aug>-<device>, plus what differs from the default protocol."""
     extra = (f"-k{args.replicates}" if args.replicates is not None else "") + \
         (f"-{args.size}px" if args.size != 128 else "") + \
-        ("-nondet" if args.nondeterministic else "")
+        ("-nondet" if args.nondeterministic else "") + ("-profile" if args.profile else "")
     return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
 
 
@@ -69,20 +72,24 @@ def run(args) -> int:
     from ..bench import bench_train, report
     from ..paths import atomic_write_bytes
 
-    results = []
-    for model in [m.strip() for m in args.model.split(",") if m.strip()]:
-        result = bench_train(model, args.aug, args.source, args.device, args.size,
-                             **_overrides(args))
-        results.append(result)
-        text = report(result)
-        if not args.json:
-            print(text, flush=True)
-            print()
+    def save(model, result):
         if args.out:
             stem = file_stem(model, args, result["device"])
-            atomic_write_bytes(Path(args.out) / f"{stem}.txt", (text + "\n").encode())
+            atomic_write_bytes(Path(args.out) / f"{stem}.txt", (report(result) + "\n").encode())
             atomic_write_bytes(Path(args.out) / f"{stem}.json",
                                (json.dumps(result, indent=2) + "\n").encode())
+
+    results = []
+    for model in [m.strip() for m in args.model.split(",") if m.strip()]:
+        # Saved once timed and again with the profile: a cut-off profile loses no timing.
+        result = bench_train(model, args.aug, args.source, args.device, args.size,
+                             profile=args.profile, on_timed=lambda r, m=model: save(m, r),
+                             **_overrides(args))
+        results.append(result)
+        if not args.json:
+            print(report(result), flush=True)
+            print()
+        save(model, result)
     if args.json:
         print(json.dumps({"results": results}, indent=2))
     return 0
