@@ -200,9 +200,16 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
                 "device_ms": sum(e.device_time_total for e in found) / n / 1000}
 
     step, evaluation = ranges(PROFILE_STEP), ranges(PROFILE_EVAL)
-    kernels = sum(1 for e in events if e.device_type != DeviceType.CPU)
+    # Device busy time from the device's own events (kernels, copies, memsets), not from
+    # key_averages(): there each kernel's time is counted twice (its own row and the op
+    # that launched it) and the named ranges appear once more as GPU annotations (the
+    # first H100 profile read 196% busy that way).
+    ops = [e for e in events if e.device_type != DeviceType.CPU
+           and e.name not in (PROFILE_STEP, PROFILE_EVAL)
+           and not getattr(e, "is_user_annotation", False)]
+    kernels = len(ops)
+    device_us = sum(e.time_range.elapsed_us() for e in ops)
     averages = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in averages)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     return {"replicates": len(seeds), "epochs": 1, "wall_s": wall,
             "device_busy_s": device_us / 1e6, "device_busy_share": device_us / 1e6 / wall,

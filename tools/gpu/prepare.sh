@@ -35,11 +35,13 @@ rm -rf .whl && mkdir -p .whl
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
   "ttach==$(version ttach)"
 
-# Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB):
-# `session.sh all` makes the variations notebooks 02-03 need from it, hours on a CPU.
+# Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB) when
+# CARRY_GEN0=1: `session.sh all` then makes the variations notebooks 02-03 need from it
+# (hours on a CPU). Once they are in cache/synthetic here (the H100 lease of 2026-11-26
+# made them) it stays home and the tree is 12 MiB lighter.
 # Found as the grid finds it (other presets' generators share the folder name's prefix).
 carry=(.gpudata .whl)
-gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null
+[ "${CARRY_GEN0:-0}" = 1 ] && gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null
 import os
 import mrilib
 from mrilib.experiment import grid_settings
@@ -52,7 +54,7 @@ except FileNotFoundError:
     pass
 PY
 )
-[ -n "$gen" ] && carry+=("$gen")
+[ -n "${gen:-}" ] && carry+=("$gen")
 
 # What travels: tracked and untracked-not-ignored files, plus the carried paths.
 size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]}" -type f -exec cat {} +) \
