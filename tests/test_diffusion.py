@@ -339,6 +339,76 @@ def test_a_cell_missing_one_generator_stops_before_sampling_any(mri, monkeypatch
     assert [i["n_synthetic"] > 0 for i in sets.info] == [True, True]
 
 
+def test_fresh_samples_of_dark_slices_are_dark():
+    # Slices are mostly black. On DDPM's linear schedule x_T keeps 0.6% of the image, a
+    # model learns to read the mean brightness from it, and from pure noise (mean 0) it
+    # paints mid-grey: what the first full generator did. The zero-terminal-SNR schedule
+    # with v-prediction (the default) has no such residue.
+    images, labels, ids = tiny_images(64)
+    target = images.float().mean()  # ~21 of 255: blobs on black
+
+    def fresh_mean(tmp, **schedule):
+        path = train_generator(images, labels, seed=0, out_dir=tmp, ids=ids, progress=False,
+                               steps=100, **schedule)
+        fresh = LocalDiffusion(path, strength=1.0, ddim_steps=20)
+        return fresh.generate(images[:32], labels[:32], list(range(32))).float().mean()
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as new, tempfile.TemporaryDirectory() as old:
+        assert abs(fresh_mean(new) - target) < 20
+        assert fresh_mean(old, prediction_type="epsilon", rescale_betas_zero_snr=False) > 80
+
+
+def test_schedules_of_old_checkpoints_and_bad_combinations():
+    old = {k: v for k, v in diffusion.DEFAULTS.items()
+           if k not in ("prediction_type", "rescale_betas_zero_snr")}
+    sched = diffusion.sample_scheduler(old)
+    assert sched.config.prediction_type == "epsilon" and not sched.config.rescale_betas_zero_snr
+    new = diffusion.train_scheduler(diffusion.DEFAULTS)
+    assert new.config.prediction_type == "v_prediction" and new.alphas_cumprod[-1] < 1e-6
+    with pytest.raises(ValueError, match="v_prediction"):
+        diffusion.train_scheduler({**diffusion.DEFAULTS, "prediction_type": "epsilon"})
+
+
+class _Brightness(torch.nn.Module):
+    """Labels a tiny_images blob by its peak brightness (class c peaks near 60 + 50 c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        from mrilib.models import MRI_MEAN, MRI_STD
+
+        peak = ((x * MRI_STD + MRI_MEAN) * 255).amax(dim=(1, 2, 3))
+        centres = 60 + 50 * torch.arange(len(CLASSES), dtype=peak.dtype)
+        return -(peak[:, None] - centres).abs() + self.dummy
+
+
+def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri):
+    from mrilib.synthetic.quality import strength_sweep
+
+    data, split = mri
+    train_for_sample(data, split, 0.5, 0, progress=False)
+    kw = dict(max_sources=8, classifier=_Brightness(), progress=False)
+    result = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], **kw)
+    assert result["n_sources"] == 8 and set(result["sources_per_class"].values()) == {2}
+    low, high = result["strengths"]
+    assert (low["strength"], high["strength"]) == (0.2, 1.0)
+    assert low["generated"] == high["generated"] == 8 and low["cached"] == 0
+    # a little noise keeps a variation near its source; strength 1 draws a new image
+    assert 0 < low["rms_to_source"] < high["rms_to_source"]
+    assert low["balanced_fidelity"] == pytest.approx(
+        sum(low["fidelity"].values()) / len(CLASSES))
+    assert result["classifier_real_test_balanced"] > result["chance"]
+    again = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], **kw)
+    assert [r["cached"] for r in again["strengths"]] == [8, 8]
+    assert [r["generated"] for r in again["strengths"]] == [0, 0]
+    assert again["strengths"][0]["fidelity"] == low["fidelity"]
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        strength_sweep(data, split, 0.5, 0, [0.0, 0.5], **kw)
+
+
 def test_generator_dir_key(mri):
     _, labels, ids = tiny_images(8)
     base = generator_dir(ids, labels, 0.3, 0)
@@ -386,6 +456,24 @@ def test_cli_train_then_generate(folder, run_cli):
     assert {"seconds", "dir", "params"} <= set(first)
     second = json.loads(run_cli(*args)[1])
     assert second["generated"] == 0 and second["cached"] == 6
+
+
+def test_cli_sweep(folder, run_cli, tmp_path, monkeypatch):
+    import mrilib.paths as paths
+
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")  # the real-only classifier
+    assert run_cli("synth", "train", "--real-frac", "0.5", "--seed", "0", "--source", folder,
+                   "--json")[0] == 0
+    out_file = tmp_path / "sweep.json"
+    code, out, _ = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,0.9",
+                           "--max-sources", "4", "--source", folder, "--out", str(out_file))
+    assert code == 0 and "balanced" in out and "0.30" in out and "0.90" in out
+    saved = json.loads(out_file.read_text())
+    assert [r["strength"] for r in saved["strengths"]] == [0.3, 0.9]
+    assert saved["n_sources"] == 4 and saved["provenance"]["device_name"]
+    code, _, err = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,x",
+                           "--source", folder)
+    assert code == 2 and "--strengths" in err
 
 
 def test_cli_errors_are_clear(folder, run_cli):

@@ -5,7 +5,8 @@ import matplotlib
 import pytest
 import torch
 
-from mrilib.plots.synthetic import class_fidelity_figure, memorization_figure, variations_figure
+from mrilib.plots.synthetic import (class_fidelity_figure, memorization_figure,
+                                    strength_sweep_figure, variations_figure)
 from mrilib.synthetic.quality import background_levels, class_fidelity, memorization_distances
 
 matplotlib.use("Agg")
@@ -86,3 +87,9 @@ def test_chapter2_figures_render():
     assert len(memorization_figure(dist, var[0.5], real).axes) == 1 + 2 * 4
     fid = class_fidelity_figure({"real test": {"A": 0.9, "B": 0.5}, "synthetic": {"A": 0.7, "B": 0.2}})
     assert fid.axes[0].get_ylim()[1] > 1
+    row = {"fidelity": {"A": 0.8, "B": 0.3}, "balanced_fidelity": 0.55, "rms_to_source": 20.0,
+           "background_grey": 5.0}
+    sweep = {"n_sources": 8, "chance": 0.5, "classifier_real_test": {"A": 0.9, "B": 0.6},
+             "strengths": [{**row, "strength": 0.3}, {**row, "strength": 0.6}]}
+    fig = strength_sweep_figure(sweep, note="tiny generator")
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) >= 3

@@ -3,6 +3,7 @@
     synth train --real-frac 0.3 [--seed G] --minutes 9 --device cuda   (rerun until "done")
     synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
+    synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--max-sources N] [--out FILE]
 
 ``train`` without ``--seed`` trains the G generators of X one after another within the
 time budget, so one command, repeated, trains them all on a machine that runs a command
@@ -78,6 +79,21 @@ def add_parser(sub) -> None:
                    help="let cuDNN autotune its convolution algorithms (training only)")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
+
+    w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
+                                         "source of variations at several strengths")
+    w.add_argument("--real-frac", type=float, required=True,
+                   help="X: the real fraction whose generator is swept")
+    w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
+    w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
+                   help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
+    w.add_argument("--max-sources", type=int, default=None,
+                   help="at most N sources, in equal shares per class (default: the whole "
+                        "sample; on a CPU a variation costs seconds)")
+    w.add_argument("--seed", type=int, default=0, help="seeds the variations (default 0)")
+    w.add_argument("--out", default=None, help="also write the JSON to this file")
+    _common(w)
+    w.set_defaults(func=run_sweep)
 
 
 def _common(p) -> None:
@@ -207,4 +223,42 @@ def run_bench(args) -> int:
     if args.out:
         atomic_write_bytes(Path(args.out), text.encode() + b"\n")
     print(text)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from pathlib import Path
+
+    from ..data import load_mri, split_mri
+    from ..experiment import provenance
+    from ..paths import atomic_write_bytes, preset_name
+    from ..synthetic.quality import strength_sweep
+
+    try:
+        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--strengths {args.strengths!r}: give numbers separated by commas, "
+                         f"e.g. 0.4,0.6,0.8") from None
+    data = load_mri(args.source)
+    result = strength_sweep(data, split_mri(data), args.real_frac, args.generator, strengths,
+                            max_sources=args.max_sources, seed=args.seed, device=args.device,
+                            progress=not args.json)
+    result.update(preset=preset_name(), provenance=provenance(args.device))
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    names = list(result["classifier_real_test"])
+    print(f"generator {result['generator']}: {result['n_sources']} sources "
+          f"{result['sources_per_class']}; chance {result['chance']:.2f}")
+    print(f"{'strength':>8} {'balanced':>9} " + " ".join(f"{n[:12]:>12}" for n in names)
+          + f" {'grey bg':>8} {'rms to src':>10}")
+    print(f"{'real':>8} {result['classifier_real_test_balanced']:>9.3f} "
+          + " ".join(f"{result['classifier_real_test'][n]:>12.3f}" for n in names)
+          + f" {'':>8} {'':>10}   (the classifier on real test slices)")
+    for row in result["strengths"]:
+        print(f"{row['strength']:>8.2f} {row['balanced_fidelity']:>9.3f} "
+              + " ".join(f"{row['fidelity'][n]:>12.3f}" for n in names)
+              + f" {row['background_grey']:>8.1f} {row['rms_to_source']:>10.1f}")
     return 0

@@ -25,7 +25,7 @@ from .data import (class_counts_figure, class_counts_table,  # noqa: E402
                    example_grid_figure, intensity_histogram_figure,
                    nearest_neighbour_figure)
 from .synthetic import (class_fidelity_figure, memorization_figure,  # noqa: E402
-                        variations_figure)
+                        strength_sweep_figure, variations_figure)
 
 _LAZY = {
     "cam": ["real_vs_synthetic_cam_figure", "cam_agreement_figure", "scan_cam_figure"],
@@ -40,4 +40,4 @@ __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 __all__ = sorted(["save_figure", "class_counts_figure", "class_counts_table",
                   "example_grid_figure", "intensity_histogram_figure",
                   "nearest_neighbour_figure", "class_fidelity_figure", "memorization_figure",
-                  "variations_figure", *_LAZY_NAMES])
+                  "strength_sweep_figure", "variations_figure", *_LAZY_NAMES])

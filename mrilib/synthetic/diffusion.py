@@ -1,7 +1,8 @@
 """The local generator: a class-conditional DDPM trained here, variations made SDEdit-style.
 
 The model is a diffusers ``UNet2DModel`` with one class embedding per diagnosis, trained
-with ``DDPMScheduler`` (epsilon prediction, MSE) on grayscale slices scaled to [-1, 1].
+with ``DDPMScheduler`` (v-prediction on a zero-terminal-SNR schedule, MSE; see DEFAULTS)
+on grayscale slices scaled to [-1, 1].
 A *variation* of a source slice is the source noised to a chosen ``strength`` (0 = the
 source itself, 1 = pure noise, i.e. a fresh sample of the class) and then denoised by
 DDIM conditioned on the source's class (Meng et al. 2022, "SDEdit").
@@ -83,6 +84,18 @@ DEFAULTS = {
     # --- diffusion ---
     "num_train_timesteps": 1000,  # DDPM's T
     "beta_schedule": "linear",  # DDPM's schedule (1e-4 .. 0.02); strength maps linearly to t
+    # Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    # Steps are Flawed"). The linear schedule leaves sqrt(alpha_bar_T) = 0.0064 of the
+    # image in x_T; a model trained so reads the image's mean brightness from that residue,
+    # and sampled from pure noise (mean 0) it paints mid-grey. MRI slices are mostly black
+    # (mean -0.44 in [-1, 1]): the first full generator (2026-11-26) drew grey, grainy
+    # fresh slices (x0 predictions with mean ~0 all along the DDIM path; 250 steps were
+    # worse than 50) and lifted its variations' black background to 13/255. Rescaling
+    # the betas to SNR 0 at T removes the residue; epsilon is then undefined at T, hence
+    # v-prediction. Checkpoints made before these keys existed sample as trained
+    # (epsilon, no rescaling): see _schedule_kwargs.
+    "rescale_betas_zero_snr": True,
+    "prediction_type": "v_prediction",  # "epsilon" (DDPM) or "v_prediction" (Salimans & Ho)
     # --- training ---
     "steps": 4000,  # optimizer steps in all (~180 passes over a 30% sample at batch 64);
     # picked to fit the 5-minute target on an H100, not yet measured: see synth bench
@@ -168,17 +181,34 @@ def build_unet(cfg: Mapping) -> UNet2DModel:
     )
 
 
+def _schedule_kwargs(cfg: Mapping) -> dict:
+    # .get: a checkpoint's stored config from before these keys meant epsilon, no rescaling
+    if cfg.get("rescale_betas_zero_snr", False) and cfg.get("prediction_type") == "epsilon":
+        raise ValueError("rescale_betas_zero_snr=True needs prediction_type='v_prediction': "
+                         "at zero SNR the noise is the whole input and epsilon says nothing")
+    return {"num_train_timesteps": cfg["num_train_timesteps"],
+            "beta_schedule": cfg["beta_schedule"],
+            "prediction_type": cfg.get("prediction_type", "epsilon"),
+            "rescale_betas_zero_snr": cfg.get("rescale_betas_zero_snr", False)}
+
+
 def train_scheduler(cfg: Mapping) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg["num_train_timesteps"],
-                         beta_schedule=cfg["beta_schedule"], prediction_type="epsilon")
+    return DDPMScheduler(**_schedule_kwargs(cfg))
 
 
 def sample_scheduler(cfg: Mapping) -> DDIMScheduler:
     # "trailing" spacing starts at t = T-1, so strength 1 really starts from noise
-    # (the default "leading" spacing never visits the last 20 timesteps).
-    return DDIMScheduler(num_train_timesteps=cfg["num_train_timesteps"],
-                         beta_schedule=cfg["beta_schedule"], prediction_type="epsilon",
-                         timestep_spacing="trailing")
+    # (the default "leading" spacing never visits the last 20 timesteps); Lin et al.
+    # ask for it with zero terminal SNR too.
+    return DDIMScheduler(**_schedule_kwargs(cfg), timestep_spacing="trailing")
+
+
+def training_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output at ``t``: the noise, or v = a_t noise - s_t x0."""
+    if sched.config.prediction_type == "v_prediction":
+        return sched.get_velocity(x0, noise, t)
+    return noise
 
 
 
@@ -404,7 +434,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
             xt = noise_sched.add_noise(x0, noise, t).contiguous(memory_format=fmt)
             with _autocast(device):
                 pred = unet(xt, t, class_labels=class_ids[idx]).sample
-            loss = F.mse_loss(pred.float(), noise)
+            loss = F.mse_loss(pred.float(), training_target(noise_sched, x0, noise, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
@@ -646,8 +676,8 @@ class LocalDiffusion(Backend):
         cls = labels.to(self.device)
         for t in timesteps:
             with _autocast(self.device):
-                eps = self.unet(x, t.to(self.device), class_labels=cls).sample
-            x = self.scheduler.step(eps.float(), t, x).prev_sample
+                out = self.unet(x, t.to(self.device), class_labels=cls).sample  # eps or v
+            x = self.scheduler.step(out.float(), t, x).prev_sample
         return to_uint8_128(x)
 
 

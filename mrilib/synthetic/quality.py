@@ -88,3 +88,86 @@ def background_levels(sources: torch.Tensor, variations: torch.Tensor, labels: t
                      if rows.any() else {"source": float("nan"), "variation": float("nan"),
                                          "share_above_10": float("nan"), "n": 0})
     return out
+
+
+def _balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: int | None,
+                      seed: int) -> torch.Tensor:
+    """``index`` itself, or up to ``max_sources`` of it in equal shares per class.
+
+    Equal shares rather than the sample's proportions: the question is per class, and a
+    proportional subset of 100 would hold one ModerateDemented slice.
+    """
+    if max_sources is None or max_sources >= len(index):
+        return index
+    classes = labels[index].unique()
+    per_class = max(1, max_sources // len(classes))
+    g = torch.Generator().manual_seed(seed)
+    picked = [index[labels[index] == c][torch.randperm(int((labels[index] == c).sum()),
+                                                       generator=g)[:per_class]]
+              for c in classes]
+    return torch.cat(picked).sort().values
+
+
+def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
+                   max_sources: int | None = None, seed: int = 0, device=None,
+                   classifier: torch.nn.Module | None = None, progress: bool = True) -> dict:
+    """How each SDEdit strength trades class fidelity against distance from the source.
+
+    One variation per source at each strength, drawn (and cached, so a rerun or a cut-off
+    run resumes) from generator ``generator`` of ``real_fraction``, for the images of its
+    own training sample (all of them, or ``max_sources`` in equal shares per class). Per
+    strength: the per-class accuracy of a real-only classifier on the variations
+    (``fidelity``; ``balanced_fidelity`` is their mean, chance 1/C), the grey level where
+    the sources are black (``background_grey``), and the median RMS gray-level distance
+    of a variation from its own source (``rms_to_source``: 0 at strength 0, the spread
+    the variations add). ``classifier`` defaults to the thesis protocol's basic CNN
+    trained on the same sample (seed 0), whose per-class accuracy on the real test split
+    is reported beside them as the ceiling to read fidelity against.
+    """
+    from ..train import resolve_device, trained_classifier
+    from .cache import generate_cached
+    from .diffusion import LocalDiffusion
+    from .mixing import real_sample
+
+    strengths = [float(s) for s in strengths]
+    bad = [s for s in strengths if not 0.0 < s <= 1.0]
+    if bad or not strengths:
+        raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    device = resolve_device(device)
+    first = LocalDiffusion.for_repeat(data, split, real_fraction, generator, device=device)
+    sample = real_sample(data, split, real_fraction, first.sample_seed)
+    sources = _balanced_sources(data.labels, sample, max_sources, seed)
+    src, lab = data.images[sources], data.labels[sources]
+    ids = [data.ids[i] for i in sources.tolist()]
+    if classifier is None:  # trained once, then found in cache/classifiers/
+        classifier, _ = trained_classifier(data, split, sample, device=device)
+    classifier = classifier.to(device)
+    real = class_fidelity(classifier, data.images[split.test], data.labels[split.test],
+                          data.classes)
+    rows = []
+    for s in strengths:
+        backend = LocalDiffusion(first.path, strength=s, device=device,
+                                 sample_seed=first.sample_seed)
+        made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
+                                       progress=progress, batch_size=backend.max_batch)
+        variations = made[:, 0]
+        fidelity = class_fidelity(classifier, variations, lab, data.classes)
+        grey = background_levels(src, variations, lab, data.classes)
+        n = sum(g["n"] for g in grey.values())
+        rows.append({
+            "strength": s, "fidelity": fidelity, "balanced_fidelity": _mean(fidelity.values()),
+            "background_grey": sum(g["variation"] * g["n"] for g in grey.values() if g["n"]) / n,
+            "rms_to_source": float(((variations.float() - src.float()) ** 2)
+                                   .flatten(1).mean(1).sqrt().median()),
+            "generated": report["generated"], "cached": report["cached"],
+            "seconds": report["seconds"], "cache_dir": str(report["dir"])})
+    return {"generator": str(first.path), "real_fraction": real_fraction,
+            "generator_index": generator, "seed": seed, "n_sources": len(sources),
+            "sources_per_class": {name: int((lab == c).sum()) for c, name in enumerate(data.classes)},
+            "classifier_real_test": real, "classifier_real_test_balanced": _mean(real.values()),
+            "chance": 1 / len(data.classes), "strengths": rows}
+
+
+def _mean(values) -> float:
+    kept = [v for v in values if v == v]  # NaN for a class with no source
+    return sum(kept) / len(kept) if kept else float("nan")

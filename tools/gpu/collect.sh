@@ -30,6 +30,9 @@ tar xzf "$src/session.tgz" -C "$tmp"
 [ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
   cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
 if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
+for f in "$tmp"/results/strength_sweep_*.json; do  # synth sweep of a carried generator
+  [ -e "$f" ] && cp "$f" results/ && echo "strength sweep: results/$(basename "$f")"
+done
 for f in "$src"/gen-*.pt; do
   [ -e "$f" ] || continue
   name=$(basename "$f" .pt); name=${name#gen-}

@@ -36,9 +36,10 @@ rm -rf .whl && mkdir -p .whl
   "ttach==$(version ttach)"
 
 # Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB) when
-# CARRY_GEN0=1: `session.sh all` then makes the variations notebooks 02-03 need from it
-# (hours on a CPU). Once they are in cache/synthetic here (the H100 lease of 2026-11-26
-# made them) it stays home and the tree is 12 MiB lighter.
+# CARRY_GEN0=1: `session.sh all` then runs `synth sweep` on it (class fidelity against
+# strength over its whole sample) and, with CHAPTER_VARIATIONS=1, remakes the variations
+# notebooks 02-03 read (hours on a CPU; the H100 lease of 2026-11-26 made them and they
+# are in cache/synthetic here). Without it the tree is 12 MiB lighter.
 # Found as the grid finds it (other presets' generators share the folder name's prefix).
 carry=(.gpudata .whl)
 [ "${CARRY_GEN0:-0}" = 1 ] && gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null

@@ -5,8 +5,10 @@
 #
 #   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
 #   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
-#   bash tools/gpu/session.sh all MINUTES   # one lease's worth: CUDA tests, chapter 2-3
-#                                           # variations, benchmarks, then the grid
+#   bash tools/gpu/session.sh all MINUTES   # one lease's worth: CUDA tests, benchmarks
+#                                           # (ResNet-18, ViT), then the grid
+#   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4), its strength sweep and
+#                                           # the variations notebooks 02-03 read
 #
 # A drawn task gets 15 minutes of device time in all (start and transfers included) and
 # one command may run 10, so each stage is budgeted in wall minutes (decimals allowed) and
@@ -30,7 +32,7 @@
 # arguments; `all` uses "--naive-replicates 2 --serial-replicates 2"), BENCH_CAP (seconds
 # per model, default 110; `all` 70).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES}
 OUT=${OUT:-/tmp/mrilib-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -83,7 +85,7 @@ pack() {  # whatever exists now goes back, even after a timeout
   local files=()
   for f in benchmarks/bench-train-*.txt benchmarks/bench-train-*.json \
            benchmarks/local_generator_*.json benchmarks/tests-gpu.log \
-           "$results/runs.jsonl" "$results/epochs.jsonl"; do
+           "$results"/strength_sweep_*.json "$results/runs.jsonl" "$results/epochs.jsonl"; do
     [ -e "$f" ] && files+=("$f")
   done
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
@@ -227,10 +229,10 @@ case "$stage" in
     # on a GPU first (the generator and Grad-CAM on CUDA; the training tests passed on the
     # H100, the bf16 fixes included). Then ResNet-18 and ViT-Tiny against the notebook
     # loop (cut off at 75 s each on the H100: they need about 3 minutes each with the
-    # profile), the basic CNN only where this card has no benchmark yet, the chapter 2-3
-    # variations only if generator 0 was carried in (prepare.sh carries it only when
-    # asked: CARRY_GEN0=1), the generator's default speed where this card has none, then
-    # the grid. No generators are trained: five take 21-26 minutes and only two can
+    # profile), the basic CNN only where this card has no benchmark yet, the strength
+    # sweep of generator 0 if it was carried in (prepare.sh carries it only when asked:
+    # CARRY_GEN0=1; CHAPTER_VARIATIONS=1 also remakes chapter 2-3's variations), the
+    # generator's default speed where this card has none, then the grid. No generators are trained: five take 21-26 minutes and only two can
     # travel (see benchmarks/README.md); `grid` still trains them where a lease can.
     GPU_TESTS="tests/test_diffusion.py tests/test_cam.py" cuda_tests 100
     BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
@@ -239,10 +241,40 @@ case "$stage" in
     compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}*.json" > /dev/null || \
       BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --profile" \
       BENCH_CAP=60 bench_train
-    chapter_variations
+    # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
+    # and background at five strengths over its whole sample (#4: the default strength
+    # 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s here.
+    if compgen -G "cache/generators/x${X}-s0-*/generator.pt" > /dev/null; then
+      within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+        --strengths 0.3,0.4,0.5,0.6,0.8 --out "$results/strength_sweep_x${X}_g0.json" \
+        2> /tmp/sweep.err | tail -n 8 || tail -n 5 /tmp/sweep.err
+      [ "${CHAPTER_VARIATIONS:-0}" = 1 ] && chapter_variations
+    fi
     [ -f "benchmarks/local_generator_$card.json" ] || synth_bench 40
     GPU_TESTS="tests/test_train.py tests/test_augment.py" cuda_tests 150
     grid
     ;;
-  *) echo "unknown stage $stage: use checks, grid MINUTES or all MINUTES" >&2; exit 2 ;;
+  quality)
+    : "${2:?quality needs MINUTES, e.g. 9.5}"
+    # #4 in one lease: generator 0 of the grid's 30% sample, trained on the zero-terminal-
+    # SNR schedule with v-prediction (the first one, on DDPM's linear schedule, painted
+    # grey: see mrilib/synthetic/diffusion.py), then `synth sweep` over its whole sample
+    # at six strengths: class fidelity, distance from the source, background. The 0.6
+    # and 1.0 folders the sweep fills are the variations notebooks 02-03 read (one per
+    # source, seed 0): they come back as synthetic.tar.part-* (~34 MiB) with the
+    # generator (12 MiB). About 5.2 minutes of training on an H100 (benchmarks/).
+    [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
+    sweep_json="$results/strength_sweep_x${X}_g0.json"
+    # (its progress bars, one line per update without a terminal, go to a file)
+    within 180 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      --strengths 0.3,0.4,0.5,0.6,0.8,1.0 --out "$sweep_json" 2> /tmp/sweep.err | tail -n 9 \
+      || tail -n 5 /tmp/sweep.err
+    [ -f "$sweep_json" ] && $PY -c "import json, os, sys
+for row in json.load(open(sys.argv[1]))['strengths']:
+    if row['strength'] in (0.6, 1.0):
+        print(os.path.relpath(row['cache_dir']))" "$sweep_json" >> /tmp/chapter-dirs
+    GPU_TESTS="tests/test_diffusion.py" cuda_tests 60
+    grid
+    ;;
+  *) echo "unknown stage $stage: use checks, grid, all or quality (with MINUTES)" >&2; exit 2 ;;
 esac
