@@ -228,16 +228,17 @@ case "$stage" in
     # H200, then H100; see benchmarks/README.md). The CUDA tests, the ones never finished
     # on a GPU first (the generator and Grad-CAM on CUDA; the training tests passed on the
     # H100, the bf16 fixes included). Then ResNet-18 and ViT-Tiny against the notebook
-    # loop (cut off at 75 s each on the H100: they need about 3 minutes each with the
+    # loop (cut off at 75 s each on the H100: they may need 3-4 minutes each with the
     # profile), the basic CNN only where this card has no benchmark yet, the strength
     # sweep of generator 0 if it was carried in (prepare.sh carries it only when asked:
     # CARRY_GEN0=1; CHAPTER_VARIATIONS=1 also remakes chapter 2-3's variations), the
-    # generator's default speed where this card has none, then the grid. No generators are trained: five take 21-26 minutes and only two can
-    # travel (see benchmarks/README.md); `grid` still trains them where a lease can.
+    # generator's default speed where this card has none, then the grid. No generators
+    # are trained: five take 21-26 minutes and only two can travel (see
+    # benchmarks/README.md); `quality` trains generator 0, `grid` all five.
     GPU_TESTS="tests/test_diffusion.py tests/test_cam.py" cuda_tests 100
     BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
       BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
-      BENCH_CAP=${BENCH_CAP:-200} bench_train
+      BENCH_CAP=${BENCH_CAP:-230} bench_train
     compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}*.json" > /dev/null || \
       BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --profile" \
       BENCH_CAP=60 bench_train
