@@ -812,7 +812,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
              train_fn: Callable | None = None, synth_fn: Callable | None = None,
              data=None, split=None, clock: Callable[[], float] = time.monotonic,
              progress: bool = True, train_generators: bool = False, source=None,
-             **overrides) -> GridProgress:
+             available_generators: bool = False, **overrides) -> GridProgress:
     """Train every missing run of ``preset``'s grid, one cell at a time, streaming rows.
 
     ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
@@ -822,7 +822,13 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     whose generator is not trained yet is skipped and listed in ``blocked``, unless
     ``train_generators`` (local backend): then the runner trains (or resumes) the
     generators it needs within the time left and runs the cell once they are done.
-    ``resume=False`` refuses to touch a folder that already holds runs. ``data`` defaults
+    ``available_generators``: a synthetic cell whose generators are only partly trained
+    runs the repeats that have theirs (repeat ``r`` uses generator ``r mod G``) and stays
+    listed, with the repeats that wait, for a later chunk. A lease that trains generator
+    g can so run every synthetic cell's repeats g, g + G, ... without the other
+    generators, which need not travel to it. Intervals of a cell that holds one sample's
+    repeats only miss the variation between samples: the report says how many repeats
+    each median rests on. ``resume=False`` refuses to touch a folder that already holds runs. ``data`` defaults
     to ``load_mri(source)`` (a stratified ``data_fraction`` of it) and ``split`` to its
     fixed split; data passed in is used as given.
     """
@@ -838,7 +844,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
         session = _Session(cfg, preset, writer, device,
                            train_fn or _train_replicates, synth_fn or training_sets,
                            _Budget(max_minutes, clock, writer.runs), train_generators,
-                           progress, source, data, split)
+                           progress, source, data, split, available_generators)
         try:
             return session.run(grid_cells(preset, **overrides))
         finally:
@@ -873,6 +879,7 @@ class _Session:
     source: object = None
     data: object = None
     split: object = None
+    available_generators: bool = False
     base: dict | None = None
     designs: dict = field(default_factory=dict)
 
@@ -902,6 +909,11 @@ class _Session:
                     if cell.synthetic == "none":
                         raise
                     if not (self.train_generators and self.trained_generators(cell, todo[cell])):
+                        ready = self.ready_repeats(cell, todo[cell])
+                        if ready:  # the repeats whose generators exist run now
+                            written += self.run_cell(cell, ready)
+                            todo[cell] = [r for r in todo[cell] if r not in ready]
+                            err = f"{len(todo[cell])} repeat(s) wait: {err}"
                         blocked[cell.key] = str(err)  # its generator is not trained yet
                         continue
                     written += self.run_cell(cell, todo[cell])
@@ -933,6 +945,22 @@ class _Session:
                         seconds),
                 epoch_rows(cell, s, record, design))
         return len(records)
+
+    def ready_repeats(self, cell: Cell, repeats: list[int]) -> list[int]:
+        """With ``available_generators``: the ``repeats`` whose generator is trained."""
+        from .synthetic.diffusion import trained_generator
+
+        if not self.available_generators or self.cfg["backend"] != "local":
+            return []
+        ready = {}
+        for g in sorted({repeat_seeds(r, self.cfg).sample_index for r in repeats}):
+            try:
+                trained_generator(self.data, self.split, generator_fraction(cell, self.cfg), g,
+                                  leaky=cell.generator == "leaky")
+                ready[g] = True
+            except FileNotFoundError:
+                ready[g] = False
+        return [r for r in repeats if ready[repeat_seeds(r, self.cfg).sample_index]]
 
     def trained_generators(self, cell: Cell, repeats: list[int]) -> bool:
         """Train or resume the generators ``repeats`` of ``cell`` use; True once all are done."""

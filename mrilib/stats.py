@@ -303,8 +303,10 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
                  seed: int | None = None) -> pd.DataFrame:
     """One row per cell: runs, and for each metric its median with bootstrap interval.
 
-    Columns: the cell columns, ``n``, ``init``, ``diverged`` (runs whose final validation
-    loss is missing or infinite), and ``<metric>``, ``<metric>_low``, ``<metric>_high``
+    Columns: the cell columns, ``n``, ``clusters`` (the independent units the bootstrap
+    resamples: real samples where repeats share them; a cell run one generator at a
+    time can hold one, and its interval then misses the variation between samples),
+    ``init``, ``diverged`` (runs whose final validation loss is missing or infinite), and ``<metric>``, ``<metric>_low``, ``<metric>_high``
     for each metric (default: final and best validation and test cross-entropy, test
     accuracy and macro-F1, and Moderate_Demented test recall).
     """
@@ -316,10 +318,11 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
                          f"available: {sorted(runs.columns)}")
     rows = []
     for key, cell in runs.groupby(list(CELL_COLUMNS), sort=True, dropna=False):
-        row = dict(zip(CELL_COLUMNS, key), n=len(cell), init=_init_of(cell))
+        groups = cluster_ids(cell)
+        row = dict(zip(CELL_COLUMNS, key), n=len(cell), clusters=len(np.unique(groups)),
+                   init=_init_of(cell))
         if "final_val_loss" in cell:
             row["diverged"] = int((~np.isfinite(metric_values(cell, "final_val_loss"))).sum())
-        groups = cluster_ids(cell)
         for metric in metrics:
             values = metric_values(cell, metric)
             if np.isnan(values).all():  # e.g. recall of a class the split does not hold

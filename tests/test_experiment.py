@@ -556,3 +556,34 @@ def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
     assert ex._git_state()["git_commit"] == "0123abcd" * 5
     monkeypatch.delenv("MRILIB_GIT_COMMIT")
     assert ex._git_state()["git_commit"] == "fedcba98" * 5
+
+
+def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, monkeypatch):
+    """Generator 0 alone: every leak-free synthetic cell runs repeat 0 now, repeat 1 later."""
+    import mrilib.synthetic.cache as cache_mod
+    import mrilib.synthetic.diffusion as diffusion
+    from mrilib.synthetic.diffusion import train_for_sample
+
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    data, split = tiny
+    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
+              "generator": "leaky"}]
+    kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
+                  cells=cells, train={"epochs": 1, "batch_size": 16}, progress=False)
+    cfg = ex.grid_settings("quick")
+    train_for_sample(data, split, cfg["generator_fraction"], 0, progress=False)
+    assert ex.run_grid("quick", **kwargs).runs_written == 0  # all or nothing by default
+    progress = ex.run_grid("quick", available_generators=True, **kwargs)
+    fill, leaky = "basic_cnn/none/fill/0.5/sample", "basic_cnn/none/fill/0.5/leaky"
+    assert progress.runs_written == 1 and set(progress.remaining) == {fill, leaky}
+    assert progress.blocked[fill].startswith("1 repeat(s) wait: ") and "generator 1" in \
+        progress.blocked[fill]
+    runs, _ = ex.load_results(tmp_path / "results")
+    assert list(runs["repeat"]) == [0] and list(runs["generator"]) == ["sample"]
+    train_for_sample(data, split, cfg["generator_fraction"], 1, progress=False)
+    progress = ex.run_grid("quick", available_generators=True, **kwargs)
+    assert progress.runs_written == 1 and progress.remaining == [leaky]
+    runs, _ = ex.load_results(tmp_path / "results")
+    assert sorted(runs["repeat"]) == [0, 1] and runs["run_key"].is_unique

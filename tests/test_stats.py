@@ -150,6 +150,10 @@ def test_compare_cells_names_a_missing_cell():
 def test_cell_summary_has_intervals_and_confusion_metrics():
     summary = stats.cell_summary(_runs(-0.04), n_boot=300)
     assert len(summary) == 3 and (summary["n"] == 20).all()
+    # 30% cells: 5 shared real samples; 100% real: every repeat is its own unit
+    assert sorted(summary["clusters"]) == [5, 5, 20]
+    one_sample = _runs(-0.04).query("sample_index == 0")  # a cell run one generator at a time
+    assert set(stats.cell_summary(one_sample, n_boot=100)["clusters"]) == {1, 4}
     for metric in ("final_val_loss", "final_test_macro_f1", "final_test_recall_Moderate_Demented"):
         assert (summary[f"{metric}_low"] <= summary[metric]).all()
         assert (summary[metric] <= summary[f"{metric}_high"]).all()

@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--train-generators", action="store_true",
                    help="train (or resume) missing generators of the local backend inside "
                         "the time budget, instead of listing their cells as blocked")
+    p.add_argument("--available-generators", action="store_true",
+                   help="run the repeats of a synthetic cell whose generators are trained "
+                        "(repeat r uses generator r mod G) and leave the rest for later")
     p.add_argument("--source", default=None,
                    help="image folder, parquet, save_to_disk folder or hub id "
                         "(default: $MRILIB_DATA, else the hub dataset)")
@@ -39,7 +42,8 @@ def run(args) -> int:
         return 0
     progress = run_grid(args.preset, args.results, resume=args.resume,
                         max_minutes=args.max_minutes, device=args.device,
-                        train_generators=args.train_generators, source=args.source)
+                        train_generators=args.train_generators, source=args.source,
+                        available_generators=args.available_generators)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")

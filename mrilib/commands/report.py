@@ -315,11 +315,14 @@ def _cells_section(runs, n_boot, seed) -> str:
     from ..plots import results as plots
 
     summary = stats.cell_summary(runs, n_boot=n_boot, seed=seed)
-    shown = summary[[*stats.CELL_COLUMNS, "n", "init"]].copy()
+    shown = summary[[*stats.CELL_COLUMNS, "n", "clusters", "init"]].copy()
     shown["real_fraction"] = [f"{x:.0%}" for x in shown["real_fraction"]]
     for metric in stats.default_metrics(runs):
         shown[metric] = [plots.format_interval(e, lo, hi, digits=3) for e, lo, hi in
                          zip(summary[metric], summary[f"{metric}_low"], summary[f"{metric}_high"])]
     return "\n\n".join(["## Every cell", "Medians [95% interval] over repeats; accuracy, "
-                        "macro-F1 and recall from the test confusion matrices.",
+                        "macro-F1 and recall from the test confusion matrices. `clusters`: "
+                        "the independent units the bootstrap resamples (repeats that share "
+                        "a real sample count once); an interval over few of them is "
+                        "optimistic.",
                         markdown_table(shown, index=False)])

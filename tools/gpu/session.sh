@@ -26,6 +26,9 @@
 # Knobs (environment): GEN_MINUTES (generator training inside `grid`, default 5),
 # GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
 # SKIP_GEN=1 (`grid` trains no generators: a second call on a still-warm machine),
+# GRID_ARGS (extra `grid` arguments, e.g. "--available-generators": the repeats of
+# synthetic cells whose generator is here run now, the rest later; only once the
+# generator is settled: the design hash does not cover the generator's settings),
 # SKIP_GEN_OUT=1 (send no generators back: they came back from an earlier call or were
 # carried in; `all` sets it when a generator was carried in),
 # BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"), BENCH_ARGS (extra `bench train`
@@ -180,8 +183,9 @@ grid() {  # the thesis grid for the time left (cells whose generators are missin
   # repeats, never those of finished cells (rows are fsync'd).
   local left; left=$(left_s)
   if [ "$left" -ge 120 ]; then
+    # shellcheck disable=SC2086
     within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
-      --max-minutes "$(( left / 60 - 1 ))"
+      --max-minutes "$(( left / 60 - 1 ))" ${GRID_ARGS:-}
   fi
   $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
 }
