@@ -302,7 +302,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                      "epochs": epochs, "batch_size": train_cfg["batch_size"],
                      "lr": train_cfg["lr"], "amp_mrilib": train_cfg["amp"],
                      "naive_workers": workers, "naive_precision": "fp32",
-                     "deterministic_mrilib": train_cfg["deterministic"]},
+                     "deterministic_mrilib": train_cfg["deterministic"],
+                     "test_every_epoch": train_cfg["test_every_epoch"]},
         "load_seconds": load_seconds,
         "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
                   "n_train": naive[0]["n_train"],
@@ -352,7 +353,9 @@ def report(result: dict) -> str:
         f"test {s['n_test']} images evaluated every epoch",
         f"device {result['device']} | torch {result['torch']} | preset {result['preset']} | "
         f"{result['date']} | mrilib amp {s['amp_mrilib']}"
-        + ("" if s.get("deterministic_mrilib", True) else " | non-deterministic kernels"),
+        + ("" if s.get("deterministic_mrilib", True) else " | non-deterministic kernels")
+        + ("" if s.get("test_every_epoch", True) else " | test split at the final and best "
+           "epochs only"),
         f"{'approach':<82}{'reps':>5}{'s/replicate':>13}{'speedup':>9}{'val acc':>9}",
     ]
     for title, key in rows:

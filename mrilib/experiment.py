@@ -315,7 +315,8 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     """
     from .train import model_settings
 
-    run_only = ("max_parallel", "eval_batch_size")  # how a run is batched, not what it learns
+    # How a run is batched and which epochs it tests, not what it learns.
+    run_only = ("max_parallel", "eval_batch_size", "test_every_epoch")
     training = {k: v for k, v in model_settings(model, **cfg["train"]).items()
                 if k not in run_only}
     relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction",

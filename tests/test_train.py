@@ -491,17 +491,19 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
     args = _parse(bench_cmd, ["bench", "train", "--source", str(root), "--model", "basic_cnn",
                               "--aug", "hflip", "--replicates", "2", "--naive-workers", "0",
                               "--real-frac", "0.5", "--epochs", "1", "--device", "cpu",
-                              "--out", str(tmp_path), "--nondeterministic", "--profile"])
+                              "--out", str(tmp_path), "--nondeterministic", "--profile",
+                              "--test-at-ends"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "(a) naive" in text and "(c) mrilib, 2 replicates at once" in text
     assert "non-deterministic kernels" in text
-    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet-profile.json")
+    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet-testends-profile.json")
     result = json.loads(saved.read_text())
+    assert result["settings"]["test_every_epoch"] is False and "final and best" in text
     # The profile covers one more epoch of (c): every step and both evaluation passes.
     prof = result["profile"]
     steps = -(-result["settings"]["n_train"] // result["settings"]["batch_size"])
-    assert (prof["step"]["count"], prof["evaluate"]["count"]) == (steps, 2)
+    assert (prof["step"]["count"], prof["evaluate"]["count"]) == (steps, 3)  # val; test x2
     assert 0 < prof["step"]["host_ms"] and 0 < prof["evaluate"]["host_ms"] < 1000 * prof["wall_s"]
     assert "training step (%dx)" % steps in text and "aten::" in prof["table"]
     assert result["settings"]["deterministic_mrilib"] is False
@@ -554,3 +556,25 @@ def test_cuda_replicates_together_match_one_at_a_time_in_fp32():
              for j, s in enumerate([1, 2, 3])]
     for a, b in zip(together, alone):
         assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["basic_cnn", "resnet18"])
+def test_testing_only_final_and_best_epochs_gives_the_same_records(name):
+    """test_every_epoch=False keeps each replicate's best weights and tests them at the end."""
+    images, labels, index, val, test = tiny_problem(k=3)
+    kw = dict(aug="hflip", device="cpu", epochs=6, batch_size=4, lr=1e-2, max_parallel=3)
+    every = train_replicates(name, images, labels, index, val, test, [0, 1, 2], **kw)
+    ends = train_replicates(name, images, labels, index, val, test, [0, 1, 2],
+                            test_every_epoch=False, **kw)
+    # the best epoch is not always the last, so the best weights really were kept
+    assert any(r["best"]["epoch"] != r["final"]["epoch"] for r in every)
+    for a, b in zip(every, ends):
+        for which in ("final", "best"):
+            assert b[which]["epoch"] == a[which]["epoch"]
+            for key in ("val_loss", "test_loss", "test_acc"):
+                assert b[which][key] == pytest.approx(a[which][key], rel=1e-5, abs=1e-6)
+            assert b[which]["test_confusion"] == a[which]["test_confusion"]
+        tested = {h["epoch"] for h in b["history"] if h["test_loss"] is not None}
+        assert tested == {b["best"]["epoch"], b["final"]["epoch"]}
+        assert [h["val_loss"] for h in b["history"]] == [h["val_loss"] for h in a["history"]]
+        assert b["test_every_epoch"] is False and a["test_every_epoch"] is True

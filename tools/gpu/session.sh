@@ -246,6 +246,9 @@ case "$stage" in
     compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}*.json" > /dev/null || \
       BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --profile" \
       BENCH_CAP=60 bench_train
+    # What testing every epoch costs (41% of the basic CNN's epoch is evaluation).
+    BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends" \
+      BENCH_CAP=45 bench_train
     # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
     # and background at five strengths over its whole sample (#4: the default strength
     # 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s here.
