@@ -168,13 +168,14 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
     """One epoch of (c) under ``torch.profiler``: where a step's time goes.
 
     Per training step (all K replicates: forward, backward, Adam): the host's wall time
-    inside the step and the device time of the kernels it launched; the same for one
-    evaluation pass; the kernel launches per step; and the ops that took most device
-    time (CPU time on a CPU). A step whose device time is far below its host time is
-    launch- or Python-bound: more replicates per group are nearly free and CUDA graphs
-    would help; a step whose device time fills it is bound by its kernels, and the top
-    ops say which. Profiling adds a few microseconds per op on the host, so the host
-    times here are upper bounds; the device times are not inflated.
+    inside the step and the span of the same range on the device timeline (from its
+    first kernel to its last, the backward's included, which autograd launches from
+    its own thread); the same for one evaluation pass; device operations per step; and
+    the ops that took most device time (CPU time on a CPU). A device span well below the
+    host time means a launch- or Python-bound step (more replicates per group nearly
+    free, CUDA graphs would help); a device span at or above it, a step bound by its
+    kernels, and the top ops say which. Profiling adds a few microseconds per op on the
+    host, so host times are upper bounds; device times are not inflated.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -192,20 +193,28 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
         wall = time.perf_counter() - start
     events = prof.events()
 
+    on_host = [e for e in events if e.device_type == DeviceType.CPU]
+    on_device = [e for e in events if e.device_type != DeviceType.CPU]
+
     def ranges(name):
-        found = [e for e in events if e.name == name and e.device_type == DeviceType.CPU]
-        n = max(len(found), 1)
-        return {"count": len(found),
-                "host_ms": sum(e.cpu_time_total for e in found) / n / 1000,
-                "device_ms": sum(e.device_time_total for e in found) / n / 1000}
+        host = [e for e in on_host if e.name == name]
+        # The range as the device saw it (a GPU annotation): a CPU range's
+        # device_time_total would miss the backward's kernels, launched from autograd's
+        # own thread on CUDA (the first H100 profile read 7.7 of 17.2 ms per step so).
+        spans = [e for e in on_device if e.name == name]
+        return {"count": len(host),
+                "host_ms": sum(e.cpu_time_total for e in host) / max(len(host), 1) / 1000,
+                "device_ms": sum(e.time_range.elapsed_us() for e in spans)
+                / max(len(spans), 1) / 1000}
 
     step, evaluation = ranges(PROFILE_STEP), ranges(PROFILE_EVAL)
-    # Device busy time from the device's own events (kernels, copies, memsets), not from
-    # key_averages(): there each kernel's time is counted twice (its own row and the op
-    # that launched it) and the named ranges appear once more as GPU annotations (the
-    # first H100 profile read 196% busy that way).
-    ops = [e for e in events if e.device_type != DeviceType.CPU
-           and e.name not in (PROFILE_STEP, PROFILE_EVAL)
+    # Device busy time from the device's own operations (kernels, copies, memsets), not
+    # key_averages(), which counts each kernel twice (as itself and in the op that
+    # launched it). Annotations (ours and torch's own ranges, such as the optimizer's)
+    # also appear on the device timeline, under a name the host side has too: kernels
+    # and copies never do, whatever this torch version calls its annotation flag.
+    host_names = {e.name for e in on_host}
+    ops = [e for e in on_device if e.name not in host_names
            and not getattr(e, "is_user_annotation", False)]
     kernels = len(ops)
     device_us = sum(e.time_range.elapsed_us() for e in ops)
@@ -287,8 +296,11 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
 
     # -- what the parallel run achieved: FLOP rate and step time
     flops = flops_per_image(model, size)
-    n_train, n_eval = index.shape[1], len(split.val) + len(split.test)
+    n_train = index.shape[1]
     epochs = train_cfg["epochs"]
+    # test_every_epoch=False tests the final and best weights only: twice at most
+    tested = epochs if train_cfg["test_every_epoch"] else min(epochs, 2)
+    n_eval = len(split.val) + len(split.test) * tested / epochs  # per epoch, on average
     work = k_p * epochs * (n_train * flops["train"] + n_eval * flops["forward"])
     steps = epochs * math.ceil(n_train / train_cfg["batch_size"])
     per = {"naive": sum(r["seconds"] for r in naive) / len(naive),
@@ -350,7 +362,9 @@ def report(result: dict) -> str:
         f"bench train: {result['model']} ({init}), aug {result['aug']}, "
         f"{s['real_frac']:.0%} real = {s['n_train']} training images, {s['epochs']} epochs, "
         f"batch {s['batch_size']}, lr {s['lr']:g}, {s['img_size']}px; val {s['n_val']} + "
-        f"test {s['n_test']} images evaluated every epoch",
+        f"test {s['n_test']} images evaluated "
+        + ("every epoch" if s.get("test_every_epoch", True) else "every epoch (val) / at the "
+           "final and best epochs (test)"),
         f"device {result['device']} | torch {result['torch']} | preset {result['preset']} | "
         f"{result['date']} | mrilib amp {s['amp_mrilib']}"
         + ("" if s.get("deterministic_mrilib", True) else " | non-deterministic kernels")

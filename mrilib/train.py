@@ -485,9 +485,10 @@ class _BestWeights:
         self.state = None
 
     def update(self, epoch: int, val_loss: torch.Tensor) -> None:
-        # Strictly lower only: the first such epoch on ties, argmin's rule in _records.
+        # argmin's rule, which _records applies to the history: strictly lower wins (the
+        # first such epoch on ties), and a NaN (a diverged run) beats any number.
         better = (torch.ones_like(val_loss, dtype=torch.bool) if self.loss is None
-                  else val_loss < self.loss)
+                  else (val_loss < self.loss) | (val_loss.isnan() & ~self.loss.isnan()))
         current = {**self.stack.params, **self.stack.buffers}
         if self.state is None:
             self.state = {name: t.detach().clone() for name, t in current.items()}
@@ -505,14 +506,17 @@ def _test_final_and_best(stack, keeper, test, cfg, device, metrics) -> None:
     epochs = len(metrics["val_loss"])
     with record_function(PROFILE_EVAL):
         final = _evaluate(stack, *test, cfg, device)
-    params, buffers = stack.params, stack.buffers
-    stack.params = {name: keeper.state[name] for name in params}
-    stack.buffers = {name: keeper.state[name] for name in buffers}
-    try:
-        with record_function(PROFILE_EVAL):
-            best = _evaluate(stack, *test, cfg, device)
-    finally:
-        stack.params, stack.buffers = params, buffers
+    if bool((keeper.epoch == epochs - 1).all()):
+        best = final  # every replicate's best weights are its final ones
+    else:
+        params, buffers = stack.params, stack.buffers
+        stack.params = {name: keeper.state[name] for name in params}
+        stack.buffers = {name: keeper.state[name] for name in buffers}
+        try:
+            with record_function(PROFILE_EVAL):
+                best = _evaluate(stack, *test, cfg, device)
+        finally:
+            stack.params, stack.buffers = params, buffers
     k = final[0].shape[0]
     rows = torch.arange(k, device=final[0].device)
     for key, at_final, at_best in zip(("test_loss", "test_acc", "test_confusion"), final, best):
@@ -755,8 +759,11 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
 
     cfg = model_settings(model, **overrides)
     ids = sorted(data.ids[i] for i in torch.as_tensor(train_index).tolist())
+    # test_every_epoch changes which epochs are tested, not the weights (and came after
+    # classifiers were cached under keys without it)
     blob = json.dumps({"ids": ids, "model": model, "seed": seed, "aug": aug,
-                       "split_seed": split.seed, "cfg": {k: str(v) for k, v in cfg.items()}},
+                       "split_seed": split.seed,
+                       "cfg": {k: str(v) for k, v in cfg.items() if k != "test_every_epoch"}},
                       sort_keys=True)
     path = CACHE / "classifiers" / f"{model}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}.pt"
     record_path = path.with_suffix(".json")

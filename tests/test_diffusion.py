@@ -407,6 +407,10 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri):
     assert again["strengths"][0]["fidelity"] == low["fidelity"]
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         strength_sweep(data, split, 0.5, 0, [0.0, 0.5], **kw)
+    with pytest.raises(ValueError, match="generators are numbered"):
+        strength_sweep(data, split, 0.5, 7, [0.5], **kw)
+    with pytest.raises(ValueError, match="one source per class"):
+        strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "max_sources": 2})
 
 
 def test_generator_dir_key(mri):

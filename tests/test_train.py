@@ -503,7 +503,8 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
     # The profile covers one more epoch of (c): every step and both evaluation passes.
     prof = result["profile"]
     steps = -(-result["settings"]["n_train"] // result["settings"]["batch_size"])
-    assert (prof["step"]["count"], prof["evaluate"]["count"]) == (steps, 3)  # val; test x2
+    # val, then test once: after one epoch the best weights are the final ones
+    assert (prof["step"]["count"], prof["evaluate"]["count"]) == (steps, 2)
     assert 0 < prof["step"]["host_ms"] and 0 < prof["evaluate"]["host_ms"] < 1000 * prof["wall_s"]
     assert "training step (%dx)" % steps in text and "aten::" in prof["table"]
     assert result["settings"]["deterministic_mrilib"] is False
@@ -561,8 +562,19 @@ def test_cuda_replicates_together_match_one_at_a_time_in_fp32():
 @pytest.mark.parametrize("name", ["basic_cnn", "resnet18"])
 def test_testing_only_final_and_best_epochs_gives_the_same_records(name):
     """test_every_epoch=False keeps each replicate's best weights and tests them at the end."""
+    check_final_and_best(name, "cpu")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["basic_cnn", "resnet18"])
+def test_cuda_testing_only_final_and_best_epochs_gives_the_same_records(name):
+    check_final_and_best(name, "cuda")
+
+
+def check_final_and_best(name, device):
     images, labels, index, val, test = tiny_problem(k=3)
-    kw = dict(aug="hflip", device="cpu", epochs=6, batch_size=4, lr=1e-2, max_parallel=3)
+    kw = dict(aug="hflip", device=device, epochs=6, batch_size=4, lr=1e-2, max_parallel=3)
     every = train_replicates(name, images, labels, index, val, test, [0, 1, 2], **kw)
     ends = train_replicates(name, images, labels, index, val, test, [0, 1, 2],
                             test_every_epoch=False, **kw)
@@ -578,3 +590,19 @@ def test_testing_only_final_and_best_epochs_gives_the_same_records(name):
         assert tested == {b["best"]["epoch"], b["final"]["epoch"]}
         assert [h["val_loss"] for h in b["history"]] == [h["val_loss"] for h in a["history"]]
         assert b["test_every_epoch"] is False and a["test_every_epoch"] is True
+
+
+def test_best_weights_pick_the_epoch_argmin_picks_nan_included():
+    """The kept weights are those of the epoch the records call best (argmin: NaN first)."""
+    from types import SimpleNamespace
+
+    losses = torch.tensor([[0.5, 0.4, 0.4], [0.5, float("nan"), 0.3], [0.2, 0.3, 0.1]])  # [E, K]
+    weights = torch.zeros(3)
+    stack = SimpleNamespace(params={"w": weights}, buffers={})
+    keeper = train._BestWeights(stack)
+    for e, loss in enumerate(losses):
+        weights.fill_(float(e))  # replicate j's weights at epoch e hold e
+        keeper.update(e, loss)
+    expected = torch.argmin(losses, dim=0)
+    assert keeper.epoch.tolist() == expected.tolist() == [2, 1, 2]
+    assert keeper.state["w"].tolist() == expected.float().tolist()

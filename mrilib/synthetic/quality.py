@@ -129,10 +129,19 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     from .diffusion import LocalDiffusion
     from .mixing import real_sample
 
+    from .diffusion import DEFAULTS, PRESETS
+    from ..config import settings
+
     strengths = [float(s) for s in strengths]
     bad = [s for s in strengths if not 0.0 < s <= 1.0]
     if bad or not strengths:
         raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    n_gen = settings(DEFAULTS, PRESETS)["n_generators"]
+    if not 0 <= generator < n_gen:
+        raise ValueError(f"generator {generator}: generators are numbered 0..{n_gen - 1}")
+    if max_sources is not None and max_sources < len(data.classes):
+        raise ValueError(f"max_sources={max_sources}: give at least one source per class "
+                         f"({len(data.classes)}), or None for the whole sample")
     device = resolve_device(device)
     first = LocalDiffusion.for_repeat(data, split, real_fraction, generator, device=device)
     sample = real_sample(data, split, real_fraction, first.sample_seed)

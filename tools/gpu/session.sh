@@ -230,25 +230,30 @@ case "$stage" in
     SKIP_GEN_OUT=1  # generators here were carried in: they need not come back
     # One lease, ordered by what is still unmeasured after the first two (2026-11-26:
     # H200, then H100; see benchmarks/README.md). The CUDA tests, the ones never finished
-    # on a GPU first (the generator and Grad-CAM on CUDA; the training tests passed on the
-    # H100, the bf16 fixes included). Then ResNet-18 and ViT-Tiny against the notebook
-    # loop (cut off at 75 s each on the H100: they may need 3-4 minutes each with the
-    # profile), the basic CNN only where this card has no benchmark yet, the strength
+    # on a GPU first (the generator and Grad-CAM on CUDA, testing only the final and best
+    # epochs; the training tests passed on the H100, the bf16 fixes included). Then the
+    # basic CNN (where this card has no benchmark yet, and testing at the ends only),
+    # ResNet-18 and ViT-Tiny against the notebook loop (cut off at 75 s each on the H100;
+    # 180 s each now, and whatever the deadline leaves to the ViT), the strength
     # sweep of generator 0 if it was carried in (prepare.sh carries it only when asked:
     # CARRY_GEN0=1; CHAPTER_VARIATIONS=1 also remakes chapter 2-3's variations), the
     # generator's default speed where this card has none, then the grid. No generators
     # are trained: five take 21-26 minutes and only two can travel (see
     # benchmarks/README.md); `quality` trains generator 0, `grid` all five.
-    GPU_TESTS="tests/test_diffusion.py tests/test_cam.py" cuda_tests 100
-    BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
-      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
-      BENCH_CAP=${BENCH_CAP:-230} bench_train
+    GPU_TESTS="tests/test_diffusion.py tests/test_cam.py
+      tests/test_train.py::test_cuda_testing_only_final_and_best_epochs_gives_the_same_records" \
+      cuda_tests 120
     compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}*.json" > /dev/null || \
       BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --profile" \
       BENCH_CAP=60 bench_train
-    # What testing every epoch costs (41% of the basic CNN's epoch is evaluation).
-    BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends" \
-      BENCH_CAP=45 bench_train
+    # What testing every epoch costs (29% of the basic CNN's epoch on the device is
+    # evaluation), with the profile that now times each step's backward too.
+    BENCH_MODELS=basic_cnn \
+      BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends --profile" \
+      BENCH_CAP=50 bench_train
+    BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
+      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
+      BENCH_CAP=${BENCH_CAP:-180} bench_train
     # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
     # and background at five strengths over its whole sample (#4: the default strength
     # 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s here.
@@ -268,8 +273,9 @@ case "$stage" in
     # SNR schedule with v-prediction (the first one, on DDPM's linear schedule, painted
     # grey: see mrilib/synthetic/diffusion.py), then `synth sweep` over its whole sample
     # at six strengths: class fidelity, distance from the source, background. The 0.6
-    # and 1.0 folders the sweep fills are the variations notebooks 02-03 read (one per
-    # source, seed 0): they come back as synthetic.tar.part-* (~34 MiB) with the
+    # and 1.0 folders the sweep fills hold the variations notebook 02 reads (one per
+    # source, seed 0; notebook 03's second variation per source is still made on the
+    # CPU, ~160 of them): they come back as synthetic.tar.part-* (~34 MiB) with the
     # generator (12 MiB). About 5.2 minutes of training on an H100 (benchmarks/).
     [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
