@@ -828,8 +828,9 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     listed, with the repeats that wait, for a later chunk. A lease that trains generator
     g can so run every synthetic cell's repeats g, g + G, ... without the other
     generators, which need not travel to it. Intervals of a cell that holds one sample's
-    repeats only miss the variation between samples: the report says how many repeats
-    each median rests on. ``resume=False`` refuses to touch a folder that already holds runs. ``data`` defaults
+    repeats only miss the variation between samples: the report's ``clusters`` column
+    says how many samples each median rests on. ``resume=False`` refuses to touch a
+    folder that already holds runs. ``data`` defaults
     to ``load_mri(source)`` (a stratified ``data_fraction`` of it) and ``split`` to its
     fixed split; data passed in is used as given.
     """

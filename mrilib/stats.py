@@ -306,9 +306,10 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
     Columns: the cell columns, ``n``, ``clusters`` (the independent units the bootstrap
     resamples: real samples where repeats share them; a cell run one generator at a
     time can hold one, and its interval then misses the variation between samples),
-    ``init``, ``diverged`` (runs whose final validation loss is missing or infinite), and ``<metric>``, ``<metric>_low``, ``<metric>_high``
-    for each metric (default: final and best validation and test cross-entropy, test
-    accuracy and macro-F1, and Moderate_Demented test recall).
+    ``init``, ``diverged`` (runs whose final validation loss is missing or infinite),
+    and ``<metric>``, ``<metric>_low``, ``<metric>_high`` for each metric (default:
+    final and best validation and test cross-entropy, test accuracy and macro-F1, and
+    Moderate_Demented test recall).
     """
     runs = _with_metrics(runs)
     metrics = list(metrics or default_metrics(runs))

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-profile].{txt,json} to DIR (K when --replicates is given)")
+                        "[-nondet][-testends][-profile].{txt,json} to DIR (K when "
+                        "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
 

@@ -124,13 +124,11 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     trained on the same sample (seed 0), whose per-class accuracy on the real test split
     is reported beside them as the ceiling to read fidelity against.
     """
+    from ..config import settings
     from ..train import resolve_device, trained_classifier
     from .cache import generate_cached
-    from .diffusion import LocalDiffusion
+    from .diffusion import DEFAULTS, PRESETS, LocalDiffusion, trained_generator
     from .mixing import real_sample
-
-    from .diffusion import DEFAULTS, PRESETS
-    from ..config import settings
 
     strengths = [float(s) for s in strengths]
     bad = [s for s in strengths if not 0.0 < s <= 1.0]
@@ -143,8 +141,8 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
         raise ValueError(f"max_sources={max_sources}: give at least one source per class "
                          f"({len(data.classes)}), or None for the whole sample")
     device = resolve_device(device)
-    first = LocalDiffusion.for_repeat(data, split, real_fraction, generator, device=device)
-    sample = real_sample(data, split, real_fraction, first.sample_seed)
+    path = trained_generator(data, split, real_fraction, generator)
+    sample = real_sample(data, split, real_fraction, generator)  # what generator g learned from
     sources = _balanced_sources(data.labels, sample, max_sources, seed)
     src, lab = data.images[sources], data.labels[sources]
     ids = [data.ids[i] for i in sources.tolist()]
@@ -155,8 +153,7 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
                           data.classes)
     rows = []
     for s in strengths:
-        backend = LocalDiffusion(first.path, strength=s, device=device,
-                                 sample_seed=first.sample_seed)
+        backend = LocalDiffusion(path, strength=s, device=device, sample_seed=generator)
         made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
                                        progress=progress, batch_size=backend.max_batch)
         variations = made[:, 0]
@@ -170,7 +167,7 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
                                    .flatten(1).mean(1).sqrt().median()),
             "generated": report["generated"], "cached": report["cached"],
             "seconds": report["seconds"], "cache_dir": str(report["dir"])})
-    return {"generator": str(first.path), "real_fraction": real_fraction,
+    return {"generator": str(path), "real_fraction": real_fraction,
             "generator_index": generator, "seed": seed, "n_sources": len(sources),
             "sources_per_class": {name: int((lab == c).sum()) for c, name in enumerate(data.classes)},
             "classifier_real_test": real, "classifier_real_test_balanced": _mean(real.values()),
