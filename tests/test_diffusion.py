@@ -248,6 +248,72 @@ def test_strength_zero_is_the_source_and_one_ignores_it(trained):
     assert torch.equal(out[0], out[1])  # a fresh sample: only label and seed matter
 
 
+class _FakeUNet(torch.nn.Module):
+    """Answers ``fn(class label)`` everywhere: what guidance does with it is visible."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, class_labels):
+        from types import SimpleNamespace
+
+        out = self.fn(class_labels.to(x.dtype))[:, None, None, None].expand_as(x)
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("w", [2.0, 3.5])
+def test_guidance_combines_the_class_and_class_free_outputs(trained, w):
+    # output = free + w (cond - free), with "free" the null class (id 4): run once guided
+    # and once unguided with a UNet that answers that combination itself.
+    path, images, labels, _ = trained
+    guided = LocalDiffusion(path, guidance_scale=w)
+    plain = LocalDiffusion(path, guidance_scale=1.0)
+    null = diffusion.null_class(guided.cfg)
+    assert null == len(CLASSES)
+    guided.unet = _FakeUNet(lambda c: 0.1 * c - 0.2)
+    plain.unet = _FakeUNet(lambda c: (0.1 * null - 0.2) + w * 0.1 * (c - null))
+    a = guided.generate(images[:4], labels[:4], [1, 2, 3, 4])
+    b = plain.generate(images[:4], labels[:4], [1, 2, 3, 4])
+    assert torch.equal(a, b)
+    assert guided.params()["guidance_scale"] == w and plain.params()["guidance_scale"] == 1.0
+
+
+def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):
+    images, labels, ids = tiny_images(8)
+    cfg = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = diffusion.build_unet(cfg).class_embedding.weight.detach()
+    learned = state_of(trained[0])["model"]["class_embedding.weight"]  # seed 0, defaults
+    assert init.shape[0] == learned.shape[0] == len(CLASSES) + 1
+    assert not torch.equal(learned[len(CLASSES)], init[len(CLASSES)])  # it was trained
+    path = train_generator(images, labels, 0, tmp_path, ids=ids, progress=False,
+                           class_dropout=0.0)
+    assert state_of(path)["model"]["class_embedding.weight"].shape[0] == len(CLASSES)
+    assert LocalDiffusion(path).guidance_scale == 1.0  # the default needs no class-free output
+    with pytest.raises(ValueError, match="without class_dropout"):
+        LocalDiffusion(path, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="guidance_scale=0.5"):
+        LocalDiffusion(trained[0], guidance_scale=0.5)
+    with pytest.raises(ValueError, match="class_dropout=1"):
+        train_generator(images, labels, 0, tmp_path / "x", ids=ids, progress=False,
+                        class_dropout=1.0)
+
+
+def test_sampling_settings_come_from_the_settings_in_force(tmp_path):
+    # A checkpoint stores the config it was trained under; strength and DDIM steps are
+    # choices about sampling, so a generator trained under other ones samples as told now.
+    images, labels, ids = tiny_images(8)
+    path = train_generator(images, labels, 0, tmp_path, ids=ids, progress=False, strength=0.2,
+                           ddim_steps=9)
+    assert state_of(path)["config"]["strength"] == 0.2
+    now = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)
+    backend = LocalDiffusion(path)
+    assert (backend.strength, backend.ddim_steps) == (now["strength"], now["ddim_steps"])
+    assert LocalDiffusion(path, strength=0.3, ddim_steps=7).params()["ddim_steps"] == 7
+
+
 def test_registered_as_local(trained):
     from mrilib.synthetic import get_backend
 
@@ -411,6 +477,14 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri):
         strength_sweep(data, split, 0.5, 7, [0.5], **kw)
     with pytest.raises(ValueError, match="one source per class"):
         strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "max_sources": 2})
+    with pytest.raises(ValueError, match="weights >= 1"):
+        strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "guidance_scales": [0.5]})
+    # guidance weights: a row per (weight, strength), the unguided rows from the cache
+    both = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], guidance_scales=[1, 3], **kw)
+    assert [(r["guidance_scale"], r["strength"]) for r in both["strengths"]] == [
+        (1.0, 0.2), (1.0, 1.0), (3.0, 0.2), (3.0, 1.0)]
+    assert [r["cached"] for r in both["strengths"]] == [8, 8, 0, 0]
+    assert both["strengths"][2]["cache_dir"] != both["strengths"][0]["cache_dir"]
 
 
 def test_generator_dir_key(mri):
@@ -470,14 +544,19 @@ def test_cli_sweep(folder, run_cli, tmp_path, monkeypatch):
                    "--json")[0] == 0
     out_file = tmp_path / "sweep.json"
     code, out, _ = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,0.9",
-                           "--max-sources", "4", "--source", folder, "--out", str(out_file))
+                           "--guidance", "1,2", "--max-sources", "4", "--source", folder,
+                           "--out", str(out_file))
     assert code == 0 and "balanced" in out and "0.30" in out and "0.90" in out
     saved = json.loads(out_file.read_text())
-    assert [r["strength"] for r in saved["strengths"]] == [0.3, 0.9]
+    assert [(r["guidance_scale"], r["strength"]) for r in saved["strengths"]] == [
+        (1.0, 0.3), (1.0, 0.9), (2.0, 0.3), (2.0, 0.9)]
     assert saved["n_sources"] == 4 and saved["provenance"]["device_name"]
     code, _, err = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,x",
                            "--source", folder)
     assert code == 2 and "--strengths" in err
+    code, _, err = run_cli("synth", "sweep", "--real-frac", "0.5", "--guidance", "two",
+                           "--source", folder)
+    assert code == 2 and "--guidance" in err
 
 
 def test_cli_errors_are_clear(folder, run_cli):

@@ -93,3 +93,7 @@ def test_chapter2_figures_render():
              "strengths": [{**row, "strength": 0.3}, {**row, "strength": 0.6}]}
     fig = strength_sweep_figure(sweep, note="tiny generator")
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) >= 3
+    guided = {**sweep, "strengths": [{**r, "guidance_scale": w} for w in (1.0, 3.0)
+                                     for r in sweep["strengths"]]}
+    fig = strength_sweep_figure(guided)
+    assert len(fig.axes) == 3 and "guidance 3" in fig.axes[1].get_title()

@@ -3,7 +3,7 @@
     synth train --real-frac 0.3 [--seed G] --minutes 9 --device cuda   (rerun until "done")
     synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
-    synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--max-sources N] [--out FILE]
+    synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
 
 ``train`` without ``--seed`` trains the G generators of X one after another within the
 time budget, so one command, repeated, trains them all on a machine that runs a command
@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                         "generator r mod G (local) or the sample drawn with r (openai)")
     g.add_argument("--strength", type=float, default=None,
                    help="local: SDEdit noise level, 0 = the source .. 1 = a fresh sample")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="local: classifier-free guidance weight, 1 = none (default: the "
+                        "preset's guidance_scale)")
     g.add_argument("--limit-sources", type=int, default=None,
                    help="use only the first N images of the sample (a trial run)")
     g.add_argument("--leaky", action="store_true", help="local: use the leaky ablation generator")
@@ -77,6 +80,9 @@ def add_parser(sub) -> None:
                         "generator's DEFAULTS)")
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN autotune its convolution algorithms (training only)")
+    b.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight of the timed variations (> 1 runs "
+                        "the UNet twice per step); default: the preset's")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
 
@@ -87,6 +93,9 @@ def add_parser(sub) -> None:
     w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
     w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
                    help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
+    w.add_argument("--guidance", default="1",
+                   help="comma-separated classifier-free guidance weights >= 1 (default 1: "
+                        "none); each is swept over every strength")
     w.add_argument("--max-sources", type=int, default=None,
                    help="at most N sources, in equal shares per class (default: the whole "
                         "sample; on a CPU a variation costs seconds)")
@@ -197,10 +206,12 @@ def _backend(args, data, split):
 
         return LocalDiffusion.for_repeat(data, split, args.real_frac, args.seed,
                                          leaky=args.leaky, strength=args.strength,
-                                         device=args.device,
+                                         guidance_scale=args.guidance, device=args.device,
                                          allow_unfinished=args.allow_unfinished)
-    if args.strength is not None or args.leaky or args.allow_unfinished:
-        raise ValueError("--strength, --leaky and --allow-unfinished apply to --backend local only")
+    if args.strength is not None or args.guidance is not None or args.leaky \
+            or args.allow_unfinished:
+        raise ValueError("--strength, --guidance, --leaky and --allow-unfinished apply to "
+                         "--backend local only")
     from ..synthetic.base import get_backend
 
     overrides = {k: getattr(args, k) for k in ("model", "route", "max_images", "max_cost",
@@ -216,6 +227,8 @@ def run_bench(args) -> int:
     from ..synthetic.diffusion import benchmark
 
     speed = {k: True for k in ("channels_last", "cudnn_benchmark") if getattr(args, k)}
+    if args.guidance is not None:
+        speed["guidance_scale"] = args.guidance
     result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations,
                        **speed)
     result.update(preset=preset_name(), provenance=provenance(args.device))
@@ -234,15 +247,12 @@ def run_sweep(args) -> int:
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
 
-    try:
-        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--strengths {args.strengths!r}: give numbers separated by commas, "
-                         f"e.g. 0.4,0.6,0.8") from None
+    strengths = _numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
+    scales = _numbers(args.guidance, "--guidance", "1,2,4")
     data = load_mri(args.source)
     result = strength_sweep(data, split_mri(data), args.real_frac, args.generator, strengths,
                             max_sources=args.max_sources, seed=args.seed, device=args.device,
-                            progress=not args.json)
+                            progress=not args.json, guidance_scales=scales)
     result.update(preset=preset_name(), provenance=provenance(args.device))
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
@@ -252,13 +262,22 @@ def run_sweep(args) -> int:
     names = list(result["classifier_real_test"])
     print(f"generator {result['generator']}: {result['n_sources']} sources "
           f"{result['sources_per_class']}; chance {result['chance']:.2f}")
-    print(f"{'strength':>8} {'balanced':>9} " + " ".join(f"{n[:12]:>12}" for n in names)
-          + f" {'grey bg':>8} {'rms to src':>10}")
-    print(f"{'real':>8} {result['classifier_real_test_balanced']:>9.3f} "
+    print(f"{'guidance':>8} {'strength':>8} {'balanced':>9} "
+          + " ".join(f"{n[:12]:>12}" for n in names) + f" {'grey bg':>8} {'rms to src':>10}")
+    print(f"{'':>8} {'real':>8} {result['classifier_real_test_balanced']:>9.3f} "
           + " ".join(f"{result['classifier_real_test'][n]:>12.3f}" for n in names)
           + f" {'':>8} {'':>10}   (the classifier on real test slices)")
     for row in result["strengths"]:
-        print(f"{row['strength']:>8.2f} {row['balanced_fidelity']:>9.3f} "
+        print(f"{row['guidance_scale']:>8g} {row['strength']:>8.2f} "
+              f"{row['balanced_fidelity']:>9.3f} "
               + " ".join(f"{row['fidelity'][n]:>12.3f}" for n in names)
               + f" {row['background_grey']:>8.1f} {row['rms_to_source']:>10.1f}")
     return 0
+
+
+def _numbers(text: str, flag: str, example: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give numbers separated by commas, "
+                         f"e.g. {example}") from None

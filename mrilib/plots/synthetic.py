@@ -90,24 +90,39 @@ def class_fidelity_figure(fidelity: dict[str, dict[str, float]], note: str | Non
 
 
 def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None = None):
-    """Class fidelity per class (left) and distance from the source and background (right)
-    against SDEdit strength, from :func:`mrilib.synthetic.quality.strength_sweep`."""
-    rows = sweep["strengths"]
-    s = [r["strength"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in sweep["classifier_real_test"]:
-        line, = left.plot(s, [r["fidelity"][name] for r in rows], "o-", label=name.replace("_", " "))
-        # the classifier's accuracy on real test slices of the class: the ceiling
-        left.axhline(sweep["classifier_real_test"][name], color=line.get_color(), ls=":", lw=1)
-    left.plot(s, [r["balanced_fidelity"] for r in rows], "k.-", lw=2, label="balanced (mean)")
-    left.axhline(sweep["chance"], color="k", ls="--", lw=1, label="chance")
-    left.set(xlabel="strength (0 = the source, 1 = a fresh sample)", ylim=(0, 1.05),
-             ylabel="real-only classifier's accuracy",
-             title=f"Class fidelity ({sweep['n_sources']} sources; dotted: real test slices)")
-    left.legend(fontsize=7)
-    right.plot(s, [r["rms_to_source"] for r in rows], "o-", label="median RMS to its source")
-    right.plot(s, [r["background_grey"] for r in rows], "s-",
-               label="mean grey where the source is black")
+    """Class fidelity per class against SDEdit strength (one panel per guidance weight),
+    and distance from the source and background (last panel), from
+    :func:`mrilib.synthetic.quality.strength_sweep`."""
+    by_scale: dict[float, list] = {}
+    for r in sweep["strengths"]:  # sweeps made before guidance existed ran at 1
+        by_scale.setdefault(r.get("guidance_scale", 1.0), []).append(r)
+    fig, axes = plt.subplots(1, len(by_scale) + 1, figsize=(5 * (len(by_scale) + 1), 3.6),
+                             squeeze=False)
+    for left, (w, rows) in zip(axes[0], by_scale.items()):
+        s = [r["strength"] for r in rows]
+        for name in sweep["classifier_real_test"]:
+            line, = left.plot(s, [r["fidelity"][name] for r in rows], "o-",
+                              label=name.replace("_", " "))
+            # the classifier's accuracy on real test slices of the class: the ceiling
+            left.axhline(sweep["classifier_real_test"][name], color=line.get_color(), ls=":",
+                         lw=1)
+        left.plot(s, [r["balanced_fidelity"] for r in rows], "k.-", lw=2,
+                  label="balanced (mean)")
+        left.axhline(sweep["chance"], color="k", ls="--", lw=1, label="chance")
+        guidance = "no guidance" if w == 1 else f"guidance {w:g}"
+        left.set(xlabel="strength (0 = the source, 1 = a fresh sample)", ylim=(0, 1.05),
+                 ylabel="real-only classifier's accuracy",
+                 title=f"Class fidelity, {guidance}\n({sweep['n_sources']} sources; "
+                       f"dotted: real test slices)")
+        left.legend(fontsize=7)
+    right = axes[0, -1]
+    for w, rows in by_scale.items():
+        s = [r["strength"] for r in rows]
+        tag = "" if len(by_scale) == 1 else f", guidance {w:g}"
+        right.plot(s, [r["rms_to_source"] for r in rows], "o-",
+                   label=f"median RMS to its source{tag}")
+        right.plot(s, [r["background_grey"] for r in rows], "s--",
+                   label=f"mean grey where the source is black{tag}")
     right.set(xlabel="strength", ylabel="gray levels (0-255)",
               title="How far variations move from their source")
     right.legend(fontsize=7)

@@ -96,6 +96,13 @@ DEFAULTS = {
     # (epsilon, no rescaling): see _schedule_kwargs.
     "rescale_betas_zero_snr": True,
     "prediction_type": "v_prediction",  # "epsilon" (DDPM) or "v_prediction" (Salimans & Ho)
+    # Classifier-free guidance (Ho & Salimans 2022): this share of training images is shown
+    # with a "no class" label (an extra class embedding), so that one model also learns
+    # the class-free distribution and sampling can push away from it (guidance_scale).
+    # Why: the first generator's strength-0.6 variations kept NonDemented (0.92 by a
+    # real-only classifier) but drifted towards it for the rarer classes (Mild 0.32,
+    # Moderate 0.14). 0.1 is the paper's value; 0 trains a purely conditional model.
+    "class_dropout": 0.1,
     # --- training ---
     "steps": 4000,  # optimizer steps in all (~180 passes over a 30% sample at batch 64);
     # picked to fit the 5-minute target on an H100, not yet measured: see synth bench
@@ -126,6 +133,11 @@ DEFAULTS = {
     # --- sampling ---
     "strength": 0.6,  # SDEdit noise level of a variation: 0 = the source, 1 = a fresh sample
     "ddim_steps": 50,  # DDIM steps for strength 1; a variation runs strength x ddim_steps
+    # Classifier-free guidance weight w: output = uncond + w (cond - uncond). 1 = the plain
+    # conditional model (one UNet pass per step); > 1 sharpens the class at the cost of a
+    # second, class-free pass per step and of diversity. Stays 1 until `synth sweep
+    # --guidance` has measured what it buys on the full generator.
+    "guidance_scale": 1.0,
     "sample_batch": 256,  # images per UNet call when generating (GPU memory, not results)
 }
 
@@ -152,7 +164,11 @@ PRESETS = {
 
 # Settings that change how a run is split up or sampled, not which weights it produces.
 _RUN_ONLY = ("steps", "checkpoint_minutes", "log_every", "n_generators", "strength",
-             "ddim_steps", "sample_batch", "channels_last", "cudnn_benchmark")
+             "ddim_steps", "guidance_scale", "sample_batch", "channels_last", "cudnn_benchmark")
+# What a variation depends on besides the weights: read from the settings in force when
+# a backend is built (not from the checkpoint, whose copy says how it was configured when
+# trained), so that changing one retrains nothing and is seen by the design hash.
+_SAMPLING = ("strength", "ddim_steps", "guidance_scale")
 
 
 class LeakageError(ValueError):
@@ -167,11 +183,32 @@ def training_settings(cfg: Mapping) -> dict:
             if k not in _RUN_ONLY}
 
 
+def design_settings(**overrides) -> dict:
+    """What the images of a generator trained now depend on, besides its training images.
+
+    The settings its weights depend on (:func:`training_settings`), its length
+    (``steps``) and the sampling settings, as in force for the current preset: what
+    :func:`mrilib.experiment.design_hash` covers for synthetic cells.
+    """
+    cfg = settings(DEFAULTS, PRESETS, **overrides)
+    return {**training_settings(cfg), "steps": cfg["steps"],
+            **{k: cfg[k] for k in _SAMPLING}, "diffusers": diffusers.__version__}
+
+
+def null_class(cfg: Mapping) -> int | None:
+    """The class id that means "no class" (classifier-free guidance), or None without one."""
+    return len(CLASSES) if cfg.get("class_dropout", 0) > 0 else None
+
+
 def build_unet(cfg: Mapping) -> UNet2DModel:
-    """The class-conditional UNet described by ``cfg`` (random weights)."""
+    """The class-conditional UNet described by ``cfg`` (random weights).
+
+    One class embedding per diagnosis, and one more for "no class" when the model is
+    trained with ``class_dropout`` (checkpoints made before that key have none).
+    """
     return UNet2DModel(
         sample_size=cfg["image_size"], in_channels=1, out_channels=1,
-        num_class_embeds=len(CLASSES),
+        num_class_embeds=len(CLASSES) + (null_class(cfg) is not None),
         block_out_channels=tuple(cfg["block_out_channels"]),
         layers_per_block=cfg["layers_per_block"],
         down_block_types=tuple(cfg["down_block_types"]),
@@ -350,6 +387,9 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
     if minutes is not None and minutes < 0:
         raise ValueError(f"minutes={minutes}: give a non-negative time budget")
     cfg = settings(DEFAULTS, PRESETS, **overrides, **({} if steps is None else {"steps": steps}))
+    if not 0 <= cfg["class_dropout"] < 1:
+        raise ValueError(f"class_dropout={cfg['class_dropout']}: give the share of training "
+                         f"images shown without their class, in [0, 1) (0.1 is usual)")
     device = resolve_device(device)
     out_dir = Path(out_dir)
     identity = _identity(cfg, seed, ids, labels, leaky)
@@ -389,6 +429,7 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
     if cfg["image_size"] != SIZE:  # quick preset: a tiny model works on downscaled slices
         data = ((to_model_scale(data, cfg["image_size"]) + 1) * 127.5).round().to(torch.uint8)
     noise_sched = train_scheduler(cfg)
+    null = null_class(cfg)
 
     def state(done: bool) -> dict:
         return {"identity": identity, "config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -432,8 +473,12 @@ def train_generator(images: torch.Tensor, labels: torch.Tensor, seed: int,
             t = torch.randint(cfg["num_train_timesteps"], (len(idx),), generator=g, device=device)
             noise = torch.randn(x0.shape, generator=g, device=device)
             xt = noise_sched.add_noise(x0, noise, t).contiguous(memory_format=fmt)
+            cls = class_ids[idx]
+            if null is not None:  # classifier-free guidance: some images learn "no class"
+                drop = torch.rand(len(idx), generator=g, device=device) < cfg["class_dropout"]
+                cls = torch.where(drop, null, cls)
             with _autocast(device):
-                pred = unet(xt, t, class_labels=class_ids[idx]).sample
+                pred = unet(xt, t, class_labels=cls).sample
             loss = F.mse_loss(pred.float(), training_target(noise_sched, x0, noise, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -598,6 +643,11 @@ class LocalDiffusion(Backend):
     in rare pixels rather than bit for bit; on one batch layout they are bitwise equal.
     With a model smaller than 128 px (the quick preset) sources are area-downscaled to
     its size and outputs bilinearly upscaled back to 128x128.
+
+    ``strength``, ``ddim_steps``, ``guidance_scale`` and ``sample_batch`` default to the
+    settings in force (DEFAULTS and the preset), not to the checkpoint's copy: they are
+    choices about sampling, which the same weights serve under any of them.
+    ``guidance_scale`` > 1 needs a generator trained with ``class_dropout`` > 0.
     """
 
     name = "local"
@@ -605,7 +655,7 @@ class LocalDiffusion(Backend):
     def __init__(self, checkpoint: str | Path, strength: float | None = None,
                  ddim_steps: int | None = None, device: str | torch.device | None = None,
                  sample_batch: int | None = None, allow_unfinished: bool = False,
-                 sample_seed: int | None = None):
+                 sample_seed: int | None = None, guidance_scale: float | None = None):
         path = _generator_file(Path(checkpoint))
         blob = _load_checkpoint(path)
         if not (blob["done"] or allow_unfinished):
@@ -613,12 +663,22 @@ class LocalDiffusion(Backend):
                              f"{blob['target_steps']} steps; finish it (rerun synth train) "
                              f"or pass allow_unfinished=True for a look at a partial model")
         self.cfg = blob["config"]
-        self.strength = float(self.cfg["strength"] if strength is None else strength)
+        now = settings(DEFAULTS, PRESETS)
+        self.strength = float(now["strength"] if strength is None else strength)
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength={strength}: give a noise level in [0, 1] "
                              f"(0 = the source, 1 = a fresh sample of its class)")
-        self.ddim_steps = int(ddim_steps or self.cfg["ddim_steps"])
-        self.max_batch = int(sample_batch or self.cfg["sample_batch"])
+        self.ddim_steps = int(ddim_steps or now["ddim_steps"])
+        self.max_batch = int(sample_batch or now["sample_batch"])
+        self.guidance_scale = float(now["guidance_scale"] if guidance_scale is None
+                                    else guidance_scale)
+        self.null_class = null_class(self.cfg)
+        if self.guidance_scale < 1.0 or (self.guidance_scale != 1.0 and self.null_class is None):
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale:g}: give 1 (the conditional model alone)"
+                + (" or more" if self.null_class is not None else
+                   f"; the generator at {path.parent} was trained without class_dropout, so "
+                   f"it has no class-free output to guide against (retrain it to use > 1)"))
         self.device = resolve_device(device)
         self.path = path
         # The real sample this generator belongs to (mixing draws the same one); None for
@@ -645,6 +705,7 @@ class LocalDiffusion(Backend):
         return {"backend": self.name, "weights": self.weights_sha1, "step": rec["step"],
                 "train_fingerprint": rec["train_fingerprint"], "n_train_images": rec["n_images"],
                 "leaky": rec["leaky"], "strength": self.strength, "ddim_steps": self.ddim_steps,
+                "guidance_scale": self.guidance_scale,
                 "image_size": self.cfg["image_size"], "diffusers": diffusers.__version__}
 
     @torch.inference_mode()
@@ -674,10 +735,17 @@ class LocalDiffusion(Backend):
             x0 = to_model_scale(images.to(self.device), size)
             x = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
         cls = labels.to(self.device)
+        guided = self.guidance_scale != 1.0
+        if guided:  # one UNet call for both: the batch with its classes, then without
+            cls = torch.cat([cls, torch.full_like(cls, self.null_class)])
         for t in timesteps:
             with _autocast(self.device):
-                out = self.unet(x, t.to(self.device), class_labels=cls).sample  # eps or v
-            x = self.scheduler.step(out.float(), t, x).prev_sample
+                inp = torch.cat([x, x]) if guided else x
+                out = self.unet(inp, t.to(self.device), class_labels=cls).sample.float()
+            if guided:  # eps or v alike: both are linear in the score
+                cond, free = out.chunk(2)
+                out = free + self.guidance_scale * (cond - free)
+            x = self.scheduler.step(out, t, x).prev_sample
         return to_uint8_128(x)
 
 
@@ -712,7 +780,8 @@ def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
             train_generator(images, labels, 0, tmp, steps=total, ids=ids, device=device,
                             progress=False, **overrides)
         timed = json.loads((Path(tmp) / "meta.json").read_text())["last_call"]
-        backend = LocalDiffusion(tmp, device=device, allow_unfinished=True)
+        backend = LocalDiffusion(tmp, device=device, allow_unfinished=True,
+                                 **{k: cfg[k] for k in (*_SAMPLING, "sample_batch")})
         src, lab = images[torch.arange(n_variations) % n], labels[torch.arange(n_variations) % n]
         warm = min(n_variations, backend.max_batch)
         backend.generate(src[:warm], lab[:warm], list(range(warm)))
@@ -730,6 +799,7 @@ def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
             "variations_per_s": n_variations / sample_s,
             "seconds_per_1000_variations": 1000 * sample_s / n_variations,
             "strength": backend.strength, "ddim_steps": backend.ddim_steps,
+            "guidance_scale": backend.guidance_scale,
             "settings": training_settings(cfg) | {"steps": cfg["steps"]},
             # they apply to training only: sampling runs as it always does
             "training_speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}

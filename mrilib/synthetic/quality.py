@@ -110,8 +110,10 @@ def _balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: in
 
 def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
                    max_sources: int | None = None, seed: int = 0, device=None,
-                   classifier: torch.nn.Module | None = None, progress: bool = True) -> dict:
-    """How each SDEdit strength trades class fidelity against distance from the source.
+                   classifier: torch.nn.Module | None = None, progress: bool = True,
+                   guidance_scales=(1.0,)) -> dict:
+    """How each SDEdit strength (and guidance weight) trades class fidelity against
+    distance from the source.
 
     One variation per source at each strength, drawn (and cached, so a rerun or a cut-off
     run resumes) from generator ``generator`` of ``real_fraction``, for the images of its
@@ -122,7 +124,9 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     of a variation from its own source (``rms_to_source``: 0 at strength 0, the spread
     the variations add). ``classifier`` defaults to the thesis protocol's basic CNN
     trained on the same sample (seed 0), whose per-class accuracy on the real test split
-    is reported beside them as the ceiling to read fidelity against.
+    is reported beside them as the ceiling to read fidelity against. One row per strength
+    and classifier-free guidance weight in ``guidance_scales`` (1 = none; > 1 needs a
+    generator trained with ``class_dropout``), strengths varying fastest.
     """
     from ..config import settings
     from ..train import resolve_device, trained_classifier
@@ -134,6 +138,10 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     bad = [s for s in strengths if not 0.0 < s <= 1.0]
     if bad or not strengths:
         raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    scales = [float(w) for w in guidance_scales]
+    if not scales or any(not w >= 1.0 for w in scales):
+        raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
+                         f"(1 = the conditional model alone)")
     n_gen = settings(DEFAULTS, PRESETS)["n_generators"]
     if not 0 <= generator < n_gen:
         raise ValueError(f"generator {generator}: generators are numbered 0..{n_gen - 1}")
@@ -152,8 +160,9 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     real = class_fidelity(classifier, data.images[split.test], data.labels[split.test],
                           data.classes)
     rows = []
-    for s in strengths:
-        backend = LocalDiffusion(path, strength=s, device=device, sample_seed=generator)
+    for w, s in ((w, s) for w in scales for s in strengths):
+        backend = LocalDiffusion(path, strength=s, guidance_scale=w, device=device,
+                                 sample_seed=generator)
         made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
                                        progress=progress, batch_size=backend.max_batch)
         variations = made[:, 0]
@@ -161,7 +170,7 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
         grey = background_levels(src, variations, lab, data.classes)
         n = sum(g["n"] for g in grey.values())
         rows.append({
-            "strength": s, "fidelity": fidelity, "balanced_fidelity": _mean(fidelity.values()),
+            "strength": s, "guidance_scale": w, "fidelity": fidelity, "balanced_fidelity": _mean(fidelity.values()),
             "background_grey": sum(g["variation"] * g["n"] for g in grey.values() if g["n"]) / n,
             "rms_to_source": float(((variations.float() - src.float()) ** 2)
                                    .flatten(1).mean(1).sqrt().median()),

@@ -27,8 +27,8 @@
 # GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
 # SKIP_GEN=1 (`grid` trains no generators: a second call on a still-warm machine),
 # GRID_ARGS (extra `grid` arguments, e.g. "--available-generators": the repeats of
-# synthetic cells whose generator is here run now, the rest later; only once the
-# generator is settled: the design hash does not cover the generator's settings),
+# synthetic cells whose generator is here run now, the rest later; their run keys carry
+# the generator's recipe, so a later recipe retrains them rather than mixing the two),
 # SKIP_GEN_OUT=1 (send no generators back: they came back from an earlier call or were
 # carried in; `all` sets it when a generator was carried in),
 # BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"), BENCH_ARGS (extra `bench train`
@@ -271,8 +271,9 @@ case "$stage" in
     : "${2:?quality needs MINUTES, e.g. 9.5}"
     # #4 in one lease: generator 0 of the grid's 30% sample, trained on the zero-terminal-
     # SNR schedule with v-prediction (the first one, on DDPM's linear schedule, painted
-    # grey: see mrilib/synthetic/diffusion.py), then `synth sweep` over its whole sample
-    # at six strengths: class fidelity, distance from the source, background. The 0.6
+    # grey: see mrilib/synthetic/diffusion.py) and with class dropout for classifier-free
+    # guidance, then `synth sweep` over its whole sample at six strengths: class fidelity,
+    # distance from the source, background; then guidance weights 1, 2, 4. The 0.6
     # and 1.0 folders the sweep fills hold the variations notebook 02 reads (one per
     # source, seed 0; notebook 03's second variation per source is still made on the
     # CPU, ~160 of them): they come back as synthetic.tar.part-* (~34 MiB) with the
@@ -280,13 +281,21 @@ case "$stage" in
     [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
     # (its progress bars, one line per update without a terminal, go to a file)
-    within 180 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+    within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
       --strengths 0.3,0.4,0.5,0.6,0.8,1.0 --out "$sweep_json" 2> /tmp/sweep.err | tail -n 9 \
       || tail -n 5 /tmp/sweep.err
     [ -f "$sweep_json" ] && $PY -c "import json, os, sys
 for row in json.load(open(sys.argv[1]))['strengths']:
     if row['strength'] in (0.6, 1.0):
         print(os.path.relpath(row['cache_dir']))" "$sweep_json" >> /tmp/chapter-dirs
+    # Classifier-free guidance (the generator learns a class-free output too): what weights
+    # 2 and 4 do to class fidelity at the default strength and for fresh samples, on 100
+    # sources per class (all ModerateDemented ones); the unguided rows come from the cache
+    # of the sweep above. About 40 s on an H100; its variations stay there.
+    within 90 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      --strengths 0.6,1.0 --guidance 1,2,4 --max-sources 400 \
+      --out "$results/strength_sweep_x${X}_g0_guidance.json" 2> /tmp/sweep.err | tail -n 9 \
+      || tail -n 5 /tmp/sweep.err
     GPU_TESTS="tests/test_diffusion.py" cuda_tests 60
     grid
     ;;
