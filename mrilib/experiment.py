@@ -311,6 +311,7 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     The grid settings (samples, seeds, backend, data share, train overrides), the preset,
     and the training settings in force for ``model`` (:func:`mrilib.train.model_settings`),
     so that a changed default retrains instead of mixing two protocols in one table.
+    Synthetic cells also depend on how their images are made: :func:`cell_design`.
     Call it under :func:`preset_env`, as the training engine reads the preset too.
     """
     from .train import model_settings
@@ -322,7 +323,47 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction",
                                     "generator_fraction")}
     relevant.update(preset=preset, training=training)
-    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return _hash8(relevant)
+
+
+def generator_hash(cfg: dict) -> str:
+    """8 hex digits over what the grid's synthetic images depend on (:func:`generator_settings`)."""
+    return _hash8(generator_settings(cfg["backend"]))
+
+
+def cell_design(cfg: dict, preset: str, cell: "Cell") -> str:
+    """The design of ``cell``'s runs, as their run keys carry it.
+
+    Real-only cells: :func:`design_hash`. Synthetic cells: ``<design_hash>+<generator_hash>``,
+    so that a new generator recipe (or sampling setting) retrains the synthetic cells, while
+    the real-only cells, which do not depend on it, keep their runs. Rows store the two
+    parts as ``design`` and ``generator_design`` (:func:`run_row`).
+    """
+    design = design_hash(cfg, preset, cell.model)
+    return design if cell.synthetic == "none" else f"{design}+{generator_hash(cfg)}"
+
+
+def _hash8(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def generator_settings(backend: str) -> dict:
+    """What the synthetic images of ``backend`` depend on, as in force now (see design_hash).
+
+    Local: :func:`mrilib.synthetic.diffusion.design_settings`. OpenAI: the route, model,
+    prompt and sizes (not its timeouts, retries or budget, which change what a run may
+    spend, not the images it asks for).
+    """
+    if backend == "local":
+        from .synthetic.diffusion import design_settings
+        return design_settings()
+    if backend == "openai":
+        from .synthetic.openai_backend import DEFAULTS as OPENAI, PRESETS as OPENAI_PRESETS
+        cfg = settings(OPENAI, OPENAI_PRESETS)
+        return {k: cfg[k] for k in ("route", "model", "prompt", "size", "quality",
+                                    "upload_size")}
+    raise ValueError(f"backend={backend!r}: the grid knows the generator settings of 'local' "
+                     f"and 'openai' only")
 
 
 def run_key(cell: Cell, repeat: int, design: str) -> str:
@@ -608,10 +649,17 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
        defaults that no current run replaces. A folder of one design per (preset, model)
        is read whole; the newest experiment wins over older ones, whatever their size.
 
+    The same rule then keeps one generator (``generator_design``, :func:`cell_design`)
+    among the synthetic rows of each (preset, model): a synthetic median never mixes
+    images of two generator recipes, and every synthetic row kept shares its training
+    protocol with the real-only rows it is compared with.
+
     Rows set aside are reported with a :class:`MixedDesignsWarning` (folder, count, the
     designs kept and set aside) and in ``runs.attrs["set_aside"]`` (None when nothing
-    was). ``design=None`` keeps every row; ``design="a1b2c3d4"`` keeps that one design
-    (a ValueError lists the folder's designs when it holds none of it). ``epochs``
+    was). ``design=None`` keeps every row; ``design="a1b2c3d4"`` keeps that one training
+    design (one generator chosen as above), ``"a1b2c3d4+e5f6a7b8"`` that design's runs
+    with that generator only (a ValueError lists the folder's designs when it holds
+    none of it). ``epochs``
     always holds the epochs of the runs kept.
     """
     import pandas as pd
@@ -636,55 +684,88 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
 
 def _one_design(rows: list[dict], design: str | None, directory: Path
                 ) -> tuple[list[dict], dict | None]:
-    """``rows`` of the design(s) :func:`load_results` keeps, and what was set aside."""
+    """``rows`` of the design(s) :func:`load_results` keeps, and what was set aside.
+
+    Two choices, each per (preset, model): the training design (``design``), then, among
+    the synthetic rows kept, the generator (``generator_design``), so that real-only and
+    synthetic cells compared with each other share one training protocol.
+    """
     from collections import Counter
 
     if design is None or not rows:
         return rows, None
-    counts = Counter(r.get("design") for r in rows)
     if design != "current":
-        if design not in counts:
-            held = ", ".join(f"{d} ({n} runs)" for d, n in counts.items())
+        held = Counter(r.get("design") for r in rows)
+        held.update(_full_design(r) for r in rows if r.get("generator_design"))
+        if design not in held:
+            listed = ", ".join(f"{d} ({n} runs)" for d, n in held.items())
             raise ValueError(f"{_shown(directory)}/{RUNS_FILE} holds no runs of design "
-                             f"{design!r}; it holds {held}. Pass one of those, "
+                             f"{design!r}; it holds {listed}. Pass one of those, "
                              f"design='current' or design=None (every row)")
-        return [r for r in rows if r.get("design") == design], None
-    groups: dict[tuple, list] = {}
-    for r in rows:  # file order is the order the runs were written in
-        groups.setdefault((r.get("preset"), r.get("model")), []).append(r.get("design"))
-    chosen, why = {}, {}
-    for (preset, model), designs in groups.items():
-        current = _current_design(preset, model) if len(set(designs)) > 1 else None
-        if current in designs:
-            chosen[preset, model], why[preset, model] = current, "the current code's"
-        else:
-            chosen[preset, model], why[preset, model] = designs[-1], "the newest"
-    keep = [r.get("design") == chosen[r.get("preset"), r.get("model")] for r in rows]
-    if all(keep):
+        exact = "+" in design  # a training design and a generator: nothing left to choose
+        rows = [r for r in rows if (_full_design(r) if exact else r.get("design")) == design]
+        if exact:
+            return rows, None
+        keep, parts = [True] * len(rows), []
+    else:
+        keep, parts = _choose(rows, lambda r: r.get("design"), _current_design, "design")
+    trained = [r for r, k in zip(rows, keep) if k]
+    synthetic = [r for r in trained if r.get("generator_design")]
+    keep_gen, gen_parts = _choose(synthetic, lambda r: r["generator_design"],
+                                  lambda preset, model: _current_generator(preset),
+                                  "generator")
+    other_generator = {id(r) for r, k in zip(synthetic, keep_gen) if not k}
+    kept = [r for r in trained if id(r) not in other_generator]
+    if len(kept) == len(rows):
         return rows, None
-    kept = [r for r, k in zip(rows, keep) if k]
-    dropped = [r for r, k in zip(rows, keep) if not k]
+    dropped = [r for r, k in zip(rows, keep) if not k]  # another training design
     set_aside = Counter(r.get("design") for r in dropped)
-    parts = []
-    for key, designs in groups.items():
-        others = Counter(d for d in designs if d != chosen[key])
-        if others:
-            preset, model = key
-            parts.append(f"{model} ({preset} preset): kept design {chosen[key]} "
-                         f"({why[key]}, {designs.count(chosen[key])} runs), set aside "
-                         + ", ".join(f"{d} ({n} runs)" for d, n in others.items()))
+    set_aside.update(_full_design(r) for r in synthetic if id(r) in other_generator)
     folder = _shown(directory)
     example = next(iter(set_aside))
-    message = (f"{folder}/{RUNS_FILE}: {len(dropped)} of {len(rows)} runs set aside so that "
-               f"no cell mixes two training protocols; " + "; ".join(parts) + ". Read them "
-               f"anyway with load_results({folder!r}, design=None) (every row) or "
-               f"design={example!r} (one design).")
-    short = (f"{len(dropped)} runs of another design ("
+    n_dropped = len(rows) - len(kept)
+    message = (f"{folder}/{RUNS_FILE}: {n_dropped} of {len(rows)} runs set aside so that "
+               f"no cell mixes two training protocols or two generators; "
+               + "; ".join(parts + gen_parts) + ". Read them anyway with "
+               f"load_results({folder!r}, design=None) (every row) or design={example!r} "
+               f"(one design).")
+    short = (f"{n_dropped} runs of another design ("
              + ", ".join(str(d) for d in set_aside) + ") set aside; "
              f"load_results(..., design=None) reads them.")
-    return kept, {"dropped": len(dropped), "kept": sorted({str(d) for d in chosen.values()}),
+    return kept, {"dropped": n_dropped, "kept": sorted({_full_design(r) for r in kept}),
                   "set_aside": {str(d): n for d, n in set_aside.items()},
                   "message": message, "short": short}
+
+
+def _choose(rows: list[dict], value: Callable[[dict], str], current: Callable, what: str
+            ) -> tuple[list[bool], list[str]]:
+    """Which ``rows`` keep the one ``value`` chosen per (preset, model), and why (text).
+
+    The value the current code gives the group (``current(preset, model)``) where the
+    group holds rows of it, else the value of its most recently written row.
+    """
+    from collections import Counter
+
+    groups: dict[tuple, list] = {}
+    for r in rows:  # file order is the order the runs were written in
+        groups.setdefault((r.get("preset"), r.get("model")), []).append(value(r))
+    chosen, parts = {}, []
+    for (preset, model), values in groups.items():
+        now = current(preset, model) if len(set(values)) > 1 else None
+        chosen[preset, model] = now if now in values else values[-1]
+        others = Counter(v for v in values if v != chosen[preset, model])
+        if others:
+            why = "the current code's" if now in values else "the newest"
+            parts.append(f"{model} ({preset} preset): kept {what} {chosen[preset, model]} "
+                         f"({why}, {values.count(chosen[preset, model])} runs), set aside "
+                         + ", ".join(f"{d} ({n} runs)" for d, n in others.items()))
+    return [value(r) == chosen[r.get("preset"), r.get("model")] for r in rows], parts
+
+
+def _full_design(row: dict) -> str:
+    """A row's design as its run key carries it (:func:`cell_design`)."""
+    generator = row.get("generator_design")
+    return row.get("design") if not generator else f"{row.get('design')}+{generator}"
 
 
 def _current_design(preset, model) -> str | None:
@@ -696,6 +777,18 @@ def _current_design(preset, model) -> str | None:
         with preset_env(preset):
             return design_hash(cfg, preset, model)
     except (ValueError, TypeError, KeyError):  # a preset or model this code no longer has
+        return None
+
+
+def _current_generator(preset) -> str | None:
+    """The generator design the current code gives ``preset``'s synthetic cells."""
+    if preset is None:
+        return None
+    try:
+        cfg = grid_settings(preset)
+        with preset_env(preset):
+            return generator_hash(cfg)
+    except (ValueError, TypeError, KeyError):
         return None
 
 
@@ -723,9 +816,14 @@ _RECORD_KEYS = {"history", "final", "best", "seconds", "device", "init"}
 
 def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: str, info: dict,
             n_train: int, cell_seconds: float) -> dict:
-    """The results row of one run: cell, seeds, metrics, provenance, config."""
+    """The results row of one run: cell, seeds, metrics, provenance, config.
+
+    ``design``: :func:`cell_design`, stored as ``design`` (training) and
+    ``generator_design`` (synthetic cells; None for real-only ones).
+    """
+    training, _, generator = design.partition("+")
     row = {"run_key": run_key(cell, seeds.repeat, design), "cell_key": cell.key,
-           "design": design,
+           "design": training, "generator_design": generator or None,
            **asdict(cell), "synthetic_fraction": cell.synthetic_fraction,
            "synthetic_classes": cell.synthetic_classes, **asdict(seeds),
            "init": record.get("init"), "n_train": n_train, "synthetic_info": info}
@@ -778,34 +876,66 @@ class GridProgress:
 
 
 class _Budget:
-    """Stops between cells when the next one would not finish inside ``max_minutes``."""
+    """Stops between cells when the next one would not finish inside ``max_minutes``.
+
+    A cell's time is judged by the last cell of the same model (from earlier chunks'
+    rows, then this chunk's), scaled up, never down, by how many more repeats it trains
+    and how many more images each has (real + synthetic fraction): training time grows
+    with both, and an over-estimate only leaves a little of the budget unused, where an
+    under-estimate (say a 100% cell judged by a 30% one) runs into the hard stop and
+    loses the whole cell.
+    """
 
     def __init__(self, max_minutes: float | None, clock: Callable[[], float], history: list[dict]):
         if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"max_minutes={max_minutes}: give a positive number of minutes")
         self.limit = None if max_minutes is None else 60.0 * max_minutes
         self.clock, self.start = clock, clock()
-        # Cell durations seen before, per model: from earlier chunks, then this one.
-        self.seconds = {}
+        # Per model, the last cell call seen: its seconds, repeats and training-set size.
+        # Rows of one call share cell_key and cell_seconds, and are written together.
+        self.seen: dict[str, dict] = {}
         for row in history:
-            if row.get("cell_seconds") is not None:
-                self.seconds[row["model"]] = float(row["cell_seconds"])
+            if row.get("cell_seconds") is None:
+                continue
+            last = self.seen.get(row["model"])
+            if last and (last["cell"], last["seconds"]) == (row.get("cell_key"),
+                                                            float(row["cell_seconds"])):
+                last["repeats"] += 1
+            else:
+                self.seen[row["model"]] = {
+                    "cell": row.get("cell_key"), "seconds": float(row["cell_seconds"]),
+                    "repeats": 1, "size": _set_size(row["real_fraction"],
+                                                    row.get("synthetic_fraction"))}
 
-    def allows(self, cell: Cell) -> bool:
+    def expected(self, cell: Cell, repeats: int) -> float:
+        """Seconds ``repeats`` repeats of ``cell`` are expected to take (0 if unknown)."""
+        last = self.seen.get(cell.model)
+        if last is None:
+            return 0.0
+        size = _set_size(cell.real_fraction, cell.synthetic_fraction)
+        return (last["seconds"] * max(1.0, repeats / last["repeats"])
+                * max(1.0, size / last["size"]))
+
+    def allows(self, cell: Cell, repeats: int) -> bool:
         if self.limit is None:
             return True
-        expected = self.seconds.get(cell.model, 0.0)
-        return self.clock() - self.start + expected <= self.limit
+        return self.clock() - self.start + self.expected(cell, repeats) <= self.limit
 
-    def minutes_for_generators(self, cell: Cell) -> float | None:
+    def minutes_for_generators(self, cell: Cell, repeats: int) -> float | None:
         """Minutes left for generator training, keeping back the cell's own time."""
         if self.limit is None:
             return None
-        left = self.limit - (self.clock() - self.start) - self.seconds.get(cell.model, 0.0)
+        left = self.limit - (self.clock() - self.start) - self.expected(cell, repeats)
         return max(left, 0.0) / 60.0
 
-    def record(self, cell: Cell, seconds: float) -> None:
-        self.seconds[cell.model] = seconds
+    def record(self, cell: Cell, seconds: float, repeats: int) -> None:
+        self.seen[cell.model] = {"cell": cell.key, "seconds": seconds, "repeats": repeats,
+                                 "size": _set_size(cell.real_fraction, cell.synthetic_fraction)}
+
+
+def _set_size(real_fraction: float, synthetic_fraction: float | None) -> float:
+    """A training set's size as a fraction of the pool (real + synthetic), for timing."""
+    return max(float(real_fraction) + float(synthetic_fraction or 0.0), 1e-6)
 
 
 def run_grid(preset: str | None = None, results_path: str | os.PathLike | None = None,
@@ -885,22 +1015,23 @@ class _Session:
     base: dict | None = None
     designs: dict = field(default_factory=dict)
 
-    def design(self, model: str) -> str:
-        if model not in self.designs:
-            self.designs[model] = design_hash(self.cfg, self.preset, model)
-        return self.designs[model]
+    def design(self, cell: Cell) -> str:
+        key = (cell.model, cell.synthetic != "none")
+        if key not in self.designs:
+            self.designs[key] = cell_design(self.cfg, self.preset, cell)
+        return self.designs[key]
 
     def run(self, cells: list[Cell]) -> GridProgress:
         from tqdm.auto import tqdm
 
         todo = {c: [r for r in range(self.cfg["repeats"])
-                    if run_key(c, r, self.design(c.model)) not in self.writer.done]
+                    if run_key(c, r, self.design(c)) not in self.writer.done]
                 for c in cells}
         written, stopped, blocked = 0, False, {}
         with tqdm(total=len(cells), initial=sum(not m for m in todo.values()), unit="cell",
                   desc=f"grid ({self.preset})", disable=not self.progress) as bar:
             for cell in [c for c in cells if todo[c]]:
-                if not self.budget.allows(cell):
+                if not self.budget.allows(cell, len(todo[cell])):
                     stopped = True
                     break
                 bar.set_postfix_str(cell.key)
@@ -939,8 +1070,8 @@ class _Session:
             raise ValueError(f"train_fn returned {len(records)} records for {len(seeds)} "
                              f"repeats of {cell.key}")
         seconds = self.budget.clock() - start
-        self.budget.record(cell, seconds)
-        design = self.design(cell.model)
+        self.budget.record(cell, seconds, len(repeats))
+        design = self.design(cell)
         for s, record, info in zip(seeds, records, sets.info):
             self.writer.append(
                 run_row(cell, s, record, self.base, design, info, int(sets.index.shape[1]),
@@ -972,7 +1103,7 @@ class _Session:
             return False  # other backends learn nothing here: nothing to train
         leaky = cell.generator == "leaky"
         for g in sorted({repeat_seeds(r, self.cfg).sample_index for r in repeats}):
-            minutes = self.budget.minutes_for_generators(cell)
+            minutes = self.budget.minutes_for_generators(cell, len(repeats))
             if minutes is not None and minutes <= 0:
                 return False
             fraction = generator_fraction(cell, self.cfg)
@@ -1011,10 +1142,10 @@ def grid_status(preset: str | None = None, results_path: str | os.PathLike | Non
     cells = grid_cells(preset, **overrides)
     with preset_env(preset):
         directory = Path(results_path) if results_path is not None else paths.results_dir()
-        designs = {m: design_hash(cfg, preset, m) for m in {c.model for c in cells}}
+        designs = {c: cell_design(cfg, preset, c) for c in cells}
     runs, _ = _read_jsonl(directory / RUNS_FILE)
     done = {r["run_key"] for r in runs}
-    return pd.DataFrame([{"cell": c.key, "done": sum(run_key(c, r, designs[c.model]) in done
+    return pd.DataFrame([{"cell": c.key, "done": sum(run_key(c, r, designs[c]) in done
                                                       for r in range(cfg["repeats"])),
                           "repeats": cfg["repeats"]} for c in cells])
 

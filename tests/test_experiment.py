@@ -259,17 +259,43 @@ def test_a_row_torn_by_a_kill_is_dropped_and_rerun(tiny, tmp_path):
 
 
 def test_max_minutes_stops_between_cells_by_the_expected_cell_time(tiny, tmp_path):
+    cells = [{"model": "basic_cnn", "aug": a, "synthetic": "none", "real_fraction": f}
+             for f in (0.3, 1.0) for a in ("none", "hflip", "autoaugment")]
     clock = FakeClock()
     trainer = FakeTrainer(clock, seconds_per_cell=10.0)
-    # 30 s budget, 10 s per cell: cells end at 10, 20, 30 s; a fourth would end at 40 s.
-    progress = run(tiny, tmp_path, trainer, clock=clock, max_minutes=0.5)
+    # 30 s budget, 10 s per cell: cells end at 10, 20, 30 s; a fourth would end past it
+    progress = run(tiny, tmp_path, trainer, clock=clock, max_minutes=0.5, cells=cells)
     assert len(trainer.calls) == 3 and progress.stopped_for_time
     assert len(progress.remaining) == 3 and progress.cells_done == 3
-    # The next chunk knows a cell takes 10 s from the stored rows: a 15 s budget runs one.
-    clock2 = FakeClock()
-    trainer2 = FakeTrainer(clock2, seconds_per_cell=10.0)
-    progress = run(tiny, tmp_path, trainer2, clock=clock2, max_minutes=0.25)
-    assert len(trainer2.calls) == 1 and len(progress.remaining) == 2
+    # The next chunk reads the last cell's 10 s from the stored rows, and expects a 100%
+    # cell to take 1 / 0.3 times as long (more images per repeat): 33 s do not fit 30...
+    trainer2 = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
+    progress = run(tiny, tmp_path, trainer2, clock=trainer2.clock, max_minutes=0.5,
+                   cells=cells)
+    assert not trainer2.calls and progress.stopped_for_time
+    # ...but fit 36 s; then each 100% cell is judged by the last one (10 s): all three run
+    trainer3 = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
+    progress = run(tiny, tmp_path, trainer3, clock=trainer3.clock, max_minutes=0.6,
+                   cells=cells)
+    assert len(trainer3.calls) == 3 and not progress.remaining
+
+
+def test_the_budget_scales_a_cell_up_by_repeats_and_images_never_down():
+    row = {"model": "basic_cnn", "cell_key": "a", "cell_seconds": 10.0, "real_fraction": 0.3,
+           "synthetic_fraction": 0.0}
+    # two repeats of cell "a" in one call (same cell_seconds), then nothing else
+    budget = ex._Budget(1.0, lambda: 0.0, [row, row])
+    cell = ex.make_cell("basic_cnn", real_fraction=0.3)
+    assert budget.expected(cell, 2) == 10.0
+    assert budget.expected(cell, 20) == pytest.approx(100.0)  # a partial cell's rows
+    assert budget.expected(cell, 1) == 10.0  # never scaled down
+    assert budget.expected(ex.make_cell("basic_cnn", real_fraction=0.6), 2) == pytest.approx(20)
+    fill = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.3)  # 30% + 70%
+    assert budget.expected(fill, 2) == pytest.approx(10 / 0.3)
+    assert budget.expected(ex.make_cell("resnet18", real_fraction=0.3), 2) == 0.0  # unseen
+    assert budget.allows(cell, 2) and not budget.allows(cell, 20)
+    budget.record(fill, 5.0, 4)
+    assert budget.expected(cell, 2) == 5.0 and budget.expected(fill, 8) == 10.0
 
 
 def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path):
@@ -315,6 +341,60 @@ def test_the_run_key_follows_the_training_protocol_not_its_batching():
     assert key != ex.design_hash(ex.grid_settings("quick", train={"lr": 1e-4}), "quick", "basic_cnn")
     assert key != ex.design_hash(cfg, "quick", "vit_tiny")  # its own lr and schedule
     assert key != ex.design_hash(cfg, "cell", "basic_cnn")
+
+
+def test_a_new_generator_recipe_is_a_new_design_for_synthetic_cells_only(monkeypatch):
+    import mrilib.synthetic.diffusion as diffusion
+
+    cfg = ex.grid_settings("quick")
+    real = ex.make_cell("basic_cnn", real_fraction=0.3)
+    synth = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.3)
+    with ex.preset_env("quick"):
+        design = ex.design_hash(cfg, "quick", "basic_cnn")
+        assert ex.cell_design(cfg, "quick", real) == design
+        before = ex.cell_design(cfg, "quick", synth)
+        assert before == f"{design}+{ex.generator_hash(cfg)}"
+        for key, value in (("guidance_scale", 2.0), ("class_dropout", 0.2), ("steps", 7),
+                           ("strength", 0.7), ("lr", 3e-4)):
+            with monkeypatch.context() as m:
+                m.setitem(diffusion.DEFAULTS, key, value)
+                m.delitem(diffusion.PRESETS["quick"], key, raising=False)
+                assert ex.cell_design(cfg, "quick", synth) != before, key
+                assert ex.cell_design(cfg, "quick", real) == design, key
+        with monkeypatch.context() as m:  # how a run is split up changes nothing
+            m.setitem(diffusion.DEFAULTS, "checkpoint_minutes", 9.0)
+            m.setitem(diffusion.PRESETS["quick"], "sample_batch", 3)
+            assert ex.cell_design(cfg, "quick", synth) == before
+        openai = ex.grid_settings("quick", backend="openai")
+        assert ex.generator_hash(openai) != ex.generator_hash(cfg)
+
+
+def test_a_new_generator_sets_the_old_synthetic_runs_aside_but_no_real_run(tiny, tmp_path,
+                                                                           monkeypatch):
+    import mrilib.synthetic.diffusion as diffusion
+
+    run(tiny, tmp_path, FakeTrainer())
+    runs, _ = ex.load_results(tmp_path)
+    synthetic = runs["synthetic"] != "none"
+    assert runs.loc[~synthetic, "generator_design"].isna().all()
+    old = runs.loc[synthetic, "generator_design"].unique().tolist()
+    assert len(old) == 1 and runs["design"].nunique() == 1
+    assert all(k.endswith(f"@{d}+{old[0]}") for k, d in
+               zip(runs.loc[synthetic, "run_key"], runs.loc[synthetic, "design"]))
+    monkeypatch.setitem(diffusion.PRESETS["quick"], "guidance_scale", 2.0)  # a new recipe
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer)
+    assert len(trainer.calls) == 3  # the three synthetic cells; the real-only ones are done
+    with pytest.warns(ex.MixedDesignsWarning, match="two generators") as caught:
+        runs, epochs = ex.load_results(tmp_path)
+    assert "kept generator" in str(caught[-1].message)
+    assert len(runs) == 12 and old[0] not in set(runs["generator_design"])
+    assert runs.attrs["set_aside"]["set_aside"] == {f"{runs['design'][0]}+{old[0]}": 6}
+    assert set(epochs["run_key"]) == set(runs["run_key"])
+    assert len(ex.load_results(tmp_path, design=None)[0]) == 18
+    exact, _ = ex.load_results(tmp_path, design=f"{runs['design'][0]}+{old[0]}")
+    assert len(exact) == 6 and set(exact["generator_design"]) == {old[0]}
+    assert (ex.grid_status("quick", tmp_path)["done"] == 2).all()
 
 
 def test_grid_status_counts_finished_repeats(tiny, tmp_path):

@@ -25,21 +25,24 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
                epochs: int = 1, design: str = "fake") -> Path:
     """runs.jsonl and epochs.jsonl as the runner writes them, with made-up losses.
 
-    ``design="current"``: the design hash the current code gives ``preset``'s runs.
+    ``design="current"``: the design the current code gives ``preset``'s runs
+    (:func:`mrilib.experiment.cell_design`: synthetic cells also carry the generator's).
     """
     directory.mkdir(parents=True, exist_ok=True)
     runs, curves = [], []
     for key in cell_keys:
         model, aug, synthetic, fraction, generator = key.split("/")
-        with ex.preset_env(preset):
-            hashed = (ex.design_hash(ex.grid_settings(preset), preset, model)
-                      if design == "current" else design)
         cell = {"model": model, "aug": aug, "synthetic": synthetic,
                 "real_fraction": float(fraction), "generator": generator}
+        with ex.preset_env(preset):
+            hashed = (ex.cell_design(ex.grid_settings(preset), preset, ex.make_cell(**cell))
+                      if design == "current" else design)
+        training, _, generator_design = hashed.partition("+")
         for r in range(repeats):
             loss = 0.3 - 0.05 * (synthetic != "none") + 0.01 * r
             run_key = f"{key}/r{r:02d}@{hashed}"
-            runs.append({"run_key": run_key, "cell_key": key, "design": hashed, **cell,
+            runs.append({"run_key": run_key, "cell_key": key, "design": training,
+                         "generator_design": generator_design or None, **cell,
                          "repeat": r, "sample_index": r % 2, "sample_seed": r % 2,
                          "init": "scratch", "final_val_loss": loss, "best_val_loss": loss,
                          "final_test_loss": loss, "best_test_loss": loss,

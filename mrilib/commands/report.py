@@ -174,6 +174,7 @@ def _provenance(runs) -> str:
              f"- torch {values('torch')}, timm {values('timm')}, diffusers {values('diffusers')}, "
              f"numpy {values('numpy')}, python {values('python')}",
              f"- preset(s): {values('preset')}; design hash(es): {values('design')}; "
+             f"generator design(s): {values('generator_design')}; "
              f"data fingerprint: {values('data_fingerprint')}, images used: {values('n_images')}",
              f"- training time summed over runs: {hours:.2f} GPU/CPU hours"]
     return "\n".join(lines)
