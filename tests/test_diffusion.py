@@ -267,7 +267,7 @@ def test_guidance_combines_the_class_and_class_free_outputs(trained, w):
     # output = free + w (cond - free), with "free" the null class (id 4): run once guided
     # and once unguided with a UNet that answers that combination itself.
     path, images, labels, _ = trained
-    guided = LocalDiffusion(path, guidance_scale=w)
+    guided = LocalDiffusion(path, guidance_scale=w, guidance_rescale=0.0)
     plain = LocalDiffusion(path, guidance_scale=1.0)
     null = diffusion.null_class(guided.cfg)
     assert null == len(CLASSES)
@@ -277,6 +277,35 @@ def test_guidance_combines_the_class_and_class_free_outputs(trained, w):
     b = plain.generate(images[:4], labels[:4], [1, 2, 3, 4])
     assert torch.equal(a, b)
     assert guided.params()["guidance_scale"] == w and plain.params()["guidance_scale"] == 1.0
+
+
+def test_guidance_rescale_restores_the_class_outputs_spread(trained):
+    # A UNet whose output is its input times a class factor: guidance multiplies the
+    # spread by (f_null + w (f_c - f_null)) / f_c; rescaling fully (1) undoes exactly that,
+    # so it samples as the conditional model alone; 0.7 lands in between.
+    path, images, labels, _ = trained
+    factor = lambda c: 0.9 - 0.1 * c  # noqa: E731  (null, id 4, lowest: guided stays > 0)
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, t, class_labels):
+            from types import SimpleNamespace
+            return SimpleNamespace(sample=x * factor(class_labels.to(x.dtype))[:, None, None, None])
+
+    seeds, out = [1, 2, 3, 4], {}
+    for name, kw in {"plain": {"guidance_scale": 1.0}, "full": {"guidance_scale": 3.0,
+                     "guidance_rescale": 1.0}, "none": {"guidance_scale": 3.0,
+                     "guidance_rescale": 0.0}, "part": {"guidance_scale": 3.0}}.items():
+        backend = LocalDiffusion(path, strength=1.0, **kw)
+        backend.unet = Scaled()
+        out[name] = backend.generate(images[:4], labels[:4], seeds).float()
+    assert (out["full"] - out["plain"]).abs().max() <= 1  # gray levels of rounding
+    assert (out["none"] - out["plain"]).abs().max() > 10
+    gap = lambda a: (a - out["plain"]).abs().mean()  # noqa: E731
+    assert 0 < gap(out["part"]) < gap(out["none"])
+    assert LocalDiffusion(path, guidance_scale=3.0).params()["guidance_rescale"] == 0.7
+    assert LocalDiffusion(path).params()["guidance_rescale"] == 0.0  # no guidance: no rescale
+    with pytest.raises(ValueError, match="guidance_rescale=2"):
+        LocalDiffusion(path, guidance_scale=3.0, guidance_rescale=2.0)
 
 
 def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):

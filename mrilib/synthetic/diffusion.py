@@ -138,6 +138,10 @@ DEFAULTS = {
     # second, class-free pass per step and of diversity. Stays 1 until `synth sweep
     # --guidance` has measured what it buys on the full generator.
     "guidance_scale": 1.0,
+    # With zero terminal SNR, guidance w > 1 over-exposes (Lin et al. 2024, sec. 3.4): the
+    # guided output's spread grows with w. Their fix, used when w > 1: rescale it per image
+    # to the class output's standard deviation and blend, this much rescaled (their 0.7).
+    "guidance_rescale": 0.7,
     "sample_batch": 256,  # images per UNet call when generating (GPU memory, not results)
 }
 
@@ -164,11 +168,12 @@ PRESETS = {
 
 # Settings that change how a run is split up or sampled, not which weights it produces.
 _RUN_ONLY = ("steps", "checkpoint_minutes", "log_every", "n_generators", "strength",
-             "ddim_steps", "guidance_scale", "sample_batch", "channels_last", "cudnn_benchmark")
+             "ddim_steps", "guidance_scale", "guidance_rescale", "sample_batch", "channels_last",
+             "cudnn_benchmark")
 # What a variation depends on besides the weights: read from the settings in force when
 # a backend is built (not from the checkpoint, whose copy says how it was configured when
 # trained), so that changing one retrains nothing and is seen by the design hash.
-_SAMPLING = ("strength", "ddim_steps", "guidance_scale")
+_SAMPLING = ("strength", "ddim_steps", "guidance_scale", "guidance_rescale")
 
 
 class LeakageError(ValueError):
@@ -238,6 +243,24 @@ def sample_scheduler(cfg: Mapping) -> DDIMScheduler:
     # (the default "leading" spacing never visits the last 20 timesteps); Lin et al.
     # ask for it with zero terminal SNR too.
     return DDIMScheduler(**_schedule_kwargs(cfg), timestep_spacing="trailing")
+
+
+def guided(cond: torch.Tensor, free: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
+    """Classifier-free guidance of UNet outputs (eps or v): free + scale (cond - free),
+    rescaled per image towards ``cond``'s standard deviation by ``rescale`` (0 = not).
+
+    By hand because diffusers keeps its ``rescale_noise_cfg`` in the Stable Diffusion
+    pipeline module, which imports transformers; this is the same arithmetic, with a
+    constant output (std 0) left as it is instead of divided by zero.
+    """
+    out = free + scale * (cond - free)
+    if rescale:
+        dims = list(range(1, out.dim()))
+        std_cond, std_out = cond.std(dim=dims, keepdim=True), out.std(dim=dims, keepdim=True)
+        ratio = torch.where(std_out > 0, std_cond / std_out.clamp_min(1e-12),
+                            torch.ones_like(std_out))
+        out = rescale * out * ratio + (1 - rescale) * out
+    return out
 
 
 def training_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
@@ -644,9 +667,10 @@ class LocalDiffusion(Backend):
     With a model smaller than 128 px (the quick preset) sources are area-downscaled to
     its size and outputs bilinearly upscaled back to 128x128.
 
-    ``strength``, ``ddim_steps``, ``guidance_scale`` and ``sample_batch`` default to the
-    settings in force (DEFAULTS and the preset), not to the checkpoint's copy: they are
-    choices about sampling, which the same weights serve under any of them.
+    ``strength``, ``ddim_steps``, ``guidance_scale``, ``guidance_rescale`` and
+    ``sample_batch`` default to the settings in force (DEFAULTS and the preset), not to
+    the checkpoint's copy: they are choices about sampling, which the same weights serve
+    under any of them.
     ``guidance_scale`` > 1 needs a generator trained with ``class_dropout`` > 0.
     """
 
@@ -655,7 +679,8 @@ class LocalDiffusion(Backend):
     def __init__(self, checkpoint: str | Path, strength: float | None = None,
                  ddim_steps: int | None = None, device: str | torch.device | None = None,
                  sample_batch: int | None = None, allow_unfinished: bool = False,
-                 sample_seed: int | None = None, guidance_scale: float | None = None):
+                 sample_seed: int | None = None, guidance_scale: float | None = None,
+                 guidance_rescale: float | None = None):
         path = _generator_file(Path(checkpoint))
         blob = _load_checkpoint(path)
         if not (blob["done"] or allow_unfinished):
@@ -672,6 +697,11 @@ class LocalDiffusion(Backend):
         self.max_batch = int(sample_batch or now["sample_batch"])
         self.guidance_scale = float(now["guidance_scale"] if guidance_scale is None
                                     else guidance_scale)
+        self.guidance_rescale = float(now["guidance_rescale"] if guidance_rescale is None
+                                      else guidance_rescale)
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={self.guidance_rescale:g}: give a share in "
+                             f"[0, 1] (0 = plain guidance, 0.7 = Lin et al.'s)")
         self.null_class = null_class(self.cfg)
         if self.guidance_scale < 1.0 or (self.guidance_scale != 1.0 and self.null_class is None):
             raise ValueError(
@@ -706,6 +736,8 @@ class LocalDiffusion(Backend):
                 "train_fingerprint": rec["train_fingerprint"], "n_train_images": rec["n_images"],
                 "leaky": rec["leaky"], "strength": self.strength, "ddim_steps": self.ddim_steps,
                 "guidance_scale": self.guidance_scale,
+                # what the rescale does when there is guidance; nothing without
+                "guidance_rescale": self.guidance_rescale if self.guidance_scale != 1 else 0.0,
                 "image_size": self.cfg["image_size"], "diffusers": diffusers.__version__}
 
     @torch.inference_mode()
@@ -735,16 +767,15 @@ class LocalDiffusion(Backend):
             x0 = to_model_scale(images.to(self.device), size)
             x = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
         cls = labels.to(self.device)
-        guided = self.guidance_scale != 1.0
-        if guided:  # one UNet call for both: the batch with its classes, then without
+        guiding = self.guidance_scale != 1.0
+        if guiding:  # one UNet call for both: the batch with its classes, then without
             cls = torch.cat([cls, torch.full_like(cls, self.null_class)])
         for t in timesteps:
             with _autocast(self.device):
-                inp = torch.cat([x, x]) if guided else x
+                inp = torch.cat([x, x]) if guiding else x
                 out = self.unet(inp, t.to(self.device), class_labels=cls).sample.float()
-            if guided:  # eps or v alike: both are linear in the score
-                cond, free = out.chunk(2)
-                out = free + self.guidance_scale * (cond - free)
+            if guiding:  # eps or v alike: both are linear in the score
+                out = guided(*out.chunk(2), self.guidance_scale, self.guidance_rescale)
             x = self.scheduler.step(out, t, x).prev_sample
         return to_uint8_128(x)
 
@@ -800,6 +831,7 @@ def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
             "seconds_per_1000_variations": 1000 * sample_s / n_variations,
             "strength": backend.strength, "ddim_steps": backend.ddim_steps,
             "guidance_scale": backend.guidance_scale,
+            "guidance_rescale": backend.guidance_rescale,
             "settings": training_settings(cfg) | {"steps": cfg["steps"]},
             # they apply to training only: sampling runs as it always does
             "training_speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}
