@@ -367,7 +367,7 @@ def generator_settings(backend: str) -> dict:
 
 
 def run_key(cell: Cell, repeat: int, design: str) -> str:
-    """The stable id of one run: ``<cell key>/r<repeat>@<design hash>``."""
+    """The stable id of one run: ``<cell key>/r<repeat>@<design>`` (:func:`cell_design`)."""
     return f"{cell.key}/r{repeat:02d}@{design}"
 
 
@@ -657,9 +657,10 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
     Rows set aside are reported with a :class:`MixedDesignsWarning` (folder, count, the
     designs kept and set aside) and in ``runs.attrs["set_aside"]`` (None when nothing
     was). ``design=None`` keeps every row; ``design="a1b2c3d4"`` keeps that one training
-    design (one generator chosen as above), ``"a1b2c3d4+e5f6a7b8"`` that design's runs
-    with that generator only (a ValueError lists the folder's designs when it holds
-    none of it). ``epochs``
+    design (one generator chosen as above), ``"a1b2c3d4+e5f6a7b8"`` that design's
+    real-only runs and its synthetic runs of that generator (``+unrecorded``: synthetic
+    rows written before rows named their generator); a ValueError lists the folder's
+    designs when it holds none of it. ``epochs``
     always holds the epochs of the runs kept.
     """
     import pandas as pd
@@ -696,22 +697,22 @@ def _one_design(rows: list[dict], design: str | None, directory: Path
         return rows, None
     if design != "current":
         held = Counter(r.get("design") for r in rows)
-        held.update(_full_design(r) for r in rows if r.get("generator_design"))
+        held.update(_full_design(r) for r in rows if _generator_of(r) is not None)
         if design not in held:
             listed = ", ".join(f"{d} ({n} runs)" for d, n in held.items())
             raise ValueError(f"{_shown(directory)}/{RUNS_FILE} holds no runs of design "
                              f"{design!r}; it holds {listed}. Pass one of those, "
                              f"design='current' or design=None (every row)")
-        exact = "+" in design  # a training design and a generator: nothing left to choose
-        rows = [r for r in rows if (_full_design(r) if exact else r.get("design")) == design]
-        if exact:
-            return rows, None
+        training, _, generator = design.partition("+")
+        rows = [r for r in rows if r.get("design") == training]
+        if generator:  # that generator's synthetic runs, with the real-only runs beside them
+            return [r for r in rows if _generator_of(r) in (None, generator)], None
         keep, parts = [True] * len(rows), []
     else:
         keep, parts = _choose(rows, lambda r: r.get("design"), _current_design, "design")
     trained = [r for r, k in zip(rows, keep) if k]
-    synthetic = [r for r in trained if r.get("generator_design")]
-    keep_gen, gen_parts = _choose(synthetic, lambda r: r["generator_design"],
+    synthetic = [r for r in trained if _generator_of(r) is not None]
+    keep_gen, gen_parts = _choose(synthetic, _generator_of,
                                   lambda preset, model: _current_generator(preset),
                                   "generator")
     other_generator = {id(r) for r, k in zip(synthetic, keep_gen) if not k}
@@ -732,7 +733,7 @@ def _one_design(rows: list[dict], design: str | None, directory: Path
     short = (f"{n_dropped} runs of another design ("
              + ", ".join(str(d) for d in set_aside) + ") set aside; "
              f"load_results(..., design=None) reads them.")
-    return kept, {"dropped": n_dropped, "kept": sorted({_full_design(r) for r in kept}),
+    return kept, {"dropped": n_dropped, "kept": sorted({str(_full_design(r)) for r in kept}),
                   "set_aside": {str(d): n for d, n in set_aside.items()},
                   "message": message, "short": short}
 
@@ -762,10 +763,18 @@ def _choose(rows: list[dict], value: Callable[[dict], str], current: Callable, w
     return [value(r) == chosen[r.get("preset"), r.get("model")] for r in rows], parts
 
 
+def _generator_of(row: dict) -> str | None:
+    """A synthetic row's generator design; ``"unrecorded"`` for rows written before run
+    keys carried it (their images came from some earlier recipe); None for real-only rows."""
+    if row.get("synthetic", "none") == "none":
+        return None
+    return row.get("generator_design") or "unrecorded"
+
+
 def _full_design(row: dict) -> str:
-    """A row's design as its run key carries it (:func:`cell_design`)."""
-    generator = row.get("generator_design")
-    return row.get("design") if not generator else f"{row.get('design')}+{generator}"
+    """A row's design with its generator's (:func:`cell_design`'s form)."""
+    generator = _generator_of(row)
+    return row.get("design") if generator is None else f"{row.get('design')}+{generator}"
 
 
 def _current_design(preset, model) -> str | None:
@@ -879,18 +888,20 @@ class _Budget:
     """Stops between cells when the next one would not finish inside ``max_minutes``.
 
     A cell's time is judged by the last cell of the same model (from earlier chunks'
-    rows, then this chunk's), scaled up, never down, by how many more repeats it trains
-    and how many more images each has (real + synthetic fraction): training time grows
-    with both, and an over-estimate only leaves a little of the budget unused, where an
-    under-estimate (say a 100% cell judged by a 30% one) runs into the hard stop and
-    loses the whole cell.
+    rows, then this chunk's), scaled up, never down, by how many more vmap groups its
+    repeats fill (``group_size(model)`` replicates train at once: 4 and 20 repeats are
+    one group each on a GPU) and how many more images each has (real + synthetic
+    fraction): training time grows with both, and an over-estimate only leaves a little
+    of the budget unused, where an under-estimate (say a 100% cell judged by a 30% one)
+    runs into the hard stop and loses the whole cell.
     """
 
-    def __init__(self, max_minutes: float | None, clock: Callable[[], float], history: list[dict]):
+    def __init__(self, max_minutes: float | None, clock: Callable[[], float], history: list[dict],
+                 group_size: Callable[[str], int] = lambda model: 1):
         if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"max_minutes={max_minutes}: give a positive number of minutes")
         self.limit = None if max_minutes is None else 60.0 * max_minutes
-        self.clock, self.start = clock, clock()
+        self.clock, self.start, self.group_size = clock, clock(), group_size
         # Per model, the last cell call seen: its seconds, repeats and training-set size.
         # Rows of one call share cell_key and cell_seconds, and are written together.
         self.seen: dict[str, dict] = {}
@@ -913,8 +924,9 @@ class _Budget:
         if last is None:
             return 0.0
         size = _set_size(cell.real_fraction, cell.synthetic_fraction)
-        return (last["seconds"] * max(1.0, repeats / last["repeats"])
-                * max(1.0, size / last["size"]))
+        group = max(1, int(self.group_size(cell.model)))
+        groups = math.ceil(repeats / group) / math.ceil(last["repeats"] / group)
+        return last["seconds"] * max(1.0, groups) * max(1.0, size / last["size"])
 
     def allows(self, cell: Cell, repeats: int) -> bool:
         if self.limit is None:
@@ -933,6 +945,20 @@ class _Budget:
                                  "size": _set_size(cell.real_fraction, cell.synthetic_fraction)}
 
 
+def _group_sizes(cfg: dict, device, train_fn) -> Callable[[str], int]:
+    """Replicates per vmap group of each model, as :func:`mrilib.train.train_replicates`
+    will form them on ``device`` (1 for another ``train_fn``: nothing known about it)."""
+    if train_fn is not None:
+        return lambda model: 1
+
+    def size(model: str) -> int:
+        from .train import _group_size, model_settings, resolve_device
+
+        return _group_size(model_settings(model, **cfg["train"])["max_parallel"],
+                           resolve_device(device))
+    return size
+
+
 def _set_size(real_fraction: float, synthetic_fraction: float | None) -> float:
     """A training set's size as a fraction of the pool (real + synthetic), for timing."""
     return max(float(real_fraction) + float(synthetic_fraction or 0.0), 1e-6)
@@ -949,7 +975,8 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
     repeats of a cell in one call; ``synth_fn`` (default :func:`training_sets`) builds
     their training sets. ``max_minutes`` stops cleanly before a cell that would not
-    finish in time (judged by the last duration of a cell of the same model). A cell
+    finish in time (judged by the last cell of the same model, scaled up by its training
+    set's size and vmap groups: :class:`_Budget`). A cell
     whose generator is not trained yet is skipped and listed in ``blocked``, unless
     ``train_generators`` (local backend): then the runner trains (or resumes) the
     generators it needs within the time left and runs the cell once they are done.
@@ -975,7 +1002,8 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
                              f"results folder")
         session = _Session(cfg, preset, writer, device,
                            train_fn or _train_replicates, synth_fn or training_sets,
-                           _Budget(max_minutes, clock, writer.runs), train_generators,
+                           _Budget(max_minutes, clock, writer.runs,
+                                   _group_sizes(cfg, device, train_fn)), train_generators,
                            progress, source, data, split, available_generators)
         try:
             return session.run(grid_cells(preset, **overrides))

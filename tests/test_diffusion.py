@@ -325,6 +325,8 @@ def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):
         LocalDiffusion(path, guidance_scale=2.0)
     with pytest.raises(ValueError, match="guidance_scale=0.5"):
         LocalDiffusion(trained[0], guidance_scale=0.5)
+    with pytest.raises(ValueError, match="guidance_scale=nan"):
+        LocalDiffusion(trained[0], guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="class_dropout=1"):
         train_generator(images, labels, 0, tmp_path / "x", ids=ids, progress=False,
                         class_dropout=1.0)
@@ -480,7 +482,7 @@ class _Brightness(torch.nn.Module):
         return -(peak[:, None] - centres).abs() + self.dummy
 
 
-def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri):
+def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri, monkeypatch):
     from mrilib.synthetic.quality import strength_sweep
 
     data, split = mri
@@ -508,12 +510,36 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri):
         strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "max_sources": 2})
     with pytest.raises(ValueError, match="weights >= 1"):
         strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "guidance_scales": [0.5]})
+    # a generator without a class-free output is refused before any w = 1 sampling
+    train_for_sample(data, split, 0.5, 1, progress=False, class_dropout=0.0)
+    with monkeypatch.context() as m:
+        m.setitem(diffusion.DEFAULTS, "class_dropout", 0.0)  # so that the sweep finds it
+        m.setattr(LocalDiffusion, "generate", lambda *a: pytest.fail("sampled first"))
+        with pytest.raises(ValueError, match="without class_dropout"):
+            strength_sweep(data, split, 0.5, 1, [0.5], **{**kw, "guidance_scales": [1, 2]})
     # guidance weights: a row per (weight, strength), the unguided rows from the cache
     both = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], guidance_scales=[1, 3], **kw)
     assert [(r["guidance_scale"], r["strength"]) for r in both["strengths"]] == [
         (1.0, 0.2), (1.0, 1.0), (3.0, 0.2), (3.0, 1.0)]
     assert [r["cached"] for r in both["strengths"]] == [8, 8, 0, 0]
     assert both["strengths"][2]["cache_dir"] != both["strengths"][0]["cache_dir"]
+
+
+def test_a_generator_counts_as_trained_for_the_steps_in_force_only(mri, monkeypatch):
+    data, split = mri
+    train_for_sample(data, split, 0.5, 0, progress=False)
+    steps = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["steps"]
+    assert trained_generator(data, split, 0.5, 0).exists()
+    # more steps in force: the same folder (steps is not in its key), to be extended
+    monkeypatch.setitem(diffusion.PRESETS["quick"], "steps", steps + 2)
+    with pytest.raises(FileNotFoundError, match=f"trained for {steps} steps .* ask for {steps + 2}"):
+        trained_generator(data, split, 0.5, 0)
+    assert trained_generator(data, split, 0.5, 0, allow_unfinished=True).exists()
+    path = train_for_sample(data, split, 0.5, 0, progress=False)  # resumes and extends it
+    assert state_of(path)["step"] == steps + 2 and trained_generator(data, split, 0.5, 0)
+    monkeypatch.setitem(diffusion.PRESETS["quick"], "steps", steps)  # fewer in force now
+    with pytest.raises(ValueError, match=f"more than the {steps} in force"):
+        trained_generator(data, split, 0.5, 0)
 
 
 def test_generator_dir_key(mri):

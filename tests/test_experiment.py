@@ -296,6 +296,9 @@ def test_the_budget_scales_a_cell_up_by_repeats_and_images_never_down():
     assert budget.allows(cell, 2) and not budget.allows(cell, 20)
     budget.record(fill, 5.0, 4)
     assert budget.expected(cell, 2) == 5.0 and budget.expected(fill, 8) == 10.0
+    # on a GPU 20 replicates train in one vmap group: 4 repeats then 20 are one group each
+    gpu = ex._Budget(1.0, lambda: 0.0, [row, row], group_size=lambda model: 20)
+    assert gpu.expected(cell, 20) == 10.0 and gpu.expected(cell, 21) == 20.0
 
 
 def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path):
@@ -393,8 +396,33 @@ def test_a_new_generator_sets_the_old_synthetic_runs_aside_but_no_real_run(tiny,
     assert set(epochs["run_key"]) == set(runs["run_key"])
     assert len(ex.load_results(tmp_path, design=None)[0]) == 18
     exact, _ = ex.load_results(tmp_path, design=f"{runs['design'][0]}+{old[0]}")
-    assert len(exact) == 6 and set(exact["generator_design"]) == {old[0]}
+    # that generator's synthetic runs, and the real-only runs they are compared with
+    assert len(exact) == 12 and set(exact["generator_design"].dropna()) == {old[0]}
+    assert (exact["synthetic"] == "none").sum() == 6
     assert (ex.grid_status("quick", tmp_path)["done"] == 2).all()
+
+
+def test_synthetic_rows_written_before_generators_were_named_are_set_aside(tiny, tmp_path):
+    run(tiny, tmp_path, FakeTrainer())
+    # rewrite the synthetic rows as the runner wrote them before: run key @<design> only,
+    # no generator_design; the grid then reruns those cells under today's run keys
+    for name in ("runs.jsonl", "epochs.jsonl"):
+        path = tmp_path / name
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["run_key"] = row["run_key"].split("+")[0]
+            row.pop("generator_design", None)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer)
+    assert len(trainer.calls) == 3
+    with pytest.warns(ex.MixedDesignsWarning, match="unrecorded"):
+        runs, _ = ex.load_results(tmp_path)
+    assert len(runs) == 12 and runs.groupby("cell_key").size().eq(2).all()
+    assert runs.loc[runs["synthetic"] != "none", "generator_design"].notna().all()
+    design = runs["design"].iloc[0]
+    older, _ = ex.load_results(tmp_path, design=f"{design}+unrecorded")
+    assert len(older) == 12 and "generator_design" not in older  # all in the old format
 
 
 def test_grid_status_counts_finished_repeats(tiny, tmp_path):

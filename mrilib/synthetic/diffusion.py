@@ -142,7 +142,8 @@ DEFAULTS = {
     # guided output's spread grows with w. Their fix, used when w > 1: rescale it per image
     # to the class output's standard deviation and blend, this much rescaled (their 0.7).
     "guidance_rescale": 0.7,
-    "sample_batch": 256,  # images per UNet call when generating (GPU memory, not results)
+    "sample_batch": 256,  # sources per UNet call when generating (twice that many images
+    # with guidance; GPU memory, not results: 11 GiB at 512 on an H100)
 }
 
 PRESETS = {
@@ -172,7 +173,7 @@ _RUN_ONLY = ("steps", "checkpoint_minutes", "log_every", "n_generators", "streng
              "cudnn_benchmark")
 # What a variation depends on besides the weights: read from the settings in force when
 # a backend is built (not from the checkpoint, whose copy says how it was configured when
-# trained), so that changing one retrains nothing and is seen by the design hash.
+# trained), so that changing one retrains nothing and is seen by the generator hash.
 _SAMPLING = ("strength", "ddim_steps", "guidance_scale", "guidance_rescale")
 
 
@@ -193,7 +194,8 @@ def design_settings(**overrides) -> dict:
 
     The settings its weights depend on (:func:`training_settings`), its length
     (``steps``) and the sampling settings, as in force for the current preset: what
-    :func:`mrilib.experiment.design_hash` covers for synthetic cells.
+    :func:`mrilib.experiment.generator_hash` covers (the generator half of a synthetic
+    cell's design, :func:`mrilib.experiment.cell_design`).
     """
     cfg = settings(DEFAULTS, PRESETS, **overrides)
     return {**training_settings(cfg), "steps": cfg["steps"],
@@ -623,7 +625,13 @@ def train_for_sample(data, split, real_fraction: float, generator: int, leaky: b
 
 def trained_generator(data, split, real_fraction: float, generator: int, leaky: bool = False,
                       allow_unfinished: bool = False, **overrides) -> Path:
-    """The generator.pt of a finished generator, or FileNotFoundError saying how to train it."""
+    """The generator.pt of a finished generator, or FileNotFoundError saying how to train it.
+
+    Finished means trained for the ``steps`` in force: the folder key leaves ``steps`` out
+    (a longer run extends the same generator), but results name the steps in force
+    (:func:`design_settings`), so a shorter generator must be extended first
+    (FileNotFoundError) and a longer one is refused (ValueError) rather than mislabelled.
+    """
     index = generator_training_set(data, split, real_fraction, generator, leaky)
     ids = [data.ids[i] for i in index.tolist()]
     path = generator_dir(ids, data.labels[index], real_fraction, generator, leaky,
@@ -636,9 +644,21 @@ def trained_generator(data, split, real_fraction: float, generator: int, leaky: 
                                 f"`{command}` (rerun until it says done)")
     # generator.pt alone decides (not meta.json), so that it is the one file to ship.
     record = training_record(path)
-    if not (record["done"] or allow_unfinished):
+    if allow_unfinished:
+        return path
+    if not record["done"]:
         raise FileNotFoundError(f"generator at {path.parent} has trained {record['step']} of "
                                 f"{record['target_steps']} steps; finish it with `{command}`")
+    steps = settings(DEFAULTS, PRESETS, **overrides)["steps"]
+    if record["target_steps"] < steps:
+        raise FileNotFoundError(f"generator at {path.parent} was trained for "
+                                f"{record['target_steps']} steps and the settings in force ask "
+                                f"for {steps}; extend it with `{command}`")
+    if record["target_steps"] > steps:
+        raise ValueError(f"generator at {path.parent} was trained for {record['target_steps']} "
+                         f"steps, more than the {steps} in force, which results would name; "
+                         f"set steps={record['target_steps']} (diffusion DEFAULTS or the "
+                         f"preset) to use it")
     return path
 
 
@@ -703,7 +723,8 @@ class LocalDiffusion(Backend):
             raise ValueError(f"guidance_rescale={self.guidance_rescale:g}: give a share in "
                              f"[0, 1] (0 = plain guidance, 0.7 = Lin et al.'s)")
         self.null_class = null_class(self.cfg)
-        if self.guidance_scale < 1.0 or (self.guidance_scale != 1.0 and self.null_class is None):
+        if not self.guidance_scale >= 1.0 or (self.guidance_scale != 1.0
+                                              and self.null_class is None):  # NaN too
             raise ValueError(
                 f"guidance_scale={self.guidance_scale:g}: give 1 (the conditional model alone)"
                 + (" or more" if self.null_class is not None else

@@ -150,6 +150,8 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
                          f"({len(data.classes)}), or None for the whole sample")
     device = resolve_device(device)
     path = trained_generator(data, split, real_fraction, generator)
+    if max(scales) > 1:  # a generator without a class-free output says so now, not after w=1
+        LocalDiffusion(path, guidance_scale=max(scales), device="cpu")
     sample = real_sample(data, split, real_fraction, generator)  # what generator g learned from
     sources = _balanced_sources(data.labels, sample, max_sources, seed)
     src, lab = data.images[sources], data.labels[sources]
@@ -170,7 +172,8 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
         grey = background_levels(src, variations, lab, data.classes)
         n = sum(g["n"] for g in grey.values())
         rows.append({
-            "strength": s, "guidance_scale": w, "fidelity": fidelity, "balanced_fidelity": _mean(fidelity.values()),
+            "strength": s, "guidance_scale": w, "fidelity": fidelity,
+            "balanced_fidelity": _mean(fidelity.values()),
             "background_grey": sum(g["variation"] * g["n"] for g in grey.values() if g["n"]) / n,
             "rms_to_source": float(((variations.float() - src.float()) ** 2)
                                    .flatten(1).mean(1).sqrt().median()),

@@ -177,7 +177,8 @@ generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel 
   tail -n 2 /tmp/gen-*.log
 }
 grid() {  # the thesis grid for the time left (cells whose generators are missing: blocked)
-  # --max-minutes stops between cells (judged by the last cell of the same model; 0 s for
+  # --max-minutes stops between cells (judged by the last cell of the same model, scaled
+  # up by training-set size and vmap groups; 0 s for
   # a model not seen yet, hence the margin); `within` is the hard stop. A cell's repeats
   # train in one vmap group and are written together, so a cut-off cell loses all of its
   # repeats, never those of finished cells (rows are fsync'd).
