@@ -282,9 +282,10 @@ case "$stage" in
     [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
     # (its progress bars, one line per update without a terminal, go to a file)
+    # SWEEP_STRENGTHS: fewer for a short lease (0.6 and 1.0 are what notebooks 02-03 read)
     within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
-      --strengths 0.3,0.4,0.5,0.6,0.8,1.0 --out "$sweep_json" 2> /tmp/sweep.err | tail -n 9 \
-      || tail -n 5 /tmp/sweep.err
+      --strengths "${SWEEP_STRENGTHS:-0.3,0.4,0.5,0.6,0.8,1.0}" --out "$sweep_json" \
+      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
     [ -f "$sweep_json" ] && $PY -c "import json, os, sys
 for row in json.load(open(sys.argv[1]))['strengths']:
     if row['strength'] in (0.6, 1.0):
@@ -294,7 +295,7 @@ for row in json.load(open(sys.argv[1]))['strengths']:
     # sources per class (all ModerateDemented ones); the unguided rows come from the cache
     # of the sweep above. About 40 s on an H100; its variations stay there.
     within 90 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
-      --strengths 0.6,1.0 --guidance 1,2,4 --max-sources 400 \
+      --strengths "${GUIDED_STRENGTHS:-0.6,1.0}" --guidance 1,2,4 --max-sources "${GUIDED_SOURCES:-400}" \
       --out "$results/strength_sweep_x${X}_g0_guidance.json" 2> /tmp/sweep.err | tail -n 9 \
       || tail -n 5 /tmp/sweep.err
     GPU_TESTS="tests/test_diffusion.py" cuda_tests 60
