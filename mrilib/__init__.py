@@ -24,7 +24,7 @@ _LAZY = {
                             "trained_generator"],
     "synthetic.mixing": ["mixed_training_set", "real_sample", "stack_repeats"],
     "synthetic.quality": ["background_levels", "class_fidelity", "memorization_distances",
-                          "strength_sweep"],
+                          "saved_sweeps", "strength_sweep"],
     "train": ["train_replicates", "real_fraction_index", "model_settings", "save_checkpoint",
               "load_checkpoint", "trained_classifier"],
     "cam": ["gradcam_maps", "gradcam_by_hand", "overlay", "cam_agreement",

@@ -5,6 +5,7 @@ All on CPU with the quick preset's tiny UNet (16x16 internally, a few steps).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,6 +524,27 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri, monkeypatc
         (1.0, 0.2), (1.0, 1.0), (3.0, 0.2), (3.0, 1.0)]
     assert [r["cached"] for r in both["strengths"]] == [8, 8, 0, 0]
     assert both["strengths"][2]["cache_dir"] != both["strengths"][0]["cache_dir"]
+
+
+def test_saved_sweeps_are_those_of_the_generator_found_here(mri, tmp_path):
+    from mrilib.synthetic.quality import saved_sweeps
+
+    data, split = mri
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert saved_sweeps(data, split, 0.5, 0, folder) == []  # no generator trained here
+    path = train_for_sample(data, split, 0.5, 0, progress=False)
+    gen = path.parent / "generator.pt"
+    other = path.parent.parent / "x0.5-s0-0ldrecipe000" / "generator.pt"
+    for name, generator in (("strength_sweep_x0.5_g0.json", gen),
+                            ("strength_sweep_x0.5_g0_guidance.json", gen),
+                            ("strength_sweep_x0.5_g0_old.json", other),
+                            ("strength_sweep_x0.5_g1.json", gen)):
+        (folder / name).write_text(json.dumps({"generator": f"/elsewhere/{generator.parent.name}"
+                                                            f"/generator.pt", "strengths": []}))
+    found = saved_sweeps(data, split, 0.5, 0, folder)
+    assert [Path(s["file"]).name for s in found] == ["strength_sweep_x0.5_g0.json",
+                                                     "strength_sweep_x0.5_g0_guidance.json"]
 
 
 def test_a_generator_counts_as_trained_for_the_steps_in_force_only(mri, monkeypatch):

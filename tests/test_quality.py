@@ -97,3 +97,8 @@ def test_chapter2_figures_render():
                                      for r in sweep["strengths"]]}
     fig = strength_sweep_figure(guided)
     assert len(fig.axes) == 3 and "guidance 3" in fig.axes[1].get_title()
+    one_strength = {**sweep, "strengths": [{**row, "strength": 0.6, "guidance_scale": w}
+                                           for w in (1.0, 2.0, 4.0)]}
+    fig = strength_sweep_figure(one_strength)  # guidance on the x axis instead
+    assert len(fig.axes) == 2 and "guidance weight" in fig.axes[0].get_xlabel()
+    assert len(fig.axes[0].get_lines()[0].get_xdata()) == 3

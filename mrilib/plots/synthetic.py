@@ -96,6 +96,8 @@ def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None
     by_scale: dict[float, list] = {}
     for r in sweep["strengths"]:  # sweeps made before guidance existed ran at 1
         by_scale.setdefault(r.get("guidance_scale", 1.0), []).append(r)
+    if len(by_scale) > 1 and len({r["strength"] for r in sweep["strengths"]}) == 1:
+        return _guidance_figure(sweep, note, save)
     fig, axes = plt.subplots(1, len(by_scale) + 1, figsize=(5 * (len(by_scale) + 1), 3.6),
                              squeeze=False)
     for left, (w, rows) in zip(axes[0], by_scale.items()):
@@ -124,6 +126,33 @@ def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None
         right.plot(s, [r["background_grey"] for r in rows], "s--",
                    label=f"mean grey where the source is black{tag}")
     right.set(xlabel="strength", ylabel="gray levels (0-255)",
+              title="How far variations move from their source")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    _note(fig, note)
+    return _maybe_save(fig, save)
+
+
+def _guidance_figure(sweep: dict, note: str | None, save: str | None):
+    """Class fidelity, distance and background against the guidance weight, one strength."""
+    rows = sorted(sweep["strengths"], key=lambda r: r.get("guidance_scale", 1.0))
+    w = [r.get("guidance_scale", 1.0) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in sweep["classifier_real_test"]:
+        line, = left.plot(w, [r["fidelity"][name] for r in rows], "o-",
+                          label=name.replace("_", " "))
+        left.axhline(sweep["classifier_real_test"][name], color=line.get_color(), ls=":", lw=1)
+    left.plot(w, [r["balanced_fidelity"] for r in rows], "k.-", lw=2, label="balanced (mean)")
+    left.axhline(sweep["chance"], color="k", ls="--", lw=1, label="chance")
+    left.set(xlabel="guidance weight (1 = none)", ylim=(0, 1.05), xticks=w,
+             ylabel="real-only classifier's accuracy",
+             title=f"Class fidelity at strength {rows[0]['strength']:g}\n"
+                   f"({sweep['n_sources']} sources; dotted: real test slices)")
+    left.legend(fontsize=7)
+    right.plot(w, [r["rms_to_source"] for r in rows], "o-", label="median RMS to its source")
+    right.plot(w, [r["background_grey"] for r in rows], "s-",
+               label="mean grey where the source is black")
+    right.set(xlabel="guidance weight", ylabel="gray levels (0-255)", xticks=w,
               title="How far variations move from their source")
     right.legend(fontsize=7)
     fig.tight_layout()

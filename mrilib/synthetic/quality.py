@@ -186,6 +186,35 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
             "chance": 1 / len(data.classes), "strengths": rows}
 
 
+def saved_sweeps(data, split, real_fraction: float, generator: int,
+                 directory=None) -> list[dict]:
+    """The sweeps ``synth sweep --out`` saved for this generator (e.g. a GPU run's, committed
+    under ``results/`` as ``strength_sweep_x<X>_g<g>*.json``), oldest name first.
+
+    Only sweeps of the generator the current code finds for ``real_fraction`` and
+    ``generator`` (same folder key: same training images, recipe and seed) are returned;
+    a sweep of an earlier recipe is left out, and none at all when that generator is not
+    trained here. ``directory`` defaults to the repository's ``results/``.
+    """
+    import json
+    from pathlib import Path
+
+    from ..paths import ROOT
+    from .diffusion import trained_generator
+
+    try:
+        key = trained_generator(data, split, real_fraction, generator).parent.name
+    except (FileNotFoundError, ValueError):
+        return []
+    folder = Path(directory) if directory is not None else ROOT / "results"
+    found = []
+    for path in sorted(folder.glob(f"strength_sweep_x{real_fraction:g}_g{generator}*.json")):
+        sweep = json.loads(path.read_text())
+        if Path(sweep.get("generator", "")).parent.name == key:
+            found.append(sweep | {"file": str(path)})
+    return found
+
+
 def _mean(values) -> float:
     kept = [v for v in values if v == v]  # NaN for a class with no source
     return sum(kept) / len(kept) if kept else float("nan")

@@ -62,7 +62,8 @@ PY
   cp "$tmp/$dir/runs.jsonl" "$tmp/$dir/epochs.jsonl" "$dir/"
   # One line per GPU chunk in the results folder's README: what ran, where, how long.
   log="$src/session.log"; readme="$dir/README.md"
-  if [ -f "$log" ]; then
+  after=$(wc -l < "$dir/runs.jsonl")
+  if [ -f "$log" ] && [ "$after" -gt "$before" ]; then  # a session that trained no run: no row
     [ -f "$readme" ] || printf '%s\n' "# Results of the chapter-7 grid" "" \
       "Rows: \`runs.jsonl\` (one per training run, with its config, seeds, commit, package" \
       "versions and device) and \`epochs.jsonl\` (one per run and epoch); \`summary.md\` and" \
@@ -74,10 +75,15 @@ PY
     started=$(sed -n 's/^session: .* | started \(.*\)/\1/p' "$log" | head -1)
     device=$(sed -n 's/^torch .* | cuda [^|]* | \(.*\) | python .*/\1/p' "$log" | head -1)
     wall=$(sed -n 's/^wall: \([0-9]*\) s/\1/p' "$log" | tail -1)
-    after=$(wc -l < "$dir/runs.jsonl")
     echo "| $started | \`$command\` | $device | ${wall:-?} s | $(( after - before )) | $after |" >> "$readme"
   fi
   "$PY" -c "import sys; from mrilib.experiment import export_csv; export_csv(sys.argv[1])" "$dir"
-  MRILIB_PRESET=$preset "$PY" -m mrilib report --results "$dir"
+  # The committed results/ through chapter_results, as `make reproduce` writes the report
+  # (its first line says where the runs came from); another preset's folder as given.
+  if [ "$dir" = results ]; then
+    MRILIB_PRESET=$preset "$PY" -m mrilib report
+  else
+    MRILIB_PRESET=$preset "$PY" -m mrilib report --results "$dir"
+  fi
 fi
 git status --short benchmarks results figures cache/quick 2>/dev/null || true
