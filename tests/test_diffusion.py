@@ -304,7 +304,8 @@ def test_guidance_rescale_restores_the_class_outputs_spread(trained):
     gap = lambda a: (a - out["plain"]).abs().mean()  # noqa: E731
     assert 0 < gap(out["part"]) < gap(out["none"])
     assert LocalDiffusion(path, guidance_scale=3.0).params()["guidance_rescale"] == 0.7
-    assert LocalDiffusion(path).params()["guidance_rescale"] == 0.0  # no guidance: no rescale
+    assert LocalDiffusion(path, guidance_scale=1).params()["guidance_rescale"] == 0.0  # none
+    assert LocalDiffusion(path).params()["guidance_scale"] == 4.0  # the default (DEFAULTS)
     with pytest.raises(ValueError, match="guidance_rescale=2"):
         LocalDiffusion(path, guidance_scale=3.0, guidance_rescale=2.0)
 
@@ -321,7 +322,10 @@ def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):
     path = train_generator(images, labels, 0, tmp_path, ids=ids, progress=False,
                            class_dropout=0.0)
     assert state_of(path)["model"]["class_embedding.weight"].shape[0] == len(CLASSES)
-    assert LocalDiffusion(path).guidance_scale == 1.0  # the default needs no class-free output
+    # The default weight (4) needs a class-free output: one clear error, naming the fix
+    with pytest.raises(ValueError, match=r"without class_dropout.*guidance_scale=1"):
+        LocalDiffusion(path)
+    assert LocalDiffusion(path, guidance_scale=1).params()["guidance_rescale"] == 0.0
     with pytest.raises(ValueError, match="without class_dropout"):
         LocalDiffusion(path, guidance_scale=2.0)
     with pytest.raises(ValueError, match="guidance_scale=0.5"):
@@ -493,6 +497,7 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri, monkeypatc
     assert result["n_sources"] == 8 and set(result["sources_per_class"].values()) == {2}
     low, high = result["strengths"]
     assert (low["strength"], high["strength"]) == (0.2, 1.0)
+    assert low["guidance_scale"] == high["guidance_scale"] == 4.0  # the preset's weight
     assert low["generated"] == high["generated"] == 8 and low["cached"] == 0
     # a little noise keeps a variation near its source; strength 1 draws a new image
     assert 0 < low["rms_to_source"] < high["rms_to_source"]
@@ -518,11 +523,11 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri, monkeypatc
         m.setattr(LocalDiffusion, "generate", lambda *a: pytest.fail("sampled first"))
         with pytest.raises(ValueError, match="without class_dropout"):
             strength_sweep(data, split, 0.5, 1, [0.5], **{**kw, "guidance_scales": [1, 2]})
-    # guidance weights: a row per (weight, strength), the unguided rows from the cache
-    both = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], guidance_scales=[1, 3], **kw)
+    # guidance weights: a row per (weight, strength), the default weight's from the cache
+    both = strength_sweep(data, split, 0.5, 0, [0.2, 1.0], guidance_scales=[1, 4], **kw)
     assert [(r["guidance_scale"], r["strength"]) for r in both["strengths"]] == [
-        (1.0, 0.2), (1.0, 1.0), (3.0, 0.2), (3.0, 1.0)]
-    assert [r["cached"] for r in both["strengths"]] == [8, 8, 0, 0]
+        (1.0, 0.2), (1.0, 1.0), (4.0, 0.2), (4.0, 1.0)]
+    assert [r["cached"] for r in both["strengths"]] == [0, 0, 8, 8]
     assert both["strengths"][2]["cache_dir"] != both["strengths"][0]["cache_dir"]
 
 

@@ -93,9 +93,10 @@ def add_parser(sub) -> None:
     w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
     w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
                    help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
-    w.add_argument("--guidance", default="1",
-                   help="comma-separated classifier-free guidance weights >= 1 (default 1: "
-                        "none); each is swept over every strength")
+    w.add_argument("--guidance", default=None,
+                   help="comma-separated classifier-free guidance weights >= 1, 1 = none "
+                        "(default: the preset's guidance_scale); each is swept over every "
+                        "strength")
     w.add_argument("--max-sources", type=int, default=None,
                    help="at most N sources, in equal shares per class (default: the whole "
                         "sample; on a CPU a variation costs seconds)")
@@ -248,7 +249,7 @@ def run_sweep(args) -> int:
     from ..synthetic.quality import strength_sweep
 
     strengths = _numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
-    scales = _numbers(args.guidance, "--guidance", "1,2,4")
+    scales = None if args.guidance is None else _numbers(args.guidance, "--guidance", "1,2,4")
     data = load_mri(args.source)
     result = strength_sweep(data, split_mri(data), args.real_frac, args.generator, strengths,
                             max_sources=args.max_sources, seed=args.seed, device=args.device,

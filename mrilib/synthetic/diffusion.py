@@ -135,9 +135,16 @@ DEFAULTS = {
     "ddim_steps": 50,  # DDIM steps for strength 1; a variation runs strength x ddim_steps
     # Classifier-free guidance weight w: output = uncond + w (cond - uncond). 1 = the plain
     # conditional model (one UNet pass per step); > 1 sharpens the class at the cost of a
-    # second, class-free pass per step and of diversity. Stays 1 until `synth sweep
-    # --guidance` has measured what it buys on the full generator.
-    "guidance_scale": 1.0,
+    # second, class-free pass per step and of diversity. Why 4: it is the smallest weight
+    # measured at which the variations are as recognisable as real slices. On the H100
+    # (2026-11-26, generator 0 of the 30% sample, strength 0.6, 164 sources; results/
+    # strength_sweep_x0.3_g0_guidance.json) a real-only basic CNN, balanced accuracy 0.65
+    # on real test slices, scored its variations 0.38 unguided (Mild 0.36, VeryMild 0.28,
+    # Moderate 0 of 14: the rarer classes drift to NonDemented, i.e. label noise in the
+    # synthetic arm), 0.49 at w = 2 and 0.70 at w = 4 (0.90 / 0.60 / 5 of 14). Larger
+    # weights would make variations more typical of their class than real slices are and
+    # less diverse. Sampling costs twice the unguided time. 3 and 6 are not measured yet.
+    "guidance_scale": 4.0,
     # With zero terminal SNR, guidance w > 1 over-exposes (Lin et al. 2024, sec. 3.4): the
     # guided output's spread grows with w. Their fix, used when w > 1: rescale it per image
     # to the class output's standard deviation and blend, this much rescaled (their 0.7).
@@ -723,6 +730,12 @@ class LocalDiffusion(Backend):
             raise ValueError(f"guidance_rescale={self.guidance_rescale:g}: give a share in "
                              f"[0, 1] (0 = plain guidance, 0.7 = Lin et al.'s)")
         self.null_class = null_class(self.cfg)
+        if guidance_scale is None and self.guidance_scale != 1.0 and self.null_class is None:
+            raise ValueError(
+                f"the generator at {path.parent} was trained without class_dropout, so it "
+                f"cannot sample with the default guidance_scale={self.guidance_scale:g} (it "
+                f"has no class-free output to guide against): pass guidance_scale=1 "
+                f"(--guidance 1) for the conditional model alone, or retrain it")
         if not self.guidance_scale >= 1.0 or (self.guidance_scale != 1.0
                                               and self.null_class is None):  # NaN too
             raise ValueError(

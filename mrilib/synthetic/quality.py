@@ -111,7 +111,7 @@ def _balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: in
 def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
                    max_sources: int | None = None, seed: int = 0, device=None,
                    classifier: torch.nn.Module | None = None, progress: bool = True,
-                   guidance_scales=(1.0,)) -> dict:
+                   guidance_scales=None) -> dict:
     """How each SDEdit strength (and guidance weight) trades class fidelity against
     distance from the source.
 
@@ -126,7 +126,8 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     trained on the same sample (seed 0), whose per-class accuracy on the real test split
     is reported beside them as the ceiling to read fidelity against. One row per strength
     and classifier-free guidance weight in ``guidance_scales`` (1 = none; > 1 needs a
-    generator trained with ``class_dropout``), strengths varying fastest.
+    generator trained with ``class_dropout``; default: the preset's ``guidance_scale``),
+    strengths varying fastest.
     """
     from ..config import settings
     from ..train import resolve_device, trained_classifier
@@ -138,6 +139,8 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     bad = [s for s in strengths if not 0.0 < s <= 1.0]
     if bad or not strengths:
         raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    if guidance_scales is None:
+        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
     scales = [float(w) for w in guidance_scales]
     if not scales or any(not w >= 1.0 for w in scales):
         raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "

@@ -30,6 +30,10 @@ tar xzf "$src/session.tgz" -C "$tmp"
 [ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
   cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
 if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
+if [ -d "$tmp/figures" ]; then  # the figures notebooks made there (session.sh chapters)
+  mkdir -p figures && cp "$tmp"/figures/*.png figures/ && \
+    echo "figures: $(cd "$tmp/figures" && ls *.png | tr '\n' ' ')"
+fi
 for f in "$tmp"/results/strength_sweep_*.json; do  # synth sweep of a carried generator
   [ -e "$f" ] && cp "$f" results/ && echo "strength sweep: results/$(basename "$f")"
 done

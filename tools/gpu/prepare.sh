@@ -63,4 +63,5 @@ size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]
 echo "the tree that travels: $((size / 1048576)) MiB of the 64 MiB a call may send"
 [ "$size" -lt $((64 * 1048576)) ] || { echo "too large to send: trim before calling" >&2; exit 1; }
 list=$(printf '"%s", ' "${carry[@]}")
-echo "device run: carry [${list%, }], timeout_s 600, command: bash tools/gpu/session.sh all 9.5"
+# STAGE and MINUTES only shape the printed command (session.sh documents the stages).
+echo "device run: carry [${list%, }], timeout_s 600, command: bash tools/gpu/session.sh ${STAGE:-all} ${MINUTES:-9.5}"

@@ -9,11 +9,13 @@
 #                                           # (ResNet-18, ViT), then the grid
 #   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4), its strength sweep and
 #                                           # the variations notebooks 02-03 read
+#   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
+#                                           # sweep, notebooks 02-03's figures, synth bench
 #
 # A drawn task gets 15 minutes of device time in all (start and transfers included) and
 # one command may run 10, so each stage is budgeted in wall minutes (decimals allowed) and
 # packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
-#   $OUT/session.tgz   benchmarks/*, results/*.jsonl
+#   $OUT/session.tgz   benchmarks/*, results/*.jsonl, figures this call wrote
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
 #   $OUT/synthetic.tar.part-?  the chapter 2-3 variations (cache/synthetic/), in 15 MiB
 #                      pieces, with synthetic.sha256 of the whole (collect.sh checks it)
@@ -35,7 +37,7 @@
 # arguments; `all` uses "--naive-replicates 2 --serial-replicates 2"), BENCH_CAP (seconds
 # per model, default 110; `all` 70).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES}
 OUT=${OUT:-/tmp/mrilib-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -46,6 +48,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
+else  # mrilib from this tree, also for scripts outside the root (tools/gpu/run_notebook.py)
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 DEVICE=${DEVICE:-cuda}
 echo "session: bash tools/gpu/session.sh $* | GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0} | started $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -54,6 +58,7 @@ if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row na
   export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
 fi
 start=$(date +%s)
+touch /tmp/session-start  # figures newer than this were made by this call and go back
 rm -f /tmp/chapter-dirs  # a warm machine keeps /tmp between calls
 elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
 deadline=$(( start + $(awk -v m="${2:-9}" 'BEGIN { printf "%d", 60 * m }') - 30 ))
@@ -91,6 +96,8 @@ pack() {  # whatever exists now goes back, even after a timeout
            "$results"/strength_sweep_*.json "$results/runs.jsonl" "$results/epochs.jsonl"; do
     [ -e "$f" ] && files+=("$f")
   done
+  while IFS= read -r f; do files+=("$f"); done < <(
+    [ -d figures ] && find figures -maxdepth 1 -name '*.png' -newer /tmp/session-start | sort)
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
   # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
   # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here. The
@@ -301,5 +308,31 @@ for row in json.load(open(sys.argv[1]))['strengths']:
     GPU_TESTS="tests/test_diffusion.py" cuda_tests 60
     grid
     ;;
-  *) echo "unknown stage $stage: use checks, grid, all or quality (with MINUTES)" >&2; exit 2 ;;
+  chapters)
+    : "${2:?chapters needs MINUTES, e.g. 9}"
+    # #4's last steps, with generator 0 carried in (CARRY_GEN0=1 bash tools/gpu/prepare.sh;
+    # nothing is trained): chapters 2-3 under the default guidance weight (4), whose
+    # variations take hours on a CPU (about a second per image per DDIM step, twice that
+    # guided) and a few minutes here.
+    SKIP_GEN_OUT=1  # the generator came from here
+    if ! compgen -G "cache/generators/x${X}-s0-*/generator.pt" > /dev/null; then
+      echo "chapters: generator 0 was not carried in (CARRY_GEN0=1 bash tools/gpu/prepare.sh)"
+      exit 2
+    fi
+    # 1. The weight, over the whole sample at the default strength (the 2026-11-26 lease
+    # measured 1, 2, 4 on 164 sources; 3 and 6 bracket the default). About 3 minutes.
+    within 240 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      --strengths 0.6 --guidance 1,3,4,6 --out "$results/strength_sweep_x${X}_g0_guidance_all.json" \
+      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
+    # 2. Notebooks 02 and 03 in the thesis preset, their cells run as one script each (no
+    # Jupyter there): their figures (figures/2_*, 3_*) come back in session.tgz. About 3
+    # and 1 minutes.
+    for nb in notebooks/02_synthetic_images.ipynb notebooks/03_gradcam_real_vs_synthetic.ipynb; do
+      within 330 $PY tools/gpu/run_notebook.py "$nb" 2>&1 | grep -v "it/s\]$" | tail -n 25
+    done
+    # 3. What guidance costs per 1,000 variations (the target is 30 s).
+    within 75 $PY -m mrilib synth bench --device "$DEVICE" --guidance 4 \
+      --out "benchmarks/local_generator_${card}-guidance4.json"
+    ;;
+  *) echo "unknown stage $stage: use checks, grid, all, quality or chapters (with MINUTES)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,49 @@
+"""Run a chapter notebook's code cells in order, as one script: python run_notebook.py NB.ipynb
+
+For the GPU machine, whose image has no Jupyter. Carrying jupyter, nbclient, ipykernel
+and pyzmq there would take megabytes of the 64 MiB a call may send, and a kernel adds
+nothing here: the notebooks only call mrilib, and every figure is written by a library
+function (``save=``), so executing the cells' code in one namespace writes the same
+files. Cells must be plain Python (no magics: the chapter notebooks use none). Each
+cell's index and wall seconds are printed; the first failing cell stops the run with
+its index, exit status 1.
+"""
+import json
+import sys
+import time
+import traceback
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display there; figures are saved by the library
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def code_cells(path: str) -> list[str]:
+    with open(path) as f:
+        notebook = json.load(f)
+    return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def main(path: str) -> int:
+    namespace = {"__name__": "__main__"}
+    for i, source in enumerate(code_cells(path), 1):
+        if any(line.lstrip().startswith(("%", "!")) for line in source.splitlines()):
+            print(f"{path}: cell {i} uses IPython syntax, which this runner cannot execute")
+            return 1
+        start = time.perf_counter()
+        try:
+            exec(compile(source, f"{path}#cell{i}", "exec"), namespace)
+        except Exception:
+            traceback.print_exc()
+            print(f"{path}: cell {i} failed after {time.perf_counter() - start:.1f} s")
+            return 1
+        plt.close("all")
+        print(f"{path}: cell {i} done in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python run_notebook.py NOTEBOOK.ipynb")
+    sys.exit(main(sys.argv[1]))
