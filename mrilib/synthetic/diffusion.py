@@ -140,8 +140,8 @@ DEFAULTS = {
     # (2026-11-26, generator 0 of the 30% sample, strength 0.6, 164 sources; results/
     # strength_sweep_x0.3_g0_guidance.json) a real-only basic CNN, balanced accuracy 0.65
     # on real test slices, scored its variations 0.38 unguided (Mild 0.36, VeryMild 0.28,
-    # Moderate 0 of 14: the rarer classes drift to NonDemented, i.e. label noise in the
-    # synthetic arm), 0.49 at w = 2 and 0.70 at w = 4 (0.90 / 0.60 / 5 of 14). Larger
+    # Moderate 0 of 14: most rare-class variations get another class, i.e. label noise
+    # in the synthetic arm), 0.49 at w = 2 and 0.70 at w = 4 (0.90 / 0.60 / 5 of 14). Larger
     # weights would make variations more typical of their class than real slices are and
     # less diverse. Sampling costs twice the unguided time. 3 and 6 are not measured yet.
     "guidance_scale": 4.0,
