@@ -310,6 +310,24 @@ def test_guidance_rescale_restores_the_class_outputs_spread(trained):
         LocalDiffusion(path, guidance_scale=3.0, guidance_rescale=2.0)
 
 
+def test_a_cpu_samples_in_small_batches_each_stored_when_done(trained, tmp_path,
+                                                                monkeypatch):
+    from mrilib.synthetic.cache import generate_cached
+
+    path, images, labels, ids = trained
+    monkeypatch.setitem(diffusion.PRESETS["quick"], "cpu_sample_batch", 3)
+    backend = LocalDiffusion(path, device="cpu")
+    assert backend.max_batch == 3
+    assert LocalDiffusion(path, device="cpu", sample_batch=5).max_batch == 5  # asked for
+    sizes = []
+    denoise = backend._denoise
+    monkeypatch.setattr(backend, "_denoise", lambda im, *a: sizes.append(len(im)) or
+                        denoise(im, *a))
+    _, report = generate_cached(backend, images[:7], labels[:7], ids[:7], per_image=1, seed=0,
+                                cache_root=tmp_path, batch_size=256, progress=False)
+    assert report["generated"] == 7 and sizes == [3, 3, 1]
+
+
 def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):
     images, labels, ids = tiny_images(8)
     cfg = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)

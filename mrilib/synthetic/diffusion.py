@@ -151,6 +151,11 @@ DEFAULTS = {
     "guidance_rescale": 0.7,
     "sample_batch": 256,  # sources per UNet call when generating (twice that many images
     # with guidance; GPU memory, not results: 11 GiB at 512 on an H100)
+    # The same on a CPU, where a batch buys no speed (the convolutions are compute-bound
+    # already) and is what an interrupted run loses, since the cache stores a batch when
+    # it is done: 4 guided variations at strength 0.6 take ~2.5 minutes on 2 cores
+    # (a notebook timeout once lost a 56-image batch, 15 minutes).
+    "cpu_sample_batch": 4,
 }
 
 PRESETS = {
@@ -171,13 +176,14 @@ PRESETS = {
         "n_generators": 2,
         "ddim_steps": 4,
         "sample_batch": 16,
+        "cpu_sample_batch": 16,  # a tiny model: a batch takes well under a second
     },
 }
 
 # Settings that change how a run is split up or sampled, not which weights it produces.
 _RUN_ONLY = ("steps", "checkpoint_minutes", "log_every", "n_generators", "strength",
-             "ddim_steps", "guidance_scale", "guidance_rescale", "sample_batch", "channels_last",
-             "cudnn_benchmark")
+             "ddim_steps", "guidance_scale", "guidance_rescale", "sample_batch",
+             "cpu_sample_batch", "channels_last", "cudnn_benchmark")
 # What a variation depends on besides the weights: read from the settings in force when
 # a backend is built (not from the checkpoint, whose copy says how it was configured when
 # trained), so that changing one retrains nothing and is seen by the generator hash.
@@ -695,7 +701,8 @@ class LocalDiffusion(Backend):
     its size and outputs bilinearly upscaled back to 128x128.
 
     ``strength``, ``ddim_steps``, ``guidance_scale``, ``guidance_rescale`` and
-    ``sample_batch`` default to the settings in force (DEFAULTS and the preset), not to
+    ``sample_batch`` (``cpu_sample_batch`` on a CPU) default to the settings in force
+    (DEFAULTS and the preset), not to
     the checkpoint's copy: they are choices about sampling, which the same weights serve
     under any of them.
     ``guidance_scale`` > 1 needs a generator trained with ``class_dropout`` > 0.
@@ -721,7 +728,6 @@ class LocalDiffusion(Backend):
             raise ValueError(f"strength={strength}: give a noise level in [0, 1] "
                              f"(0 = the source, 1 = a fresh sample of its class)")
         self.ddim_steps = int(ddim_steps or now["ddim_steps"])
-        self.max_batch = int(sample_batch or now["sample_batch"])
         self.guidance_scale = float(now["guidance_scale"] if guidance_scale is None
                                     else guidance_scale)
         self.guidance_rescale = float(now["guidance_rescale"] if guidance_rescale is None
@@ -744,6 +750,8 @@ class LocalDiffusion(Backend):
                    f"; the generator at {path.parent} was trained without class_dropout, so "
                    f"it has no class-free output to guide against (retrain it to use > 1)"))
         self.device = resolve_device(device)
+        self.max_batch = int(sample_batch or now["cpu_sample_batch" if self.device.type == "cpu"
+                                                 else "sample_batch"])
         self.path = path
         # The real sample this generator belongs to (mixing draws the same one); None for
         # a generator built outside the repeat scheme.
