@@ -319,20 +319,22 @@ for row in json.load(open(sys.argv[1]))['strengths']:
       echo "chapters: generator 0 was not carried in (CARRY_GEN0=1 bash tools/gpu/prepare.sh)"
       exit 2
     fi
-    # 1. The weight, over the whole sample at the default strength (the 2026-11-26 lease
-    # measured 1, 2, 4 on 164 sources; 3 and 6 bracket the default). About 3 minutes.
-    within 240 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
-      --strengths 0.6 --guidance 1,3,4,6 --out "$results/strength_sweep_x${X}_g0_guidance_all.json" \
-      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
-    # 2. Notebooks 02 and 03 in the thesis preset, their cells run as one script each (no
+    # 1. Notebooks 02 and 03 in the thesis preset, their cells run as one script each (no
     # Jupyter there): their figures (figures/2_*, 3_*) come back in session.tgz. About 3
     # and 1 minutes.
     for nb in notebooks/02_synthetic_images.ipynb notebooks/03_gradcam_real_vs_synthetic.ipynb; do
-      within 330 $PY tools/gpu/run_notebook.py "$nb" 2>&1 | grep -v "it/s\]$" | tail -n 25
+      within 330 $PY tools/gpu/run_notebook.py "$nb" 2>&1 | tr '\r' '\n' \
+        | grep -Ev '(it|img|step)/s' | tail -n 40  # without progress bars
     done
-    # 3. What guidance costs per 1,000 variations (the target is 30 s).
+    # 2. What guidance costs per 1,000 variations (the target is 30 s).
     within 75 $PY -m mrilib synth bench --device "$DEVICE" --guidance 4 \
       --out "benchmarks/local_generator_${card}-guidance4.json"
+    # 3. The weight, over the whole sample at the default strength (the 2026-11-26 lease
+    # measured 1, 2, 4 on 164 sources; 3 and 6 bracket the default). About 3 minutes, the
+    # classifier trained by notebook 03 (cache/classifiers/) reused.
+    within 240 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      --strengths 0.6 --guidance 1,3,4,6 --out "$results/strength_sweep_x${X}_g0_guidance_all.json" \
+      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
     ;;
   *) echo "unknown stage $stage: use checks, grid, all, quality or chapters (with MINUTES)" >&2; exit 2 ;;
 esac
