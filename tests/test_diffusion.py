@@ -321,11 +321,21 @@ def test_a_cpu_samples_in_small_batches_each_stored_when_done(trained, tmp_path,
     assert LocalDiffusion(path, device="cpu", sample_batch=5).max_batch == 5  # asked for
     sizes = []
     denoise = backend._denoise
-    monkeypatch.setattr(backend, "_denoise", lambda im, *a: sizes.append(len(im)) or
-                        denoise(im, *a))
-    _, report = generate_cached(backend, images[:7], labels[:7], ids[:7], per_image=1, seed=0,
-                                cache_root=tmp_path, batch_size=256, progress=False)
-    assert report["generated"] == 7 and sizes == [3, 3, 1]
+
+    def dies_third(im, *a):  # a crash during the third UNet call
+        sizes.append(len(im))
+        if len(sizes) == 3:
+            raise KeyboardInterrupt
+        return denoise(im, *a)
+
+    monkeypatch.setattr(backend, "_denoise", dies_third)
+    kw = dict(per_image=1, seed=0, cache_root=tmp_path, batch_size=256, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cached(backend, images[:7], labels[:7], ids[:7], **kw)
+    assert sizes == [3, 3, 1]
+    monkeypatch.setattr(backend, "_denoise", denoise)
+    _, report = generate_cached(backend, images[:7], labels[:7], ids[:7], **kw)
+    assert (report["cached"], report["generated"]) == (6, 1)  # two batches were kept
 
 
 def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):

@@ -367,6 +367,7 @@ def test_a_new_generator_recipe_is_a_new_design_for_synthetic_cells_only(monkeyp
         with monkeypatch.context() as m:  # how a run is split up changes nothing
             m.setitem(diffusion.DEFAULTS, "checkpoint_minutes", 9.0)
             m.setitem(diffusion.PRESETS["quick"], "sample_batch", 3)
+            m.setitem(diffusion.PRESETS["quick"], "cpu_sample_batch", 3)
             assert ex.cell_design(cfg, "quick", synth) == before
         openai = ex.grid_settings("quick", backend="openai")
         assert ex.generator_hash(openai) != ex.generator_hash(cfg)

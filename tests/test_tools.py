@@ -36,6 +36,13 @@ def test_cells_run_in_order_in_one_namespace(runner, tmp_path, capsys):
     assert "cell 3 done" in capsys.readouterr().out
 
 
+def test_a_cells_last_expression_is_shown_unless_silenced(runner, tmp_path, capsys):
+    nb = notebook(tmp_path, "x = 6\nx * 7", "x * 1000;", "print('p')\nNone", "[x] * 2")
+    assert runner.main(nb) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if "cell" not in line]
+    assert shown == ["42", "p", "[6, 6]"]
+
+
 def test_the_first_failing_cell_stops_the_run(runner, tmp_path, capsys):
     out = tmp_path / "never.txt"
     nb = notebook(tmp_path, "x = 1", "raise ValueError('bad input in cell two')",

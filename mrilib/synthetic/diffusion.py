@@ -136,14 +136,16 @@ DEFAULTS = {
     # Classifier-free guidance weight w: output = uncond + w (cond - uncond). 1 = the plain
     # conditional model (one UNet pass per step); > 1 sharpens the class at the cost of a
     # second, class-free pass per step and of diversity. Why 4: it is the smallest weight
-    # measured at which the variations are as recognisable as real slices. On the H100
+    # measured at which a real-only classifier's balanced accuracy on the variations
+    # reaches its balanced accuracy on real test slices. On the H100
     # (2026-11-26, generator 0 of the 30% sample, strength 0.6, 164 sources; results/
     # strength_sweep_x0.3_g0_guidance.json) a real-only basic CNN, balanced accuracy 0.65
     # on real test slices, scored its variations 0.38 unguided (Mild 0.36, VeryMild 0.28,
     # Moderate 0 of 14: most rare-class variations get another class, i.e. label noise
-    # in the synthetic arm), 0.49 at w = 2 and 0.70 at w = 4 (0.90 / 0.60 / 5 of 14). Larger
-    # weights would make variations more typical of their class than real slices are and
-    # less diverse. Sampling costs twice the unguided time. 3 and 6 are not measured yet.
+    # in the synthetic arm), 0.49 at w = 2 and 0.70 at w = 4 (0.90 / 0.60 / 5 of 14; on
+    # real slices 0.55 / 0.66 / 0.46, so VeryMild and Moderate stay below). Larger weights
+    # would make variations more typical of their class than real slices are and less
+    # diverse. Sampling costs twice the unguided time. 3 and 6 are not measured yet.
     "guidance_scale": 4.0,
     # With zero terminal SNR, guidance w > 1 over-exposes (Lin et al. 2024, sec. 3.4): the
     # guided output's spread grows with w. Their fix, used when w > 1: rescale it per image

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE after a device call of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
 # (FILES_AT = the folder the device tool put session.tgz, gen-*.pt and session.log in).
-# Unpacks benchmarks into benchmarks/, generators into cache/generators/ and variations
-# into cache/synthetic/ (for chapters 2-3 in the thesis preset), and results into results/ after checking that the GPU's
+# Unpacks benchmarks into benchmarks/, figures into figures/, generators into
+# cache/generators/, and results into results/ after checking that the GPU's
 # runs.jsonl holds every run already here (it resumed from the committed file), then
 # rewrites the CSV exports, the report and its figures. Review `git diff` and commit.
 set -euo pipefail
@@ -10,20 +10,6 @@ src=${1:?usage: collect.sh FILES_AT}
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
 [ -f "$src/session.tgz" ] || { echo "no session.tgz in $src (see $src/session.log)" >&2; exit 1; }
-if compgen -G "$src/synthetic.tar.part-*" > /dev/null; then  # variations, in pieces
-  # All pieces or nothing: a missing or cut piece would leave half-written PNGs in the cache.
-  want=$(cat "$src/synthetic.sha256" 2>/dev/null || echo missing)
-  got=$(cat "$src"/synthetic.tar.part-* | sha256sum | cut -d' ' -f1)
-  if [ "$want" != "$got" ]; then
-    echo "variations: the pieces' sha256 is $got, the GPU wrote $want; not unpacked" >&2
-    exit 1
-  fi
-  if ! cat "$src"/synthetic.tar.part-* | tar xf -; then
-    echo "variations: tar failed; cache/synthetic may hold a partial folder" >&2
-    exit 1
-  fi
-  echo "variations: into cache/synthetic/"
-fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar xzf "$src/session.tgz" -C "$tmp"

@@ -23,7 +23,7 @@ fi
 
 # The tree arrives there without .git: record the commit the results will be made from.
 printf '%s %s\n' "$(git rev-parse HEAD)" \
-  "$([ -z "$(git status --porcelain -- mrilib tools)" ] && echo 0 || echo 1)" > .gpudata/GIT_STATE
+  "$([ -z "$(git status --porcelain -- mrilib tools notebooks)" ] && echo 0 || echo 1)" > .gpudata/GIT_STATE
 
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .whl && mkdir -p .whl
@@ -37,9 +37,8 @@ rm -rf .whl && mkdir -p .whl
 
 # Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB) when
 # CARRY_GEN0=1: `session.sh all` then runs `synth sweep` on it (class fidelity against
-# strength over its whole sample) and, with CHAPTER_VARIATIONS=1, remakes the variations
-# notebooks 02-03 read (hours on a CPU; the H100 lease of 2026-11-26 made them and they
-# are in cache/synthetic here). Without it the tree is 12 MiB lighter.
+# strength over its whole sample), and `session.sh chapters` runs notebooks 02-03 on it
+# (hours on a CPU). Without it the tree is 12 MiB lighter.
 # Found as the grid finds it (other presets' generators share the folder name's prefix).
 carry=(.gpudata .whl)
 [ "${CARRY_GEN0:-0}" = 1 ] && gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null
@@ -56,6 +55,10 @@ except FileNotFoundError:
 PY
 )
 [ -n "${gen:-}" ] && carry+=("$gen")
+if [ "${STAGE:-all}" = chapters ] && [ -z "${gen:-}" ]; then
+  echo "STAGE=chapters needs generator 0 of the thesis grid here, finished, and CARRY_GEN0=1" >&2
+  exit 1
+fi
 
 # What travels: tracked and untracked-not-ignored files, plus the carried paths.
 size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]}" -type f -exec cat {} +) \

@@ -4,10 +4,12 @@ For the GPU machine, whose image has no Jupyter. Carrying jupyter, nbclient, ipy
 and pyzmq there would take megabytes of the 64 MiB a call may send, and a kernel adds
 nothing here: the notebooks only call mrilib, and every figure is written by a library
 function (``save=``), so executing the cells' code in one namespace writes the same
-files. Cells must be plain Python (no magics: the chapter notebooks use none). Each
+files; a cell's last expression is printed, as Jupyter would show it. Cells must be plain
+Python (no magics: the chapter notebooks use none). Each
 cell's index and wall seconds are printed; the first failing cell stops the run with
 its index, exit status 1.
 """
+import ast
 import json
 import sys
 import time
@@ -25,7 +27,29 @@ def code_cells(path: str) -> list[str]:
     return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
 
 
+def run_cell(source: str, name: str, namespace: dict) -> None:
+    """Execute one cell; print its last expression's value as Jupyter would show it
+    (unless None or silenced with a trailing ';'), since e.g. a summary table is read
+    from it."""
+    tree = ast.parse(source, name)
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr) and not source.rstrip().endswith(";"):
+        tree.body.pop()
+        exec(compile(tree, name, "exec"), namespace)
+        value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+        if value is not None:
+            print(repr(value))
+    else:
+        exec(compile(tree, name, "exec"), namespace)
+
+
 def main(path: str) -> int:
+    try:  # tables whole in a log, as a notebook shows them, not cut to 80 columns
+        import pandas as pd
+        pd.set_option("display.width", 250)
+        pd.set_option("display.max_columns", 50)
+    except ImportError:
+        pass
     namespace = {"__name__": "__main__"}
     for i, source in enumerate(code_cells(path), 1):
         if any(line.lstrip().startswith(("%", "!")) for line in source.splitlines()):
@@ -33,7 +57,7 @@ def main(path: str) -> int:
             return 1
         start = time.perf_counter()
         try:
-            exec(compile(source, f"{path}#cell{i}", "exec"), namespace)
+            run_cell(source, f"{path}#cell{i}", namespace)
         except Exception:
             traceback.print_exc()
             print(f"{path}: cell {i} failed after {time.perf_counter() - start:.1f} s")

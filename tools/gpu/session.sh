@@ -17,8 +17,6 @@
 # packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
 #   $OUT/session.tgz   benchmarks/*, results/*.jsonl, figures this call wrote
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
-#   $OUT/synthetic.tar.part-?  the chapter 2-3 variations (cache/synthetic/), in 15 MiB
-#                      pieces, with synthetic.sha256 of the whole (collect.sh checks it)
 #   $OUT/session.log   everything printed
 # Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
 #
@@ -59,7 +57,6 @@ if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row na
 fi
 start=$(date +%s)
 touch /tmp/session-start  # figures newer than this were made by this call and go back
-rm -f /tmp/chapter-dirs  # a warm machine keeps /tmp between calls
 elapsed_min() { echo $(( ($(date +%s) - start) / 60 )); }
 deadline=$(( start + $(awk -v m="${2:-9}" 'BEGIN { printf "%d", 60 * m }') - 30 ))
 left_s() { echo $(( deadline - $(date +%s) )); }
@@ -112,25 +109,6 @@ pack() {  # whatever exists now goes back, even after a timeout
 sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # unfinished
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
   done
-  # The chapter 2-3 variations (the cache folders chapter_variations made), in 15 MiB
-  # pieces with the whole stream's sha256, only if all of them fit what is left of the
-  # outbox (8 files, 64 MiB): collect.sh checks the sum before it unpacks anything.
-  if [ -s /tmp/chapter-dirs ]; then
-    local tarball=/tmp/synthetic.tar
-    tar cf "$tarball" $(sort -u /tmp/chapter-dirs)
-    used=$(du -cb "$OUT" | tail -1 | cut -f1)
-    local size; size=$(stat -c %s "$tarball")
-    local pieces=$(( (size + 15 * 1048576 - 1) / (15 * 1048576) ))
-    local files_now; files_now=$(find "$OUT" -type f | wc -l)
-    if [ $(( used + size + 65536 )) -lt $(( 63 * 1048576 )) ] && [ $(( files_now + pieces + 1 )) -le 8 ]; then
-      split -b 15M -a 1 "$tarball" "$OUT/synthetic.tar.part-"
-      sha256sum < "$tarball" | cut -d' ' -f1 > "$OUT/synthetic.sha256"
-      echo "variations: $(( size / 1048576 )) MiB in $pieces pieces"
-    else
-      echo "variations ($(( size / 1048576 )) MiB) do not fit the outbox: not sent back"
-    fi
-    rm -f "$tarball"
-  fi
   echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
   echo "wall: $(( $(date +%s) - start )) s"
 }
@@ -154,8 +132,9 @@ cuda_tests() {  # [GPU_TESTS=files] cuda_tests [CAP]: the GPU-marked tests of #3
 }
 card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
   if torch.cuda.is_available() else 'cpu').lower()).strip('_'))")
-synth_bench() { within "${1:-75}" $PY -m mrilib synth bench --device "$DEVICE" \
-  --out "benchmarks/local_generator_$card.json"; }
+synth_bench() {  # unguided, as the earlier local_generator_<card>.json files
+  within "${1:-75}" $PY -m mrilib synth bench --device "$DEVICE" --guidance 1 \
+    --out "benchmarks/local_generator_$card.json"; }
 bench_train() {
   for m in ${BENCH_MODELS:-basic_cnn resnet18 vit_tiny}; do
     # shellcheck disable=SC2086
@@ -198,26 +177,6 @@ grid() {  # the thesis grid for the time left (cells whose generators are missin
   $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
 }
 
-chapter_variations() {  # the variations notebooks 02-03 draw from generator 0, if carried in
-  # Same calls as the notebooks make (local backend, the 30% sample of generator 0,
-  # seed 0): strength 0.6 with two per image (class fidelity, Grad-CAM agreement) and
-  # strength 1.0 with one (memorization). They land in cache/synthetic/, keyed as the
-  # notebooks ask for them; their folders are listed in /tmp/chapter-dirs for pack.
-  compgen -G "cache/generators/x${X}-s0-*/generator.pt" > /dev/null || return 0
-  local strength cap json
-  for strength in "0.6 2 75" "1.0 1 60"; do
-    read -r strength per cap <<< "$strength"
-    json=$(within "$cap" $PY -m mrilib synth generate --real-frac "$X" --seed 0 \
-      --per-image "$per" --strength "$strength" --device "$DEVICE" --json) || true
-    echo "$json" | tail -n 8
-    echo "$json" | $PY -c "import json, os, sys
-try:
-    print(os.path.relpath(json.load(sys.stdin)['dir']))
-except (ValueError, KeyError):
-    pass" >> /tmp/chapter-dirs
-  done
-}
-
 case "$stage" in
   checks)
     cuda_tests
@@ -244,8 +203,8 @@ case "$stage" in
     # ResNet-18 and ViT-Tiny against the notebook loop (cut off at 75 s each on the H100;
     # 180 s each now, and whatever the deadline leaves to the ViT), the strength
     # sweep of generator 0 if it was carried in (prepare.sh carries it only when asked:
-    # CARRY_GEN0=1; CHAPTER_VARIATIONS=1 also remakes chapter 2-3's variations), the
-    # generator's default speed where this card has none, then the grid. No generators
+    # CARRY_GEN0=1; `chapters` makes chapter 2-3's figures from it), the
+    # generator's unguided speed where this card has none, then the grid. No generators
     # are trained: five take 21-26 minutes and only two can travel (see
     # benchmarks/README.md); `quality` trains generator 0, `grid` all five.
     GPU_TESTS="tests/test_diffusion.py tests/test_cam.py
@@ -263,13 +222,12 @@ case "$stage" in
       BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
       BENCH_CAP=${BENCH_CAP:-180} bench_train
     # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
-    # and background at five strengths over its whole sample (#4: the default strength
-    # 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s here.
+    # and background at five strengths over its whole sample, unguided (#4: the default
+    # strength 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s.
     if compgen -G "cache/generators/x${X}-s0-*/generator.pt" > /dev/null; then
-      within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" --guidance 1 \
         --strengths 0.3,0.4,0.5,0.6,0.8 --out "$results/strength_sweep_x${X}_g0.json" \
         2> /tmp/sweep.err | tail -n 8 || tail -n 5 /tmp/sweep.err
-      [ "${CHAPTER_VARIATIONS:-0}" = 1 ] && chapter_variations
     fi
     [ -f "benchmarks/local_generator_$card.json" ] || synth_bench 40
     GPU_TESTS="tests/test_train.py tests/test_augment.py" cuda_tests 150
@@ -281,22 +239,16 @@ case "$stage" in
     # SNR schedule with v-prediction (the first one, on DDPM's linear schedule, painted
     # grey: see mrilib/synthetic/diffusion.py) and with class dropout for classifier-free
     # guidance, then `synth sweep` over its whole sample at six strengths: class fidelity,
-    # distance from the source, background; then guidance weights 1, 2, 4. The 0.6
-    # and 1.0 folders the sweep fills hold the variations notebook 02 reads (one per
-    # source, seed 0; notebook 03's second variation per source is still made on the
-    # CPU, ~160 of them): they come back as synthetic.tar.part-* (~34 MiB) with the
-    # generator (12 MiB). About 5.2 minutes of training on an H100 (benchmarks/).
+    # distance from the source, background, unguided; then guidance weights 1, 2, 4.
+    # The generator (12 MiB) comes back; `chapters` makes the chapter 2-3 figures from
+    # it in a later call. About 5.2 minutes of training on an H100 (benchmarks/).
     [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
     # (its progress bars, one line per update without a terminal, go to a file)
-    # SWEEP_STRENGTHS: fewer for a short lease (0.6 and 1.0 are what notebooks 02-03 read)
-    within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+    # SWEEP_STRENGTHS: fewer for a short lease
+    within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" --guidance 1 \
       --strengths "${SWEEP_STRENGTHS:-0.3,0.4,0.5,0.6,0.8,1.0}" --out "$sweep_json" \
       2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
-    [ -f "$sweep_json" ] && $PY -c "import json, os, sys
-for row in json.load(open(sys.argv[1]))['strengths']:
-    if row['strength'] in (0.6, 1.0):
-        print(os.path.relpath(row['cache_dir']))" "$sweep_json" >> /tmp/chapter-dirs
     # Classifier-free guidance (the generator learns a class-free output too): what weights
     # 2 and 4 do to class fidelity at the default strength and for fresh samples, on 100
     # sources per class (all ModerateDemented ones); the unguided rows come from the cache
@@ -319,22 +271,23 @@ for row in json.load(open(sys.argv[1]))['strengths']:
       echo "chapters: generator 0 was not carried in (CARRY_GEN0=1 bash tools/gpu/prepare.sh)"
       exit 2
     fi
-    # 1. Notebooks 02 and 03 in the thesis preset, their cells run as one script each (no
+    # 1. The weight at the default strength on up to 200 sources per class (all 14
+    # ModerateDemented; the 2026-11-26 lease measured 1, 2, 4 on 50 per class; 3 and 6
+    # bracket the default), about 80 s. First, so that notebook 02 draws it (saved_sweeps).
+    within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
+      --strengths 0.6 --guidance 1,3,4,6 --max-sources 800 \
+      --out "$results/strength_sweep_x${X}_g0_guidance_all.json" \
+      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
+    # 2. Notebooks 02 and 03 in the thesis preset, their cells run as one script each (no
     # Jupyter there): their figures (figures/2_*, 3_*) come back in session.tgz. About 3
     # and 1 minutes.
     for nb in notebooks/02_synthetic_images.ipynb notebooks/03_gradcam_real_vs_synthetic.ipynb; do
-      within 330 $PY tools/gpu/run_notebook.py "$nb" 2>&1 | tr '\r' '\n' \
-        | grep -Ev '(it|img|step)/s' | tail -n 40  # without progress bars
+      within 300 $PY tools/gpu/run_notebook.py "$nb" 2>&1 | tr '\r' '\n' \
+        | grep -Ev '[0-9](it|img|step)/s|s/(it|img|step)' | tail -n 40  # no progress bars
     done
-    # 2. What guidance costs per 1,000 variations (the target is 30 s).
+    # 3. What guidance costs per 1,000 variations (the target is 30 s).
     within 75 $PY -m mrilib synth bench --device "$DEVICE" --guidance 4 \
       --out "benchmarks/local_generator_${card}-guidance4.json"
-    # 3. The weight, over the whole sample at the default strength (the 2026-11-26 lease
-    # measured 1, 2, 4 on 164 sources; 3 and 6 bracket the default). About 3 minutes, the
-    # classifier trained by notebook 03 (cache/classifiers/) reused.
-    within 240 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
-      --strengths 0.6 --guidance 1,3,4,6 --out "$results/strength_sweep_x${X}_g0_guidance_all.json" \
-      2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
     ;;
   *) echo "unknown stage $stage: use checks, grid, all, quality or chapters (with MINUTES)" >&2; exit 2 ;;
 esac
