@@ -364,6 +364,31 @@ def _per_class_counts(class_sizes: np.ndarray, fraction: float) -> np.ndarray:
     return np.minimum(counts, class_sizes)
 
 
+def check_nested(class_sizes, fractions, classes: Sequence[str] | None = None) -> None:
+    """A ValueError unless every class's sample count rises (or stays) with the fraction.
+
+    :func:`stratified_sample` takes the first n_c images of one permutation per class
+    and seed, so the sample of a smaller fraction lies inside that of a larger one
+    exactly when no n_c falls as the fraction grows. Largest-remainder rounding does not
+    promise that for every set of class sizes (sizes 4, 7, 34 give 2, 2, 10 images at
+    30% but 1, 3, 14 at 40%); for this dataset's pool it holds at the grid's fractions.
+    Generators that serve larger fractions rely on it (see :mod:`mrilib.experiment`).
+    """
+    sizes = np.asarray(class_sizes, dtype=int)
+    names = list(classes) if classes is not None else [str(c) for c in range(len(sizes))]
+    fractions = sorted(float(f) for f in fractions)
+    for small, large in zip(fractions, fractions[1:]):
+        a, b = _per_class_counts(sizes, small), _per_class_counts(sizes, large)
+        fell = np.flatnonzero(b < a)
+        if len(fell):
+            c = fell[0]
+            raise ValueError(f"class {names[c]} ({sizes[c]} images) gets {a[c]} at fraction "
+                             f"{small:g} but {b[c]} at {large:g}: the samples would not be "
+                             f"nested, and a generator of the smaller sample would leak into "
+                             f"the larger one's cells. Use other fractions, or "
+                             f"generator_fraction=None (one generator set per fraction)")
+
+
 def stratified_sample(labels: torch.Tensor, fraction: float, seed: int,
                       pool: torch.Tensor | None = None,
                       ids: Sequence[str] | None = None) -> torch.Tensor:

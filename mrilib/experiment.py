@@ -32,7 +32,9 @@ Sampling design (what makes comparisons between cells paired):
   (``generator_fraction``, 30%) and serves every synthetic cell. This is leak-free at
   every fraction because samples are nested: :func:`mrilib.data.stratified_sample`
   permutes each class once per seed, so the 30% sample of seed ``s_g`` is a subset of
-  its 40% sample, and so on; :func:`mrilib.synthetic.mixing.mixed_training_set`
+  its 40% sample, and so on, as long as no class's count falls as the fraction grows
+  (:func:`mrilib.data.check_nested`, checked before a grid trains: it holds for this
+  dataset's pool, full and quick, but rounding does not promise it for every size); :func:`mrilib.synthetic.mixing.mixed_training_set`
   checks it for every repeat (the generator's recorded training ids against the
   classifier's sample). It also mirrors the thesis, whose generator (DALL-E 2) was one
   fixed model for every fraction, and it trains G generators instead of G per fraction
@@ -142,7 +144,7 @@ PRESETS = {
             {"model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
         ],
         "repeats": 2,
-        # A stratified 10% of the slices (461 in the pool): one 1-epoch cell then takes
+        # A stratified 10% of the slices (460 in the pool): one 1-epoch cell then takes
         # seconds on a 2-core CPU instead of minutes; numbers are for testing the code only.
         "data_fraction": 0.1,
     },
@@ -1145,12 +1147,18 @@ class _Session:
 
     def _ensure_data(self) -> None:
         """Data, split and the shared columns, loaded only once a cell needs training."""
-        from .data import load_mri, split_mri
+        import torch
+
+        from .data import check_nested, load_mri, split_mri
 
         if self.data is None:
             self.data = grid_data(load_mri(self.source), self.cfg)
         if self.split is None:
             self.split = split_mri(self.data)
+            if self.cfg.get("generator_fraction") is not None:  # generators serve larger X
+                sizes = torch.bincount(self.data.labels[self.split.train],
+                                       minlength=len(self.data.classes))
+                check_nested(sizes.numpy(), self.cfg["fractions"], self.data.classes)
         if self.base is None:
             self.base = {"preset": self.preset,
                          **provenance(self.device), "data_fingerprint": self.data.fingerprint,

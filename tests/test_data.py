@@ -251,3 +251,13 @@ def test_duplicate_report_finds_copies_across_splits(image_folder):
     assert report["near_heldout_to_train"] >= 1
     assert report["closest_pairs"][0][:2] == (held, split.train[0].item())
     assert duplicate_report(data, split)["exact_groups"] == []
+
+
+def test_nesting_holds_for_this_pool_and_is_checked_where_rounding_breaks_it():
+    from mrilib.data import check_nested
+    from mrilib.experiment import FRACTIONS
+
+    check_nested([645, 46, 2304, 1613], FRACTIONS)  # the training pool's classes
+    with pytest.raises(ValueError, match=r"class a \(4 images\) gets 2 at fraction 0.3 "
+                                         r"but 1 at 0.4"):
+        check_nested([4, 7, 34], FRACTIONS, classes=["a", "b", "c"])

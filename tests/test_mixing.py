@@ -148,6 +148,13 @@ def test_sample_seed_comes_from_backend(pool, cache_root):
     assert info["sample_seed"] == 4 and info["seed"] == 9
     expected = real_sample(data, split, 0.3, 4)
     assert info["real_ids"] == [data.ids[i] for i in expected.tolist()]
+    same = mix(pool, cache_root, 0.3, 0.2, seed=9, backend=ShiftBackend(sample_seed=4),
+               sample_seed=4)[3]
+    assert same["real_ids"] == info["real_ids"]
+    with pytest.raises(ValueError, match="sample_seed=1, but the backend's generator belongs "
+                                         "to sample 4"):
+        mix(pool, cache_root, 1.0, 0.2, seed=9, backend=ShiftBackend(sample_seed=4),
+            sample_seed=1)
 
 
 def test_no_synthetic_needs_no_backend(pool, cache_root):

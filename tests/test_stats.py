@@ -100,6 +100,61 @@ def test_pairing_finds_a_small_shift_hidden_by_between_sample_spread():
     assert paired.excludes_zero() and paired.high < 0
 
 
+def test_paired_difference_is_the_median_of_pair_differences_not_of_medians():
+    # Clustered like the grid (5 samples x 4 repeats), sample effects twice the
+    # within-sample noise, the two cells' noise independent: the medians of a and b land
+    # on different samples, so only differences taken pair by pair cancel the samples.
+    rng = np.random.default_rng(11)
+    groups = np.arange(20) % 5
+    effect = np.array([-0.2, -0.1, 0.0, 0.1, 0.2])[groups]
+    a = 1.0 + effect + rng.normal(0, 0.05, 20) + 0.06
+    b = 1.0 + effect + rng.normal(0, 0.05, 20)
+    paired = stats.bootstrap_median_difference(a, b, groups, paired=True, n_boot=2000, seed=0)
+    assert paired.estimate == pytest.approx(np.median(a - b))
+    assert paired.estimate != pytest.approx(np.median(a) - np.median(b))
+    assert paired.low > 0  # the shift of 0.06 is found
+    unpaired = stats.bootstrap_median_difference(a, b, groups, groups, n_boot=2000, seed=0)
+    assert unpaired.low < 0 < unpaired.high  # the sample effects swamp it
+
+
+def test_two_diverged_runs_differ_by_nothing():
+    a = np.array([0.3, np.inf, 0.2, 0.25, np.inf, 0.28])
+    b = np.array([0.31, np.inf, 0.22, 0.24, 0.4, 0.3])
+    iv = stats.bootstrap_median_difference(a, b, paired=True, n_boot=500, seed=0)
+    assert np.isfinite([iv.estimate, iv.low]).all() and iv.high == np.inf
+    both = stats.bootstrap_median_difference([np.inf] * 4, [np.inf] * 4, n_boot=200, seed=0)
+    assert tuple(both) == (0.0, 0.0, 0.0)
+
+
+def test_compare_cells_does_not_depend_on_which_cell_is_first():
+    # 100% real (every repeat its own unit) against a synthetic cell at 100% whose
+    # repeats share 5 generators: the pairs are clustered by generator either way.
+    runs = _runs(0.0)
+    full = runs[runs["real_fraction"] == 1.0]
+    synth = full.assign(synthetic="100+20mod", generator="sample",
+                        final_val_loss=full["final_val_loss"] - 0.01)
+    both = pd.concat([runs, synth], ignore_index=True)
+    a = {"synthetic": "100+20mod", "real_fraction": 1.0}
+    b = {"synthetic": "none", "real_fraction": 1.0}
+    ab = stats.compare_cells(both, a, b, n_boot=500, seed=0)
+    ba = stats.compare_cells(both, b, a, n_boot=500, seed=0)
+    assert ab["paired"] and ab["clusters"] == ba["clusters"] == 5
+    assert ab["difference"] == pytest.approx(-ba["difference"])
+    assert (ab["low"], ab["high"]) == pytest.approx((-ba["high"], -ba["low"]))
+    assert ab["estimand"] == "median of paired differences"
+
+
+def test_paired_medians_are_those_of_the_repeats_compared():
+    runs = _runs(-0.04)
+    extra = runs[(runs["synthetic"] == "none") & (runs["real_fraction"] == 0.3)].head(1)
+    runs = pd.concat([runs, extra.assign(repeat=99, final_val_loss=9.0)], ignore_index=True)
+    out = stats.compare_cells(runs, {"synthetic": "fill", "real_fraction": 0.3},
+                              {"synthetic": "none", "real_fraction": 0.3}, n_boot=300)
+    twin = runs[(runs["synthetic"] == "none") & (runs["real_fraction"] == 0.3)
+                & (runs["repeat"] < 99)]
+    assert out["n_b"] == 20 and out["median_b"] == pytest.approx(twin["final_val_loss"].median())
+
+
 @pytest.mark.parametrize("values, match", [([], "no values"), ([0.1, np.nan], "NaN")])
 def test_bad_values_are_refused(values, match):
     with pytest.raises(ValueError, match=match):

@@ -203,6 +203,10 @@ def _caveats(runs) -> str:
                  "(SDEdit variations), not from Dall-E 2 as in the "
                  "thesis; epochs, learning rates and batch sizes, which the thesis does not "
                  "state, are mrilib.train's documented choices. Either can move the numbers.")
+    lines.append("- Intervals cover the variation between training runs (real samples, "
+                 "generators, initial weights) on one fixed split, not the finite test and "
+                 "validation sets; with 5 independent real samples per cell they cover "
+                 "somewhat less than 95% (about 90-93% in simulation).")
     lines.append("- Many comparisons are made below at 95% each: a few intervals excluding 0 "
                  "are expected by chance alone; a consistent pattern across fractions or "
                  "architectures is stronger evidence than any single cell.")
@@ -233,7 +237,9 @@ def _thesis_section(runs, metric, n_boot, seed) -> str:
             "distinguishable from noise": c["distinguishable"]})
     if rows:
         import pandas as pd
-        lines += ["Differences of medians (first minus second), 95% interval:",
+        lines += ["First minus second, 95% interval: the median of the per-repeat "
+                  "differences where the cells are paired (same real samples), else the "
+                  "difference of their medians:",
                   markdown_table(pd.DataFrame(rows), index=False)]
     lines.append("Where our numbers differ from the thesis's, the causes the thesis leaves open "
                  "are the training protocol (epochs, learning rate, batch size, which epoch's "
@@ -255,15 +261,19 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
     helped = effects[effects["verdict"].str.startswith("helped")]
     lines = ["## Did synthetic images help?",
              "Each synthetic cell against the real-only cell with the same architecture, "
-             "augmentation and real fraction (leak-free generator; paired by real sample). "
-             "Negative differences mean the synthetic images lowered the loss.",
+             "augmentation and real fraction (leak-free generator; paired by real sample: "
+             "the difference is the median of the per-repeat differences, synthetic minus "
+             "real only). Negative differences mean the synthetic images lowered the loss.",
              markdown_table(shown, index=False),
              f"Synthetic images lowered the loss distinguishably from noise in {len(helped)} of "
              f"{len(effects)} comparisons" + (": " + "; ".join(
                  f"{a}, {g}, {p} at {x}% real" for a, g, p, x in
                  zip(helped["architecture"], helped["aug"], helped["synthetic"], helped["real %"]))
                  if len(helped)
-                 else ".")]
+                 else ".")
+             + f" With no effect anywhere, about {0.025 * len(effects):.1f} of {len(effects)} "
+               f"would show a lower loss by chance at this level (one tail of 95%); a verdict "
+               f"holds more weight where it repeats across fractions and architectures."]
     return "\n\n".join(lines)
 
 

@@ -267,7 +267,8 @@ def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
         median, low, high, n = found if found else (np.nan, np.nan, np.nan, 0)
         rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
                      "low": low, "high": high, "n": n, "ours / thesis": median / ref["thesis"],
-                     "thesis inside our interval": bool(low <= ref["thesis"] <= high)})
+                     "thesis inside our interval": "-" if not n else
+                     ("yes" if low <= ref["thesis"] <= high else "no")})
     return pd.DataFrame(rows).set_index("setting")
 
 
@@ -396,8 +397,10 @@ def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: in
     """Did synthetic images help? One row per synthetic cell against its real-only twin.
 
     Same architecture, augmentation and real fraction, leak-free generator, paired by
-    real sample; the difference is synthetic minus real only, with its 95% interval and
-    a verdict that needs ``min_clusters`` independent samples (:mod:`mrilib.stats`).
+    real sample; the difference is the median of the per-repeat differences, synthetic
+    minus real only, with its 95% interval and a verdict that needs ``min_clusters``
+    independent samples (:mod:`mrilib.stats`). "real only" and "with synthetic" are the
+    medians of the same repeats.
     """
     effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
     if not effects.empty:
@@ -451,9 +454,12 @@ def moderate_note(runs: pd.DataFrame) -> str:
     if not k:
         return ("The test split holds no Moderate_Demented slice (the dataset has 64 in all): "
                 "its recall cannot be measured here.")
+    # Clopper-Pearson for k of k: the lower bound solves p^k = 0.025.
     return (f"Moderate_Demented has {k} of the {int(support.sum())} test images (the full "
-            f"dataset has 64 in all): its recall moves in steps of 1/{k} and carries a wide "
-            f"interval whatever the repeats.")
+            f"dataset has 64 in all): its recall moves in steps of 1/{k}, and its intervals "
+            f"below cover the variation between runs only, not these {k} slices' own "
+            f"uncertainty: even {k} of {k} correct leaves an exact binomial 95% interval of "
+            f"[{0.025 ** (1 / k):.2f}, 1].")
 
 
 # ----------------------------------------------------------------------------- leakage

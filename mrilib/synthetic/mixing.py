@@ -123,9 +123,15 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
     if n_synth and backend is None:
         raise ValueError(f"synthetic_fraction={synthetic_fraction} needs a backend; pass one "
                          f"(e.g. LocalDiffusion.for_repeat(...) or get_backend('openai'))")
+    own = getattr(backend, "sample_seed", None)
+    if sample_seed is not None and own is not None and int(own) != int(sample_seed):
+        # Not a leak where the generator's sample lies inside this one (at 100% real it
+        # always does), but the run would record generator `own` as sample_seed's.
+        raise ValueError(f"sample_seed={sample_seed}, but the backend's generator belongs to "
+                         f"sample {own}; build it for this sample (LocalDiffusion.for_repeat) "
+                         f"or leave sample_seed out to use the generator's own")
     if sample_seed is None:
-        sample_seed = getattr(backend, "sample_seed", None)
-        sample_seed = seed if sample_seed is None else sample_seed
+        sample_seed = seed if own is None else own
     real = real_sample(data, split, real_fraction, sample_seed)
     real_ids = [data.ids[i] for i in real.tolist()]
     leak = _check_leakage(backend, real_ids, [data.ids[i] for i in split.train.tolist()],
