@@ -336,6 +336,15 @@ def test_a_cpu_samples_in_small_batches_each_stored_when_done(trained, tmp_path,
     monkeypatch.setattr(backend, "_denoise", denoise)
     _, report = generate_cached(backend, images[:7], labels[:7], ids[:7], **kw)
     assert (report["cached"], report["generated"]) == (6, 1)  # two batches were kept
+    # without batch_size the cache calls the backend with its own batch (the preset's
+    # cache batch is 4 in quick)
+    monkeypatch.setitem(diffusion.PRESETS["quick"], "cpu_sample_batch", 5)
+    wide, sizes[:] = LocalDiffusion(path, device="cpu"), []
+    inner = wide._denoise
+    monkeypatch.setattr(wide, "_denoise", lambda im, *a: sizes.append(len(im)) or inner(im, *a))
+    generate_cached(wide, images[:7], labels[:7], ids[:7], per_image=1, seed=1,
+                    cache_root=tmp_path, progress=False)
+    assert sizes == [5, 2]
 
 
 def test_class_dropout_trains_a_class_free_embedding(tmp_path, trained):

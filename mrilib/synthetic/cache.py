@@ -49,7 +49,10 @@ MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 DEFAULTS = {
-    "batch_size": 32,        # images per generate() call; backends may cap it (max_batch)
+    # Images per generate() call for a backend that declares no max_batch; one that does
+    # (the local model: 256 on a GPU, 4 on a CPU; OpenAI: 1) is called with that many
+    # unless batch_size is given, and caps any batch_size given.
+    "batch_size": 32,
     "retry_refused": False,  # ask again for images the backend refused (costs money)
 }
 PRESETS = {"quick": {"batch_size": 4}}
@@ -97,6 +100,8 @@ def generate_cached(backend: Backend, images: torch.Tensor, labels: torch.Tensor
     overrides = {k: v for k, v in (("batch_size", batch_size), ("retry_refused", retry_refused))
                  if v is not None}
     cfg = settings(DEFAULTS, PRESETS, **overrides)
+    if batch_size is None and getattr(backend, "max_batch", None):
+        cfg["batch_size"] = backend.max_batch
     images, labels = check_batch(images, labels)
     ids = _checked_ids(ids, len(images))
     if int(per_image) < 1:
