@@ -10,8 +10,9 @@ otherwise, so a test that uploads the wrong thing fails), and answers ``b64_json
 real PNG: the upload inverted (255 - x), so a test can check the round trip.
 
 Actions: ``ok``; ``429:<Retry-After>`` (seconds, or ``date+<s>`` for an HTTP date);
-``500``; ``timeout`` (answers after ``timeout_sleep`` seconds, longer than the test
-client's timeout); ``refuse`` (400 content_policy_violation); ``moderation`` (400
+``500``; ``503:<Retry-After>``; ``quota`` (429 insufficient_quota); ``url`` (200 with a
+URL instead of b64_json); ``timeout`` (answers after ``timeout_sleep`` seconds, longer than
+the test client's timeout); ``refuse`` (400 content_policy_violation); ``moderation`` (400
 moderation_blocked); ``malformed`` (200 with a body that is not JSON); ``nodata`` (200
 JSON without image data); ``echo_key[:<status>]`` (401, or the status given, echoing the
 Authorization header as the real API echoes part of a wrong key); ``hold`` (blocks until
@@ -126,6 +127,9 @@ class FakeOpenAI:
                 elif action == "malformed":
                     self._raw(200, b'{"created": 1, "data": [{"b64_json": "iVBOR',
                               "application/json")
+                elif action.startswith("503:"):
+                    self._json(503, _error("Service unavailable", "server_error", None),
+                               {"Retry-After": action[4:]})
                 elif action.startswith("429:"):
                     value = action[4:]
                     if value.startswith("date+"):
@@ -173,6 +177,9 @@ CANNED = {  # action -> (status, body) of the answers that never vary
     "moderation": (400, _error("Rejected by the safety system.", "image_generation_user_error",
                                "moderation_blocked")),
     "nodata": (200, {"created": 1, "data": []}),
+    "url": (200, {"created": 1, "data": [{"url": "https://example.invalid/image.png"}]}),
+    "quota": (429, _error("You exceeded your current quota, please check your plan and "
+                          "billing details.", "insufficient_quota", "insufficient_quota")),
     "retired": (404, _error("The model `dall-e-2` does not exist or you do not have access to "
                             "it.", "invalid_request_error", "model_not_found")),
 }

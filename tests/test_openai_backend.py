@@ -132,6 +132,40 @@ def test_gives_up_after_max_attempts(server):
     assert len(server.requests) == 3
 
 
+def test_a_5xx_retry_after_is_honoured_too(server):
+    server.script = ["503:1"]
+    one(backend(server))
+    wait, = gaps(server)
+    assert 0.9 <= wait < 3.0
+
+
+@pytest.mark.parametrize("action, match", [
+    ("quota", "quota is used up"),
+    ("url", "URL instead of b64_json"),
+])
+def test_answers_that_asking_again_cannot_fix_stop_at_once(server, action, match):
+    server.script = [action] * 5
+    with pytest.raises(APIFailure, match=match):
+        one(backend(server))
+    assert len(server.requests) == 1
+
+
+def test_timeouts_are_retried_once_since_each_may_be_billed(server):
+    server.script = ["timeout"] * 5
+    b = backend(server)
+    with pytest.raises(APIFailure, match="2 timeouts for one image"):
+        one(b)
+    assert len(server.requests) == 2 and b.requests_billed == 2
+
+
+def test_variations_announce_every_request_before_the_first(server, capsys):
+    b = backend(server)
+    b.variations(slices(2), torch.tensor([0, 1]), n=3, seed=0)
+    err = capsys.readouterr().err
+    assert err.count("openai:") == 1 and "6 request(s)" in err
+    assert len(server.requests) == 6
+
+
 def test_too_long_retry_after_stops_instead_of_waiting(server):
     server.script = ["429:3600"]
     with pytest.raises(APIFailure, match="Retry-After"):
@@ -229,6 +263,7 @@ def test_bad_settings_are_named(server, kw, match):
                                               ({"retry-after": "0.5"}, 0.5),
                                               ({"retry-after-ms": "250"}, 0.25),
                                               ({"retry-after": "soon"}, None),
+                                              ({"retry-after": "1e400"}, float("inf")),
                                               ({}, None)])
 def test_retry_after_parsing(headers, seconds):
     assert retry_after_seconds(headers) == seconds
@@ -270,3 +305,18 @@ def test_key_never_reaches_output_logs_cache_or_errors(server, tmp_path, capsys,
     assert all(r["auth"] == f"Bearer {KEY}" for r in server.requests)  # the key was in play
     assert "Incorrect API key provided: ***" in " ".join(seen)  # echoed, then redacted
     assert not [s for s in seen if "SECRET123" in s]
+
+
+@pytest.mark.parametrize("script", [["echo_key"], ["echo_key:500"] * 3, ["refuse"], ["quota"]])
+def test_no_error_keeps_the_request_or_its_answer_within_reach(server, script):
+    # A traceback that shows locals (pytest --showlocals, IPython verbose, Sentry) walks
+    # the exception chain and every frame: the openai error, with the request's
+    # Authorization header and the server's text, must not be in it.
+    server.script = list(script)
+    with pytest.raises(Exception) as caught:
+        one(backend(server, max_attempts=3))
+    err = caught.value
+    assert err.__context__ is None and err.__cause__ is None
+    shown = "".join(traceback.TracebackException.from_exception(
+        err, capture_locals=True).format())
+    assert "SECRET123" not in shown and "Bearer" not in shown

@@ -60,9 +60,10 @@ def add_parser(sub) -> None:
     g.add_argument("--route", choices=("edit", "variation"), default=None,
                    help="openai: 'edit' (current) or 'variation' (DALL-E 2, retired)")
     g.add_argument("--max-images", type=int, default=None,
-                   help="openai: stop before more than N billed requests")
+                   help="openai: stop before more than N possibly billed requests in this "
+                        "run (answered or timed out; a rerun resumes and counts afresh)")
     g.add_argument("--max-cost", type=float, default=None,
-                   help="openai: stop before the estimated spend passes USD")
+                   help="openai: stop before this run's estimated spend passes USD")
     g.add_argument("--usd-per-image", type=float, default=None,
                    help="openai: price per request, when the built-in estimate is missing/stale")
     g.add_argument("--base-url", default=None,

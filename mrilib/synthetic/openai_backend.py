@@ -28,11 +28,13 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
 import urllib.parse
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -64,10 +66,17 @@ DEFAULTS = {
     "upload_size": 1024,          # pixels per side the 128-px source is upscaled to (edit)
     "timeout_s": 180.0,           # per request; GPT Image edits take tens of seconds
     "max_attempts": 6,            # per image, counting the first try
+    # Retries after a timeout: the server may have made (and billed) the image although
+    # no answer arrived, so each one can double what the image costs. One, then the run
+    # stops (finished images are kept; rerunning resumes).
+    "max_timeout_retries": 1,
     "backoff_s": 2.0,             # first wait after a 5xx/timeout; doubles each attempt
     "backoff_max_s": 60.0,        # cap on one backoff wait
     "max_retry_after_s": 300.0,   # a Retry-After longer than this stops the run instead
     "malformed_retries": 2,       # extra tries after an answer we cannot read
+    # Budgets count the requests of this run (this process) that may be billed: answered
+    # ones and timed-out ones. A rerun resumes from the cache, pays only for what is
+    # missing, and gets the same budget again.
     "max_images": None,           # budget: requests that may be billed in this run (None: none)
     "max_cost": None,             # budget: USD in this run by usd_per_image (None = no limit)
     "usd_per_image": None,        # overrides the estimate below (USD per request)
@@ -174,13 +183,23 @@ class OpenAIBackend(Backend):
             self.announce(len(images))
         return torch.stack([self._one(img) for img in images])
 
+    def variations(self, images: torch.Tensor, labels: torch.Tensor, n: int,
+                   seed: int) -> torch.Tensor:
+        """As :meth:`Backend.variations`, announcing all ``len(images) * n`` requests first
+        (each :meth:`generate` call here gets one image)."""
+        if not self._announced:
+            self.announce(len(images) * max(int(n), 0))
+        return super().variations(images, labels, n, seed)
+
     def announce(self, n_images: int) -> dict:
         """Print the cost estimate for ``n_images`` and the budget, before any request."""
         est = self.cost_estimate(n_images)
         limits = [f"{k}={self.cfg[k]}" for k in ("max_images", "max_cost")
                   if self.cfg[k] is not None]
         print(f"openai: {est['images']} request(s) x ${est['usd_per_image']:.3f} = "
-              f"${est['usd']:.2f} ({est['note']}); budget: {', '.join(limits) or 'no limit'}",
+              f"${est['usd']:.2f} ({est['note']}); budget for this run: "
+              f"{', '.join(limits) or 'no limit'}; a request that times out may be billed "
+              f"and is retried at most {self.cfg['max_timeout_retries']} time(s)",
               file=sys.stderr, flush=True)
         self._announced = True
         return est
@@ -188,39 +207,55 @@ class OpenAIBackend(Backend):
     def _one(self, image: torch.Tensor) -> torch.Tensor:
         import openai
 
-        malformed = 0
+        malformed = timeouts = 0
         for attempt in range(1, self.cfg["max_attempts"] + 1):
             self._check_budget()
+            failure = None
             try:
                 body = self._request(image)
-            except Exception as err:  # noqa: BLE001 -- sorted into retry / refuse / fail below
-                self.requests_billed += isinstance(err, openai.APITimeoutError)
-                wait = self._wait_before_retry(err, attempt)
-                log.warning("openai: %s; waiting %.1f s before attempt %d/%d", _describe(err),
+            except openai.OpenAIError as err:
+                # Only a redacted snapshot leaves this block: the error object holds the
+                # request (its Authorization header) and the server's text, which may echo
+                # the key; an exception raised in here would keep it as __context__.
+                failure = _Failure.of(err)
+            if failure is not None:
+                self.requests_billed += failure.kind == "timeout"
+                timeouts += failure.kind == "timeout"
+                if timeouts > self.cfg["max_timeout_retries"]:
+                    raise APIFailure(f"{timeouts} timeouts for one image (each may have been "
+                                     f"billed); finished images are kept, rerun later to resume")
+                wait = self._wait_before_retry(failure, attempt)
+                log.warning("openai: %s; waiting %.1f s before attempt %d/%d", failure.summary,
                             wait, attempt + 1, self.cfg["max_attempts"])
                 time.sleep(wait)
                 continue
             self.requests_billed += 1
             try:
                 return _image_from_answer(body)
+            except _UrlAnswer as err:
+                problem = str(err)
             except ValueError as err:
                 malformed += 1
-                if malformed > self.cfg["malformed_retries"]:
-                    raise APIFailure(f"the API's answer was malformed {malformed} time(s) in a "
-                                     f"row: {err}. Check base_url / proxy settings") from None
-                log.warning("openai: malformed answer (%s); asking again", err)
+                if malformed <= self.cfg["malformed_retries"]:
+                    log.warning("openai: malformed answer (%s); asking again", err)
+                    continue
+                problem = (f"the API's answer was malformed {malformed} time(s) in a row: "
+                           f"{err}. Check base_url / proxy settings")
+            raise APIFailure(problem)
         raise APIFailure(f"no image after {self.cfg['max_attempts']} attempts; finished "
                          f"images are kept, rerun later to resume")
 
     def _check_budget(self) -> None:
         n, cfg = self.requests_billed, self.cfg
+        again = ("finished images are kept; a rerun resumes and may spend its own budget "
+                 "again (limits count one run's requests)")
         if cfg["max_images"] is not None and n + 1 > cfg["max_images"]:
             raise BudgetExceeded(f"stopped before exceeding max_images={cfg['max_images']} "
-                                 f"({n} billed in this run); raise the limit to go on")
+                                 f"({n} billed in this run); {again}")
         if cfg["max_cost"] is not None and (n + 1) * self.usd_per_image() > cfg["max_cost"] + 1e-9:
             raise BudgetExceeded(f"stopped before exceeding max_cost=${cfg['max_cost']} "
                                  f"(${n * self.usd_per_image():.3f} estimated for {n} billed "
-                                 f"in this run); raise the limit to go on")
+                                 f"in this run); {again}")
 
     def _request(self, image: torch.Tensor) -> bytes:
         """The raw body of one successful answer (any error status raises)."""
@@ -238,43 +273,35 @@ class OpenAIBackend(Backend):
                 quality=cfg["quality"], output_format="png")
         return raw.http_response.content
 
-    def _wait_before_retry(self, err: Exception, attempt: int) -> float:
-        """Seconds to wait before retrying ``err``; raises what must not be retried."""
-        import openai
-
-        if isinstance(err, openai.APITimeoutError) or (
-                isinstance(err, openai.APIStatusError) and err.status_code in RETRY_STATUS):
-            if attempt >= self.cfg["max_attempts"]:
-                raise APIFailure(f"{_describe(err)} on all {attempt} attempts; finished images "
-                                 f"are kept, rerun later to resume") from None
-            return min(self.cfg["backoff_s"] * 2 ** (attempt - 1), self.cfg["backoff_max_s"])
-        if isinstance(err, openai.APIStatusError) and err.status_code == 429:
-            return self._rate_limit_wait(err, attempt)
-        if isinstance(err, openai.APIConnectionError):
+    def _wait_before_retry(self, f: "_Failure", attempt: int) -> float:
+        """Seconds to wait before retrying failure ``f``; raises what must not be retried."""
+        if f.kind == "connection":
             raise APIFailure(f"cannot reach the OpenAI API at "
-                             f"{_public_url(str(self._client.base_url))}: "
-                             f"{_redact(str(err))}") from None
-        if isinstance(err, openai.APIStatusError):
-            raise self._final_error(err) from None
-        raise err
-
-    def _rate_limit_wait(self, err, attempt: int) -> float:
+                             f"{_public_url(str(self._client.base_url))}: {f.message}")
+        if f.status == 429 and f.code == "insufficient_quota":
+            raise APIFailure(f"the account's quota is used up (429 insufficient_quota: "
+                             f"{f.message}); add credit, then rerun to resume")
+        if f.kind == "status" and f.status != 429 and f.status not in RETRY_STATUS:
+            raise self._final_error(f)
         if attempt >= self.cfg["max_attempts"]:
-            raise APIFailure(f"still rate limited (429) after {attempt} attempts; finished images "
-                             f"are kept, rerun later to resume") from None
-        wait = retry_after_seconds(err.response.headers)
-        if wait is None:
-            return min(self.cfg["backoff_s"] * 2 ** (attempt - 1), self.cfg["backoff_max_s"])
+            what = ("still rate limited (429) after" if f.status == 429
+                    else f"{f.summary} on all")
+            raise APIFailure(f"{what} {attempt} attempts; finished images are kept, rerun "
+                             f"later to resume")
+        wait = f.retry_after
+        if wait is None:  # exponential backoff, capped, with up to 25% added at random so
+            # that parallel runs hit by one outage do not retry in lockstep
+            base = min(self.cfg["backoff_s"] * 2 ** (attempt - 1), self.cfg["backoff_max_s"])
+            return base * (1 + 0.25 * random.random())
         if wait > self.cfg["max_retry_after_s"]:
-            raise APIFailure(f"rate limited: the API asks to wait {wait:.0f} s (Retry-After), "
+            raise APIFailure(f"{f.summary}: the API asks to wait {wait:.0f} s (Retry-After), "
                              f"more than max_retry_after_s={self.cfg['max_retry_after_s']}; "
-                             f"finished images are kept, rerun later to resume") from None
-        return wait
+                             f"finished images are kept, rerun later to resume")
+        return max(wait, 0.5)  # "0" would retry at once, in a loop against an overloaded API
 
-    def _final_error(self, err) -> Exception:
+    def _final_error(self, f: "_Failure") -> Exception:
         """The error to raise for a 4xx answer: a refusal, a retired model, or a failure."""
-        code, message = _error_fields(err)
-        status = err.status_code
+        code, message, status = f.code, f.message, f.status
         if code in REFUSAL_CODES or "safety system" in message:
             return Refused(f"{code or status}: {message}")
         if status == 404 or code == "model_not_found":
@@ -292,6 +319,39 @@ class OpenAIBackend(Backend):
         return APIFailure(f"the API refused the request ({status} {code}: {message})")
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """What the retry logic needs of an API error, redacted, without the error itself."""
+
+    kind: str                  # "timeout", "status" or "connection"
+    status: int | None         # HTTP status of a "status" failure
+    code: str | None           # the error code in the answer's body
+    message: str               # redacted
+    retry_after: float | None  # seconds the answer asks to wait (429, 503), if it says
+
+    @classmethod
+    def of(cls, err) -> "_Failure":
+        import openai
+
+        if isinstance(err, openai.APITimeoutError):
+            return cls("timeout", None, None, "the request timed out", None)
+        if isinstance(err, openai.APIStatusError):
+            code, message = _error_fields(err)
+            return cls("status", err.status_code, code, message,
+                       retry_after_seconds(err.response.headers))
+        if isinstance(err, openai.APIConnectionError):
+            return cls("connection", None, None, _redact(str(err)), None)
+        return cls("connection", None, None, f"{type(err).__name__}: {_redact(str(err))}", None)
+
+    @property
+    def summary(self) -> str:
+        return f"HTTP {self.status}" if self.status else f"the request ({self.kind})"
+
+
+class _UrlAnswer(ValueError):
+    """An answer that links to its image instead of holding it: paid, and not retried."""
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def retry_after_seconds(headers) -> float | None:
@@ -306,7 +366,8 @@ def retry_after_seconds(headers) -> float | None:
         return None
     try:
         seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
+        # "1e400" is an instruction to wait forever: inf, which stops the run
+        return max(0.0, seconds) if not math.isnan(seconds) else None
     except ValueError:
         pass
     try:
@@ -334,6 +395,11 @@ def _image_from_answer(body: bytes) -> torch.Tensor:
         raise ValueError(f"the body is not valid JSON ({err.msg if hasattr(err, 'msg') else err}; "
                          f"{len(body)} bytes)") from None
     items = data.get("data") if isinstance(data, dict) else None
+    if items and isinstance(items[0], dict) and items[0].get("url") and \
+            not items[0].get("b64_json"):
+        raise _UrlAnswer("the API answered with a URL instead of b64_json image data (this "
+                         "model or endpoint does not return images inline); asking again would "
+                         "pay again, so the run stops: use a GPT Image model")
     if not items or not isinstance(items[0], dict) or not items[0].get("b64_json"):
         raise ValueError("the JSON has no data[0].b64_json image")
     try:
@@ -350,11 +416,6 @@ def _error_fields(err) -> tuple[str | None, str]:
     body = err.body if isinstance(getattr(err, "body", None), dict) else {}
     inner = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
     return inner.get("code"), _redact(str(inner.get("message") or err.message))
-
-
-def _describe(err: Exception) -> str:
-    status = getattr(err, "status_code", None)
-    return f"HTTP {status}" if status else f"{type(err).__name__}"
 
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{3,}|Bearer\s+\S+)")
