@@ -15,7 +15,12 @@ on a CPU the default group size is 1 (see ``max_parallel``).
 Each replicate has its own seed, which fixes its initial weights and, through its own
 ``torch.Generator`` on the device, its batch order and augmentation draws: a replicate
 gives the same history whether it is trained alone or beside others (up to float
-rounding of the grouped kernels) and the same history twice on one device.
+rounding of the grouped kernels) and the same history twice on one device. On CUDA,
+where training and evaluation run in bf16, that rounding is larger and compounds over
+epochs: a replicate's numbers then depend a little on its group size (``max_parallel``,
+not part of a grid's design hash) and on the device, within the spread between
+repeats but not bit for bit, and a checkpoint reloaded in fp32 scores slightly
+differently from the bf16 evaluation that recorded its metrics.
 """
 from __future__ import annotations
 
@@ -252,7 +257,8 @@ def _initial_model(name: str, seed: int, cfg: dict, img_size: int) -> nn.Module:
     from .models import build_model
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_stream_seed(seed, 0))
+        # the CPU generator only (torch.manual_seed would reseed CUDA's too, outside the fork)
+        torch.default_generator.manual_seed(_stream_seed(seed, 0))
         return build_model(name, num_classes=cfg["num_classes"], img_size=img_size,
                            pretrained=cfg["pretrained"], weights=cfg["weights"])
 
@@ -750,8 +756,10 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
                        seed: int = 0, aug: str = "none", device=None, **overrides):
     """``(model, record)`` trained on ``data`` rows ``train_index``; cached under cache/classifiers/.
 
-    The cache key covers the training images' ids, model, seed, policy and the settings
-    in force, so notebooks that need the same classifier train it once.
+    The cache key covers the training images' ids in the order given (the order sets
+    the batches), their size, the device type (CPU and CUDA draw different random
+    streams and CUDA trains in bf16), model, seed, policy and the settings in force, so
+    notebooks that need the same classifier train it once.
     """
     import hashlib
     import json
@@ -759,11 +767,11 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
     from .paths import CACHE
 
     cfg = model_settings(model, **overrides)
-    ids = sorted(data.ids[i] for i in torch.as_tensor(train_index).tolist())
-    # test_every_epoch changes which epochs are tested, not the weights (and came after
-    # classifiers were cached under keys without it)
+    ids = [data.ids[i] for i in torch.as_tensor(train_index).tolist()]
+    # test_every_epoch changes which epochs are tested, not the weights
     blob = json.dumps({"ids": ids, "model": model, "seed": seed, "aug": aug,
-                       "split_seed": split.seed,
+                       "split_seed": split.seed, "img_size": int(data.images.shape[-1]),
+                       "device": resolve_device(device).type,
                        "cfg": {k: str(v) for k, v in cfg.items() if k != "test_every_epoch"}},
                       sort_keys=True)
     path = CACHE / "classifiers" / f"{model}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}.pt"

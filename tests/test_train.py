@@ -596,13 +596,43 @@ def test_best_weights_pick_the_epoch_argmin_picks_nan_included():
     """The kept weights are those of the epoch the records call best (argmin: NaN first)."""
     from types import SimpleNamespace
 
-    losses = torch.tensor([[0.5, 0.4, 0.4], [0.5, float("nan"), 0.3], [0.2, 0.3, 0.1]])  # [E, K]
-    weights = torch.zeros(3)
+    losses = torch.tensor([[0.5, 0.4, 0.4, 0.3], [0.5, float("nan"), 0.3, 0.2],
+                           [0.2, 0.3, 0.1, 0.2]])  # [E, K]; the last replicate ties at 0.2
+    weights = torch.zeros(4)
     stack = SimpleNamespace(params={"w": weights}, buffers={})
     keeper = train._BestWeights(stack)
     for e, loss in enumerate(losses):
         weights.fill_(float(e))  # replicate j's weights at epoch e hold e
         keeper.update(e, loss)
     expected = torch.argmin(losses, dim=0)
-    assert keeper.epoch.tolist() == expected.tolist() == [2, 1, 2]
+    assert keeper.epoch.tolist() == expected.tolist() == [2, 1, 2, 1]  # ties: the first
     assert keeper.state["w"].tolist() == expected.float().tolist()
+
+
+def test_the_cached_classifier_is_the_one_asked_for(tmp_path, monkeypatch):
+    import mrilib.paths as paths
+    from mrilib.data import CLASSES, MRIData, split_mri
+    from mrilib.train import trained_classifier
+
+    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    g = torch.Generator().manual_seed(0)
+
+    def data_at(size):
+        images = torch.randint(0, 256, (48, 1, size, size), dtype=torch.uint8, generator=g)
+        return MRIData(images, torch.arange(48) % 4, tuple(CLASSES),
+                       [f"img{i:02d}" for i in range(48)], "tiny", "fp")
+
+    small = data_at(32)
+    split = split_mri(small)
+    kw = dict(epochs=1, batch_size=8, device="cpu")
+    net, _ = trained_classifier(small, split, split.train, **kw)
+    again, _ = trained_classifier(small, split, split.train, **kw)  # from the cache
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                  again.state_dict().values()))
+    assert len(list(tmp_path.glob("classifiers/*.pt"))) == 1
+    # another image size, or the same images in another order, is another classifier
+    large = data_at(64)
+    wide, _ = trained_classifier(large, split, split.train, **kw)
+    assert wide(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
+    trained_classifier(small, split, split.train.flip(0), **kw)
+    assert len(list(tmp_path.glob("classifiers/*.pt"))) == 3
