@@ -636,3 +636,32 @@ def test_the_cached_classifier_is_the_one_asked_for(tmp_path, monkeypatch):
     assert wide(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
     trained_classifier(small, split, split.train.flip(0), **kw)
     assert len(list(tmp_path.glob("classifiers/*.pt"))) == 3
+
+
+def test_each_replicate_gets_its_own_gradient_not_a_share_of_the_group(monkeypatch):
+    # Adam hardly sees a gradient's scale, so equal histories alone would not catch a
+    # loss averaged over the K replicates (each gradient 1/K): compare the gradients
+    # the optimizer receives at the first step, in a group of 3 and alone.
+    images, labels, index, val, test = tiny_problem(k=3)
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            if not seen:  # the first step only
+                seen.append([p.grad.detach().clone() for group in self.param_groups
+                             for p in group["params"]])
+            return super().step(closure)
+
+    def first_grads(seeds, max_parallel, index):
+        seen.clear()
+        monkeypatch.setattr(torch.optim, "Adam", Recording)
+        train_replicates("basic_cnn", images, labels, index, val, test, seeds, device="cpu",
+                         epochs=1, batch_size=8, max_parallel=max_parallel)
+        monkeypatch.undo()
+        return seen[0]
+
+    group = first_grads([1, 2, 3], 3, index)
+    alone = first_grads([2], 1, index[1:2])
+    for g, a in zip(group, alone):
+        assert g.shape[0] == 3 and a.shape[0] == 1
+        torch.testing.assert_close(g[1], a[0], rtol=1e-4, atol=1e-6)
