@@ -59,7 +59,9 @@ class BasicCNN(nn.Module):
     ======  ===================================  ===============  ====================
 
     Total at S=128 with 4 classes: 4,207,748 parameters (4,194,432 of them in fc1);
-    at S=256: 16,790,660. ``conv2`` is the last convolution (the Grad-CAM layer).
+    at S=256: 16,790,660. ``conv2`` is the last convolution; its rectified output
+    (``act2``, a weightless ``nn.ReLU`` module so that a hook can reach it) is the
+    Grad-CAM layer, as ResNet's ``layer4`` output is rectified too.
     No BatchNorm and no Dropout: the thesis's network is plain, and without them the
     forward is a pure function of the weights (vmap-friendly across replicates).
     """
@@ -74,10 +76,11 @@ class BasicCNN(nn.Module):
         self.fc1 = nn.Linear(32 * (img_size // 4) ** 2, 128)
         self.fc2 = nn.Linear(128, 64)
         self.head = nn.Linear(64, num_classes)
+        self.act2 = nn.ReLU()  # no weights: state dicts are those of the plain network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.max_pool2d(self.act2(self.conv2(x)), 2)
         x = F.relu(self.fc1(x.flatten(1)))
         x = F.relu(self.fc2(x))
         return self.head(x)

@@ -1,12 +1,14 @@
 """mrilib.cam: Grad-CAM through pytorch-grad-cam, the by-hand version, overlays, agreement, CLI."""
 from __future__ import annotations
 
+import copy
 import re
 from types import SimpleNamespace
 
 import cv2
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +119,7 @@ def test_maps_are_scaled_like_the_library_even_without_a_zero():
 
 
 def test_default_layers_are_the_chapters_layers(models):
-    assert C.target_layer(models["basic_cnn"]) is models["basic_cnn"].conv2
+    assert C.target_layer(models["basic_cnn"]) is models["basic_cnn"].act2  # conv2, rectified
     assert C.target_layer(models["resnet18"]) is models["resnet18"].layer4
     vit = models["vit_tiny"]
     assert C.target_layer(vit) is vit.blocks[-1].norm1
@@ -477,3 +479,36 @@ def test_by_hand_matches_library_on_cuda(name):
     x = brain_like(2, TEST_SIZES[name])
     np.testing.assert_allclose(C.gradcam_by_hand(model, x, 1), C.gradcam_maps(model, x, 1),
                                atol=1e-5, rtol=0)
+
+
+def test_an_untrained_control_measures_what_input_similarity_alone_gives():
+    # Variations that are their sources plus a little noise: even random weights map them
+    # like their sources, so a control must show agreement beyond the baseline too.
+    real = brain_like(8, 32, seed=3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    noise = torch.randint(-6, 7, (16, 1, 32, 32), generator=torch.Generator().manual_seed(1))
+    source = torch.arange(8).repeat_interleave(2)
+    variations = (real[source].int() + noise).clamp(0, 255).to(torch.uint8)
+    one, two = C.untrained_control("basic_cnn", img_size=32), C.untrained_control(
+        "basic_cnn", img_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(),
+                                                 two.state_dict().values()))
+    assert not one.training
+    control = C.agreement_of(one, real, labels, variations, source, seed=0, n_boot=200)
+    manual = C.agreement_vs_baseline(C.gradcam_maps(one, real, labels), labels,
+                                     C.gradcam_maps(one, variations, labels[source]), source,
+                                     seed=0, n_boot=200)
+    pd.testing.assert_frame_equal(control.summary, manual.summary)
+    diff = control.summary[(control.summary["kind"] == "difference")
+                           & (control.summary["metric"] == "pearson")]
+    # near-copies agree although nothing was learned (a class whose random-weight maps
+    # are all flat has no correlation at all)
+    assert diff["median"].notna().sum() >= 3 and (diff["median"].dropna() > 0).all()
+    # against_control: beyond it only where the intervals are apart
+    table = C.against_control(control, control)
+    assert len(table) == 8 and not table["beyond control"].any()
+    lifted = copy.deepcopy(control)
+    d = lifted.summary["kind"] == "difference"
+    lifted.summary.loc[d, ["median", "low", "high"]] += 10.0
+    beyond = C.against_control(lifted, control)
+    assert (beyond["beyond control"] == beyond["median untrained"].notna()).all()

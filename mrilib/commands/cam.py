@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                         "or an index 0-3 (default: the predicted class)")
     p.add_argument("--layer", default=None, metavar="NAME",
                    help="dotted layer name to explain, e.g. layer3 or blocks.-2.norm1 "
-                        "(default: conv2, layer4 or blocks.-1.norm1 by model)")
+                        "(default: act2, layer4 or blocks.-1.norm1 by model)")
     p.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
     p.set_defaults(func=run)
 

@@ -124,18 +124,19 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
         raise ValueError(f"synthetic_fraction={synthetic_fraction} needs a backend; pass one "
                          f"(e.g. LocalDiffusion.for_repeat(...) or get_backend('openai'))")
     own = getattr(backend, "sample_seed", None)
-    if sample_seed is not None and own is not None and int(own) != int(sample_seed):
-        # Not a leak where the generator's sample lies inside this one (at 100% real it
-        # always does), but the run would record generator `own` as sample_seed's.
-        raise ValueError(f"sample_seed={sample_seed}, but the backend's generator belongs to "
-                         f"sample {own}; build it for this sample (LocalDiffusion.for_repeat) "
-                         f"or leave sample_seed out to use the generator's own")
+    asked = sample_seed
     if sample_seed is None:
         sample_seed = seed if own is None else own
     real = real_sample(data, split, real_fraction, sample_seed)
     real_ids = [data.ids[i] for i in real.tolist()]
     leak = _check_leakage(backend, real_ids, [data.ids[i] for i in split.train.tolist()],
                           allow_leaky) if backend is not None else None
+    if asked is not None and own is not None and int(own) != int(asked):
+        # No leak (checked above: at 100% real the generator's sample always lies inside
+        # this one), but the run would record generator `own` as sample `asked`'s.
+        raise ValueError(f"sample_seed={asked}, but the backend's generator belongs to "
+                         f"sample {own}; build it for this sample (LocalDiffusion.for_repeat) "
+                         f"or leave sample_seed out to use the generator's own")
 
     sources, per_source = synthetic_plan(data, split, real, chosen, n_synth, seed)
     synth_images, synth_sources, report = _variations(backend, data, sources, per_source, seed,
