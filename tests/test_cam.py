@@ -512,3 +512,12 @@ def test_an_untrained_control_measures_what_input_similarity_alone_gives():
     lifted.summary.loc[d, ["median", "low", "high"]] += 10.0
     beyond = C.against_control(lifted, control)
     assert (beyond["beyond control"] == beyond["median untrained"].notna()).all()
+
+
+@pytest.mark.parametrize("m, n, expected", [(4, 8, 6), (10, 8, 8), (2, 5, 1)])
+def test_baseline_pairs_are_distinct_unordered_pairs_of_two_scans(m, n, expected):
+    members = np.arange(100, 100 + m)
+    a, b = C._baseline_pairs(members, n, np.random.default_rng(0))
+    pairs = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
+    assert len(a) == len(pairs) == expected  # no pair twice, in either order
+    assert all(x != y for x, y in pairs) and set(a) | set(b) <= set(members.tolist())
