@@ -275,6 +275,7 @@ def gradcam_maps(model: nn.Module, x_uint8: torch.Tensor, targets=None,
 
     module = target_layer(model, layer)
     scans = _checked_scans(x_uint8)
+    _check_spatial(model, module, scans[:1])
     wanted = _target_indices(targets, class_probabilities(model, scans, batch_size), classes)
     starts = _batch_starts(scans, batch_size)
     maps = []
@@ -316,6 +317,7 @@ def gradcam_by_hand(model: nn.Module, x_uint8: torch.Tensor, targets=None,
         raise ValueError(f"layer {layer_name(model, module)!r} did not run in the forward "
                          f"pass, so it has no feature maps to explain; pick another layer")
     feats = kept[0]
+    _check_spatial_output(model, module, feats)
     indices = torch.tensor(_target_indices(targets, logits.detach(), classes), device=x.device)
 
     # Step 1: dy_c/dA^k, y_c the pre-softmax score of each scan's target class. In eval
@@ -333,6 +335,31 @@ def gradcam_by_hand(model: nn.Module, x_uint8: torch.Tensor, targets=None,
     cam = F.relu((alpha * feats.detach()).sum(dim=1, keepdim=True))
 
     return _scaled_like_library(cam, x.shape[-2:]).cpu().numpy()
+
+
+def _check_spatial(model: nn.Module, module: nn.Module, scan: torch.Tensor) -> None:
+    """A ValueError naming the layer when its output has no spatial layout to map."""
+    kept = []
+    handle = module.register_forward_hook(lambda _m, _i, output: kept.append(output))
+    try:
+        with _evaluating(model), torch.no_grad():
+            _logits(model, _model_input(model, scan))
+    finally:
+        handle.remove()
+    if not kept:
+        raise ValueError(f"layer {layer_name(model, module)!r} did not run in the forward "
+                         f"pass, so it has no feature maps to explain; pick another layer")
+    _check_spatial_output(model, module, kept[0])
+
+
+def _check_spatial_output(model: nn.Module, module: nn.Module, output) -> None:
+    want = 3 if reshape_transform(model) is not None else 4  # ViT tokens, or [B, C, h, w]
+    shape = list(getattr(output, "shape", []))
+    if len(shape) != want:
+        raise ValueError(f"layer {layer_name(model, module)!r} gives {shape}, not feature "
+                         f"maps ({'[B, tokens, C]' if want == 3 else '[B, C, h, w]'}); "
+                         f"Grad-CAM needs a layer with a spatial layout, e.g. the default "
+                         f"{LAYERS.get(getattr(model, 'mrilib_name', None), 'last convolution')!r}")
 
 
 def _minmax(cam: torch.Tensor) -> torch.Tensor:

@@ -174,8 +174,8 @@ def test_hooks_released_mode_restored_and_no_gradients_left(models):
         model.eval()
     assert hooks_left(model) == 0
     assert all(p.grad is None for p in model.parameters())
-    # An error raised inside the library's hooks must release them too.
-    with pytest.raises(ValueError, match="do not fit the 4x4 patch grid"):
+    # An error raised while a layer is hooked must release the hook too.
+    with pytest.raises(ValueError, match="layer 'head' gives"):
         C.gradcam_maps(model, x, 1, layer="head")
     assert hooks_left(model) == 0
 
@@ -521,3 +521,11 @@ def test_baseline_pairs_are_distinct_unordered_pairs_of_two_scans(m, n, expected
     pairs = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
     assert len(a) == len(pairs) == expected  # no pair twice, in either order
     assert all(x != y for x, y in pairs) and set(a) | set(b) <= set(members.tolist())
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_a_layer_without_feature_maps_is_refused_by_name(by_hand):
+    model = tiny_model("basic_cnn", 32)
+    run = C.gradcam_by_hand if by_hand else C.gradcam_maps
+    with pytest.raises(ValueError, match=r"layer 'fc1' gives \[1, 128\], not feature maps.*'act2'"):
+        run(model, brain_like(1, 32), layer="fc1")
