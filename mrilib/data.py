@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import settings
-from .paths import CACHE, ROOT, atomic_write_bytes
+from .paths import CACHE, ROOT, SHARED_DATA, atomic_write_bytes
 
 HUB_ID = "Falah/Alzheimer_MRI"
 # The hub cannot be reached from the machines this project is built on, so its commit
@@ -108,11 +108,15 @@ def _how_to_provide(reason: str) -> DataError:
 
 
 def resolve_source(source: str | os.PathLike | None = None) -> str:
-    """The data source to read: ``source``, else ``$MRILIB_DATA``, else the hub id."""
+    """The data source to read: ``source``, else ``$MRILIB_DATA``, else the dataset folder
+    beside the repository (``../shared/data/alzheimer_mri``, where this project's
+    machines keep it) when it exists, else the hub id."""
     if source is not None and str(source) != "":
         chosen, origin = str(source), "the source argument"
     elif os.environ.get("MRILIB_DATA"):
         chosen, origin = os.environ["MRILIB_DATA"], "MRILIB_DATA"
+    elif SHARED_DATA.is_dir():
+        return str(SHARED_DATA.resolve())
     else:
         return f"{HUB_ID}@{HUB_REVISION}"
     for candidate in (Path(chosen).expanduser(), ROOT / chosen):

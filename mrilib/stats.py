@@ -10,8 +10,9 @@ difference between two such numbers:
   :func:`mrilib.data.split_mri` the test split holds 13 of its 1,280 images (and the
   validation split 5 of 512), so its recall moves in steps of 1/13 and rests on 13
   slices whatever the number of repeats (see "what the intervals cover").
-* **percentile-bootstrap intervals** for medians and for differences of medians, with
-  an explicit seed and ``n_boot`` resamples.
+* **percentile-bootstrap intervals** for medians and for differences between cells
+  (paired: the median of per-repeat differences; unpaired: the difference of medians),
+  with an explicit seed and ``n_boot`` resamples.
 * **clustering**: repeats of one cell are not independent where they share a real
   sample or a generator (repeat ``r`` uses sample/generator ``r mod G``, see
   :mod:`mrilib.experiment`). There the bootstrap is hierarchical: resample the

@@ -121,8 +121,11 @@ def test_missing_path_lists_the_three_ways(tmp_path):
     assert "nowhere" in msg and "MRILIB_DATA" in msg and "Falah/Alzheimer_MRI" in msg
 
 
-def test_unreachable_hub_lists_the_three_ways(monkeypatch):
+def test_unreachable_hub_lists_the_three_ways(monkeypatch, tmp_path):
+    import mrilib.data as data_mod
+
     monkeypatch.delenv("MRILIB_DATA", raising=False)
+    monkeypatch.setattr(data_mod, "SHARED_DATA", tmp_path / "absent")  # no folder beside
     with pytest.raises(DataError) as err:
         load_mri(None)
     assert "three ways" in str(err.value) and "MRILIB_DATA" in str(err.value)
@@ -133,6 +136,12 @@ def test_source_precedence(monkeypatch, tmp_path):
     assert resolve_source(None) == str(tmp_path.resolve())
     assert resolve_source("Falah/Alzheimer_MRI@abc") == "Falah/Alzheimer_MRI@abc"
     monkeypatch.delenv("MRILIB_DATA")
+    import mrilib.data as data_mod
+    beside = tmp_path / "shared" / "data" / "alzheimer_mri"
+    beside.mkdir(parents=True)
+    monkeypatch.setattr(data_mod, "SHARED_DATA", beside)  # the folder beside the repo
+    assert resolve_source(None) == str(beside.resolve())
+    monkeypatch.setattr(data_mod, "SHARED_DATA", tmp_path / "absent")
     assert resolve_source(None).startswith("Falah/Alzheimer_MRI@")
 
 

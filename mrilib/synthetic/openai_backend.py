@@ -308,10 +308,10 @@ class OpenAIBackend(Backend):
             if self.cfg["route"] == "variation":
                 return APIFailure(f"DALL-E 2's image-variation endpoint was retired on {RETIRED} "
                                   f"(the API answered {status} {code}: {message}). Use "
-                                  f"route='edit' (--openai-route edit), which calls images.edit "
+                                  f"route='edit' (--route edit), which calls images.edit "
                                   f"with a GPT Image model")
             return APIFailure(f"model {self.cfg['model']!r} is not available ({status} {code}: "
-                              f"{message}); set model= (--openai-model) to a current GPT Image "
+                              f"{message}); set model= (--model) to a current GPT Image "
                               f"model such as gpt-image-2")
         if status == 401:
             return APIFailure(f"the API rejected the key in OPENAI_API_KEY (401 {code}); "

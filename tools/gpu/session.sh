@@ -7,15 +7,16 @@
 #   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
 #   bash tools/gpu/session.sh all MINUTES   # one lease's worth: CUDA tests, benchmarks
 #                                           # (ResNet-18, ViT), then the grid
-#   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4), its strength sweep and
-#                                           # the variations notebooks 02-03 read
+#   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4) and its unguided and
+#                                           # guided strength sweeps
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
 #
 # A drawn task gets 15 minutes of device time in all (start and transfers included) and
 # one command may run 10, so each stage is budgeted in wall minutes (decimals allowed) and
 # packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
-#   $OUT/session.tgz   benchmarks/*, results/*.jsonl, figures this call wrote
+#   $OUT/session.tgz   benchmarks/*, results/*.jsonl and strength_sweep_*.json, figures
+#                      this call wrote
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
 #   $OUT/session.log   everything printed
 # Back here, `bash tools/gpu/collect.sh <files_at>` unpacks it into the repo.
@@ -30,10 +31,11 @@
 # synthetic cells whose generator is here run now, the rest later; their run keys carry
 # the generator's recipe, so a later recipe retrains them rather than mixing the two),
 # SKIP_GEN_OUT=1 (send no generators back: they came back from an earlier call or were
-# carried in; `all` sets it when a generator was carried in),
+# carried in; `all` and `chapters` set it, as they train none),
 # BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"), BENCH_ARGS (extra `bench train`
-# arguments; `all` uses "--naive-replicates 2 --serial-replicates 2"), BENCH_CAP (seconds
-# per model, default 110; `all` 70).
+# arguments; `all` uses "--naive-replicates 1 --serial-replicates 1 --profile"), BENCH_CAP
+# (seconds per model, default 110; `all` 60 and 50 for its basic-CNN runs, 180 for
+# ResNet-18 and ViT-Tiny).
 set -uo pipefail
 stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES}
 OUT=${OUT:-/tmp/mrilib-out}
