@@ -1,7 +1,8 @@
 """Load the Alzheimer MRI slices, split them, and sample them as the thesis does.
 
 Sources, in the order they are chosen (:func:`resolve_source`): an explicit argument,
-the ``MRILIB_DATA`` environment variable, the Hugging Face hub id ``HUB_ID``.
+the ``MRILIB_DATA`` environment variable, the folder ``../shared/data/alzheimer_mri``
+beside the repository when it exists, the Hugging Face hub id ``HUB_ID``.
 A source is a local image folder (one sub-folder per class), a local parquet file or
 folder of parquet files, a ``datasets`` ``save_to_disk`` folder, or a hub id
 (``owner/name`` or ``owner/name@revision``).
@@ -99,7 +100,8 @@ class Split:
 
 def _how_to_provide(reason: str) -> DataError:
     return DataError(
-        f"{reason}\nProvide the Alzheimer MRI data in one of three ways:\n"
+        f"{reason}\nProvide the Alzheimer MRI data in one of three ways (or put it in "
+        f"{SHARED_DATA}, where this project's machines keep it):\n"
         f"  1. pass it explicitly: load_mri('path/to/alzheimer_mri') or --source PATH\n"
         f"  2. set MRILIB_DATA=path/to/alzheimer_mri (an image folder with one sub-folder "
         f"per class, a parquet file/folder, or a save_to_disk folder)\n"

@@ -1158,7 +1158,8 @@ class _Session:
             if self.cfg.get("generator_fraction") is not None:  # generators serve larger X
                 sizes = torch.bincount(self.data.labels[self.split.train],
                                        minlength=len(self.data.classes))
-                check_nested(sizes.numpy(), self.cfg["fractions"], self.data.classes)
+                check_nested(sizes.numpy(), {*self.cfg["fractions"],
+                                             self.cfg["generator_fraction"]}, self.data.classes)
         if self.base is None:
             self.base = {"preset": self.preset,
                          **provenance(self.device), "data_fingerprint": self.data.fingerprint,

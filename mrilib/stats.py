@@ -35,7 +35,8 @@ difference between two such numbers:
 
 A difference is called *distinguishable from noise* when its interval excludes 0 and
 it rests on at least ``min_clusters`` independent units (clusters): with G = 5
-real samples (and generators), a cell has 5 independent units, not 20.
+real samples (and generators), a cell below 100% real or with synthetic images has 5
+independent units, not 20 (a 100% real-only cell has 20: every repeat sees the pool).
 """
 from __future__ import annotations
 
@@ -142,9 +143,16 @@ def _resampled_index(groups: np.ndarray, n_boot: int, rng: np.random.Generator) 
 
 
 def _medians_at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Median of ``values`` over each row of ``index`` (-1 entries ignored)."""
+    """Median of ``values`` over each row of ``index`` (-1 entries ignored).
+
+    A median that falls between +inf and -inf (paired differences where each cell
+    diverged on other repeats) is taken as 0, as two diverged runs differ by 0.
+    """
     picked = np.where(index >= 0, values[np.maximum(index, 0)], np.nan)
-    return np.nanmedian(picked, axis=1)
+    with np.errstate(invalid="ignore"):
+        med = np.nanmedian(picked, axis=1)
+    both = np.isposinf(picked).any(axis=1) & np.isneginf(picked).any(axis=1)
+    return np.where(np.isnan(med) & both, 0.0, med)
 
 
 def _clean(values, groups, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +218,8 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
             raise ValueError(f"paired comparison needs one b per a; got {xa.size} and {xb.size}")
         d = _minus(xa, xb)
         boot = _medians_at(d, _resampled_index(ga, cfg["n_boot"], rng))
-        return Interval(float(np.median(d)), *_bounds(boot, cfg["level"]))
+        whole = _medians_at(d, np.arange(d.size)[None])[0]
+        return Interval(float(whole), *_bounds(boot, cfg["level"]))
     boot = _minus(_medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng)),
                   _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng)))
     return Interval(float(_minus(np.median(xa), np.median(xb))), *_bounds(boot, cfg["level"]))

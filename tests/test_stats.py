@@ -124,6 +124,10 @@ def test_two_diverged_runs_differ_by_nothing():
     assert np.isfinite([iv.estimate, iv.low]).all() and iv.high == np.inf
     both = stats.bootstrap_median_difference([np.inf] * 4, [np.inf] * 4, n_boot=200, seed=0)
     assert tuple(both) == (0.0, 0.0, 0.0)
+    # each cell diverged on the other's good repeats: +inf and -inf differences, no NaN
+    crossed = stats.bootstrap_median_difference([np.inf, 1.0], [1.0, np.inf], paired=True,
+                                                n_boot=200, seed=0)
+    assert not np.isnan(tuple(crossed)).any() and not crossed.excludes_zero()
 
 
 def test_compare_cells_does_not_depend_on_which_cell_is_first():

@@ -8,7 +8,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("data", help="per-class counts of a data source and its splits")
     p.add_argument("--source", default=None,
                    help="image folder, parquet, save_to_disk folder or hub id "
-                        "(default: $MRILIB_DATA, else the hub dataset)")
+                        "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip unreadable or non-image files (listed) instead of stopping")

@@ -205,7 +205,8 @@ def _caveats(runs) -> str:
                  "state, are mrilib.train's documented choices. Either can move the numbers.")
     lines.append("- Intervals cover the variation between training runs (real samples, "
                  "generators, initial weights) on one fixed split, not the finite test and "
-                 "validation sets; with 5 independent real samples per cell they cover "
+                 "validation sets; with 5 independent real samples per cell (20 in a 100% "
+                 "real-only cell) they cover "
                  "somewhat less than 95% (about 90-93% in simulation).")
     lines.append("- Many comparisons are made below at 95% each: a few intervals excluding 0 "
                  "are expected by chance alone; a consistent pattern across fractions or "
@@ -271,8 +272,10 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
                  zip(helped["architecture"], helped["aug"], helped["synthetic"], helped["real %"]))
                  if len(helped)
                  else ".")
-             + f" With no effect anywhere, about {0.025 * len(effects):.1f} of {len(effects)} "
-               f"would show a lower loss by chance at this level (one tail of 95%); a verdict "
+             + f" With no effect anywhere, about {0.025 * len(effects):.1f}-"
+               f"{0.05 * len(effects):.1f} of {len(effects)} would show a lower loss by chance "
+               f"(one tail of a 95% interval, 2.5%, or more where the intervals cover less); "
+               f"a verdict "
                f"holds more weight where it repeats across fractions and architectures."]
     return "\n\n".join(lines)
 

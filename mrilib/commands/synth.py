@@ -109,7 +109,7 @@ def add_parser(sub) -> None:
 
 def _common(p) -> None:
     p.add_argument("--source", default=None,
-                   help="data source (default: $MRILIB_DATA, else the hub dataset)")
+                   help="data source (default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -41,7 +41,7 @@ def add_training_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if present)")
     p.add_argument("--source", default=None,
                    help="image folder, parquet, save_to_disk folder or hub id "
-                        "(default: $MRILIB_DATA, else the hub dataset)")
+                        "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
 
 

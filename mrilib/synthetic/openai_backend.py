@@ -187,8 +187,11 @@ class OpenAIBackend(Backend):
                    seed: int) -> torch.Tensor:
         """As :meth:`Backend.variations`, announcing all ``len(images) * n`` requests first
         (each :meth:`generate` call here gets one image)."""
+        images, labels = check_batch(images, labels)
+        if n < 1:
+            raise ValueError(f"n={n}: ask for at least one variation per image")
         if not self._announced:
-            self.announce(len(images) * max(int(n), 0))
+            self.announce(len(images) * int(n))
         return super().variations(images, labels, n, seed)
 
     def announce(self, n_images: int) -> dict:
@@ -278,6 +281,8 @@ class OpenAIBackend(Backend):
         if f.kind == "connection":
             raise APIFailure(f"cannot reach the OpenAI API at "
                              f"{_public_url(str(self._client.base_url))}: {f.message}")
+        if f.kind == "other":
+            raise APIFailure(f"the openai client failed: {f.message}")
         if f.status == 429 and f.code == "insufficient_quota":
             raise APIFailure(f"the account's quota is used up (429 insufficient_quota: "
                              f"{f.message}); add credit, then rerun to resume")
@@ -341,7 +346,7 @@ class _Failure:
                        retry_after_seconds(err.response.headers))
         if isinstance(err, openai.APIConnectionError):
             return cls("connection", None, None, _redact(str(err)), None)
-        return cls("connection", None, None, f"{type(err).__name__}: {_redact(str(err))}", None)
+        return cls("other", None, None, f"{type(err).__name__}: {_redact(str(err))}", None)
 
     @property
     def summary(self) -> str:
