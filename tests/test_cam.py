@@ -529,3 +529,18 @@ def test_a_layer_without_feature_maps_is_refused_by_name(by_hand):
     run = C.gradcam_by_hand if by_hand else C.gradcam_maps
     with pytest.raises(ValueError, match=r"layer 'fc1' gives \[1, 128\], not feature maps.*'act2'"):
         run(model, brain_like(1, 32), layer="fc1")
+
+
+def test_maps_explain_the_model_as_trained_on_normalised_slices():
+    # The CAM path must feed the model what training fed it: normalize(uint8 scans).
+    # A missing normalize would change the probabilities (and with them the default,
+    # predicted, target class), though both CAM paths would still agree with each other.
+    from mrilib.models import normalize
+
+    model = tiny_model("basic_cnn", 32)
+    x = brain_like(3, 32, seed=5)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(normalize(x)), dim=1)
+        raw = torch.softmax(model(x.float() / 255.0), dim=1)
+    torch.testing.assert_close(C.class_probabilities(model, x), expected)
+    assert not torch.allclose(raw, expected, atol=1e-3)  # the check can tell them apart
