@@ -328,7 +328,7 @@ class OpenAIBackend(Backend):
 class _Failure:
     """What the retry logic needs of an API error, redacted, without the error itself."""
 
-    kind: str                  # "timeout", "status" or "connection"
+    kind: str                  # "timeout", "status", "connection" or "other"
     status: int | None         # HTTP status of a "status" failure
     code: str | None           # the error code in the answer's body
     message: str               # redacted
