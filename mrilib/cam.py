@@ -275,8 +275,20 @@ def gradcam_maps(model: nn.Module, x_uint8: torch.Tensor, targets=None,
 
     module = target_layer(model, layer)
     scans = _checked_scans(x_uint8)
-    _check_spatial(model, module, scans[:1])
-    wanted = _target_indices(targets, class_probabilities(model, scans, batch_size), classes)
+    # The layer's output, seen during the forward that picks the classes anyway: a layer
+    # without feature maps is refused by name before the library is handed it.
+    first = []
+    handle = module.register_forward_hook(
+        lambda _m, _i, output: first.append(output) if not first else None)
+    try:
+        probabilities = class_probabilities(model, scans, batch_size)
+    finally:
+        handle.remove()
+    if not first:
+        raise ValueError(f"layer {layer_name(model, module)!r} did not run in the forward "
+                         f"pass, so it has no feature maps to explain; pick another layer")
+    _check_spatial_output(model, module, first[0])
+    wanted = _target_indices(targets, probabilities, classes)
     starts = _batch_starts(scans, batch_size)
     maps = []
     with _evaluating(model), torch.enable_grad(), \
@@ -335,21 +347,6 @@ def gradcam_by_hand(model: nn.Module, x_uint8: torch.Tensor, targets=None,
     cam = F.relu((alpha * feats.detach()).sum(dim=1, keepdim=True))
 
     return _scaled_like_library(cam, x.shape[-2:]).cpu().numpy()
-
-
-def _check_spatial(model: nn.Module, module: nn.Module, scan: torch.Tensor) -> None:
-    """A ValueError naming the layer when its output has no spatial layout to map."""
-    kept = []
-    handle = module.register_forward_hook(lambda _m, _i, output: kept.append(output))
-    try:
-        with _evaluating(model), torch.no_grad():
-            _logits(model, _model_input(model, scan))
-    finally:
-        handle.remove()
-    if not kept:
-        raise ValueError(f"layer {layer_name(model, module)!r} did not run in the forward "
-                         f"pass, so it has no feature maps to explain; pick another layer")
-    _check_spatial_output(model, module, kept[0])
 
 
 def _check_spatial_output(model: nn.Module, module: nn.Module, output) -> None:

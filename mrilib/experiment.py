@@ -734,7 +734,7 @@ def _one_design(rows: list[dict], design: str | None, directory: Path
                f"(one design).")
     short = (f"{n_dropped} runs of another design ("
              + ", ".join(str(d) for d in set_aside) + ") set aside; "
-             f"load_results(..., design=None) reads them.")
+             "load_results(..., design=None) reads them.")
     return kept, {"dropped": n_dropped, "kept": sorted({str(_full_design(r)) for r in kept}),
                   "set_aside": {str(d): n for d, n in set_aside.items()},
                   "message": message, "short": short}
