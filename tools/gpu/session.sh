@@ -198,17 +198,20 @@ case "$stage" in
     : "${2:?all needs MINUTES, e.g. 9.5}"
     SKIP_GEN_OUT=1  # generators here were carried in: they need not come back
     # One lease, ordered by what is still unmeasured after the first two (2026-11-26:
-    # H200, then H100; see benchmarks/README.md). The CUDA tests, the ones never finished
-    # on a GPU first (the generator and Grad-CAM on CUDA, testing only the final and best
-    # epochs; the training tests passed on the H100, the bf16 fixes included). Then the
-    # basic CNN (where this card has no benchmark yet, and testing at the ends only),
-    # ResNet-18 and ViT-Tiny against the notebook loop (cut off at 75 s each on the H100;
-    # 180 s each now, and whatever the deadline leaves to the ViT), the strength
-    # sweep of generator 0 if it was carried in (prepare.sh carries it only when asked:
-    # CARRY_GEN0=1; `chapters` makes chapter 2-3's figures from it), the
-    # generator's unguided speed where this card has none, then the grid. No generators
-    # are trained: five take 21-26 minutes and only two can travel (see
-    # benchmarks/README.md); `quality` trains generator 0, `grid` all five.
+    # H200, then H100; see benchmarks/README.md). First ResNet-18 and ViT-Tiny against the
+    # notebook loop (#3's last missing numbers: cut off at 75 s each on the H100), 180 s
+    # each. Then the CUDA tests never finished on a GPU (the generator and Grad-CAM on
+    # CUDA, testing only the final and best epochs; the training tests passed on the
+    # H100, the bf16 fixes included), the basic CNN where this card has no benchmark yet
+    # and with testing at the ends only, the strength sweep of generator 0 if it was
+    # carried in (prepare.sh carries it only when asked: CARRY_GEN0=1; `chapters` makes
+    # chapter 2-3's figures from it), the generator's unguided speed where this card has
+    # none, then the grid. No generators are trained: five take 21-26 minutes and only
+    # two can travel (see benchmarks/README.md); `quality` trains generator 0, `grid` all
+    # five.
+    BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
+      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
+      BENCH_CAP=${BENCH_CAP:-180} bench_train
     GPU_TESTS="tests/test_diffusion.py tests/test_cam.py
       tests/test_train.py::test_cuda_testing_only_final_and_best_epochs_gives_the_same_records" \
       cuda_tests 120
@@ -220,9 +223,6 @@ case "$stage" in
     BENCH_MODELS=basic_cnn \
       BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends --profile" \
       BENCH_CAP=50 bench_train
-    BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
-      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
-      BENCH_CAP=${BENCH_CAP:-180} bench_train
     # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
     # and background at five strengths over its whole sample, unguided (#4: the default
     # strength 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s.
