@@ -665,3 +665,17 @@ def test_each_replicate_gets_its_own_gradient_not_a_share_of_the_group(monkeypat
     for g, a in zip(group, alone):
         assert g.shape[0] == 3 and a.shape[0] == 1
         torch.testing.assert_close(g[1], a[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("intervals, covered", [
+    ([], 0),
+    ([(0, 10)], 10),
+    ([(0, 10), (20, 25)], 15),                 # disjoint
+    ([(0, 10), (5, 15)], 15),                  # overlapping
+    ([(0, 30), (5, 10), (12, 20)], 30),        # nested: one range seen several times
+    ([(20, 25), (0, 10), (8, 12)], 17),        # unsorted
+])
+def test_profile_device_span_is_the_union_of_annotations(intervals, covered):
+    from mrilib.bench import union_us
+
+    assert union_us(intervals) == covered
