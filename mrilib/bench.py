@@ -327,7 +327,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                      "lr": train_cfg["lr"], "amp_mrilib": train_cfg["amp"],
                      "naive_workers": workers, "naive_precision": "fp32",
                      "deterministic_mrilib": train_cfg["deterministic"],
-                     "test_every_epoch": train_cfg["test_every_epoch"]},
+                     "test_every_epoch": train_cfg["test_every_epoch"],
+                     "im2col_stem_mrilib": train_cfg["im2col_stem"]},
         "load_seconds": load_seconds,
         "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
                   "n_train": naive[0]["n_train"],
@@ -381,7 +382,8 @@ def report(result: dict) -> str:
         f"{result['date']} | mrilib amp {s['amp_mrilib']}"
         + ("" if s.get("deterministic_mrilib", True) else " | non-deterministic kernels")
         + ("" if s.get("test_every_epoch", True) else " | test split at the final and best "
-           "epochs only"),
+           "epochs only")
+        + (" | stems as unfold + matmul" if s.get("im2col_stem_mrilib", False) else ""),
         f"{'approach':<82}{'reps':>5}{'s/replicate':>13}{'speedup':>9}{'val acc':>9}",
     ]
     for title, key in rows:

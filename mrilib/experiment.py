@@ -318,8 +318,9 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     """
     from .train import model_settings
 
-    # How a run is batched and which epochs it tests, not what it learns.
-    run_only = ("max_parallel", "eval_batch_size", "test_every_epoch")
+    # How a run is batched, which epochs it tests and how its stem convolution is summed,
+    # not what it learns.
+    run_only = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem")
     training = {k: v for k, v in model_settings(model, **cfg["train"]).items()
                 if k not in run_only}
     relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction",

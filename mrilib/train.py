@@ -127,6 +127,14 @@ DEFAULTS = {
     # epoch, test 1,280 twice instead of ten times; benchmarks/README.md). The history
     # then holds test values at those epochs only (None elsewhere).
     "test_every_epoch": True,
+    # True: convolutions with one input channel (the stems: the basic CNN's and ResNet-18's
+    # conv1, the ViT's patch embedding) run as unfold + matmul (see _Im2colConv2d). Under
+    # vmap such a convolution becomes a grouped one with a single channel per group, which
+    # PyTorch sends to its native depthwise kernel: 12% of ResNet-18's device time and
+    # 3.9 of the basic CNN's 17.2 ms per step on an H100 (benchmarks/README.md). The same
+    # sums in another order (equal in fp32 to rounding; a test pins it), so not part of a
+    # run's design. Off until a lease has measured it (`bench train --im2col-stem`).
+    "im2col_stem": False,
 }
 PRESETS = {
     "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes
@@ -163,6 +171,9 @@ def model_settings(model: str, **overrides: Any) -> dict:
             ("max_parallel", v) for v in groups]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}; give a positive whole number")
+    for key in ("im2col_stem", "test_every_epoch", "deterministic"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key}={cfg[key]!r}; give True or False")
     if not cfg["lr"] > 0:
         raise ValueError(f"lr={cfg['lr']!r}; give a positive learning rate such as 1e-3")
     return cfg
@@ -341,11 +352,46 @@ def _vmap_amp_safe(template: nn.Module) -> nn.Module:
     return template
 
 
+class _Im2colConv2d(nn.Conv2d):
+    """A one-input-channel Conv2d computed as unfold + matmul; same parameters, same sums.
+
+    Written by hand because of vmap: K stacked one-channel convolutions reach PyTorch as
+    one grouped convolution with a single input channel per group, which it runs with its
+    native depthwise kernel rather than cuDNN (~2.8 TFLOP/s for ResNet-18's conv1 on an
+    H100, its weight gradient slower still). Unfolded, the replicates' convolutions are
+    one batched matmul, and the input gradient that a stem never needs is not computed.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # cast the image, not its 49x unfold
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        out = self.weight.flatten(1) @ cols  # [out, k*k] @ [N, k*k, L] -> [N, out, L]
+        if self.bias is not None:
+            out = out + self.bias[:, None].to(out.dtype)  # as autocast's conv: bf16 out
+        return out.view(n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                        (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _im2col_stems(template: nn.Module) -> nn.Module:
+    """Run ``template``'s one-input-channel convolutions as :class:`_Im2colConv2d`."""
+    for module in template.modules():
+        if (type(module) is nn.Conv2d and module.in_channels == 1 and module.groups == 1
+                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+            module.__class__ = _Im2colConv2d
+    return template
+
+
 class _Stack:
     """K replicates of one architecture as stacked tensors, run with ``vmap``."""
 
-    def __init__(self, models: list[nn.Module], device: torch.device):
+    def __init__(self, models: list[nn.Module], device: torch.device, im2col: bool = False):
         self.template = _vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
+        if im2col:
+            self.template = _im2col_stems(self.template)
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
         # randomness="error": a model that draws random numbers in forward (dropout)
@@ -426,7 +472,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
     # -- setup: K initial networks stacked, one Adam over the stacked tensors, generators
     models = [_initial_model(name, s, cfg, bank_x.shape[-1]) for s in seeds]
     init = init_of(models[0])
-    stack = _Stack(models, device)
+    stack = _Stack(models, device, im2col=cfg["im2col_stem"])
     del models
     k, n = index.shape
     bs = cfg["batch_size"]
@@ -636,7 +682,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     index = index.to(device)
     settings_used = {key: cfg[key] for key in ("epochs", "batch_size", "lr", "schedule",
                                                "warmup_epochs", "weight_decay", "amp",
-                                               "num_classes", "test_every_epoch")}
+                                               "num_classes", "test_every_epoch",
+                                               "im2col_stem")}
     records, checkpoints = [], []
     with _deterministic_kernels(cfg["deterministic"]):
         for first in range(0, len(seeds), group_size):

@@ -130,6 +130,60 @@ def test_replicates_together_match_textbook_runs_one_at_a_time(name, k, aug, epo
             assert (models[0][0][key] - models[1][0][key]).abs().max() > 0.02
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_im2col_stems_train_as_the_convolutions_do(name):
+    """The stems as unfold + matmul are a summation order, not a different model."""
+    images, labels, index, val, test = tiny_problem(k=2)
+    kw = dict(aug="hflip", device="cpu", epochs=2, batch_size=8, max_parallel=2)
+    conv, conv_models = train_replicates(name, images, labels, index, val, test, [3, 4],
+                                         return_models=True, **kw)
+    im2col, im2col_models = train_replicates(name, images, labels, index, val, test, [3, 4],
+                                             return_models=True, im2col_stem=True, **kw)
+    assert [r["im2col_stem"] for r in conv + im2col] == [False, False, True, True]
+    for a, b in zip(conv, im2col):
+        losses = [[h[key] for h in r["history"]]
+                  for r in (a, b) for key in ("train_loss", "val_loss")]
+        torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(losses[2:]),
+                                   rtol=1e-4, atol=1e-5)
+    # same parameters under the same names: checkpoints load either way
+    assert [list(m[0]) for m in conv_models] == [list(m[0]) for m in im2col_models]
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=7, stride=2, padding=3, bias=False),   # ResNet-18's conv1
+    dict(kernel_size=3, padding=1),                          # the basic CNN's conv1
+    dict(kernel_size=8, stride=8),                           # a ViT patch embedding
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
+])
+def test_im2col_conv_matches_conv2d_and_its_weight_gradient(conv):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(1, 6, **conv)
+    stem = train._im2col_stems(copy.deepcopy(plain))
+    assert type(stem) is train._Im2colConv2d
+    x = torch.randn(3, 1, 24, 20)
+    out, ref = stem(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), m.weight)[0]
+             for y, m in ((out, stem), (ref, plain))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stem(x).dtype == torch.bfloat16
+        torch.testing.assert_close(stem(x).float(), plain(x).float(), rtol=0.05, atol=0.05)
+
+
+def test_im2col_leaves_other_convolutions_alone():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(1, 4, 3, padding="same"),
+                        nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"))
+    kinds = [type(m) for m in train._im2col_stems(net)]
+    assert kinds == [train._Im2colConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+
+
+@pytest.mark.parametrize("key", ["im2col_stem", "test_every_epoch", "deterministic"])
+def test_switches_must_be_true_or_false(key):
+    with pytest.raises(ValueError, match=f"{key}='yes'; give True or False"):
+        model_settings("basic_cnn", **{key: "yes"})
+
+
 def test_vmap_of_one_replicate_matches_vmap_of_several():
     images, labels, index, val, test = tiny_problem(k=3)
     kw = dict(aug="hflip", device="cpu", epochs=2, batch_size=8)
@@ -492,13 +546,14 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
                               "--aug", "hflip", "--replicates", "2", "--naive-workers", "0",
                               "--real-frac", "0.5", "--epochs", "1", "--device", "cpu",
                               "--out", str(tmp_path), "--nondeterministic", "--profile",
-                              "--test-at-ends"])
+                              "--test-at-ends", "--im2col-stem"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "(a) naive" in text and "(c) mrilib, 2 replicates at once" in text
     assert "non-deterministic kernels" in text
-    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet-testends-profile.json")
+    [saved] = tmp_path.glob("bench-train-basic_cnn-hflip-cpu*-k2-nondet-testends-im2col-profile.json")
     result = json.loads(saved.read_text())
+    assert result["settings"]["im2col_stem_mrilib"] is True and "stems as unfold" in text
     assert result["settings"]["test_every_epoch"] is False and "final and best" in text
     # The profile covers one more epoch of (c): every step and both evaluation passes.
     prof = result["profile"]
@@ -545,6 +600,22 @@ def test_cuda_training_is_deterministic_for_each_model(name):
 @cuda
 def test_cuda_on_epoch_reports_each_epoch_as_the_history_records_it():
     check_on_epoch("cuda", 3)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["basic_cnn", "resnet18"])
+def test_cuda_im2col_stems_train_as_the_convolutions_do(name):
+    images, labels, index, val, test = tiny_problem(k=2)
+    kw = dict(device="cuda", epochs=2, batch_size=8, amp="off", max_parallel=2)
+    runs = [train_replicates(name, images, labels, index, val, test, [1, 2], im2col_stem=flag,
+                             **kw) for flag in (False, True)]
+    for a, b in zip(*runs):
+        losses = [[h[key] for h in r["history"]]
+                  for r in (a, b) for key in ("train_loss", "val_loss")]
+        # cuDNN convolves fp32 in TF32 by default and the matmul does not: close, not equal
+        torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(losses[2:]),
+                                   rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -41,12 +41,16 @@ def add_parser(sub) -> None:
                    help="(b) and (c) test only the final and each replicate's best-validation "
                         "epoch (mrilib.train's test_every_epoch=False), to measure what "
                         "testing every epoch costs")
+    t.add_argument("--im2col-stem", action="store_true",
+                   help="(b) and (c) run one-input-channel convolutions (the stems) as unfold "
+                        "+ matmul (mrilib.train's im2col_stem=True) instead of vmap's "
+                        "depthwise path, to measure what that path costs")
     t.add_argument("--profile", action="store_true",
                    help="after the timings, run one epoch of (c) under torch.profiler and "
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-profile].{txt,json} to DIR (K when "
+                        "[-nondet][-testends][-im2col][-profile].{txt,json} to DIR (K when "
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
@@ -58,7 +62,8 @@ def _overrides(args) -> dict:
              "real_frac": args.real_frac, "seed": args.seed, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr,
              "deterministic": False if args.nondeterministic else None,
-             "test_every_epoch": False if args.test_at_ends else None}
+             "test_every_epoch": False if args.test_at_ends else None,
+             "im2col_stem": True if args.im2col_stem else None}
     return {k: v for k, v in names.items() if v is not None}
 
 
@@ -67,7 +72,8 @@ def file_stem(model: str, args, device: str) -> str:
     extra = (f"-k{args.replicates}" if args.replicates is not None else "") + \
         (f"-{args.size}px" if args.size != 128 else "") + \
         ("-nondet" if args.nondeterministic else "") + \
-        ("-testends" if args.test_at_ends else "") + ("-profile" if args.profile else "")
+        ("-testends" if args.test_at_ends else "") + ("-im2col" if args.im2col_stem else "") + \
+        ("-profile" if args.profile else "")
     return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
 
 

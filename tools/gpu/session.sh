@@ -32,10 +32,11 @@
 # the generator's recipe, so a later recipe retrains them rather than mixing the two),
 # SKIP_GEN_OUT=1 (send no generators back: they came back from an earlier call or were
 # carried in; `all` and `chapters` set it, as they train none),
-# BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"), BENCH_ARGS (extra `bench train`
-# arguments; `all` uses "--naive-replicates 1 --serial-replicates 1 --profile"), BENCH_CAP
-# (seconds per model, default 110; `all` 60 and 50 for its basic-CNN runs, 180 for
-# ResNet-18 and ViT-Tiny).
+# BENCH_MODELS (default "basic_cnn resnet18 vit_tiny"; in `all`, the models of its first,
+# card-missing rows), BENCH_ARGS (extra `bench train` arguments; `all` uses "--naive-replicates
+# 1 --serial-replicates 1 --profile" and one lever per row), BENCH_CAP (seconds per model,
+# default 110; `all` 60 and 50 for its basic-CNN runs, 180 for ResNet-18 and ViT-Tiny, 150
+# for ResNet-18's stem row).
 set -uo pipefail
 stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES}
 OUT=${OUT:-/tmp/mrilib-out}
@@ -200,29 +201,37 @@ case "$stage" in
   all)
     : "${2:?all needs MINUTES, e.g. 9.5}"
     SKIP_GEN_OUT=1  # generators here were carried in: they need not come back
-    # One lease, ordered by what is still unmeasured after the first two (2026-11-26:
-    # H200, then H100; see benchmarks/README.md). First ResNet-18 and ViT-Tiny against the
-    # notebook loop (#3's last missing numbers: cut off at 75 s each on the H100), 180 s
-    # each. Then the CUDA tests never finished on a GPU (the generator and Grad-CAM on
-    # CUDA, testing only the final and best epochs; the training tests passed on the
-    # H100, the bf16 fixes included), the basic CNN where this card has no benchmark yet
-    # and with testing at the ends only, the strength sweep of generator 0 if it was
-    # carried in (prepare.sh carries it only when asked: CARRY_GEN0=1; `chapters` makes
-    # chapter 2-3's figures from it), the generator's unguided speed where this card has
-    # none, then the grid. No generators are trained: five take 21-26 minutes and only
-    # two can travel (see benchmarks/README.md); `quality` trains generator 0, `grid` all
-    # five.
-    BENCH_MODELS=${BENCH_MODELS:-"resnet18 vit_tiny"} \
-      BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
-      BENCH_CAP=${BENCH_CAP:-180} bench_train
+    # One lease, ordered by what is still unmeasured (see benchmarks/README.md): where this
+    # card has none, ResNet-18 and ViT-Tiny against the notebook loop (180 s each; the
+    # fourth lease, an H100, has them). Then the CUDA tests of the generator and Grad-CAM
+    # and the stems' (passed on the H100 but for the stems'), the basic CNN where this
+    # card has no benchmark yet, then one lever per row: the stems as unfold + matmul
+    # (`--im2col-stem`: vmap's depthwise path was 12% of ResNet-18's device time) for the
+    # basic CNN and ResNet-18, and testing at the ends only (29% of the basic CNN's epoch
+    # is evaluation). Then the strength sweep of generator 0 if it was carried in
+    # (prepare.sh carries it only when asked: CARRY_GEN0=1; `chapters` makes chapter 2-3's
+    # figures from it), the generator's unguided speed where this card has none, the rest
+    # of the CUDA tests, then the grid. No generators are trained: five take 21-26 minutes
+    # and only two can travel (see benchmarks/README.md); `quality` trains generator 0,
+    # `grid` all five.
+    for m in ${BENCH_MODELS:-resnet18 vit_tiny}; do
+      compgen -G "benchmarks/bench-train-$m-none-${card//_/-}-profile.json" > /dev/null || \
+        BENCH_MODELS=$m BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
+        BENCH_CAP=${BENCH_CAP:-180} bench_train
+    done
     GPU_TESTS="tests/test_diffusion.py tests/test_cam.py
-      tests/test_train.py::test_cuda_testing_only_final_and_best_epochs_gives_the_same_records" \
-      cuda_tests 120
+      tests/test_train.py::test_cuda_testing_only_final_and_best_epochs_gives_the_same_records
+      tests/test_train.py::test_cuda_im2col_stems_train_as_the_convolutions_do" \
+      cuda_tests 90
     compgen -G "benchmarks/bench-train-basic_cnn-none-${card//_/-}*.json" > /dev/null || \
       BENCH_MODELS=basic_cnn BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --profile" \
       BENCH_CAP=60 bench_train
-    # What testing every epoch costs (29% of the basic CNN's epoch on the device is
-    # evaluation), with the profile that now times each step's backward too.
+    BENCH_MODELS=basic_cnn \
+      BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --im2col-stem --profile" \
+      BENCH_CAP=50 bench_train
+    BENCH_MODELS=resnet18 \
+      BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --im2col-stem --profile" \
+      BENCH_CAP=150 bench_train
     BENCH_MODELS=basic_cnn \
       BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends --profile" \
       BENCH_CAP=50 bench_train
