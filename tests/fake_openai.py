@@ -15,7 +15,8 @@ URL instead of b64_json); ``timeout`` (answers after ``timeout_sleep`` seconds, 
 the test client's timeout); ``refuse`` (400 content_policy_violation); ``moderation`` (400
 moderation_blocked); ``malformed`` (200 with a body that is not JSON); ``nodata`` (200
 JSON without image data); ``echo_key[:<status>]`` (401, or the status given, echoing the
-Authorization header as the real API echoes part of a wrong key); ``hold`` (blocks until
+Authorization header as the real API echoes part of a wrong key); ``drop`` (reads the
+request, then closes the connection without an answer); ``hold`` (blocks until
 :meth:`release`, never answered: a request cut off by a killed client). ``dall-e-2`` always gets the
 retired-model 404. Every request is recorded in ``requests`` with its arrival time.
 """
@@ -121,6 +122,8 @@ class FakeOpenAI:
                 if action == "hold":
                     server.held.set()
                     server._release.wait(LIFETIME_S)
+                elif action == "drop":  # the client sees the connection close, no answer
+                    self.close_connection = True
                 elif action == "ok":
                     b64 = _answer_b64(png, server.answer_size)
                     self._json(200, {"created": int(time.time()), "data": [{"b64_json": b64}]})

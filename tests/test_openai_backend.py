@@ -150,12 +150,69 @@ def test_answers_that_asking_again_cannot_fix_stop_at_once(server, action, match
     assert len(server.requests) == 1
 
 
-def test_timeouts_are_retried_once_since_each_may_be_billed(server):
-    server.script = ["timeout"] * 5
+@pytest.mark.parametrize("script", [["timeout"] * 5, ["drop"] * 5, ["drop", "timeout"]])
+def test_unanswered_requests_are_retried_once_since_each_may_be_billed(server, script):
+    server.script = list(script)
     b = backend(server)
-    with pytest.raises(APIFailure, match="2 timeouts for one image"):
+    with pytest.raises(APIFailure, match="2 unanswered requests for one image"):
         one(b)
     assert len(server.requests) == 2 and b.requests_billed == 2
+
+
+def test_a_dropped_connection_is_retried_and_counted(server):
+    server.script = ["drop"]
+    b = backend(server)
+    assert one(b).shape == (1, 1, 128, 128)
+    assert [r["action"] for r in server.requests] == ["drop", "ok"]
+    assert b.requests_billed == 2  # the dropped request may have been made and billed
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago and is closed now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_an_unreachable_api_stops_at_once_before_any_answer():
+    b = OpenAIBackend(base_url=closed_port_url(), **{**FAST, "backoff_s": 30.0})
+    with pytest.raises(APIFailure, match=r"cannot reach the OpenAI API at http://127\.0\.0\.1:"
+                                         r"\d+/v1: .*ConnectError.*check the network and base_url"):
+        one(b)  # a 30 s backoff would hang here: it must stop without waiting
+    assert b.requests_billed == 0
+
+
+def test_unreachable_after_an_answer_is_a_blip_retried_with_backoff(server, monkeypatch):
+    import importlib
+
+    import openai
+
+    b = backend(server)
+    one(b)  # the API answered once in this run
+    # the client's own transport (httpx for openai 1.x, httpx2 for 3.x)
+    client_class = next(c for c in type(b._client._client).__mro__
+                        if not c.__module__.startswith("openai"))
+    transport = importlib.import_module(client_class.__module__.split(".")[0])
+    real, fails = b._request, []
+
+    def flaky(image):
+        if not fails:
+            fails.append(1)
+            err = openai.APIConnectionError(request=transport.Request("POST", server.base_url))
+            raise err from transport.ConnectError("connection refused")
+        return real(image)
+
+    monkeypatch.setattr(b, "_request", flaky)
+    assert one(b).shape == (1, 1, 128, 128) and fails == [1]
+    assert b.requests_billed == 2  # nothing was sent by the refused connection
+    server.stop()  # now it stays away: the retries run out, with a message that says where
+    b.cfg["max_attempts"] = 3
+    with pytest.raises(APIFailure, match=r"could not reach http://127\.0\.0\.1:\d+/v1 in 3 "
+                                         r"attempts; finished images are kept"):
+        one(b)
+    assert b.requests_billed == 2
 
 
 def test_variations_announce_every_request_before_the_first(server, capsys):
@@ -307,7 +364,8 @@ def test_key_never_reaches_output_logs_cache_or_errors(server, tmp_path, capsys,
     assert not [s for s in seen if "SECRET123" in s]
 
 
-@pytest.mark.parametrize("script", [["echo_key"], ["echo_key:500"] * 3, ["refuse"], ["quota"]])
+@pytest.mark.parametrize("script", [["echo_key"], ["echo_key:500"] * 3, ["refuse"], ["quota"],
+                                    ["drop"] * 2])
 def test_no_error_keeps_the_request_or_its_answer_within_reach(server, script):
     # A traceback that shows locals (pytest --showlocals, IPython verbose, Sentry) walks
     # the exception chain and every frame: the openai error, with the request's

@@ -66,10 +66,13 @@ DEFAULTS = {
     "upload_size": 1024,          # pixels per side the 128-px source is upscaled to (edit)
     "timeout_s": 180.0,           # per request; GPT Image edits take tens of seconds
     "max_attempts": 6,            # per image, counting the first try
-    # Retries after a timeout: the server may have made (and billed) the image although
-    # no answer arrived, so each one can double what the image costs. One, then the run
-    # stops (finished images are kept; rerunning resumes).
-    "max_timeout_retries": 1,
+    # Retries of a request that went unanswered (timed out, or its connection dropped after
+    # it was sent): the server may have made (and billed) the image although no answer
+    # arrived, so each one can double what the image costs. One, then the run stops
+    # (finished images are kept; rerunning resumes). A connection that never opened sent
+    # nothing: it is retried with backoff once this run has had an answer (a blip), and
+    # stops at once before that (a wrong base_url or no network).
+    "max_unanswered_retries": 1,
     "backoff_s": 2.0,             # first wait after a 5xx/timeout; doubles each attempt
     "backoff_max_s": 60.0,        # cap on one backoff wait
     "max_retry_after_s": 300.0,   # a Retry-After longer than this stops the run instead
@@ -123,6 +126,7 @@ class OpenAIBackend(Backend):
         # Requests in this run that may be billed (answered, or timed out after the server
         # may have done the work): what max_images / max_cost count.
         self.requests_billed = 0
+        self.requests_answered = 0  # answers of any kind: the API was reachable in this run
         self._announced = False
 
     # ------------------------------------------------------------------ description
@@ -201,8 +205,9 @@ class OpenAIBackend(Backend):
                   if self.cfg[k] is not None]
         print(f"openai: {est['images']} request(s) x ${est['usd_per_image']:.3f} = "
               f"${est['usd']:.2f} ({est['note']}); budget for this run: "
-              f"{', '.join(limits) or 'no limit'}; a request that times out may be billed "
-              f"and is retried at most {self.cfg['max_timeout_retries']} time(s)",
+              f"{', '.join(limits) or 'no limit'}; a request left unanswered (timed out or "
+              f"dropped) may be billed and is retried at most "
+              f"{self.cfg['max_unanswered_retries']} time(s)",
               file=sys.stderr, flush=True)
         self._announced = True
         return est
@@ -210,7 +215,7 @@ class OpenAIBackend(Backend):
     def _one(self, image: torch.Tensor) -> torch.Tensor:
         import openai
 
-        malformed = timeouts = 0
+        malformed = unanswered = 0
         for attempt in range(1, self.cfg["max_attempts"] + 1):
             self._check_budget()
             failure = None
@@ -222,17 +227,21 @@ class OpenAIBackend(Backend):
                 # the key; an exception raised in here would keep it as __context__.
                 failure = _Failure.of(err)
             if failure is not None:
-                self.requests_billed += failure.kind == "timeout"
-                timeouts += failure.kind == "timeout"
-                if timeouts > self.cfg["max_timeout_retries"]:
-                    raise APIFailure(f"{timeouts} timeouts for one image (each may have been "
-                                     f"billed); finished images are kept, rerun later to resume")
+                sent = failure.kind in ("timeout", "dropped")  # the server may have worked
+                self.requests_billed += sent
+                self.requests_answered += failure.kind == "status"
+                unanswered += sent
+                if unanswered > self.cfg["max_unanswered_retries"]:
+                    raise APIFailure(f"{unanswered} unanswered requests for one image (timed "
+                                     f"out or dropped; each may have been billed); finished "
+                                     f"images are kept, rerun later to resume")
                 wait = self._wait_before_retry(failure, attempt)
                 log.warning("openai: %s; waiting %.1f s before attempt %d/%d", failure.summary,
                             wait, attempt + 1, self.cfg["max_attempts"])
                 time.sleep(wait)
                 continue
             self.requests_billed += 1
+            self.requests_answered += 1
             try:
                 return _image_from_answer(body)
             except _UrlAnswer as err:
@@ -278,9 +287,10 @@ class OpenAIBackend(Backend):
 
     def _wait_before_retry(self, f: "_Failure", attempt: int) -> float:
         """Seconds to wait before retrying failure ``f``; raises what must not be retried."""
-        if f.kind == "connection":
-            raise APIFailure(f"cannot reach the OpenAI API at "
-                             f"{_public_url(str(self._client.base_url))}: {f.message}")
+        where = _public_url(str(self._client.base_url))
+        if f.kind == "unreachable" and not self.requests_answered:
+            raise APIFailure(f"cannot reach the OpenAI API at {where}: {f.message}; check "
+                             f"the network and base_url (--base-url)")
         if f.kind == "other":
             raise APIFailure(f"the openai client failed: {f.message}")
         if f.status == 429 and f.code == "insufficient_quota":
@@ -290,6 +300,7 @@ class OpenAIBackend(Backend):
             raise self._final_error(f)
         if attempt >= self.cfg["max_attempts"]:
             what = ("still rate limited (429) after" if f.status == 429
+                    else f"could not reach {where} in" if f.kind == "unreachable"
                     else f"{f.summary} on all")
             raise APIFailure(f"{what} {attempt} attempts; finished images are kept, rerun "
                              f"later to resume")
@@ -328,7 +339,9 @@ class OpenAIBackend(Backend):
 class _Failure:
     """What the retry logic needs of an API error, redacted, without the error itself."""
 
-    kind: str                  # "timeout", "status", "connection" or "other"
+    # "timeout", "status", "dropped" (connection lost after the request was sent),
+    # "unreachable" (no connection: nothing sent) or "other"
+    kind: str
     status: int | None         # HTTP status of a "status" failure
     code: str | None           # the error code in the answer's body
     message: str               # redacted
@@ -345,7 +358,12 @@ class _Failure:
             return cls("status", err.status_code, code, message,
                        retry_after_seconds(err.response.headers))
         if isinstance(err, openai.APIConnectionError):
-            return cls("connection", None, None, _redact(str(err)), None)
+            # The transport's error is the cause: ConnectError (no connection, nothing sent)
+            # by name, as openai 1.x raises httpx's and 3.x httpx2's.
+            never_sent = any(c.__name__ == "ConnectError" for c in type(err.__cause__).__mro__)
+            kind = "unreachable" if never_sent else "dropped"
+            cause = f" ({type(err.__cause__).__name__})" if err.__cause__ is not None else ""
+            return cls(kind, None, None, _redact(str(err)) + cause, None)
         return cls("other", None, None, f"{type(err).__name__}: {_redact(str(err))}", None)
 
     @property
