@@ -359,7 +359,7 @@ class _Im2colConv2d(nn.Conv2d):
     one grouped convolution with a single input channel per group, which it runs with its
     native depthwise kernel rather than cuDNN (~2.8 TFLOP/s for ResNet-18's conv1 on an
     H100, its weight gradient slower still). Unfolded, the replicates' convolutions are
-    one batched matmul, and the input gradient that a stem never needs is not computed.
+    one batched matmul.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,7 +372,7 @@ class _Im2colConv2d(nn.Conv2d):
         out = self.weight.flatten(1) @ cols  # [out, k*k] @ [N, k*k, L] -> [N, out, L]
         if self.bias is not None:
             out = out + self.bias[:, None].to(out.dtype)  # as autocast's conv: bf16 out
-        return out.view(n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+        return out.reshape(n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
                         (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
