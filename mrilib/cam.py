@@ -30,7 +30,7 @@ from .data import CLASSES, read_image
 from .models import normalize
 from .stats import DEFAULTS as STATS_DEFAULTS
 from .stats import PRESETS as STATS_PRESETS
-from .stats import bootstrap_median, bootstrap_median_difference
+from .stats import bootstrap_median, bootstrap_median_difference, bootstrap_median_of_pairs
 
 # The Grad-CAM layer of each model in mrilib.models.MODELS, by registry name. One entry
 # per model: the last feature maps that still have a spatial layout.
@@ -507,10 +507,10 @@ def agreement_vs_baseline(real_cams, real_labels, variation_cams, variation_sour
     ``variation_source[k]`` (an index into ``real_cams``); ``real_labels`` are the real
     scans' classes. For each class with variations, the baseline draws as many distinct
     pairs of two different real scans of that class (all pairs where there are fewer).
-    Baseline pairs share scans, and their median is bootstrapped as if they did not: in
-    a simulation its own interval covered too little, while the difference's errors
-    roughly cancelled (3% false positives at a nominal 5%). ``seed`` fixes those draws and the
-    bootstrap; ``n_boot`` and ``level`` default to :mod:`mrilib.stats`'s settings.
+    Baseline pairs share scans, so their median is bootstrapped by scans, not by pairs
+    (:func:`mrilib.stats.bootstrap_median_of_pairs`); real/variation pairs by source scan,
+    then variations within it. ``seed`` fixes those draws and the bootstrap; ``n_boot``
+    and ``level`` default to :mod:`mrilib.stats`'s settings.
     """
     cfg = settings(DEFAULTS, PRESETS, **({} if top_frac is None else {"top_frac": top_frac}))
     boot = settings(STATS_DEFAULTS, STATS_PRESETS, **{k: v for k, v in dict(
@@ -539,36 +539,43 @@ def agreement_vs_baseline(real_cams, real_labels, variation_cams, variation_sour
                            boot["n_boot"], cfg["top_frac"], boot["level"])
 
 
-def _finite(values, groups) -> tuple[np.ndarray, np.ndarray | None]:
-    values = np.asarray(values, dtype=np.float64)
-    keep = np.isfinite(values)
-    return values[keep], None if groups is None else np.asarray(groups)[keep]
+def _finite(pairs: pd.DataFrame) -> pd.DataFrame:
+    return pairs[np.isfinite(pairs["value"].to_numpy(dtype=np.float64))]
 
 
-def _median_row(values, groups, boot: dict, seed: int) -> tuple:
-    x, g = _finite(values, groups)
-    if len(x) == 0:
+def _median_row(variation: pd.DataFrame, boot: dict, seed: int) -> tuple:
+    v = _finite(variation)
+    if len(v) == 0:
         return (0, np.nan, np.nan, np.nan)
-    return (len(x), *bootstrap_median(x, g, boot["n_boot"], boot["level"], seed))
+    return (len(v), *bootstrap_median(v["value"], v["a"], boot["n_boot"], boot["level"], seed))
+
+
+def _baseline_row(baseline: pd.DataFrame, boot: dict, seed: int) -> tuple:
+    b = _finite(baseline)
+    if len(b) == 0:
+        return (0, np.nan, np.nan, np.nan)
+    return (len(b), *bootstrap_median_of_pairs(b["value"], b["a"], b["b"], boot["n_boot"],
+                                               boot["level"], seed))
 
 
 def _difference_row(variation: pd.DataFrame, baseline: pd.DataFrame, boot: dict,
                     seed: int) -> tuple:
-    xa, ga = _finite(variation["value"], variation["a"])
-    xb, _ = _finite(baseline["value"], None)
-    if len(xa) == 0 or len(xb) == 0:
-        return (len(xa), np.nan, np.nan, np.nan)
-    return (len(xa), *bootstrap_median_difference(xa, xb, ga, None, paired=False,
-                                                  n_boot=boot["n_boot"], level=boot["level"],
-                                                  seed=seed))
+    v, b = _finite(variation), _finite(baseline)
+    if len(v) == 0 or len(b) == 0:
+        return (len(v), np.nan, np.nan, np.nan)
+    return (len(v), *bootstrap_median_difference(
+        v["value"], b["value"], v["a"], paired=False, n_boot=boot["n_boot"],
+        level=boot["level"], seed=seed, pairs_b=(b["a"].to_numpy(), b["b"].to_numpy())))
 
 
 def _summary(pairs: pd.DataFrame, classes: list[str], boot: dict, seed: int) -> pd.DataFrame:
     """n, median and bootstrap interval per class, metric and kind, and their difference.
 
     Variations of one real scan share it, so the real/variation medians resample real
-    scans first, then variations within them (:func:`mrilib.stats.bootstrap_median`).
-    Undefined values (NaN) are left out and not counted in n.
+    scans first, then variations within them (:func:`mrilib.stats.bootstrap_median`);
+    real/real pairs share scans too, and their medians resample the scans
+    (:func:`mrilib.stats.bootstrap_median_of_pairs`). Undefined values (NaN) are left out
+    and not counted in n.
     """
     rows = []
     for (cls, metric), cell in pairs.groupby(["class", "metric"], sort=False):
@@ -577,10 +584,8 @@ def _summary(pairs: pd.DataFrame, classes: list[str], boot: dict, seed: int) -> 
         # A seed per (class, metric, kind): one cell's interval does not change when
         # another class is added or left out.
         key = (seed, classes.index(cls), METRICS.index(metric))
-        rows += [(cls, metric, "real/variation",
-                  *_median_row(variation["value"], variation["a"], boot, _seed(*key, 0))),
-                 (cls, metric, "real/real",
-                  *_median_row(baseline["value"], None, boot, _seed(*key, 1))),
+        rows += [(cls, metric, "real/variation", *_median_row(variation, boot, _seed(*key, 0))),
+                 (cls, metric, "real/real", *_baseline_row(baseline, boot, _seed(*key, 1))),
                  (cls, metric, "difference",
                   *_difference_row(variation, baseline, boot, _seed(*key, 2)))]
     return pd.DataFrame(rows, columns=["class", "metric", "kind", "n", "median", "low", "high"])

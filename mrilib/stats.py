@@ -155,6 +155,50 @@ def _medians_at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(med) & both, 0.0, med)
 
 
+def _pair_medians(values: np.ndarray, first, second, n_boot: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """[n_boot] medians of values of pairs of units, resampling the units (NaN: no pair drawn).
+
+    Written by hand, as no bootstrap in scipy or elsewhere handles crossed data: each
+    replicate draws the units (scans) with replacement, and a pair (i, j) then counts
+    w_i * w_j times, w being how often each unit was drawn (the pigeonhole bootstrap,
+    Owen 2007). Pairs that share a unit share its draws, so the interval widens as it
+    should; resampling the pairs themselves treats them as independent and is too narrow.
+    """
+    first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
+    units, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
+    counts = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot)
+    weights = counts[:, inverse[:first.size]] * counts[:, inverse[first.size:]]
+    return _weighted_medians(values, weights)
+
+
+def _weighted_medians(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row of integer ``weights``, the median of ``values`` repeated that many times."""
+    order = np.argsort(values, kind="stable")
+    v, c = values[order], np.cumsum(weights[:, order], axis=1)
+    total = c[:, -1]
+    # 1-based positions ceil(T/2) and floor(T/2)+1: the middle one or the middle two
+    lo = np.argmax(c >= ((total + 1) // 2)[:, None], axis=1)
+    hi = np.argmax(c >= (total // 2 + 1)[:, None], axis=1)
+    return np.where(total > 0, (v[lo] + v[hi]) / 2, np.nan)
+
+
+def bootstrap_median_of_pairs(values, first, second, n_boot: int | None = None,
+                              level: float | None = None, seed: int | None = None) -> Interval:
+    """The median of values measured on pairs of units (``first[k]``, ``second[k]``).
+
+    Such as an agreement between two scans, where one scan is in several pairs: the
+    bootstrap resamples the units, not the pairs (:func:`_pair_medians`).
+    """
+    cfg = settings(DEFAULTS, PRESETS, **_given(n_boot=n_boot, level=level, seed=seed))
+    x, _ = _clean(values, None, "bootstrap_median_of_pairs")
+    if np.size(first) != x.size or np.size(second) != x.size:
+        raise ValueError(f"bootstrap_median_of_pairs: {np.size(first)} and {np.size(second)} "
+                         f"unit ids for {x.size} values; give both units of every pair")
+    boot = _pair_medians(x, first, second, cfg["n_boot"], np.random.default_rng(cfg["seed"]))
+    return Interval(float(np.median(x)), *_bounds(boot[~np.isnan(boot)], cfg["level"]))
+
+
 def _clean(values, groups, name: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
@@ -200,11 +244,13 @@ def bootstrap_median(values, groups=None, n_boot: int | None = None, level: floa
 
 def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool = False,
                                 n_boot: int | None = None, level: float | None = None,
-                                seed: int | None = None) -> Interval:
+                                seed: int | None = None, pairs_b=None) -> Interval:
     """How much ``a`` exceeds ``b``, with its percentile-bootstrap interval.
 
     Unpaired: median(a) - median(b), each side resampled on its own (hierarchically
-    where groups are given). ``paired=True`` means ``a[i]`` and ``b[i]`` share their real
+    where groups are given; ``pairs_b=(first, second)`` when each ``b`` is measured on a
+    pair of units, resampled by units as in :func:`bootstrap_median_of_pairs`, instead
+    of ``groups_b``). ``paired=True`` means ``a[i]`` and ``b[i]`` share their real
     sample (cluster ``groups_a[i]``): the estimate is then the median of the
     differences a[i] - b[i], resampled by pairs, so that what the pair shares cancels.
     Two equal infinities (both runs diverged) differ by 0.
@@ -220,8 +266,17 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
         boot = _medians_at(d, _resampled_index(ga, cfg["n_boot"], rng))
         whole = _medians_at(d, np.arange(d.size)[None])[0]
         return Interval(float(whole), *_bounds(boot, cfg["level"]))
-    boot = _minus(_medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng)),
-                  _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng)))
+    boot_a = _medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng))
+    if pairs_b is None:
+        boot_b = _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng))
+    else:
+        first, second = pairs_b
+        if np.size(first) != xb.size or np.size(second) != xb.size:
+            raise ValueError(f"pairs_b: {np.size(first)} and {np.size(second)} unit ids for "
+                             f"{xb.size} values of b; give both units of every pair")
+        boot_b = _pair_medians(xb, first, second, cfg["n_boot"], rng)
+        boot_a, boot_b = boot_a[~np.isnan(boot_b)], boot_b[~np.isnan(boot_b)]  # no pair drawn
+    boot = _minus(boot_a, boot_b)
     return Interval(float(_minus(np.median(xa), np.median(xb))), *_bounds(boot, cfg["level"]))
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from mrilib import stats
+from mrilib.stats import bootstrap_median, bootstrap_median_difference
 
 # A hand-checked 3-class confusion matrix (rows true, columns predicted).
 #   class 0: tp 5, support 7, predicted 6 -> P 5/6, R 5/7, F1 = 10/13
@@ -288,3 +289,62 @@ def test_class_names_that_disagree_or_are_missing_are_refused_by_column():
     with pytest.raises(ValueError, match="column 'classes' has no class list"):
         stats.split_support(runs)
     assert len(stats.with_confusion_metrics(runs, classes=list("abcd")))  # names given: fine
+
+
+# ----------------------------------------------------------------------------- pairs of units
+
+def test_weighted_median_is_the_median_of_the_repeated_values():
+    from mrilib.stats import _weighted_medians
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=9)
+    weights = rng.integers(0, 4, size=(200, 9))
+    weights[0] = 0  # nothing drawn: NaN
+    got = _weighted_medians(values, weights)
+    assert np.isnan(got[0])
+    want = [np.median(np.repeat(values, w)) for w in weights[1:]]
+    np.testing.assert_allclose(got[1:], want)
+
+
+def crossed_pairs(seed: int, units: int = 30, pairs: int = 60):
+    """Pair values u_i + u_j + noise: pairs sharing a unit share its effect."""
+    rng = np.random.default_rng(seed)
+    effect = rng.normal(size=units)
+    first, second = np.triu_indices(units, k=1)
+    keep = rng.choice(len(first), size=pairs, replace=False)
+    first, second = first[keep], second[keep]
+    return effect[first] + effect[second] + 0.3 * rng.normal(size=pairs), first, second
+
+
+def test_pairs_sharing_units_widen_the_interval_and_cover_the_truth():
+    from mrilib.stats import bootstrap_median_of_pairs
+
+    # The truth is 0 (units' effects and noise are centred and symmetric). Resampling the
+    # pairs as if independent covers it far less often than resampling the units.
+    hits = {"units": 0, "pairs": 0}
+    widths = {"units": [], "pairs": []}
+    for sim in range(60):
+        values, first, second = crossed_pairs(sim)
+        for how, iv in (("units", bootstrap_median_of_pairs(values, first, second, n_boot=400,
+                                                            seed=sim)),
+                        ("pairs", bootstrap_median(values, n_boot=400, seed=sim))):
+            hits[how] += iv.low <= 0 <= iv.high
+            widths[how].append(iv.high - iv.low)
+    assert np.median(widths["units"]) > 1.4 * np.median(widths["pairs"])
+    assert hits["units"] >= 0.85 * 60 and hits["pairs"] <= 0.8 * 60
+
+
+def test_difference_against_pairs_resamples_their_units():
+    from mrilib.stats import bootstrap_median_of_pairs
+
+    values, first, second = crossed_pairs(1)
+    other = np.random.default_rng(5).normal(size=40) + 1.0
+    by_units = bootstrap_median_difference(other, values, n_boot=500, seed=3,
+                                           pairs_b=(first, second))
+    naive = bootstrap_median_difference(other, values, n_boot=500, seed=3)
+    assert by_units.estimate == pytest.approx(np.median(other) - np.median(values))
+    assert by_units.high - by_units.low > naive.high - naive.low
+    with pytest.raises(ValueError, match="pairs_b: 3 and 60 unit ids for 60 values of b"):
+        bootstrap_median_difference(other, values, pairs_b=(first[:3], second))
+    with pytest.raises(ValueError, match="2 and 60 unit ids for 60 values"):
+        bootstrap_median_of_pairs(values, first[:2], second)
