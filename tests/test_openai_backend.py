@@ -176,25 +176,48 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def test_an_unreachable_api_stops_at_once_before_any_answer():
-    b = OpenAIBackend(base_url=closed_port_url(), **{**FAST, "backoff_s": 30.0})
-    with pytest.raises(APIFailure, match=r"cannot reach the OpenAI API at http://127\.0\.0\.1:"
-                                         r"\d+/v1: .*ConnectError.*check the network and base_url"):
-        one(b)  # a 30 s backoff would hang here: it must stop without waiting
-    assert b.requests_billed == 0
+def transport_of(b: OpenAIBackend):
+    """The openai client's HTTP library (httpx for openai 1.x, httpx2 for 3.x)."""
+    import importlib
+
+    client_class = next(c for c in type(b._client._client).__mro__
+                        if not c.__module__.startswith("openai"))
+    return importlib.import_module(client_class.__module__.split(".")[0])
+
+
+def no_waiting(*args):
+    raise AssertionError("waited before stopping")
+
+
+@pytest.mark.parametrize("url, cause", [
+    (None, "ConnectError"),              # nothing listens on the port
+    ("127.0.0.1:9/v1", "UnsupportedProtocol"),  # no scheme: a URL the client cannot use
+    ("timeout", "ConnectTimeout"),       # the connection was not made in time
+])
+def test_an_unreachable_api_stops_at_once_before_any_answer(monkeypatch, url, cause):
+    import openai
+
+    b = OpenAIBackend(base_url=closed_port_url() if url in (None, "timeout") else url, **FAST)
+    if url == "timeout":
+        transport = transport_of(b)
+
+        def slow_connect(image):
+            err = openai.APITimeoutError(request=transport.Request("POST", "http://x"))
+            raise err from transport.ConnectTimeout("timed out")
+        monkeypatch.setattr(b, "_request", slow_connect)
+    monkeypatch.setattr("time.sleep", no_waiting)  # a backoff would fail here
+    with pytest.raises(APIFailure, match=rf"cannot reach the OpenAI API at .*: .*{cause}.*"
+                                         r"check the network and base_url"):
+        one(b)
+    assert b.requests_billed == 0  # nothing was sent
 
 
 def test_unreachable_after_an_answer_is_a_blip_retried_with_backoff(server, monkeypatch):
-    import importlib
-
     import openai
 
     b = backend(server)
     one(b)  # the API answered once in this run
-    # the client's own transport (httpx for openai 1.x, httpx2 for 3.x)
-    client_class = next(c for c in type(b._client._client).__mro__
-                        if not c.__module__.startswith("openai"))
-    transport = importlib.import_module(client_class.__module__.split(".")[0])
+    transport = transport_of(b)
     real, fails = b._request, []
 
     def flaky(image):
@@ -378,3 +401,22 @@ def test_no_error_keeps_the_request_or_its_answer_within_reach(server, script):
     shown = "".join(traceback.TracebackException.from_exception(
         err, capture_locals=True).format())
     assert "SECRET123" not in shown and "Bearer" not in shown
+
+
+def test_an_error_answer_shows_the_api_is_reachable(server, monkeypatch):
+    import openai
+
+    server.script = ["500"]  # answered, with an error: the API is there
+    b = backend(server)
+    transport, real, calls = transport_of(b), b._request, []
+
+    def refused_once_after_the_answer(image):
+        calls.append(1)
+        if len(calls) == 2:
+            err = openai.APIConnectionError(request=transport.Request("POST", server.base_url))
+            raise err from transport.ConnectError("connection refused")
+        return real(image)
+
+    monkeypatch.setattr(b, "_request", refused_once_after_the_answer)
+    assert one(b).shape == (1, 1, 128, 128) and len(calls) == 3
+    assert [r["action"] for r in server.requests] == ["500", "ok"]

@@ -73,7 +73,8 @@ DEFAULTS = {
     # nothing: it is retried with backoff once this run has had an answer (a blip), and
     # stops at once before that (a wrong base_url or no network).
     "max_unanswered_retries": 1,
-    "backoff_s": 2.0,             # first wait after a 5xx/timeout; doubles each attempt
+    "backoff_s": 2.0,             # first wait before a retry (5xx, 429 without Retry-After,
+                                  # unanswered, unreachable); doubles each attempt
     "backoff_max_s": 60.0,        # cap on one backoff wait
     "max_retry_after_s": 300.0,   # a Retry-After longer than this stops the run instead
     "malformed_retries": 2,       # extra tries after an answer we cannot read
@@ -123,8 +124,8 @@ class OpenAIBackend(Backend):
         self._check_cfg()
         self._client = openai.OpenAI(api_key=api_key_from_env(), base_url=base_url,
                                      max_retries=0, timeout=self.cfg["timeout_s"])
-        # Requests in this run that may be billed (answered, or timed out after the server
-        # may have done the work): what max_images / max_cost count.
+        # Requests in this run that may be billed (answered, or sent and left unanswered:
+        # timed out or dropped): what max_images / max_cost count.
         self.requests_billed = 0
         self.requests_answered = 0  # answers of any kind: the API was reachable in this run
         self._announced = False
@@ -351,24 +352,34 @@ class _Failure:
     def of(cls, err) -> "_Failure":
         import openai
 
-        if isinstance(err, openai.APITimeoutError):
-            return cls("timeout", None, None, "the request timed out", None)
         if isinstance(err, openai.APIStatusError):
             code, message = _error_fields(err)
             return cls("status", err.status_code, code, message,
                        retry_after_seconds(err.response.headers))
-        if isinstance(err, openai.APIConnectionError):
-            # The transport's error is the cause: ConnectError (no connection, nothing sent)
-            # by name, as openai 1.x raises httpx's and 3.x httpx2's.
-            never_sent = any(c.__name__ == "ConnectError" for c in type(err.__cause__).__mro__)
-            kind = "unreachable" if never_sent else "dropped"
+        if isinstance(err, openai.APIConnectionError):  # timeouts included
             cause = f" ({type(err.__cause__).__name__})" if err.__cause__ is not None else ""
-            return cls(kind, None, None, _redact(str(err)) + cause, None)
+            if _never_sent(err):
+                return cls("unreachable", None, None, _redact(str(err)) + cause, None)
+            if isinstance(err, openai.APITimeoutError):
+                return cls("timeout", None, None, "the request timed out", None)
+            return cls("dropped", None, None, _redact(str(err)) + cause, None)
         return cls("other", None, None, f"{type(err).__name__}: {_redact(str(err))}", None)
 
     @property
     def summary(self) -> str:
         return f"HTTP {self.status}" if self.status else f"the request ({self.kind})"
+
+
+# The transport's errors that mean nothing reached the API: no connection (refused, or
+# not made in time), no free connection in the pool, a URL it cannot use, a refusing
+# proxy. By name: openai 1.x raises httpx's, 3.x httpx2's.
+NEVER_SENT = {"ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol",
+              "ProxyError"}
+
+
+def _never_sent(err) -> bool:
+    """True when the openai error's cause says the request never left this machine."""
+    return any(c.__name__ in NEVER_SENT for c in type(err.__cause__).__mro__)
 
 
 class _UrlAnswer(ValueError):
