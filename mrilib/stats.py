@@ -155,21 +155,46 @@ def _medians_at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(med) & both, 0.0, med)
 
 
+def _unit_draws(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, U] how often each of the U units is drawn when U are drawn with replacement."""
+    return rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot)
+
+
+def _pair_weights(draws: np.ndarray, units: np.ndarray, first, second) -> np.ndarray:
+    """[n_boot, pairs] w_i * w_j: each pair counts once per way of drawing both its units.
+
+    This resamples the units of pairs drawn from one set (a vertex bootstrap; Owen 2007
+    treats the crossed case of two sets). Written by hand, as no bootstrap in scipy or
+    elsewhere handles data on pairs: pairs that share a unit share its draws, so the
+    interval widens as it should, where resampling the pairs themselves treats them as
+    independent and is too narrow (tests/test_stats.py simulates both).
+    """
+    position = {u: k for k, u in enumerate(units.tolist())}
+    fa = np.array([position[u] for u in np.asarray(first).ravel().tolist()], dtype=np.int64)
+    fb = np.array([position[u] for u in np.asarray(second).ravel().tolist()], dtype=np.int64)
+    return draws[:, fa] * draws[:, fb]
+
+
 def _pair_medians(values: np.ndarray, first, second, n_boot: int,
                   rng: np.random.Generator) -> np.ndarray:
-    """[n_boot] medians of values of pairs of units, resampling the units (NaN: no pair drawn).
+    """[n_boot] medians of values of pairs of units, resampling the units (NaN: no pair drawn)."""
+    units = np.unique(np.concatenate([np.asarray(first).ravel(), np.asarray(second).ravel()]))
+    return _weighted_medians(values, _pair_weights(_unit_draws(units, n_boot, rng), units,
+                                                   first, second))
 
-    Written by hand, as no bootstrap in scipy or elsewhere handles crossed data: each
-    replicate draws the units (scans) with replacement, and a pair (i, j) then counts
-    w_i * w_j times, w being how often each unit was drawn (the pigeonhole bootstrap,
-    Owen 2007). Pairs that share a unit share its draws, so the interval widens as it
-    should; resampling the pairs themselves treats them as independent and is too narrow.
-    """
-    first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
-    units, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
-    counts = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n_boot)
-    weights = counts[:, inverse[:first.size]] * counts[:, inverse[first.size:]]
-    return _weighted_medians(values, weights)
+
+def _cluster_weights(draws: np.ndarray, units: np.ndarray, groups: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, n] weights of values clustered by unit: a unit drawn w times contributes
+    w * (its size) draws among its own values, as w independent resamples of them would."""
+    position = {u: k for k, u in enumerate(units.tolist())}
+    weights = np.zeros((draws.shape[0], groups.size), dtype=np.int64)
+    for unit in np.unique(groups).tolist():
+        members = np.flatnonzero(groups == unit)
+        w = draws[:, position[unit]]
+        weights[:, members] = rng.multinomial(w * members.size,
+                                              np.full(members.size, 1 / members.size))
+    return weights
 
 
 def _weighted_medians(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -192,11 +217,18 @@ def bootstrap_median_of_pairs(values, first, second, n_boot: int | None = None,
     """
     cfg = settings(DEFAULTS, PRESETS, **_given(n_boot=n_boot, level=level, seed=seed))
     x, _ = _clean(values, None, "bootstrap_median_of_pairs")
+    _finite_for_pairs(x, "bootstrap_median_of_pairs")
     if np.size(first) != x.size or np.size(second) != x.size:
         raise ValueError(f"bootstrap_median_of_pairs: {np.size(first)} and {np.size(second)} "
                          f"unit ids for {x.size} values; give both units of every pair")
     boot = _pair_medians(x, first, second, cfg["n_boot"], np.random.default_rng(cfg["seed"]))
     return Interval(float(np.median(x)), *_bounds(boot[~np.isnan(boot)], cfg["level"]))
+
+
+def _finite_for_pairs(x: np.ndarray, name: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: values of pairs must be finite; {int((~np.isfinite(x)).sum())}"
+                         f" are not (drop them first)")
 
 
 def _clean(values, groups, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -248,9 +280,11 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
     """How much ``a`` exceeds ``b``, with its percentile-bootstrap interval.
 
     Unpaired: median(a) - median(b), each side resampled on its own (hierarchically
-    where groups are given; ``pairs_b=(first, second)`` when each ``b`` is measured on a
-    pair of units, resampled by units as in :func:`bootstrap_median_of_pairs`, instead
-    of ``groups_b``). ``paired=True`` means ``a[i]`` and ``b[i]`` share their real
+    where groups are given). ``pairs_b=(first, second)``: each ``b`` is measured on a pair
+    of units and ``groups_a`` names units of the same set (such as Grad-CAM agreements of
+    scan pairs against variations clustered by their source scan): the units are then
+    drawn once per replicate for both sides, since sides that share units co-vary; ``a``'s
+    values are resampled within their units as above. ``paired=True`` means ``a[i]`` and ``b[i]`` share their real
     sample (cluster ``groups_a[i]``): the estimate is then the median of the
     differences a[i] - b[i], resampled by pairs, so that what the pair shares cancels.
     Two equal infinities (both runs diverged) differ by 0.
@@ -259,6 +293,8 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
     xa, ga = _clean(a, groups_a, "bootstrap_median_difference (a)")
     xb, gb = _clean(b, groups_b, "bootstrap_median_difference (b)")
     rng = np.random.default_rng(cfg["seed"])
+    if paired and pairs_b is not None:
+        raise ValueError("pairs_b describes unpaired sides; drop paired=True or pairs_b")
     if paired:
         if xa.size != xb.size:
             raise ValueError(f"paired comparison needs one b per a; got {xa.size} and {xb.size}")
@@ -266,18 +302,30 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
         boot = _medians_at(d, _resampled_index(ga, cfg["n_boot"], rng))
         whole = _medians_at(d, np.arange(d.size)[None])[0]
         return Interval(float(whole), *_bounds(boot, cfg["level"]))
-    boot_a = _medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng))
     if pairs_b is None:
-        boot_b = _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng))
+        boot = _minus(_medians_at(xa, _resampled_index(ga, cfg["n_boot"], rng)),
+                      _medians_at(xb, _resampled_index(gb, cfg["n_boot"], rng)))
     else:
-        first, second = pairs_b
-        if np.size(first) != xb.size or np.size(second) != xb.size:
-            raise ValueError(f"pairs_b: {np.size(first)} and {np.size(second)} unit ids for "
-                             f"{xb.size} values of b; give both units of every pair")
-        boot_b = _pair_medians(xb, first, second, cfg["n_boot"], rng)
-        boot_a, boot_b = boot_a[~np.isnan(boot_b)], boot_b[~np.isnan(boot_b)]  # no pair drawn
-    boot = _minus(boot_a, boot_b)
+        boot = _shared_unit_differences(xa, ga, xb, pairs_b, groups_b, cfg["n_boot"], rng)
     return Interval(float(_minus(np.median(xa), np.median(xb))), *_bounds(boot, cfg["level"]))
+
+
+def _shared_unit_differences(xa, ga, xb, pairs_b, groups_b, n_boot: int,
+                              rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap differences of medians where a is clustered by units and b is on pairs."""
+    if groups_b is not None:
+        raise ValueError("pairs_b gives b's units; drop groups_b")
+    first, second = (np.asarray(u).ravel() for u in pairs_b)
+    if first.size != xb.size or second.size != xb.size:
+        raise ValueError(f"pairs_b: {first.size} and {second.size} unit ids for "
+                         f"{xb.size} values of b; give both units of every pair")
+    _finite_for_pairs(np.concatenate([xa, xb]), "bootstrap_median_difference with pairs_b")
+    units = np.unique(np.concatenate([ga, first, second]))
+    draws = _unit_draws(units, n_boot, rng)
+    boot_a = _weighted_medians(xa, _cluster_weights(draws, units, ga, rng))
+    boot_b = _weighted_medians(xb, _pair_weights(draws, units, first, second))
+    keep = ~(np.isnan(boot_a) | np.isnan(boot_b))  # a replicate that drew no unit of a side
+    return boot_a[keep] - boot_b[keep]
 
 
 def _minus(x, y):

@@ -348,3 +348,44 @@ def test_difference_against_pairs_resamples_their_units():
         bootstrap_median_difference(other, values, pairs_b=(first[:3], second))
     with pytest.raises(ValueError, match="2 and 60 unit ids for 60 values"):
         bootstrap_median_of_pairs(values, first[:2], second)
+
+
+def shared_scans(seed: int, scans: int = 30, per_scan: int = 2, pairs: int = 60):
+    """Variations of each scan and pairs of scans, both carrying their scans' effects."""
+    rng = np.random.default_rng(seed)
+    effect = rng.normal(size=scans)
+    source = np.repeat(np.arange(scans), per_scan)
+    a = effect[source] + 0.2 * rng.normal(size=source.size)
+    first, second = np.triu_indices(scans, k=1)
+    keep = rng.choice(len(first), size=pairs, replace=False)
+    first, second = first[keep], second[keep]
+    b = (effect[first] + effect[second]) / 2 + 0.2 * rng.normal(size=pairs)
+    return a, source, b, first, second
+
+
+def test_sides_that_share_scans_are_resampled_together():
+    # Both medians move with the sample of scans, so their difference moves less than
+    # either: one draw of the scans for both sides gives a narrower interval than
+    # drawing them apart (the same pairs under other names), and still covers the truth (0).
+    joint, apart, hits = [], [], 0
+    for sim in range(40):
+        a, source, b, first, second = shared_scans(sim)
+        iv = bootstrap_median_difference(a, b, source, n_boot=400, seed=sim,
+                                         pairs_b=(first, second))
+        far = bootstrap_median_difference(a, b, source, n_boot=400, seed=sim,
+                                          pairs_b=(first + 1000, second + 1000))
+        joint.append(iv.high - iv.low)
+        apart.append(far.high - far.low)
+        hits += iv.low <= 0 <= iv.high
+    assert np.median(joint) < 0.8 * np.median(apart)
+    assert hits >= 0.85 * 40
+
+
+def test_pairs_b_refuses_what_it_would_ignore():
+    a, source, b, first, second = shared_scans(0)
+    with pytest.raises(ValueError, match="drop paired=True or pairs_b"):
+        bootstrap_median_difference(a[:60], b, paired=True, pairs_b=(first, second))
+    with pytest.raises(ValueError, match="drop groups_b"):
+        bootstrap_median_difference(a, b, source, groups_b=first, pairs_b=(first, second))
+    with pytest.raises(ValueError, match="values of pairs must be finite; 1 are not"):
+        bootstrap_median_difference(a, np.r_[b[:-1], np.inf], source, pairs_b=(first, second))
