@@ -32,8 +32,7 @@ _LAZY = {
             "read_scan"],
     "experiment": ["grid_cells", "run_grid", "grid_status", "load_results", "chapter_results"],
     "stats": ["bootstrap_median", "bootstrap_median_difference", "bootstrap_median_of_pairs",
-              "cell_summary",
-              "compare_cells", "synthetic_effects", "split_support"],
+              "cell_summary", "compare_cells", "synthetic_effects", "split_support"],
 }
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 

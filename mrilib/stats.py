@@ -284,9 +284,10 @@ def bootstrap_median_difference(a, b, groups_a=None, groups_b=None, paired: bool
     of units and ``groups_a`` names units of the same set (such as Grad-CAM agreements of
     scan pairs against variations clustered by their source scan): the units are then
     drawn once per replicate for both sides, since sides that share units co-vary; ``a``'s
-    values are resampled within their units as above. ``paired=True`` means ``a[i]`` and ``b[i]`` share their real
-    sample (cluster ``groups_a[i]``): the estimate is then the median of the
-    differences a[i] - b[i], resampled by pairs, so that what the pair shares cancels.
+    values are resampled within their units as above. ``paired=True`` means ``a[i]`` and
+    ``b[i]`` share their real sample (cluster ``groups_a[i]``): the estimate is then the
+    median of the differences a[i] - b[i], resampled by pairs, so that what the pair
+    shares cancels.
     Two equal infinities (both runs diverged) differ by 0.
     """
     cfg = settings(DEFAULTS, PRESETS, **_given(n_boot=n_boot, level=level, seed=seed))
