@@ -206,8 +206,9 @@ case "$stage" in
     # and the stems' (passed on the H100 but for the stems'), the basic CNN where this
     # card has no benchmark yet, then one lever per row: the stems as unfold + matmul
     # (`--im2col-stem`: vmap's depthwise path was 12% of ResNet-18's device time) for the
-    # basic CNN and ResNet-18, and testing at the ends only (29% of the basic CNN's epoch
-    # is evaluation). Then the strength sweep of generator 0 if it was carried in
+    # basic CNN and ResNet-18, testing at the ends only (29% of the basic CNN's epoch is
+    # evaluation), and ViT-Tiny with 60 replicates at once (host-bound at 20, device busy
+    # 42%: whether training the grid's cells of equal size together would pay). Then the strength sweep of generator 0 if it was carried in
     # (prepare.sh carries it only when asked: CARRY_GEN0=1; `chapters` makes chapter 2-3's
     # figures from it), the generator's unguided speed where this card has none, the rest
     # of the CUDA tests, then the grid. No generators are trained: five take 21-26 minutes
@@ -235,6 +236,8 @@ case "$stage" in
     BENCH_MODELS=basic_cnn \
       BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --test-at-ends --profile" \
       BENCH_CAP=50 bench_train
+    BENCH_MODELS=vit_tiny BENCH_ARGS="--naive-replicates 1 --serial-replicates 1 --replicates 60" \
+      BENCH_CAP=180 bench_train
     # With generator 0 carried in (CARRY_GEN0=1): class fidelity, distance from the source
     # and background at five strengths over its whole sample, unguided (#4: the default
     # strength 0.6 kept NonDemented but lost most ModerateDemented variations), about 90 s.
