@@ -33,6 +33,8 @@ DEFAULTS = {
     "replicates": 20,          # (c): one thesis cell, all at once
     "naive_replicates": 3,     # (a): seconds each even on a GPU; 3 give a stable mean
     "serial_replicates": 3,    # (b): one at a time, same reason
+    # 0 leaves (a) or (b) untimed: a lever's row on a lent GPU, read against the default
+    # row of the same card, need not spend its minutes on them again.
     "naive_workers": 2,        # DataLoader workers: the value Kaggle/Colab notebooks use most
     "seed": 0,                 # replicate k uses seed+k in every approach
 }
@@ -240,7 +242,8 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
             "table": averages.table(sort_by=sort, row_limit=top, max_name_column_width=60)}
 
 
-def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, workers):
+def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, workers,
+             naive: bool = True):
     """One short pass of every code path, so first-call costs stay out of the timings."""
     from .train import train_replicates
 
@@ -248,8 +251,9 @@ def _warm_up(model, aug, data, index, val, test, device, overrides, root, cfg, w
     train_replicates(model, data.images, data.labels, small, (val[0][:64], val[1][:64]),
                      (test[0][:64], test[1][:64]), list(range(len(small))), aug=aug,
                      device=device, **{**overrides, "epochs": 1})
-    naive_replicate(root, model, aug, 0, {**cfg, "real_frac": min(cfg["real_frac"], 0.02)},
-                    data.images.shape[-1], device, workers, epochs=1, evaluate=False)
+    if naive:
+        naive_replicate(root, model, aug, 0, {**cfg, "real_frac": min(cfg["real_frac"], 0.02)},
+                        data.images.shape[-1], device, workers, epochs=1, evaluate=False)
 
 
 def bench_train(model: str, aug: str = "none", source=None, device=None, size: int = 128,
@@ -271,6 +275,9 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
         raise ValueError("bench sets max_parallel itself (1 for serial, all replicates for "
                          "parallel); lower --replicates instead if memory is short")
     cfg = settings(DEFAULTS, PRESETS, **bench_keys)
+    for key, least in (("replicates", 1), ("naive_replicates", 0), ("serial_replicates", 0)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]!r}; give a whole number of at least {least}")
     unknown = set(overrides) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; bench takes "
@@ -291,7 +298,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     val = (data.images[split.val], data.labels[split.val])
     test = (data.images[split.test], data.labels[split.test])
     naive_cfg = {**train_cfg, "real_frac": cfg["real_frac"]}
-    _warm_up(model, aug, data, index, val, test, device, overrides, root, naive_cfg, workers)
+    _warm_up(model, aug, data, index, val, test, device, overrides, root, naive_cfg, workers,
+             naive=cfg["naive_replicates"] > 0)
 
     # -- (a) the notebook loop, a few replicates
     naive = [naive_replicate(root, model, aug, cfg["seed"] + k, naive_cfg, size, device, workers)
@@ -299,7 +307,7 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     # -- (b) mrilib one replicate at a time, (c) all replicates in one vmap group
     k_s, k_p = cfg["serial_replicates"], cfg["replicates"]
     serial_s, serial = _mrilib_timed(model, aug, data, index[:k_s], val, test, seeds[:k_s],
-                                     device, 1, overrides)
+                                     device, 1, overrides) if k_s else (None, [])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     parallel_s, parallel = _mrilib_timed(model, aug, data, index[:k_p], val, test, seeds[:k_p],
@@ -315,8 +323,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     n_eval = len(split.val) + len(split.test) * tested / epochs  # per epoch, on average
     work = k_p * epochs * (n_train * flops["train"] + n_eval * flops["forward"])
     steps = epochs * math.ceil(n_train / train_cfg["batch_size"])
-    per = {"naive": sum(r["seconds"] for r in naive) / len(naive),
-           "serial": serial_s / k_s, "parallel": parallel_s / k_p}
+    per = {"naive": sum(r["seconds"] for r in naive) / len(naive) if naive else None,
+           "serial": serial_s / k_s if k_s else None, "parallel": parallel_s / k_p}
     result = {
         "model": model, "aug": aug, "init": parallel[0]["init"],
         "device": parallel[0]["device"], "torch": str(torch.__version__),
@@ -331,18 +339,19 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                      "im2col_stem_mrilib": train_cfg["im2col_stem"]},
         "load_seconds": load_seconds,
         "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
-                  "n_train": naive[0]["n_train"],
-                  "median_final_val_acc": statistics.median(r["val_acc"] for r in naive)},
+                  "n_train": naive[0]["n_train"] if naive else None,
+                  "median_final_val_acc": statistics.median(r["val_acc"] for r in naive)
+                  if naive else None},
         "serial": {"replicates": k_s, "seconds_per_replicate": per["serial"],
-                   "median_final_val_acc": _median_val_acc(serial)},
+                   "median_final_val_acc": _median_val_acc(serial) if serial else None},
         "parallel": {"replicates": k_p, "seconds_per_replicate": per["parallel"],
                      "median_final_val_acc": _median_val_acc(parallel),
                      "ms_per_step": 1000 * parallel_s / steps,
                      "achieved_tflops": work / parallel_s / 1e12,
                      "peak_memory_gib": None if peak is None else peak / 2 ** 30},
-        "speedup": {"serial_vs_naive": per["naive"] / per["serial"],
-                    "parallel_vs_naive": per["naive"] / per["parallel"],
-                    "parallel_vs_serial": per["serial"] / per["parallel"]},
+        "speedup": {"serial_vs_naive": _ratio(per["naive"], per["serial"]),
+                    "parallel_vs_naive": _ratio(per["naive"], per["parallel"]),
+                    "parallel_vs_serial": _ratio(per["serial"], per["parallel"])},
         "gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
     }
     if on_timed is not None:
@@ -354,6 +363,10 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
         except Exception as err:  # noqa: BLE001 - the timings above must not be lost to it
             result["profile"] = {"error": f"{type(err).__name__}: {err}"}
     return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
 
 
 def _median_val_acc(records: list[dict]) -> float:
@@ -388,9 +401,13 @@ def report(result: dict) -> str:
     ]
     for title, key in rows:
         r = result[key]
-        speed = result["naive"]["seconds_per_replicate"] / r["seconds_per_replicate"]
+        if not r["replicates"]:
+            lines.append(f"{title:<82}{0:>5}{'not timed':>13}{'-':>9}{'-':>9}")
+            continue
+        speed = _ratio(result["naive"]["seconds_per_replicate"], r["seconds_per_replicate"])
         lines.append(f"{title:<82}{r['replicates']:>5}{r['seconds_per_replicate']:>13.3f}"
-                     f"{speed:>8.1f}x{r['median_final_val_acc']:>9.3f}")
+                     + (f"{speed:>8.1f}x" if speed is not None else f"{'-':>9}")
+                     + f"{r['median_final_val_acc']:>9.3f}")
     lines += [
         f"(c) in detail: {p['ms_per_step']:.2f} ms per step of all replicates (evaluation "
         f"included), {p['achieved_tflops']:.3f} TFLOP/s achieved{memory}; "

@@ -575,6 +575,26 @@ def test_bench_times_all_three_loops_on_one_protocol(image_folder, tmp_path, cap
         result["naive"]["seconds_per_replicate"] / result["parallel"]["seconds_per_replicate"])
 
 
+def test_bench_can_leave_the_reference_loops_untimed(image_folder, capsys, monkeypatch):
+    from mrilib import bench
+
+    def no_naive(*args, **kwargs):
+        raise AssertionError("the notebook loop ran")
+
+    monkeypatch.setattr(bench, "naive_replicate", no_naive)  # not even to warm up
+    result = bench.bench_train("basic_cnn", source=image_folder(), device="cpu", real_frac=0.5,
+                               epochs=1, replicates=2, naive_replicates=0, serial_replicates=0)
+    assert (result["naive"]["replicates"], result["serial"]["replicates"]) == (0, 0)
+    assert result["naive"]["seconds_per_replicate"] is None
+    assert result["speedup"] == {"serial_vs_naive": None, "parallel_vs_naive": None,
+                                 "parallel_vs_serial": None}
+    assert result["parallel"]["seconds_per_replicate"] > 0
+    rows = [line for line in bench.report(result).splitlines() if line.startswith(("(a)", "(b)"))]
+    assert len(rows) == 2 and all(line.split()[-4:] == ["not", "timed", "-", "-"] for line in rows)
+    with pytest.raises(ValueError, match="naive_replicates=-1; give a whole number of at least 0"):
+        bench.bench_train("basic_cnn", source=image_folder(), naive_replicates=-1)
+
+
 def test_bench_refuses_a_source_that_is_not_an_image_folder(tmp_path):
     from mrilib.bench import bench_train
 

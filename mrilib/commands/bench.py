@@ -18,9 +18,11 @@ def add_parser(sub) -> None:
     t.add_argument("--replicates", type=int, default=None,
                    help="replicates trained at once by mrilib (default 20; quick preset 4)")
     t.add_argument("--naive-replicates", type=int, default=None,
-                   help="notebook-loop replicates timed (default 3; quick preset 1)")
+                   help="notebook-loop replicates timed (default 3; quick preset 1; 0: not "
+                        "timed, for a row read against the default row of the same card)")
     t.add_argument("--serial-replicates", type=int, default=None,
-                   help="mrilib one-at-a-time replicates timed (default 3; quick preset 1)")
+                   help="mrilib one-at-a-time replicates timed (default 3; quick preset 1; "
+                        "0: not timed)")
     t.add_argument("--naive-workers", type=int, default=None,
                    help="DataLoader workers of the notebook loop (default 2)")
     t.add_argument("--real-frac", type=float, default=None, help="default 0.3")
