@@ -902,15 +902,19 @@ class _Budget:
     one group each on a GPU) and how many more images each has (real + synthetic
     fraction): training time grows with both, and an over-estimate only leaves a little
     of the budget unused, where an under-estimate (say a 100% cell judged by a 30% one)
-    runs into the hard stop and loses the whole cell.
+    runs into the hard stop and loses the whole cell. A model with no cell yet is judged
+    by ``priors`` (:func:`bench_priors`: this device's committed benchmark, scaled the
+    same way and by 1.25 for what it did not time, such as augmentation), else not at all.
     """
 
     def __init__(self, max_minutes: float | None, clock: Callable[[], float], history: list[dict],
-                 group_size: Callable[[str], int] = lambda model: 1):
+                 group_size: Callable[[str], int] = lambda model: 1,
+                 priors: dict[str, dict] | None = None):
         if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"max_minutes={max_minutes}: give a positive number of minutes")
         self.limit = None if max_minutes is None else 60.0 * max_minutes
         self.clock, self.start, self.group_size = clock, clock(), group_size
+        self.priors = priors or {}
         # Per model, the last cell call seen: its seconds, repeats and training-set size.
         # Rows of one call share cell_key and cell_seconds, and are written together.
         self.seen: dict[str, dict] = {}
@@ -929,13 +933,21 @@ class _Budget:
 
     def expected(self, cell: Cell, repeats: int) -> float:
         """Seconds ``repeats`` repeats of ``cell`` are expected to take (0 if unknown)."""
-        last = self.seen.get(cell.model)
+        last = self.seen.get(cell.model) or self._prior(cell.model)
         if last is None:
             return 0.0
         size = _set_size(cell.real_fraction, cell.synthetic_fraction)
         group = max(1, int(self.group_size(cell.model)))
         groups = math.ceil(repeats / group) / math.ceil(last["repeats"] / group)
         return last["seconds"] * max(1.0, groups) * max(1.0, size / last["size"])
+
+    def _prior(self, model: str) -> dict | None:
+        """A benchmark as if it were a cell seen: one vmap group of its replicates."""
+        p = self.priors.get(model)
+        if p is None:
+            return None
+        return {"cell": None, "seconds": PRIOR_MARGIN * p["group_seconds"],
+                "repeats": p["replicates"], "size": p["real_fraction"]}
 
     def allows(self, cell: Cell, repeats: int) -> bool:
         if self.limit is None:
@@ -952,6 +964,51 @@ class _Budget:
     def record(self, cell: Cell, seconds: float, repeats: int) -> None:
         self.seen[cell.model] = {"cell": cell.key, "seconds": seconds, "repeats": repeats,
                                  "size": _set_size(cell.real_fraction, cell.synthetic_fraction)}
+
+
+PRIOR_MARGIN = 1.25  # a benchmark times no augmentation and no synthetic-set building
+
+
+def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = None
+                 ) -> dict[str, dict]:
+    """Per model, how long one vmap group took in this device's committed benchmarks.
+
+    Read from ``benchmarks/bench-train-*.json`` (``python -m mrilib bench train``): rows
+    of the default protocol on a device of this name (its 20 replicates in one group,
+    128 px, stems as convolutions), the slowest where several are, with their seconds
+    scaled to the grid's epochs for the model. Empty where none match (another card, a CPU).
+    """
+    from .bench import DEFAULTS as BENCH_DEFAULTS
+    from .train import model_settings
+
+    directory = paths.ROOT / "benchmarks" if directory is None else Path(directory)
+    priors: dict[str, dict] = {}
+    for path in sorted(directory.glob("bench-train-*.json")):
+        try:
+            r = json.loads(path.read_text())
+            s, p = r["settings"], r["parallel"]
+            if (r["device"] != device or s["img_size"] != 128 or s.get("im2col_stem_mrilib")
+                    or r["model"] not in MODELS
+                    or p["replicates"] != BENCH_DEFAULTS["replicates"]):
+                continue
+            epochs = model_settings(r["model"], **cfg["train"])["epochs"]
+            seconds = p["seconds_per_replicate"] * p["replicates"] * epochs / s["epochs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a benchmark of this shape: no prior from it
+        if seconds > priors.get(r["model"], {}).get("group_seconds", 0.0):
+            priors[r["model"]] = {"group_seconds": seconds, "replicates": int(p["replicates"]),
+                                  "real_fraction": float(s["real_frac"]), "file": path.name}
+    return priors
+
+
+def _priors(cfg: dict, device, train_fn) -> dict[str, dict]:
+    """:func:`bench_priors` for the device the grid trains on (none for another train_fn)."""
+    if train_fn is not None:
+        return {}
+    try:
+        return bench_priors(device_name(device), cfg)
+    except ValueError:  # no such device: the training reports it
+        return {}
 
 
 def _group_sizes(cfg: dict, device, train_fn) -> Callable[[str], int]:
@@ -1012,7 +1069,8 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
         session = _Session(cfg, preset, writer, device,
                            train_fn or _train_replicates, synth_fn or training_sets,
                            _Budget(max_minutes, clock, writer.runs,
-                                   _group_sizes(cfg, device, train_fn)), train_generators,
+                                   _group_sizes(cfg, device, train_fn),
+                                   _priors(cfg, device, train_fn)), train_generators,
                            progress, source, data, split, available_generators)
         try:
             return session.run(grid_cells(preset, **overrides))

@@ -301,6 +301,42 @@ def test_the_budget_scales_a_cell_up_by_repeats_and_images_never_down():
     assert gpu.expected(cell, 20) == 10.0 and gpu.expected(cell, 21) == 20.0
 
 
+def bench_file(directory, model, device="NVIDIA H100 80GB HBM3", seconds=2.0, replicates=20,
+               epochs=10, name=None, **settings):
+    result = {"model": model, "device": device,
+              "settings": {"real_frac": 0.3, "img_size": 128, "epochs": epochs, **settings},
+              "parallel": {"replicates": replicates, "seconds_per_replicate": seconds}}
+    path = directory / (name or f"bench-train-{model}-none-{len(list(directory.iterdir()))}.json")
+    path.write_text(json.dumps(result))
+
+
+def test_a_model_not_seen_yet_is_judged_by_this_devices_benchmark(tmp_path):
+    cfg = ex.grid_settings("thesis")
+    bench_file(tmp_path, "resnet18", seconds=2.0)                 # 40 s per group of 20
+    bench_file(tmp_path, "resnet18", seconds=2.5)                 # the slower row counts
+    bench_file(tmp_path, "resnet18", seconds=9.0, device="NVIDIA H200")   # another card
+    bench_file(tmp_path, "resnet18", seconds=9.0, im2col_stem_mrilib=True)  # a lever row
+    bench_file(tmp_path, "resnet18", seconds=9.0, replicates=60)  # another group size
+    bench_file(tmp_path, "vit_tiny", seconds=1.0, epochs=5)       # scaled to the grid's 10
+    (tmp_path / "bench-train-broken.json").write_text("{not json")
+    with ex.preset_env("thesis"):  # the grid's epochs are the thesis preset's (10)
+        priors = ex.bench_priors("NVIDIA H100 80GB HBM3", cfg, tmp_path)
+    assert set(priors) == {"resnet18", "vit_tiny"}
+    assert priors["resnet18"]["group_seconds"] == pytest.approx(50.0)
+    assert priors["vit_tiny"]["group_seconds"] == pytest.approx(40.0)
+    assert ex.bench_priors("cpu (x86_64, 2 cores)", cfg, tmp_path) == {}
+
+    budget = ex._Budget(1.5, lambda: 0.0, [], group_size=lambda model: 20, priors=priors)
+    resnet = ex.make_cell("resnet18", real_fraction=0.3)
+    assert budget.expected(resnet, 20) == pytest.approx(1.25 * 50.0)
+    full = ex.make_cell("resnet18", real_fraction=1.0)  # 1 / 0.3 as many images
+    assert budget.expected(full, 20) == pytest.approx(1.25 * 50.0 / 0.3)
+    assert budget.allows(resnet, 20) and not budget.allows(full, 20)  # 62.5 vs 208 s of 90
+    assert budget.expected(ex.make_cell("basic_cnn", real_fraction=0.3), 20) == 0.0  # no bench
+    budget.record(full, 100.0, 20)  # a cell seen beats the benchmark
+    assert budget.expected(full, 20) == 100.0
+
+
 def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path):
     def no_generators(data, split, cell, seeds, cfg, device=None):
         if cell.synthetic != "none":
