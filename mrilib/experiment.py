@@ -135,6 +135,15 @@ DEFAULTS = {
     # of the grid (evaluation's measured shares; benchmarks/README.md).
     # Not part of a run's design: rows made testing every epoch stay current.
     "train": {"test_every_epoch": False},
+    # None: each cell trains in its own call. A number R, or {model: R} (memory grows with
+    # replicates per group: ResNet-18 took 27 GiB for 20): a cell trains together with the
+    # later cells of the same model and policy whose training sets have its size (the fill
+    # cells at every real fraction and 100% real), up to R replicates in one call and, on
+    # CUDA, in one vmap group. For a host-bound model (ViT-Tiny: its GPU was busy 42% of a
+    # 20-replicate step) more replicates per launch are nearly free; off until a lease has
+    # measured it (benchmarks/README.md). Each replicate keeps its own seeds and sample, so
+    # a run's results do not depend on it beyond float rounding: not part of the design.
+    "merge_replicates": None,
 }
 PRESETS = {
     # A few cells touching every code path (both generator modes, every synthetic
@@ -310,6 +319,13 @@ def grid_settings(preset: str | None = None, **overrides) -> dict:
         cfg["samples"] = generators
     if not isinstance(cfg["samples"], int) or cfg["samples"] < 1:
         raise ValueError(f"samples={cfg['samples']!r}: give a positive whole number")
+    merge = cfg["merge_replicates"]
+    limits = merge.items() if isinstance(merge, dict) else [("every model", merge)]
+    for model, limit in limits:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1 or model not in (*MODELS, "every model")):
+            raise ValueError(f"merge_replicates={merge!r}: give None, a whole number of "
+                             f"replicates, or one per model of {list(MODELS)}")
     return cfg
 
 
@@ -919,7 +935,10 @@ class _Budget:
         # Rows of one call share cell_key and cell_seconds, and are written together.
         self.seen: dict[str, dict] = {}
         for row in history:
-            if row.get("cell_seconds") is None:
+            # A call that trained several cells together is faster per cell than a cell
+            # alone, which it would so under-estimate: such rows are no evidence here.
+            if row.get("cell_seconds") is None or (row.get("train_settings") or {}).get(
+                    "trained_with"):
                 continue
             last = self.seen.get(row["model"])
             if last and (last["cell"], last["seconds"]) == (row.get("cell_key"),
@@ -949,10 +968,11 @@ class _Budget:
         return {"cell": None, "seconds": PRIOR_MARGIN * p["group_seconds"],
                 "repeats": p["replicates"], "size": p["real_fraction"]}
 
-    def allows(self, cell: Cell, repeats: int) -> bool:
+    def allows(self, cell: Cell, repeats: int, also: float = 0.0) -> bool:
+        """Whether ``repeats`` of ``cell`` fit in what is left, after ``also`` seconds more."""
         if self.limit is None:
             return True
-        return self.clock() - self.start + self.expected(cell, repeats) <= self.limit
+        return self.clock() - self.start + also + self.expected(cell, repeats) <= self.limit
 
     def minutes_for_generators(self, cell: Cell, repeats: int) -> float | None:
         """Minutes left for generator training, keeping back the cell's own time."""
@@ -1109,6 +1129,7 @@ class _Session:
     available_generators: bool = False
     base: dict | None = None
     designs: dict = field(default_factory=dict)
+    merged: list = field(default_factory=list)  # the partners the last run_cell trained
 
     def design(self, cell: Cell) -> str:
         key = (cell.model, cell.synthetic != "none")
@@ -1126,13 +1147,18 @@ class _Session:
         with tqdm(total=len(cells), initial=sum(not m for m in todo.values()), unit="cell",
                   desc=f"grid ({self.preset})", disable=not self.progress) as bar:
             for cell in [c for c in cells if todo[c]]:
+                if not todo[cell]:
+                    continue  # trained together with an earlier cell
                 if not self.budget.allows(cell, len(todo[cell])):
                     stopped = True
                     break
                 bar.set_postfix_str(cell.key)
                 self._ensure_data()  # outside the try: a missing dataset is no missing generator
                 try:
-                    written += self.run_cell(cell, todo[cell])
+                    written += self.run_cell(cell, todo[cell], self.partners(cell, cells, todo))
+                    for other in self.merged:
+                        todo[other] = []
+                        bar.update(1)
                 except FileNotFoundError as err:
                     if cell.synthetic == "none":
                         raise
@@ -1151,28 +1177,104 @@ class _Session:
         return GridProgress(self.writer.directory, len(cells), len(cells) - len(remaining),
                             written, stopped, remaining, blocked)
 
-    def run_cell(self, cell: Cell, repeats: list[int]) -> int:
-        """Train the missing ``repeats`` of ``cell`` in one call; append their rows."""
+    def partners(self, cell: Cell, cells: list[Cell], todo: dict) -> list[tuple[Cell, list[int]]]:
+        """Later cells that may train with ``cell`` (``merge_replicates``): same model and
+        policy, training sets of its size, up to that many replicates in all."""
+        limit = self.cfg.get("merge_replicates")
+        if isinstance(limit, dict):  # per model: memory grows with replicates per group
+            limit = limit.get(cell.model)
+        if not limit:
+            return []
+        size = _set_size(cell.real_fraction, cell.synthetic_fraction)
+        out, total = [], len(todo[cell])
+        for other in cells[cells.index(cell) + 1:]:
+            if (other.model, other.aug) != (cell.model, cell.aug) or not todo[other] or \
+                    not math.isclose(_set_size(other.real_fraction, other.synthetic_fraction),
+                                     size, rel_tol=1e-9):
+                continue
+            if total + len(todo[other]) > limit:
+                break
+            out.append((other, todo[other]))
+            total += len(todo[other])
+        return out
+
+    def run_cell(self, cell: Cell, repeats: list[int],
+                 partners: Sequence[tuple[Cell, list[int]]] = ()) -> int:
+        """Train the missing ``repeats`` of ``cell`` in one call; append their rows.
+
+        ``partners``: other cells' missing repeats to train in the same call, those whose
+        training sets can be built now (generators trained), have ``cell``'s size and fit
+        the time left; :attr:`merged` lists the partners trained.
+        """
         start = self.budget.clock()
         seeds = [repeat_seeds(r, self.cfg) for r in repeats]
         sets = self.synth_fn(self.data, self.split, cell, seeds, self.cfg, self.device)
+        group = [(cell, seeds, sets)]
+        expected = self.budget.expected(cell, len(repeats))
+        for other, more in partners:
+            if not self.budget.allows(other, len(more), also=expected):
+                break
+            other_seeds = [repeat_seeds(r, self.cfg) for r in more]
+            try:
+                other_sets = self.synth_fn(self.data, self.split, other, other_seeds, self.cfg,
+                                           self.device)
+            except FileNotFoundError:
+                continue  # its generators are missing: the runner meets it on its own
+            if other_sets.index.shape[1] == sets.index.shape[1]:
+                group.append((other, other_seeds, other_sets))
+                expected += self.budget.expected(other, len(more))
+        self.merged = [c for c, _, _ in group[1:]]
+        records = self._train_together(group)
+        seconds = self.budget.clock() - start
+        n_all = sum(len(s) for _, s, _ in group)
+        together = [c.key for c, _, _ in group] if len(group) > 1 else None
+        for (c, cell_seeds, cell_sets), cell_records in zip(group, records):
+            share = seconds * len(cell_seeds) / n_all  # the call's time, shared by replicates
+            if not together:  # (see _Budget: a shared call is no evidence for a cell alone)
+                self.budget.record(c, share, len(cell_seeds))
+            design = self.design(c)
+            for j, (s, record, info) in enumerate(zip(cell_seeds, cell_records, cell_sets.info)):
+                if together:  # which call it shared, and its place among the cell's own
+                    record = {**record, "replicate": j, "trained_with": together}
+                self.writer.append(
+                    run_row(c, s, record, self.base, design, info,
+                            int(cell_sets.index.shape[1]), share),
+                    epoch_rows(c, s, record, design))
+        return n_all
+
+    def _train_together(self, group: list) -> list[list[dict]]:
+        """One train_fn call for every (cell, seeds, sets) of ``group``; records per cell."""
+        import torch
+
+        cell = group[0][0]
         val = (self.data.images[self.split.val], self.data.labels[self.split.val])
         test = (self.data.images[self.split.test], self.data.labels[self.split.test])
-        records = self.train_fn(cell.model, sets.bank_images, sets.bank_labels, sets.index,
-                                val, test, [s.train_seed for s in seeds], aug=cell.aug,
-                                device=self.device, **self.cfg["train"])
+        overrides = dict(self.cfg["train"])
+        if len(group) == 1:
+            bank_images, bank_labels, index = group[0][2].bank_images, group[0][2].bank_labels, \
+                group[0][2].index
+        else:  # one bank: each cell's rows offset by the banks before it
+            offsets = [sum(len(s.bank_labels) for _, _, s in group[:k]) for k in range(len(group))]
+            bank_images = torch.cat([s.bank_images for _, _, s in group])
+            bank_labels = torch.cat([s.bank_labels for _, _, s in group])
+            index = torch.cat([torch.as_tensor(s.index) + int(o)
+                               for (_, _, s), o in zip(group, offsets)])
+            from .train import model_settings
+
+            parallel = model_settings(cell.model, **overrides)["max_parallel"]
+            parallel = dict(parallel) if isinstance(parallel, dict) else {"cpu": parallel}
+            overrides["max_parallel"] = {**parallel, "cuda": sum(len(s) for _, s, _ in group)}
+        seeds = [s.train_seed for _, cell_seeds, _ in group for s in cell_seeds]
+        records = self.train_fn(cell.model, bank_images, bank_labels, index, val, test, seeds,
+                                aug=cell.aug, device=self.device, **overrides)
         if len(records) != len(seeds):
             raise ValueError(f"train_fn returned {len(records)} records for {len(seeds)} "
-                             f"repeats of {cell.key}")
-        seconds = self.budget.clock() - start
-        self.budget.record(cell, seconds, len(repeats))
-        design = self.design(cell)
-        for s, record, info in zip(seeds, records, sets.info):
-            self.writer.append(
-                run_row(cell, s, record, self.base, design, info, int(sets.index.shape[1]),
-                        seconds),
-                epoch_rows(cell, s, record, design))
-        return len(records)
+                             f"repeats of {', '.join(c.key for c, _, _ in group)}")
+        out, at = [], 0
+        for _, cell_seeds, _ in group:
+            out.append(records[at:at + len(cell_seeds)])
+            at += len(cell_seeds)
+        return out
 
     def ready_repeats(self, cell: Cell, repeats: list[int]) -> list[int]:
         """With ``available_generators``: the ``repeats`` whose generator is trained."""

@@ -732,3 +732,72 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     assert progress.runs_written == 1 and progress.remaining == [leaky]
     runs, _ = ex.load_results(tmp_path / "results")
     assert sorted(runs["repeat"]) == [0, 1] and runs["run_key"].is_unique
+
+
+# ----------------------------------------------------------------------------- cells together
+
+def test_cells_of_one_size_train_together_and_keep_their_own_rows(tiny, tmp_path):
+    trainer = FakeTrainer()
+    progress = run(tiny, tmp_path, trainer, merge_replicates=10)
+    alone = FakeTrainer()
+    run(tiny, tmp_path / "alone", alone)
+    assert not progress.remaining and progress.runs_written == 6 * 2
+    # quick: 100% real and the two 30% + 70% fill cells (sample, leaky) are one size
+    assert len(trainer.calls) == len(alone.calls) - 2
+    assert sorted(len(seeds) for _, _, seeds, _ in trainer.calls) == [2, 2, 2, 6]
+    runs, _ = ex.load_results(tmp_path)
+    runs_alone, _ = ex.load_results(tmp_path / "alone")
+    assert sorted(runs["run_key"]) == sorted(runs_alone["run_key"])
+    # each row got the record trained with its own seed, and says what it was trained with
+    assert (runs["train_settings"].map(lambda t: t["seed"]) == runs["train_seed"]).all()
+    together = runs[runs["train_settings"].map(lambda t: "trained_with" in t)]
+    assert set(together["cell_key"]) == {"basic_cnn/none/none/1/none",
+                                         "basic_cnn/none/fill/0.3/sample",
+                                         "basic_cnn/none/fill/0.3/leaky"}
+    assert sorted(together["train_settings"].map(lambda t: t["replicate"])) == [0, 0, 0, 1, 1, 1]
+    # and a later chunk's time budget does not learn from the shared call
+    budget = ex._Budget(1.0, lambda: 0.0, [dict(r) for _, r in together.iterrows()])
+    assert budget.seen == {}
+
+
+def test_training_together_gives_each_run_the_result_it_gets_alone(tiny, tmp_path):
+    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3}]
+    data, split = tiny
+    kw = dict(results_path=None, synth_fn=fake_sets, data=data, split=split, progress=False,
+              cells=cells, device="cpu")
+    for name, merge in (("together", 4), ("alone", None)):
+        ex.run_grid("quick", **{**kw, "results_path": tmp_path / name}, merge_replicates=merge)
+    together, _ = ex.load_results(tmp_path / "together")
+    alone, _ = ex.load_results(tmp_path / "alone")
+    assert together["train_settings"].map(lambda t: "trained_with" in t).all()
+    a = together.set_index("run_key").sort_index()
+    b = alone.set_index("run_key").sort_index()
+    assert list(a.index) == list(b.index) and len(a) == 4
+    for column in ("final_val_loss", "final_test_loss", "best_val_loss", "final_val_acc"):
+        np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, {"vit": 60}, {"vit_tiny": 0}])
+def test_merge_replicates_must_name_a_count_per_model(bad):
+    with pytest.raises(ValueError, match="merge_replicates="):
+        ex.grid_settings("quick", merge_replicates=bad)
+
+
+@pytest.mark.parametrize("text, value", [("60", 60), ("vit_tiny=60", {"vit_tiny": 60}),
+                                         ("vit_tiny=60, basic_cnn=40",
+                                          {"vit_tiny": 60, "basic_cnn": 40})])
+def test_merge_replicates_on_the_command_line(text, value):
+    from mrilib.commands.grid import merge_replicates
+
+    assert merge_replicates(text) == value
+    assert ex.grid_settings("quick", merge_replicates=value)["merge_replicates"] == value
+
+
+def test_merge_replicates_per_model_leaves_other_models_alone(tiny, tmp_path):
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer, merge_replicates={"vit_tiny": 60})  # quick: basic CNN only
+    assert all(len(seeds) == 2 for _, _, seeds, _ in trainer.calls)
+    with pytest.raises(ValueError, match="vit_tiny=x.*whole number"):
+        from mrilib.commands.grid import merge_replicates
+        merge_replicates("vit_tiny=x")

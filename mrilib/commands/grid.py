@@ -26,9 +26,31 @@ def add_parser(sub) -> None:
                         "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--results", default=None,
                    help="results folder (default: results/ for thesis, cache/<preset>/results/)")
+    p.add_argument("--merge-replicates", default=None, metavar="R or MODEL=R,...",
+                   help="train a cell together with the later cells of the same model and "
+                        "policy whose training sets have its size, up to R replicates in one "
+                        "call (one vmap group on CUDA); per model as vit_tiny=60 (default: "
+                        "off; see mrilib.experiment's merge_replicates)")
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
     p.set_defaults(func=run)
+
+
+def merge_replicates(text: str) -> int | dict[str, int]:
+    """``--merge-replicates``: ``60`` (every model) or ``vit_tiny=60,basic_cnn=40``."""
+    def count(value: str, what: str) -> int:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--merge-replicates {text!r}: {what} needs a whole number of "
+                             f"replicates, at least 1, e.g. vit_tiny=60")
+        return int(value)
+
+    if "=" not in text:
+        return count(text, "it")
+    out = {}
+    for part in text.split(","):
+        model, _, value = part.partition("=")
+        out[model.strip()] = count(value, model.strip() or "each model")
+    return out
 
 
 def run(args) -> int:
@@ -40,10 +62,12 @@ def run(args) -> int:
         print(f"{int((status['done'] == status['repeats']).sum())} of {len(status)} cells "
               f"complete; {int(status['done'].sum())} of {int(status['repeats'].sum())} runs")
         return 0
+    merge = {} if args.merge_replicates is None else {
+        "merge_replicates": merge_replicates(args.merge_replicates)}
     progress = run_grid(args.preset, args.results, resume=args.resume,
                         max_minutes=args.max_minutes, device=args.device,
                         train_generators=args.train_generators, source=args.source,
-                        available_generators=args.available_generators)
+                        available_generators=args.available_generators, **merge)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")
