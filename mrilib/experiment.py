@@ -135,14 +135,15 @@ DEFAULTS = {
     # of the grid (evaluation's measured shares; benchmarks/README.md).
     # Not part of a run's design: rows made testing every epoch stay current.
     "train": {"test_every_epoch": False},
-    # None: each cell trains in its own call. A number R, or {model: R} (memory grows with
-    # replicates per group: ResNet-18 took 27 GiB for 20): a cell trains together with the
-    # later cells of the same model and policy whose training sets have its size (the fill
-    # cells at every real fraction and 100% real), up to R replicates in one call and, on
-    # CUDA, in one vmap group. For a host-bound model (ViT-Tiny: its GPU was busy 42% of a
+    # None: each cell trains in its own call. {model: R}: a cell of that model trains
+    # together with the later cells of its model and policy whose training sets have its
+    # size (the fill cells at every real fraction and 100% real), up to R replicates in one
+    # call and, on CUDA, in one vmap group (per model, as memory is: ResNet-18 took 27 GiB
+    # for 20, ViT-Tiny 7.5). For a host-bound model (ViT-Tiny: its GPU was busy 42% of a
     # 20-replicate step) more replicates per launch are nearly free; off until a lease has
     # measured it (benchmarks/README.md). Each replicate keeps its own seeds and sample, so
     # a run's results do not depend on it beyond float rounding: not part of the design.
+    # Cells so trained run earlier than the grid's order would have them.
     "merge_replicates": None,
 }
 PRESETS = {
@@ -320,12 +321,12 @@ def grid_settings(preset: str | None = None, **overrides) -> dict:
     if not isinstance(cfg["samples"], int) or cfg["samples"] < 1:
         raise ValueError(f"samples={cfg['samples']!r}: give a positive whole number")
     merge = cfg["merge_replicates"]
-    limits = merge.items() if isinstance(merge, dict) else [("every model", merge)]
-    for model, limit in limits:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 1 or model not in (*MODELS, "every model")):
-            raise ValueError(f"merge_replicates={merge!r}: give None, a whole number of "
-                             f"replicates, or one per model of {list(MODELS)}")
+    if merge is not None and (not isinstance(merge, dict) or not all(
+            model in MODELS and isinstance(limit, int) and not isinstance(limit, bool)
+            and limit >= 1 for model, limit in merge.items())):
+        raise ValueError(f"merge_replicates={merge!r}: give None or a whole number of "
+                         f"replicates per model of {list(MODELS)}, e.g. {{'vit_tiny': 60}} "
+                         f"(per model, as memory per replicate differs)")
     return cfg
 
 
@@ -996,7 +997,9 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
     Read from ``benchmarks/bench-train-*.json`` (``python -m mrilib bench train``): rows
     of the default protocol on a device of this name (its 20 replicates in one group,
     128 px, stems as convolutions), the slowest where several are, with their seconds
-    scaled to the grid's epochs for the model. Empty where none match (another card, a CPU).
+    scaled to the grid's epochs for the model (call it under :func:`preset_env`, as
+    :func:`run_grid` does: the epochs are the preset's). Empty where none match (another
+    card, a CPU).
     """
     from .bench import DEFAULTS as BENCH_DEFAULTS
     from .train import model_settings
@@ -1013,11 +1016,14 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
                 continue
             epochs = model_settings(r["model"], **cfg["train"])["epochs"]
             seconds = p["seconds_per_replicate"] * p["replicates"] * epochs / s["epochs"]
-        except (OSError, ValueError, KeyError, TypeError):
+            fraction = float(s["real_frac"])
+            if not (seconds > 0 and 0 < fraction <= 1):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # not a benchmark of this shape: no prior from it
         if seconds > priors.get(r["model"], {}).get("group_seconds", 0.0):
             priors[r["model"]] = {"group_seconds": seconds, "replicates": int(p["replicates"]),
-                                  "real_fraction": float(s["real_frac"]), "file": path.name}
+                                  "real_fraction": fraction, "file": path.name}
     return priors
 
 
@@ -1072,7 +1078,11 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     g can so run every synthetic cell's repeats g, g + G, ... without the other
     generators, which need not travel to it. Intervals of a cell that holds one sample's
     repeats only miss the variation between samples: the report's ``clusters`` column
-    says how many samples each median rests on. ``resume=False`` refuses to touch a
+    says how many samples each median rests on. With ``max_minutes``, a model with no
+    cell yet is judged by this device's committed benchmark (:func:`bench_priors`).
+    ``merge_replicates={model: R}`` (in ``overrides``) trains a cell with the later cells
+    of its model, policy and training-set size in one call (:meth:`_Session.run_cell`).
+    ``resume=False`` refuses to touch a
     folder that already holds runs. ``data`` defaults
     to ``load_mri(source)`` (a stratified ``data_fraction`` of it) and ``split`` to its
     fixed split; data passed in is used as given.
@@ -1097,6 +1107,13 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
         finally:
             if writer.runs:
                 export_csv(directory)
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def grid_data(data, cfg: dict):
@@ -1180,9 +1197,7 @@ class _Session:
     def partners(self, cell: Cell, cells: list[Cell], todo: dict) -> list[tuple[Cell, list[int]]]:
         """Later cells that may train with ``cell`` (``merge_replicates``): same model and
         policy, training sets of its size, up to that many replicates in all."""
-        limit = self.cfg.get("merge_replicates")
-        if isinstance(limit, dict):  # per model: memory grows with replicates per group
-            limit = limit.get(cell.model)
+        limit = (self.cfg.get("merge_replicates") or {}).get(cell.model)
         if not limit:
             return []
         size = _set_size(cell.real_fraction, cell.synthetic_fraction)
@@ -1211,20 +1226,34 @@ class _Session:
         sets = self.synth_fn(self.data, self.split, cell, seeds, self.cfg, self.device)
         group = [(cell, seeds, sets)]
         expected = self.budget.expected(cell, len(repeats))
-        for other, more in partners:
+        # A call cut off by the hard stop loses every cell in it: with a time limit, only
+        # cells whose time can be judged (a cell seen, or a benchmark) are added.
+        judged = self.budget.limit is None or expected > 0
+        for other, more in partners if judged else ():
             if not self.budget.allows(other, len(more), also=expected):
                 break
             other_seeds = [repeat_seeds(r, self.cfg) for r in more]
             try:
                 other_sets = self.synth_fn(self.data, self.split, other, other_seeds, self.cfg,
                                            self.device)
-            except FileNotFoundError:
-                continue  # its generators are missing: the runner meets it on its own
+            except Exception as err:  # noqa: BLE001 - its own turn reports it, as unmerged
+                warnings.warn(f"{other.key} trains on its own later: its training sets "
+                              f"could not be built now ({type(err).__name__}: {err})")
+                continue
             if other_sets.index.shape[1] == sets.index.shape[1]:
                 group.append((other, other_seeds, other_sets))
                 expected += self.budget.expected(other, len(more))
+        try:
+            records = self._train_together(group)
+        except Exception as err:  # noqa: BLE001 - out of memory: each cell alone instead
+            if len(group) == 1 or type(err).__name__ != "OutOfMemoryError":
+                raise
+            warnings.warn(f"{len(group)} cells did not fit in memory together ({err}); "
+                          f"{cell.key} trains alone, the others on their own turns")
+            _free_device_memory()
+            group = group[:1]
+            records = self._train_together(group)
         self.merged = [c for c, _, _ in group[1:]]
-        records = self._train_together(group)
         seconds = self.budget.clock() - start
         n_all = sum(len(s) for _, s, _ in group)
         together = [c.key for c, _, _ in group] if len(group) > 1 else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -57,13 +58,14 @@ class FakeTrainer:
 
     def __init__(self, clock=None, seconds_per_cell=10.0, fail_after=None):
         self.clock, self.seconds, self.fail_after = clock, seconds_per_cell, fail_after
-        self.calls = []
+        self.calls, self.overrides = [], []
 
     def __call__(self, model, bank_images, bank_labels, train_index, val, test, seeds,
                  aug="none", device=None, **overrides):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("simulated crash (out of time, preempted, ...)")
         self.calls.append((model, aug, list(seeds), tuple(train_index.shape)))
+        self.overrides.append(overrides)
         if self.clock is not None:
             self.clock.now += self.seconds
         conf = np.diag([3, 1, 5, 4]).tolist()
@@ -738,7 +740,7 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
 
 def test_cells_of_one_size_train_together_and_keep_their_own_rows(tiny, tmp_path):
     trainer = FakeTrainer()
-    progress = run(tiny, tmp_path, trainer, merge_replicates=10)
+    progress = run(tiny, tmp_path, trainer, merge_replicates={"basic_cnn": 10})
     alone = FakeTrainer()
     run(tiny, tmp_path / "alone", alone)
     assert not progress.remaining and progress.runs_written == 6 * 2
@@ -766,7 +768,7 @@ def test_training_together_gives_each_run_the_result_it_gets_alone(tiny, tmp_pat
     data, split = tiny
     kw = dict(results_path=None, synth_fn=fake_sets, data=data, split=split, progress=False,
               cells=cells, device="cpu")
-    for name, merge in (("together", 4), ("alone", None)):
+    for name, merge in (("together", {"basic_cnn": 4}), ("alone", None)):
         ex.run_grid("quick", **{**kw, "results_path": tmp_path / name}, merge_replicates=merge)
     together, _ = ex.load_results(tmp_path / "together")
     alone, _ = ex.load_results(tmp_path / "alone")
@@ -778,13 +780,14 @@ def test_training_together_gives_each_run_the_result_it_gets_alone(tiny, tmp_pat
         np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, {"vit": 60}, {"vit_tiny": 0}])
+@pytest.mark.parametrize("bad", [60, {"vit": 60}, {"vit_tiny": 0}, {"vit_tiny": 2.5},
+                                 {"vit_tiny": True}, {"every model": 60}])
 def test_merge_replicates_must_name_a_count_per_model(bad):
     with pytest.raises(ValueError, match="merge_replicates="):
         ex.grid_settings("quick", merge_replicates=bad)
 
 
-@pytest.mark.parametrize("text, value", [("60", 60), ("vit_tiny=60", {"vit_tiny": 60}),
+@pytest.mark.parametrize("text, value", [("vit_tiny=60", {"vit_tiny": 60}),
                                          ("vit_tiny=60, basic_cnn=40",
                                           {"vit_tiny": 60, "basic_cnn": 40})])
 def test_merge_replicates_on_the_command_line(text, value):
@@ -792,12 +795,97 @@ def test_merge_replicates_on_the_command_line(text, value):
 
     assert merge_replicates(text) == value
     assert ex.grid_settings("quick", merge_replicates=value)["merge_replicates"] == value
+    with pytest.raises(ValueError, match="give MODEL=R"):
+        merge_replicates("60")
 
 
 def test_merge_replicates_per_model_leaves_other_models_alone(tiny, tmp_path):
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer, merge_replicates={"vit_tiny": 60})  # quick: basic CNN only
     assert all(len(seeds) == 2 for _, _, seeds, _ in trainer.calls)
-    with pytest.raises(ValueError, match="vit_tiny=x.*whole number"):
+    with pytest.raises(ValueError, match="vit_tiny=x.*MODEL=R"):
         from mrilib.commands.grid import merge_replicates
         merge_replicates("vit_tiny=x")
+
+
+def test_a_shared_call_runs_every_replicate_in_one_group(tiny, tmp_path):
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer, merge_replicates={"basic_cnn": 10})
+    [(shared, seeds)] = [(o, c[2]) for o, c in zip(trainer.overrides, trainer.calls)
+                         if len(c[2]) > 2]
+    assert shared["max_parallel"]["cuda"] == len(seeds) == 6
+    assert shared["max_parallel"]["cpu"] == 1  # the CPU keeps its own (stacking only costs)
+    assert all("max_parallel" not in o for o, c in zip(trainer.overrides, trainer.calls)
+               if len(c[2]) == 2)
+
+
+@pytest.mark.parametrize("trouble", ["missing generator", "other error", "other size"])
+def test_a_partner_that_cannot_join_trains_on_its_own_turn(tiny, tmp_path, trouble):
+    leaky = "basic_cnn/none/fill/0.3/leaky"
+
+    def sets(data, split, cell, seeds, cfg, device=None):
+        made = fake_sets(data, split, cell, seeds, cfg)
+        if cell.key != leaky:
+            return made
+        if trouble == "missing generator":
+            raise FileNotFoundError("no generator yet: python -m mrilib synth train ...")
+        if trouble == "other error" and not getattr(sets, "failed", False):
+            sets.failed = True  # once: as a quota error or a device hiccup might
+            raise RuntimeError("the backend failed this time")
+        if trouble == "other size":
+            made.index = made.index[:, :-1]
+        return made
+
+    data, split = tiny
+    trainer = FakeTrainer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        progress = ex.run_grid("quick", results_path=tmp_path, train_fn=trainer, synth_fn=sets,
+                               data=data, split=split, clock=FakeClock(), progress=False,
+                               merge_replicates={"basic_cnn": 10})
+    sizes = sorted(len(c[2]) for c in trainer.calls)
+    if trouble == "missing generator":  # blocked, as without merging; the others trained
+        assert set(progress.blocked) == {leaky} and sizes == [2, 2, 2, 4]
+    else:  # trained alone on its own turn, once
+        assert not progress.remaining and sizes == [2, 2, 2, 2, 4]
+    runs, _ = ex.load_results(tmp_path)
+    assert runs["run_key"].is_unique
+
+
+def test_partners_join_only_while_the_time_budget_holds(tiny, tmp_path):
+    seen = {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
+    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
+              "generator": "leaky"}]
+
+    def calls(folder, minutes):
+        first = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
+        run(tiny, folder, first, clock=first.clock, cells=[seen])  # a 30% cell took 10 s
+        trainer = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
+        run(tiny, folder, trainer, clock=trainer.clock, cells=cells, max_minutes=minutes,
+            merge_replicates={"basic_cnn": 10})
+        return [len(c[2]) for c in trainer.calls]
+
+    # each 100%-size cell is judged at 10 / 0.3 = 33 s: in 70 s the first takes one
+    # partner (67 s), not two (100 s); the second partner then runs on its own turn
+    assert calls(tmp_path / "a", 70 / 60) == [4, 2]
+    # in 50 s no partner fits the first; it took 10 s, so the other two, now judged by
+    # it at 10 s each, train together
+    assert calls(tmp_path / "b", 50 / 60) == [2, 4]
+    # nothing seen in the folder and no benchmark: the first cell's time is unknown, so
+    # nothing joins it (a cut-off shared call would lose every cell in it); once it has
+    # run, the other two are judged by it and train together
+    trainer = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
+    run(tiny, tmp_path / "c", trainer, clock=trainer.clock, cells=cells, max_minutes=10,
+        merge_replicates={"basic_cnn": 10})
+    assert [len(c[2]) for c in trainer.calls] == [2, 4]
+
+
+def test_the_grid_judges_a_new_model_by_the_committed_benchmark(monkeypatch):
+    cfg = ex.grid_settings("thesis")
+    monkeypatch.setattr(ex, "device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    with ex.preset_env("thesis"):
+        priors = ex._priors(cfg, "cuda", None)
+    assert {"basic_cnn", "resnet18", "vit_tiny"} <= set(priors)  # benchmarks/ holds them
+    assert ex._priors(cfg, "cuda", FakeTrainer()) == {}  # another trainer: nothing known

@@ -52,7 +52,8 @@ def add_parser(sub) -> None:
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-im2col][-profile].{txt,json} to DIR (K when "
+                        "[-nondet][-testends][-im2col][-no-naive][-no-serial][-profile]"
+                        ".{txt,json} to DIR (K when "
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     p.set_defaults(func=run)
@@ -75,6 +76,8 @@ def file_stem(model: str, args, device: str) -> str:
         (f"-{args.size}px" if args.size != 128 else "") + \
         ("-nondet" if args.nondeterministic else "") + \
         ("-testends" if args.test_at_ends else "") + ("-im2col" if args.im2col_stem else "") + \
+        ("-no-naive" if args.naive_replicates == 0 else "") + \
+        ("-no-serial" if args.serial_replicates == 0 else "") + \
         ("-profile" if args.profile else "")
     return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
 

@@ -26,30 +26,26 @@ def add_parser(sub) -> None:
                         "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--results", default=None,
                    help="results folder (default: results/ for thesis, cache/<preset>/results/)")
-    p.add_argument("--merge-replicates", default=None, metavar="R or MODEL=R,...",
-                   help="train a cell together with the later cells of the same model and "
-                        "policy whose training sets have its size, up to R replicates in one "
-                        "call (one vmap group on CUDA); per model as vit_tiny=60 (default: "
-                        "off; see mrilib.experiment's merge_replicates)")
+    p.add_argument("--merge-replicates", default=None, metavar="MODEL=R[,MODEL=R]",
+                   help="train a cell of MODEL together with the later cells of its model "
+                        "and policy whose training sets have its size, up to R replicates in "
+                        "one call (one vmap group on CUDA), e.g. vit_tiny=60 (default: off; "
+                        "see mrilib.experiment's merge_replicates)")
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
     p.set_defaults(func=run)
 
 
-def merge_replicates(text: str) -> int | dict[str, int]:
-    """``--merge-replicates``: ``60`` (every model) or ``vit_tiny=60,basic_cnn=40``."""
-    def count(value: str, what: str) -> int:
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--merge-replicates {text!r}: {what} needs a whole number of "
-                             f"replicates, at least 1, e.g. vit_tiny=60")
-        return int(value)
-
-    if "=" not in text:
-        return count(text, "it")
+def merge_replicates(text: str) -> dict[str, int]:
+    """``--merge-replicates vit_tiny=60[,basic_cnn=40]``: replicates per call, per model."""
     out = {}
     for part in text.split(","):
         model, _, value = part.partition("=")
-        out[model.strip()] = count(value, model.strip() or "each model")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--merge-replicates {text!r}: give MODEL=R with R a whole number "
+                             f"of replicates, at least 1, e.g. vit_tiny=60 (per model, as "
+                             f"memory per replicate differs)")
+        out[model.strip()] = int(value)
     return out
 
 

@@ -170,10 +170,11 @@ generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel 
 }
 grid() {  # the thesis grid for the time left (cells whose generators are missing: blocked)
   # --max-minutes stops between cells (judged by the last cell of the same model, scaled
-  # up by training-set size and vmap groups; 0 s for
-  # a model not seen yet, hence the margin); `within` is the hard stop. A cell's repeats
-  # train in one vmap group and are written together, so a cut-off cell loses all of its
-  # repeats, never those of finished cells (rows are fsync'd).
+  # up by training-set size and vmap groups; a model not seen yet by this card's committed
+  # `bench train` row, else 0 s, hence the margin); `within` is the hard stop. A cell's
+  # repeats train in one vmap group and are written after it, so a cut-off cell loses
+  # all of its repeats (with GRID_ARGS="--merge-replicates ...", every cell of the shared
+  # call), never those of finished cells (rows are fsync'd).
   local left; left=$(left_s)
   if [ "$left" -ge 120 ]; then
     # shellcheck disable=SC2086
