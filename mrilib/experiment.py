@@ -1146,7 +1146,6 @@ class _Session:
     available_generators: bool = False
     base: dict | None = None
     designs: dict = field(default_factory=dict)
-    merged: list = field(default_factory=list)  # the partners the last run_cell trained
 
     def design(self, cell: Cell) -> str:
         key = (cell.model, cell.synthetic != "none")
@@ -1172,8 +1171,9 @@ class _Session:
                 bar.set_postfix_str(cell.key)
                 self._ensure_data()  # outside the try: a missing dataset is no missing generator
                 try:
-                    written += self.run_cell(cell, todo[cell], self.partners(cell, cells, todo))
-                    for other in self.merged:
+                    n, merged = self.run_cell(cell, todo[cell], self.partners(cell, cells, todo))
+                    written += n
+                    for other in merged:
                         todo[other] = []
                         bar.update(1)
                 except FileNotFoundError as err:
@@ -1182,12 +1182,12 @@ class _Session:
                     if not (self.train_generators and self.trained_generators(cell, todo[cell])):
                         ready = self.ready_repeats(cell, todo[cell])
                         if ready:  # the repeats whose generators exist run now
-                            written += self.run_cell(cell, ready)
+                            written += self.run_cell(cell, ready)[0]
                             todo[cell] = [r for r in todo[cell] if r not in ready]
                             err = f"{len(todo[cell])} repeat(s) wait: {err}"
                         blocked[cell.key] = str(err)  # its generator is not trained yet
                         continue
-                    written += self.run_cell(cell, todo[cell])
+                    written += self.run_cell(cell, todo[cell])[0]
                 todo[cell] = []
                 bar.update(1)
         remaining = [c.key for c in cells if todo[c]]
@@ -1214,12 +1214,12 @@ class _Session:
         return out
 
     def run_cell(self, cell: Cell, repeats: list[int],
-                 partners: Sequence[tuple[Cell, list[int]]] = ()) -> int:
+                 partners: Sequence[tuple[Cell, list[int]]] = ()) -> tuple[int, list[Cell]]:
         """Train the missing ``repeats`` of ``cell`` in one call; append their rows.
 
         ``partners``: other cells' missing repeats to train in the same call, those whose
         training sets can be built now (generators trained), have ``cell``'s size and fit
-        the time left; :attr:`merged` lists the partners trained.
+        the time left. Returns the runs written and the partners trained with it.
         """
         start = self.budget.clock()
         seeds = [repeat_seeds(r, self.cfg) for r in repeats]
@@ -1253,7 +1253,6 @@ class _Session:
             _free_device_memory()
             group = group[:1]
             records = self._train_together(group)
-        self.merged = [c for c, _, _ in group[1:]]
         seconds = self.budget.clock() - start
         n_all = sum(len(s) for _, s, _ in group)
         together = [c.key for c, _, _ in group] if len(group) > 1 else None
@@ -1269,7 +1268,7 @@ class _Session:
                     run_row(c, s, record, self.base, design, info,
                             int(cell_sets.index.shape[1]), share),
                     epoch_rows(c, s, record, design))
-        return n_all
+        return n_all, [c for c, _, _ in group[1:]]
 
     def _train_together(self, group: list) -> list[list[dict]]:
         """One train_fn call for every (cell, seeds, sets) of ``group``; records per cell."""

@@ -169,10 +169,9 @@ def _pair_weights(draws: np.ndarray, units: np.ndarray, first, second) -> np.nda
     interval widens as it should, where resampling the pairs themselves treats them as
     independent and is too narrow (tests/test_stats.py simulates both).
     """
-    position = {u: k for k, u in enumerate(units.tolist())}
-    fa = np.array([position[u] for u in np.asarray(first).ravel().tolist()], dtype=np.int64)
-    fb = np.array([position[u] for u in np.asarray(second).ravel().tolist()], dtype=np.int64)
-    return draws[:, fa] * draws[:, fb]
+    # units come sorted from np.unique: a unit's column is its place among them
+    return (draws[:, np.searchsorted(units, np.asarray(first).ravel())]
+            * draws[:, np.searchsorted(units, np.asarray(second).ravel())])
 
 
 def _pair_medians(values: np.ndarray, first, second, n_boot: int,
@@ -187,11 +186,10 @@ def _cluster_weights(draws: np.ndarray, units: np.ndarray, groups: np.ndarray,
                      rng: np.random.Generator) -> np.ndarray:
     """[n_boot, n] weights of values clustered by unit: a unit drawn w times contributes
     w * (its size) draws among its own values, as w independent resamples of them would."""
-    position = {u: k for k, u in enumerate(units.tolist())}
     weights = np.zeros((draws.shape[0], groups.size), dtype=np.int64)
-    for unit in np.unique(groups).tolist():
+    for unit in np.unique(groups):
         members = np.flatnonzero(groups == unit)
-        w = draws[:, position[unit]]
+        w = draws[:, np.searchsorted(units, unit)]
         weights[:, members] = rng.multinomial(w * members.size,
                                               np.full(members.size, 1 / members.size))
     return weights

@@ -373,7 +373,7 @@ class _Im2colConv2d(nn.Conv2d):
         if self.bias is not None:
             out = out + self.bias[:, None].to(out.dtype)  # as autocast's conv: bf16 out
         return out.reshape(n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                        (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+                           (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
 def _im2col_stems(template: nn.Module) -> nn.Module:

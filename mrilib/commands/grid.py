@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                         "(repeat r uses generator r mod G) and leave the rest for later")
     p.add_argument("--source", default=None,
                    help="image folder, parquet, save_to_disk folder or hub id "
-                        "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
+                        "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside "
+                        "the repo, else the hub dataset)")
     p.add_argument("--results", default=None,
                    help="results folder (default: results/ for thesis, cache/<preset>/results/)")
     p.add_argument("--merge-replicates", default=None, metavar="MODEL=R[,MODEL=R]",
