@@ -34,11 +34,15 @@ from .config import settings
 from .paths import CACHE, ROOT, SHARED_DATA, atomic_write_bytes
 
 HUB_ID = "Falah/Alzheimer_MRI"
-# The hub cannot be reached from the machines this project is built on, so its commit
-# sha could not be read here. Pin it by setting MRILIB_HUB_REVISION (or
-# ``Falah/Alzheimer_MRI@<sha>`` as the source); the sha actually served is recorded
-# in MRIData.source either way.
-HUB_REVISION = os.environ.get("MRILIB_HUB_REVISION", "main")
+# The commit the hub's main branch pointed to for over a year (the owner's last, "update",
+# README only): its data/ holds the train (5,120) and test (1,280) parquet files that make
+# the 6,400 slices. The hub cannot be reached from the machines this project is built on,
+# so the sha was read off the hub's public commit page, not checked by a download; a later
+# README-only commit (3246c3a40a76e1a7fccadd1fdd86df788f5597d6) changed no data file.
+# MRILIB_HUB_REVISION (or ``Falah/Alzheimer_MRI@<sha>`` as the source) chooses another;
+# MRIData.source records the one used.
+HUB_REVISION = os.environ.get("MRILIB_HUB_REVISION",
+                              "daac24f9597236b45837d82f7eb9c9ad1f8c60c8")
 CLASSES = ("Mild_Demented", "Moderate_Demented", "Non_Demented", "Very_Mild_Demented")
 SIZES = (128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}

@@ -112,6 +112,34 @@ def test_parquet_and_save_to_disk_give_the_same_data(image_folder, tmp_path):
         assert sorted(other.ids) == sorted(folder.ids)
 
 
+
+def test_hub_source_loads_the_pinned_revision(image_folder, monkeypatch):
+    """The hub path as far as it runs here: ``datasets.load_dataset`` gets the hub id and
+    the pinned commit, and whatever it serves decodes as the same folder would."""
+    datasets = pytest.importorskip("datasets")
+    import mrilib.data as data_mod
+
+    root = image_folder()
+    rows = [{"image": str(p), "label": CLASSES.index(p.parent.name)}
+            for p in sorted(root.rglob("*.png"))]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=list(CLASSES))})
+    ds = datasets.Dataset.from_list(rows, features=features)
+    served = datasets.DatasetDict({"train": ds.select(range(20)),
+                                   "test": ds.select(range(20, 27))})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda repo, revision=None: calls.append((repo, revision)) or served)
+    monkeypatch.delenv("MRILIB_DATA", raising=False)
+    monkeypatch.setattr(data_mod, "SHARED_DATA", root.parent / "absent")
+    assert len(data_mod.HUB_REVISION) == 40  # a commit sha, not a branch that can move
+    hub = load_mri(None, cache=False)
+    assert calls == [("Falah/Alzheimer_MRI", data_mod.HUB_REVISION)]
+    assert hub.source == f"Falah/Alzheimer_MRI@{data_mod.HUB_REVISION}"
+    assert hub.fingerprint == load_mri(root, cache=False).fingerprint
+    load_mri("Falah/Alzheimer_MRI@0123abc", cache=False)
+    assert calls[-1] == ("Falah/Alzheimer_MRI", "0123abc")
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_missing_path_lists_the_three_ways(tmp_path):
