@@ -145,7 +145,16 @@ DEFAULTS = {
     # a run's results do not depend on it beyond float rounding: not part of the design.
     # Cells so trained run earlier than the grid's order would have them.
     "merge_replicates": None,
+    # Models that start from ImageNet weights, as the thesis fine-tuned ResNet-18 and the
+    # ViT: {model: True} has timm fetch them from the Hugging Face hub, {model: PATH} reads
+    # timm's three-channel state dict from a file (mrilib.models.build_model). Empty: every
+    # model from scratch, as on the machines this project is built on, which cannot reach
+    # the hub. It changes a run's design (its init and, by mrilib.train, its learning
+    # rate), so such runs never count as runs of the from-scratch grid; without a results
+    # folder of their own they go to <results>/imagenet (IMAGENET_RESULTS).
+    "imagenet": {},
 }
+IMAGENET_RESULTS = "imagenet"
 PRESETS = {
     # A few cells touching every code path (both generator modes, every synthetic
     # policy, two augmentations); tiny epochs come from mrilib.train's quick preset.
@@ -249,8 +258,9 @@ def grid_cells(preset: str | None = None, **overrides) -> list[Cell]:
     sweeps with the other augmentation policies. A partial run is then most useful.
     """
     cfg = settings(DEFAULTS, PRESETS, preset, **overrides)
-    if cfg["cells"]:
-        return list(dict.fromkeys(make_cell(**c) for c in cfg["cells"]))
+    if cfg["cells"]:  # an explicit list, of the models in force (grid --imagenet names some)
+        cells = (make_cell(**c) for c in cfg["cells"])
+        return list(dict.fromkeys(c for c in cells if c.model in cfg["models"]))
     cells: list[Cell] = []
     for model in cfg["models"]:
         cells += _core_cells(model, cfg)
@@ -320,6 +330,7 @@ def grid_settings(preset: str | None = None, **overrides) -> dict:
         cfg["samples"] = generators
     if not isinstance(cfg["samples"], int) or cfg["samples"] < 1:
         raise ValueError(f"samples={cfg['samples']!r}: give a positive whole number")
+    _check_imagenet(cfg["imagenet"])
     merge = cfg["merge_replicates"]
     if merge is not None and (not isinstance(merge, dict) or not all(
             model in MODELS and isinstance(limit, int) and not isinstance(limit, bool)
@@ -328,6 +339,51 @@ def grid_settings(preset: str | None = None, **overrides) -> dict:
                          f"replicates per model of {list(MODELS)}, e.g. {{'vit_tiny': 60}} "
                          f"(per model, as memory per replicate differs)")
     return cfg
+
+
+def _check_imagenet(imagenet) -> None:
+    """``imagenet`` names models with ImageNet weights, each True (the hub) or a file."""
+    from .models import model_spec
+
+    if not isinstance(imagenet, dict):
+        raise ValueError(f"imagenet={imagenet!r}: give a dict such as {{'resnet18': True}} "
+                         f"(weights from the hub) or {{'resnet18': 'path/to/model.safetensors'}}")
+    for model, start in imagenet.items():
+        if model not in MODELS:
+            raise ValueError(f"imagenet names {model!r}, which is not a model of the grid "
+                             f"({', '.join(MODELS)})")
+        if model_spec(model).timm_name is None:
+            raise ValueError(f"imagenet names {model!r}, which has no ImageNet weights: the "
+                             f"thesis trains it from scratch; leave it out")
+        if start is True:
+            continue
+        if isinstance(start, bool) or not isinstance(start, (str, os.PathLike)):
+            raise ValueError(f"imagenet[{model!r}]={start!r}: give True (timm's weights from "
+                             f"the hub) or the path of timm's state dict for {model}")
+        if not Path(start).expanduser().is_file():
+            raise ValueError(f"imagenet[{model!r}]: no weights file at {start}; download "
+                             f"timm's model.safetensors for {model} on a machine with "
+                             f"internet access and give its path")
+
+
+def train_overrides(cfg: dict, model: str) -> dict:
+    """What the grid passes to :func:`mrilib.train.train_replicates` for ``model``'s runs:
+    its ``train`` overrides, with the model's ImageNet start where ``imagenet`` names one."""
+    overrides = dict(cfg["train"])
+    start = cfg.get("imagenet", {}).get(model)
+    if start is True:
+        overrides["pretrained"] = True
+    elif start is not None:
+        overrides["weights"] = str(Path(start).expanduser())
+    return overrides
+
+
+def _file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def design_hash(cfg: dict, preset: str, model: str) -> str:
@@ -344,8 +400,10 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     # How a run is batched, which epochs it tests and how its stem convolution is summed,
     # not what it learns.
     run_only = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem")
-    training = {k: v for k, v in model_settings(model, **cfg["train"]).items()
+    training = {k: v for k, v in model_settings(model, **train_overrides(cfg, model)).items()
                 if k not in run_only}
+    if training.get("weights") is not None:  # the weights, wherever the file lies
+        training["weights"] = _file_digest(training["weights"])
     relevant = {k: cfg[k] for k in ("samples", "seeds", "backend", "data_fraction",
                                     "generator_fraction")}
     relevant.update(preset=preset, training=training)
@@ -1014,7 +1072,7 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
                     or r["model"] not in MODELS
                     or p["replicates"] != BENCH_DEFAULTS["replicates"]):
                 continue
-            epochs = model_settings(r["model"], **cfg["train"])["epochs"]
+            epochs = model_settings(r["model"], **train_overrides(cfg, r["model"]))["epochs"]
             seconds = p["seconds_per_replicate"] * p["replicates"] * epochs / s["epochs"]
             fraction = float(s["real_frac"])
             if not (seconds > 0 and 0 < fraction <= 1):
@@ -1046,7 +1104,7 @@ def _group_sizes(cfg: dict, device, train_fn) -> Callable[[str], int]:
     def size(model: str) -> int:
         from .train import _group_size, model_settings, resolve_device
 
-        return _group_size(model_settings(model, **cfg["train"])["max_parallel"],
+        return _group_size(model_settings(model, **train_overrides(cfg, model))["max_parallel"],
                            resolve_device(device))
     return size
 
@@ -1090,7 +1148,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     preset = preset or paths.preset_name()
     cfg = grid_settings(preset, **overrides)
     with preset_env(preset):
-        directory = Path(results_path) if results_path is not None else paths.results_dir()
+        directory = grid_results_dir(cfg, results_path)
         writer = ResultsWriter(directory)
         if writer.runs and not resume:
             raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
@@ -1107,6 +1165,15 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
         finally:
             if writer.runs:
                 export_csv(directory)
+
+
+def grid_results_dir(cfg: dict, results_path: str | os.PathLike | None = None) -> Path:
+    """``results_path``, else the preset's results folder, or its ``imagenet/`` sub-folder
+    when ``cfg`` starts a model from ImageNet weights (one protocol per folder). Call it
+    under :func:`preset_env`."""
+    if results_path is not None:
+        return Path(results_path)
+    return paths.results_dir() / IMAGENET_RESULTS if cfg["imagenet"] else paths.results_dir()
 
 
 def _free_device_memory() -> None:
@@ -1277,7 +1344,7 @@ class _Session:
         cell = group[0][0]
         val = (self.data.images[self.split.val], self.data.labels[self.split.val])
         test = (self.data.images[self.split.test], self.data.labels[self.split.test])
-        overrides = dict(self.cfg["train"])
+        overrides = train_overrides(self.cfg, cell.model)
         if len(group) == 1:
             bank_images, bank_labels, index = group[0][2].bank_images, group[0][2].bank_labels, \
                 group[0][2].index
@@ -1373,7 +1440,7 @@ def grid_status(preset: str | None = None, results_path: str | os.PathLike | Non
     cfg = grid_settings(preset, **overrides)
     cells = grid_cells(preset, **overrides)
     with preset_env(preset):
-        directory = Path(results_path) if results_path is not None else paths.results_dir()
+        directory = grid_results_dir(cfg, results_path)
         designs = {c: cell_design(cfg, preset, c) for c in cells}
     runs, _ = _read_jsonl(directory / RUNS_FILE)
     done = {r["run_key"] for r in runs}

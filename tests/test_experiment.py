@@ -889,3 +889,101 @@ def test_the_grid_judges_a_new_model_by_the_committed_benchmark(monkeypatch):
         priors = ex._priors(cfg, "cuda", None)
     assert {"basic_cnn", "resnet18", "vit_tiny"} <= set(priors)  # benchmarks/ holds them
     assert ex._priors(cfg, "cuda", FakeTrainer()) == {}  # another trainer: nothing known
+
+
+# ----------------------------------------------------------------------------- ImageNet starts
+
+@pytest.fixture
+def weights_file(tmp_path):
+    """A stand-in weights file: the grid hashes it and passes its path on."""
+    path = tmp_path / "weights" / "resnet18.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"stand-in for timm's resnet18 state dict")
+    return path
+
+
+def test_imagenet_start_changes_the_design_of_its_model_only(weights_file, tmp_path):
+    from mrilib import paths
+
+    plain = ex.grid_settings("thesis")
+    cfg = ex.grid_settings("thesis", imagenet={"resnet18": str(weights_file), "vit_tiny": True})
+    moved = tmp_path / "elsewhere.safetensors"
+    moved.write_bytes(weights_file.read_bytes())
+    with ex.preset_env("thesis"):
+        def design(c, model):
+            return ex.design_hash(c, "thesis", model)
+
+        assert design(cfg, "basic_cnn") == design(plain, "basic_cnn")
+        assert design(cfg, "resnet18") != design(plain, "resnet18")
+        assert design(cfg, "vit_tiny") != design(plain, "vit_tiny")
+        # the weights count, not where their file lies
+        same = ex.grid_settings("thesis", imagenet={"resnet18": str(moved)})
+        assert design(same, "resnet18") == design(cfg, "resnet18")
+        before = design(cfg, "resnet18")
+        weights_file.write_bytes(b"other weights")
+        assert design(cfg, "resnet18") != before
+        assert ex.grid_results_dir(cfg) == paths.results_dir() / "imagenet"
+        assert ex.grid_results_dir(plain) == paths.results_dir()
+        assert ex.grid_results_dir(cfg, tmp_path) == tmp_path
+    assert ex.train_overrides(cfg, "resnet18")["weights"] == str(weights_file)
+    assert ex.train_overrides(cfg, "vit_tiny")["pretrained"] is True
+    assert not {"weights", "pretrained"} & set(ex.train_overrides(cfg, "basic_cnn"))
+
+
+@pytest.mark.parametrize("imagenet, match", [
+    ({"basic_cnn": True}, "'basic_cnn', which has no ImageNet weights"),
+    ({"alexnet": True}, "not a model of the grid"),
+    ({"resnet18": "/nowhere/resnet18.safetensors"}, "no weights file at /nowhere/resnet18"),
+    ({"resnet18": False}, "give True"),
+    (["resnet18"], "give a dict"),
+])
+def test_bad_imagenet_starts_are_named(imagenet, match):
+    with pytest.raises(ValueError, match=match):
+        ex.grid_settings("thesis", imagenet=imagenet)
+
+
+def test_grid_passes_each_model_its_imagenet_start(tiny, tmp_path, weights_file):
+    cells = [{"model": "basic_cnn", "real_fraction": 0.3},
+             {"model": "resnet18", "real_fraction": 0.3}]
+    starts = {"resnet18": str(weights_file)}
+    trainer = FakeTrainer()
+    run(tiny, tmp_path, trainer, cells=cells, imagenet=starts)
+    given = {call[0]: overrides for call, overrides in zip(trainer.calls, trainer.overrides)}
+    assert given["resnet18"]["weights"] == str(weights_file)
+    assert not {"weights", "pretrained"} & set(given["basic_cnn"])
+    # counted as done under its own design, and not as runs of the from-scratch grid
+    done = ex.grid_status("quick", tmp_path, cells=cells, imagenet=starts)
+    assert (done["done"] == done["repeats"]).all()
+    scratch = ex.grid_status("quick", tmp_path, cells=cells).set_index("cell")["done"]
+    assert scratch.to_dict() == {"basic_cnn/none/none/0.3/none": 2,
+                                 "resnet18/none/none/0.3/none": 0}
+
+
+def test_grid_trains_resnet18_from_a_weights_file(tiny, tmp_path):
+    """The real training engine: the runs start from the file and say so."""
+    import timm
+
+    from mrilib import train
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    data, split = tiny
+    ex.run_grid("quick", results_path=tmp_path / "results", synth_fn=fake_sets, data=data,
+                split=split, progress=False, device="cpu",
+                cells=[{"model": "resnet18", "real_fraction": 0.3}],
+                imagenet={"resnet18": str(path)})
+    runs, _ = ex.load_results(tmp_path / "results")
+    assert len(runs) == 2 and set(runs["init"]) == {"imagenet"}
+    lr = train.PER_MODEL["resnet18"]["lr_imagenet"]
+    assert all(s["lr"] == lr and s["weights"] == str(path) for s in runs["train_settings"])
+
+
+def test_grid_cli_imagenet_option():
+    from mrilib.commands.grid import imagenet_starts
+
+    assert imagenet_starts("resnet18, vit_tiny=w/vit.safetensors") == {
+        "resnet18": True, "vit_tiny": "w/vit.safetensors"}
+    for bad in ("resnet18=", ",", "=w.pt"):
+        with pytest.raises(ValueError, match="MODEL or MODEL=PATH"):
+            imagenet_starts(bad)

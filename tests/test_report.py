@@ -288,3 +288,18 @@ def test_chapter_results_says_what_it_set_aside(repo, monkeypatch):
     assert len(chapter.epochs) == 12
     assert chapter.description.startswith("Committed full run (results/")
     assert "12 runs of another design (0ld0ld00) set aside" in chapter.description
+
+
+def test_report_cli_writes_figures_and_summary_where_told(repo, monkeypatch):
+    """What grid --imagenet's results need: a report that leaves figures/ alone."""
+    from mrilib import cli
+
+    monkeypatch.setenv("MRILIB_PRESET", "thesis")
+    results = write_runs(repo / "repo" / "results" / "imagenet", QUICK_CELLS, preset="thesis")
+    figures = repo / "repo" / "figures" / "imagenet"
+    assert cli.main(["report", "--results", str(results), "--out", str(results),
+                     "--figures", str(figures), "--n-boot", "50"]) == 0
+    assert (figures / "fig7_2_augmentation.png").is_file()
+    assert not (repo / "repo" / "figures" / "fig7_2_augmentation.png").exists()
+    summary = (results / "summary.md").read_text()
+    assert "](../../figures/imagenet/fig7_2_augmentation.png)" in summary

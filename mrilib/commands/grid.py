@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
                         "and policy whose training sets have its size, up to R replicates in "
                         "one call (one vmap group on CUDA), e.g. vit_tiny=60 (default: off; "
                         "see mrilib.experiment's merge_replicates)")
+    p.add_argument("--imagenet", default=None, metavar="MODEL[=PATH][,MODEL[=PATH]]",
+                   help="start these models from ImageNet weights and train only them: "
+                        "MODEL fetches timm's weights from the Hugging Face hub, MODEL=PATH "
+                        "reads timm's state dict from a file, e.g. resnet18,vit_tiny; rows "
+                        "go to <results>/imagenet unless --results is given")
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
     p.set_defaults(func=run)
@@ -50,21 +55,37 @@ def merge_replicates(text: str) -> dict[str, int]:
     return out
 
 
+def imagenet_starts(text: str) -> dict:
+    """``--imagenet resnet18,vit_tiny=PATH``: {model: True (the hub) or the weights' path}."""
+    out = {}
+    for part in text.split(","):
+        model, sep, path = (x.strip() for x in part.partition("="))
+        if not model or (sep and not path):
+            raise ValueError(f"--imagenet {text!r}: give MODEL or MODEL=PATH, comma-separated, "
+                             f"e.g. resnet18,vit_tiny or resnet18=weights/resnet18.safetensors")
+        out[model] = path if sep else True
+    return out
+
+
 def run(args) -> int:
     from ..experiment import grid_status, run_grid
 
+    overrides = {}
+    if args.imagenet is not None:
+        starts = imagenet_starts(args.imagenet)
+        overrides.update(imagenet=starts, models=list(starts))
     if args.list:
-        status = grid_status(args.preset, args.results)
+        status = grid_status(args.preset, args.results, **overrides)
         print(status.to_string(index=False))
         print(f"{int((status['done'] == status['repeats']).sum())} of {len(status)} cells "
               f"complete; {int(status['done'].sum())} of {int(status['repeats'].sum())} runs")
         return 0
-    merge = {} if args.merge_replicates is None else {
-        "merge_replicates": merge_replicates(args.merge_replicates)}
+    if args.merge_replicates is not None:
+        overrides["merge_replicates"] = merge_replicates(args.merge_replicates)
     progress = run_grid(args.preset, args.results, resume=args.resume,
                         max_minutes=args.max_minutes, device=args.device,
                         train_generators=args.train_generators, source=args.source,
-                        available_generators=args.available_generators, **merge)
+                        available_generators=args.available_generators, **overrides)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")
@@ -74,6 +95,8 @@ def run(args) -> int:
         print(f"stopped  before the next cell to stay within {args.max_minutes} minutes")
     if progress.remaining:
         preset = f" --preset {args.preset}" if args.preset else ""
+        again = "".join(f" --{flag} {value}" for flag, value in
+                        (("results", args.results), ("imagenet", args.imagenet)) if value)
         print(f"{len(progress.remaining)} cell(s) left: rerun `python -m mrilib grid{preset} "
-              f"--resume` to continue where this stopped")
+              f"--resume{again}` to continue where this stopped")
     return 0

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None,
                    help="folder for summary.md (default: the preset's results folder, so a "
                         "quick run never overwrites the committed results/summary.md)")
+    p.add_argument("--figures", default=None,
+                   help="folder for the figures (default: figures/ for thesis, "
+                        "cache/<preset>/figures otherwise), e.g. figures/imagenet for the "
+                        "results of grid --imagenet")
     p.add_argument("--metric", default="final_val_loss", choices=METRICS,
                    help="the loss the tables and verdicts use (default: the thesis's, median "
                         "validation cross-entropy at the last epoch)")
@@ -34,19 +38,20 @@ def run(args) -> int:
     from ..paths import preset_name
 
     with preset_env(args.preset or preset_name()):
-        path = write_report(args.results, args.metric, args.n_boot, out=args.out)
+        path = write_report(args.results, args.metric, args.n_boot, out=args.out,
+                            figures=args.figures)
     print(f"wrote {path}")
     return 0
 
 
 def write_report(results=None, metric: str = "final_val_loss", n_boot: int | None = None,
-                 seed: int | None = None, out=None) -> Path:
+                 seed: int | None = None, out=None, figures=None) -> Path:
     """Draw every figure and write ``summary.md``; the path of the summary.
 
     Reads ``results``, by default the runs :func:`mrilib.experiment.chapter_results`
     picks without training (the committed ``results/`` when it holds runs, else the
-    preset's results folder); figures go to :func:`figures_dir` and the summary to
-    ``out`` (default :func:`results_dir`), both by the preset in force, so reading the
+    preset's results folder); figures go to ``figures`` (default :func:`figures_dir`) and
+    the summary to ``out`` (default :func:`results_dir`), both by the preset in force, so reading the
     committed results under the quick preset writes nothing over them. Figures whose
     cells are not run yet are listed in the summary with the reason. Runs of a
     superseded design are left out, as :func:`mrilib.experiment.load_results` does by
@@ -60,6 +65,7 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
     from ..plots import results as plots
     from ..plots import save_figure
 
+    figure_dir = figures
     if results is None:
         chapter = chapter_results(train=False)
         directory, runs, epochs = chapter.directory, chapter.runs, chapter.epochs
@@ -81,7 +87,7 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
         except plots.MissingCells as err:  # the cells it needs are not in the table yet
             figures[name] = f"not drawn: {err}"
             continue
-        figures[name] = save_figure(fig, name)
+        figures[name] = save_figure(fig, name, directory=figure_dir)
         plt.close(fig)
     out = Path(out) if out is not None else results_dir()
     text = summary_markdown(runs, directory, out, figures, metric, n_boot, seed, origin)

@@ -14,11 +14,13 @@ from .._lazy import lazy_names
 from ..paths import atomic_write_bytes, figures_dir
 
 
-def save_figure(fig, name: str, dpi: int = 150) -> Path:
-    """Write ``fig`` as ``<figures_dir>/<name>.png`` atomically; return the path."""
+def save_figure(fig, name: str, dpi: int = 150, directory=None) -> Path:
+    """Write ``fig`` as ``<directory>/<name>.png`` atomically (default :func:`figures_dir`);
+    return the path."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(figures_dir() / f"{Path(name).stem}.png", buf.getvalue())
+    folder = figures_dir() if directory is None else Path(directory)
+    return atomic_write_bytes(folder / f"{Path(name).stem}.png", buf.getvalue())
 
 
 from .data import (class_counts_figure, class_counts_table,  # noqa: E402
