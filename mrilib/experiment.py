@@ -1590,6 +1590,20 @@ def _committed_line(runs, preset: str) -> str:
             f"runs on {_values(runs, 'device_name')}, commit {commits}{where}.")
 
 
+def folder_line(runs, directory: Path) -> str:
+    """What a results folder named explicitly holds of its grid: a report's first line."""
+    presets = sorted({str(p) for p in runs["preset"].dropna()}) if "preset" in runs else []
+    line = f"Runs read from {_shown(directory)}/: {len(runs)} runs"
+    if len(presets) == 1:
+        try:
+            complete, started = _complete_cells(runs.to_dict("records"), presets[0])
+            line += (f", {complete} of {len(grid_cells(presets[0]))} cells of the "
+                     f"{presets[0]} grid complete, {started} started")
+        except (KeyError, ValueError):  # a preset this code no longer has
+            pass
+    return _with_set_aside(line + ".", runs)
+
+
 def _local_line(runs, preset: str, directory: Path) -> str:
     complete, _ = _complete_cells(runs.to_dict("records"), preset)
     kind = "Quick CPU grid" if preset == "quick" else f"The {preset!r} preset's grid"

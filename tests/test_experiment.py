@@ -570,7 +570,8 @@ def test_report_writes_every_figure_and_a_summary(results_with_a_known_gain):
 
     results, figures = results_with_a_known_gain
     path = write_report(results, n_boot=200)
-    assert path == figures.parent / "results" / "summary.md"  # the quick preset's folder
+    assert path == results / "summary.md"  # a folder of its own keeps its report
+    figures = results / "figures"
     summary = path.read_text()
     assert {p.stem for p in figures.glob("*.png")} == {
         "fig7_1_loss_curves", "fig7_2_augmentation", "fraction_sweep", "synthetic_effect",
@@ -626,8 +627,8 @@ def test_cli_modules_parse_and_run(results_with_a_known_gain, capsys):
     args = parser.parse_args(["report", "--preset", "quick", "--results", str(results),
                               "--n-boot", "200"])
     assert args.func(args) == 0
-    assert (figures.parent / "results" / "summary.md").exists()
-    assert not (results / "summary.md").exists()
+    assert (results / "summary.md").exists() and (results / "figures").is_dir()
+    assert not (figures.parent / "results" / "summary.md").exists()
 
 
 # ----------------------------------------------------------------------------- one design per read

@@ -176,7 +176,7 @@ def test_the_report_lists_what_it_could_not_draw(repo, cells):
     summary = write_report(results, n_boot=50).read_text()
     assert "Chapter 7 results" in summary and "slice-level" in summary
     assert "Moderate_Demented has 1 of the 16 test images" in summary
-    drawn = {p.stem for p in (repo / "cache" / "quick" / "figures").glob("*.png")}
+    drawn = {p.stem for p in (results / "figures").glob("*.png")}
     for name in figure_makers(*ex.load_results(results)):
         assert name in drawn or f"- {name}: not drawn:" in summary, name
 
@@ -296,10 +296,47 @@ def test_report_cli_writes_figures_and_summary_where_told(repo, monkeypatch):
 
     monkeypatch.setenv("MRILIB_PRESET", "thesis")
     results = write_runs(repo / "repo" / "results" / "imagenet", QUICK_CELLS, preset="thesis")
-    figures = repo / "repo" / "figures" / "imagenet"
-    assert cli.main(["report", "--results", str(results), "--out", str(results),
-                     "--figures", str(figures), "--n-boot", "50"]) == 0
-    assert (figures / "fig7_2_augmentation.png").is_file()
-    assert not (repo / "repo" / "figures" / "fig7_2_augmentation.png").exists()
+    assert cli.main(["report", "--results", str(results), "--n-boot", "50"]) == 0
+    assert (results / "figures" / "fig7_2_augmentation.png").is_file()
+    assert not (repo / "repo" / "figures").exists()  # the committed figures stay as they are
     summary = (results / "summary.md").read_text()
-    assert "](../../figures/imagenet/fig7_2_augmentation.png)" in summary
+    assert "](figures/fig7_2_augmentation.png)" in summary
+    assert "Runs read from results/imagenet/: 12 runs, 0 of 147 cells of the thesis grid " \
+           "complete, 6 started." in summary
+    # told where: there
+    figures = repo / "elsewhere"
+    assert cli.main(["report", "--results", str(results), "--figures", str(figures),
+                     "--n-boot", "50"]) == 0
+    assert (figures / "fig7_2_augmentation.png").is_file()
+
+
+def test_a_figure_no_longer_drawn_is_removed(repo):
+    """A partial grid's summary never stands beside a stale figure of other runs."""
+    results = write_runs(repo / "results", QUICK_CELLS)
+    stale = results / "figures" / "synthetic_effect_hflip.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an old figure")
+    summary = write_report(results, n_boot=50).read_text()
+    assert "- synthetic_effect_hflip: not drawn" in summary and not stale.exists()
+
+
+def test_a_cell_on_few_samples_gets_no_verdict_and_gaps_break_the_sweep(repo):
+    runs, _ = ex.load_results(write_runs(repo / "results", [
+        "basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
+        "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
+        "basic_cnn/none/fill/0.8/sample"], repeats=6))
+    table = plots.thesis_comparison(runs, n_boot=50)
+    # write_runs draws two real samples; at 100% real every repeat is its own unit
+    assert table["samples"].tolist() == [2, 6, 2]
+    assert table["thesis inside our interval"].tolist() == [
+        "too few samples (2)", "no", "too few samples (2)"]
+    # the thesis's measure, whatever metric is asked for
+    runs["final_test_loss"] += 1.0
+    assert plots.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)
+    cells = plots.results_table(runs, n_boot=50)["No augmentation"]
+    assert cells.iloc[0].endswith("n=6") and cells.iloc[1].endswith("n=6, 2 samples")
+    line = runs[(runs["synthetic"] == "none")][["real_fraction"]].drop_duplicates()
+    gaps = plots._with_gaps(line.sort_values("real_fraction"), "none")
+    assert gaps["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    fill = plots._with_gaps(line[line["real_fraction"] < 0.6], "fill")
+    assert fill["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5]

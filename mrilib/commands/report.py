@@ -17,14 +17,16 @@ def add_parser(sub) -> None:
                         "(cache/<preset>/); default: $MRILIB_PRESET, else thesis")
     p.add_argument("--results", default=None,
                    help="folder holding runs.jsonl to read (default: the committed results/ "
-                        "when it holds runs, else the preset's results folder)")
+                        "when it holds runs, else the preset's results folder); any other "
+                        "folder gets the summary and a figures/ folder of its own, e.g. "
+                        "results/imagenet")
     p.add_argument("--out", default=None,
-                   help="folder for summary.md (default: the preset's results folder, so a "
-                        "quick run never overwrites the committed results/summary.md)")
+                   help="folder for summary.md (default: the folder --results names, else "
+                        "the preset's results folder, so a quick run never overwrites the "
+                        "committed results/summary.md)")
     p.add_argument("--figures", default=None,
-                   help="folder for the figures (default: figures/ for thesis, "
-                        "cache/<preset>/figures otherwise), e.g. figures/imagenet for the "
-                        "results of grid --imagenet")
+                   help="folder for the figures (default: <the --results folder>/figures, "
+                        "else figures/ for thesis and cache/<preset>/figures otherwise)")
     p.add_argument("--metric", default="final_val_loss", choices=METRICS,
                    help="the loss the tables and verdicts use (default: the thesis's, median "
                         "validation cross-entropy at the last epoch)")
@@ -51,17 +53,21 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
     Reads ``results``, by default the runs :func:`mrilib.experiment.chapter_results`
     picks without training (the committed ``results/`` when it holds runs, else the
     preset's results folder); figures go to ``figures`` (default :func:`figures_dir`) and
-    the summary to ``out`` (default :func:`results_dir`), both by the preset in force, so reading the
-    committed results under the quick preset writes nothing over them. Figures whose
-    cells are not run yet are listed in the summary with the reason. Runs of a
+    the summary to ``out`` (default :func:`results_dir`), both by the preset in force, so
+    reading the committed results under the quick preset writes nothing over them. A
+    ``results`` folder other than these two (e.g. ``results/imagenet``) keeps its report
+    to itself: ``summary.md`` in it and figures in its ``figures/``. Figures whose
+    cells are not run yet are listed in the summary with the reason (and an older file of
+    theirs is removed, so no stale figure stands beside the summary). Runs of a
     superseded design are left out, as :func:`mrilib.experiment.load_results` does by
     default, and the summary says how many.
     """
     import matplotlib.pyplot as plt
 
     from .. import stats
-    from ..experiment import chapter_results, load_results, preset_note
-    from ..paths import atomic_write_bytes, results_dir
+    from ..experiment import (chapter_results, committed_results_dir, folder_line,
+                              load_results, preset_note)
+    from ..paths import atomic_write_bytes, figures_dir, results_dir
     from ..plots import results as plots
     from ..plots import save_figure
 
@@ -73,8 +79,12 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
     else:
         directory = Path(results)
         runs, epochs = load_results(directory)  # one design per model; warns what it set aside
-        aside = runs.attrs.get("set_aside")
-        origin = aside["short"] if aside else None
+        origin = folder_line(runs, directory)
+        if directory.resolve() not in (results_dir().resolve(),
+                                       committed_results_dir().resolve()):
+            # another folder (results/imagenet, a copy): its report stays beside its runs
+            out = directory if out is None else out
+            figure_dir = directory / "figures" if figure_dir is None else figure_dir
     if runs.empty:
         raise FileNotFoundError(f"{directory / 'runs.jsonl'} holds no runs yet; run the grid "
                                 f"first (python -m mrilib grid --preset ... --resume)")
@@ -86,6 +96,8 @@ def write_report(results=None, metric: str = "final_val_loss", n_boot: int | Non
             fig = make()
         except plots.MissingCells as err:  # the cells it needs are not in the table yet
             figures[name] = f"not drawn: {err}"
+            stale = Path(figure_dir or figures_dir()) / f"{name}.png"
+            stale.unlink(missing_ok=True)
             continue
         figures[name] = save_figure(fig, name, directory=figure_dir)
         plt.close(fig)
@@ -224,8 +236,13 @@ def _thesis_section(runs, metric, n_boot, seed) -> str:
     from .. import stats
     from ..plots import results as plots
 
+    metric = plots._thesis_metric(metric)  # the thesis's measure, whatever --metric
     table = plots.thesis_comparison(runs, metric, n_boot, seed)
-    lines = ["## Beside the thesis (basic CNN, no augmentation)", markdown_table(table)]
+    lines = ["## Beside the thesis (basic CNN, no augmentation)",
+             f"Median {plots.METRIC_LABELS[metric]}, the thesis's measure; whether its number "
+             f"lies inside our interval is judged only for cells of at least "
+             f"{plots._min_clusters()} real samples.",
+             markdown_table(table)]
     pairs = (("30% real + 70% synthetic vs 100% real",
               {"synthetic": "fill", "real_fraction": 0.3}, {"synthetic": "none", "real_fraction": 1.0}),
              ("30% real vs 100% real",
@@ -272,11 +289,14 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
              "the difference is the median of the per-repeat differences, synthetic minus "
              "real only). Negative differences mean the synthetic images lowered the loss.",
              markdown_table(shown, index=False),
+             "\"real only\" and \"with synthetic\" are the medians of the repeats the two "
+             "cells share, so \"real only\" can differ from the real-only cell's median "
+             "over all its repeats in the tables below.",
              f"Synthetic images lowered the loss distinguishably from noise in {len(helped)} of "
              f"{len(effects)} comparisons" + (": " + "; ".join(
                  f"{a}, {g}, {p} at {x}% real" for a, g, p, x in
                  zip(helped["architecture"], helped["aug"], helped["synthetic"], helped["real %"]))
-                 if len(helped)
+                 + "." if len(helped)
                  else ".")
              + f" With no effect anywhere, about {0.025 * len(effects):.1f}-"
                f"{0.05 * len(effects):.1f} of {len(effects)} would show a lower loss by chance "
@@ -289,10 +309,18 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
 def _tables_section(runs, metric, n_boot, seed) -> str:
     from ..plots import results as plots
 
+    from ..experiment import MODELS
+    from ..models import MODELS as SPECS
+
     lines = ["## The thesis's results table, per architecture",
-             "Median [95% interval] n=repeats; '-' where a cell has not been run."]
+             "Median [95% interval] n=repeats; '-' where a cell has not been run; "
+             "', k samples' where its repeats rest on fewer real samples than an interval "
+             "needs (a partly run cell)."]
     for model in dict.fromkeys(runs["model"]):
         lines.append(markdown_table(plots.results_table(runs, model, metric, n_boot, seed)))
+    missing = [SPECS[m].label for m in MODELS if not (runs["model"] == m).any()]
+    if missing:
+        lines.append(f"No runs yet of {' and '.join(missing)}.")
     return "\n\n".join(lines)
 
 
@@ -315,7 +343,7 @@ def _classification_section(runs, n_boot, seed) -> str:
     from ..plots import results as plots
 
     return "\n\n".join(["## Accuracy, macro-F1 and recall per class (test split, last epoch)",
-                        plots.moderate_note(runs),
+                        plots.moderate_note(runs) + " " + plots.SPLIT_NOTE,
                         markdown_table(plots.classification_table(runs, n_boot=n_boot,
                                                                   seed=seed), index=False)])
 
@@ -335,7 +363,7 @@ def _cells_section(runs, n_boot, seed) -> str:
     from ..plots import results as plots
 
     summary = stats.cell_summary(runs, n_boot=n_boot, seed=seed)
-    shown = summary[[*stats.CELL_COLUMNS, "n", "clusters", "init"]].copy()
+    shown = summary[[*stats.CELL_COLUMNS, "n", "clusters", "diverged", "init"]].copy()
     shown["real_fraction"] = [f"{x:.0%}" for x in shown["real_fraction"]]
     for metric in stats.default_metrics(runs):
         shown[metric] = [plots.format_interval(e, lo, hi, digits=3) for e, lo, hi in
@@ -344,5 +372,7 @@ def _cells_section(runs, n_boot, seed) -> str:
                         "macro-F1 and recall from the test confusion matrices. `clusters`: "
                         "the independent units the bootstrap resamples (repeats that share "
                         "a real sample count once); an interval over few of them is "
-                        "optimistic.",
+                        "optimistic. `diverged`: runs whose final validation loss is "
+                        "missing or infinite (counted as +inf in the medians). "
+                        + plots.SPLIT_NOTE,
                         markdown_table(shown, index=False)])

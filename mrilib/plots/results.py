@@ -231,6 +231,23 @@ def _cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, fl
     return iv.estimate, iv.low, iv.high, len(sel)
 
 
+def _cell_clusters(runs, **cell) -> int:
+    """Independent real samples (clusters) a cell's runs rest on."""
+    sel = stats.select_cell(runs, **cell)
+    return int(pd.Series(stats.cluster_ids(sel)).nunique()) if len(sel) else 0
+
+
+def _min_clusters() -> int:
+    from ..config import settings
+
+    return settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
+
+
+def _thesis_metric(metric: str) -> str:
+    """The thesis reports validation cross-entropy: a test metric is not set beside it."""
+    return metric if metric in ("final_val_loss", "best_val_loss") else "final_val_loss"
+
+
 def format_interval(estimate: float, low: float, high: float, n: int | None = None,
                     digits: int = 4) -> str:
     """``"0.1760 [0.1712, 0.1801]"`` (and ``" n=20"`` when ``n`` is given)."""
@@ -243,15 +260,21 @@ def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "f
     """The thesis's results table for one architecture: median [95% interval] n per cell.
 
     Rows: 100% real / 0% synthetic, 80% real / 20% synthetic, 100% real / 20% synthetic
-    (ModerateDemented only); columns: the augmentation policies. "-" where not yet run.
+    (ModerateDemented only); columns: the augmentation policies. "-" where not yet run;
+    ", k samples" where a cell's repeats rest on fewer than ``min_clusters`` real samples
+    (a partly run cell), whose interval then misses the variation between samples.
     """
     table = {}
     for row, (synthetic, fraction) in TABLE_ROWS.items():
         table[row] = {}
         for aug, aug_label in AUG_LABELS.items():
-            found = _cell_interval(runs, metric, n_boot, seed, model=model, aug=aug,
-                                   synthetic=synthetic, real_fraction=fraction)
-            table[row][aug_label] = format_interval(*found) if found else "-"
+            cell = dict(model=model, aug=aug, synthetic=synthetic, real_fraction=fraction)
+            found = _cell_interval(runs, metric, n_boot, seed, **cell)
+            text = format_interval(*found) if found else "-"
+            clusters = _cell_clusters(runs, **cell) if found else 0
+            if found and clusters < _min_clusters():  # an interval within too few samples
+                text += f", {clusters} sample{'s' * (clusters != 1)}"
+            table[row][aug_label] = text
     out = pd.DataFrame(table).T
     out.index.name = f"{model_label(runs, model)}: median {_metric_label(metric)}"
     return out
@@ -259,23 +282,37 @@ def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "f
 
 def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
                       n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """The thesis's three basic-CNN numbers beside ours (median, interval, n, ratio)."""
+    """The thesis's three basic-CNN numbers beside ours (median, interval, n, ratio).
+
+    Always a validation cross-entropy, the thesis's measure (``metric`` if it is one,
+    else the last epoch's). Whether the thesis's number lies inside our interval is
+    judged only for a cell resting on at least ``min_clusters`` real samples: a partly
+    run cell's interval misses the variation between samples ("too few samples").
+    """
+    metric = _thesis_metric(metric)
     rows = []
     for _, ref in THESIS_NUMBERS.iterrows():
-        found = _cell_interval(runs, metric, n_boot, seed, model="basic_cnn", aug="none",
-                               synthetic=ref["synthetic"], real_fraction=ref["real_fraction"])
+        cell = dict(model="basic_cnn", aug="none", synthetic=ref["synthetic"],
+                    real_fraction=ref["real_fraction"])
+        found = _cell_interval(runs, metric, n_boot, seed, **cell)
         median, low, high, n = found if found else (np.nan, np.nan, np.nan, 0)
+        clusters = _cell_clusters(runs, **cell) if found else 0
+        verdict = ("-" if not n else f"too few samples ({clusters})"
+                   if clusters < _min_clusters() else
+                   "yes" if low <= ref["thesis"] <= high else "no")
         rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
-                     "low": low, "high": high, "n": n, "ours / thesis": median / ref["thesis"],
-                     "thesis inside our interval": "-" if not n else
-                     ("yes" if low <= ref["thesis"] <= high else "no")})
+                     "low": low, "high": high, "n": n, "samples": clusters,
+                     "ours / thesis": median / ref["thesis"],
+                     "thesis inside our interval": verdict})
     return pd.DataFrame(rows).set_index("setting")
 
 
 def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
                              n_boot: int | None = None, seed: int | None = None,
                              save: str | None = None, note: str | None = None):
-    """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation)."""
+    """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation);
+    hollow where a cell rests on fewer than ``min_clusters`` real samples."""
+    metric = _thesis_metric(metric)
     table = thesis_comparison(runs, metric, n_boot, seed)
     if not table["n"].any():
         raise MissingCells("thesis_comparison_figure: none of the thesis's three basic-CNN "
@@ -284,7 +321,12 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     y = np.arange(len(table))
     ours = table["ours"].to_numpy()
     err = np.vstack([ours - table["low"].to_numpy(), table["high"].to_numpy() - ours])
-    ax.errorbar(ours, y, xerr=err, fmt="o", color="C0", capsize=4, label="ours: median, 95% interval")
+    few = table["samples"].to_numpy() < _min_clusters()
+    for mask, face, label in ((~few, "C0", "ours: median, 95% interval"),
+                              (few, "none", f"ours, fewer than {_min_clusters()} real samples")):
+        if mask.any():
+            ax.errorbar(ours[mask], y[mask], xerr=err[:, mask], fmt="o", color="C0",
+                        markerfacecolor=face, capsize=4, label=label)
     ax.scatter(table["thesis"], y, marker="D", color="C3", zorder=3, label="Kwon (2024)")
     ax.set_yticks(y, table.index)
     ax.invert_yaxis()
@@ -298,6 +340,20 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
 
 
 # ----------------------------------------------------------------------------- the sweep
+
+def _with_gaps(line: pd.DataFrame, synthetic: str) -> pd.DataFrame:
+    """``line`` with a NaN row at each grid fraction between its ends that was not run,
+    so the sweep's line breaks there instead of joining its neighbours."""
+    from ..experiment import FRACTIONS
+
+    have = line["real_fraction"].round(4)
+    grid = [x for x in FRACTIONS if have.min() < x < have.max() and not (have == x).any()
+            and (synthetic == "none" or x < 1)]
+    if not grid:
+        return line
+    gaps = pd.DataFrame({"real_fraction": grid})
+    return pd.concat([line, gaps], ignore_index=True).sort_values("real_fraction")
+
 
 def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
                           models: Sequence[str] | None = None, n_boot: int | None = None,
@@ -322,9 +378,9 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
         for synthetic, label, color, shift in (("none", "real only", "C0", -0.006),
                                                ("fill", "real + synthetic to 100%", "C3", 0.006)):
             line = summary[(summary["model"] == model) & (summary["synthetic"] == synthetic)]
-            line = line.sort_values("real_fraction")
             if line.empty:
                 continue
+            line = _with_gaps(line.sort_values("real_fraction"), synthetic)
             x = line["real_fraction"].to_numpy() + shift
             err = np.vstack([line[metric] - line[f"{metric}_low"], line[f"{metric}_high"] - line[metric]])
             ax.errorbar(x, line[metric], yerr=err, fmt="o-", color=color, capsize=3, label=label)
