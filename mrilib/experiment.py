@@ -707,6 +707,38 @@ def _append_lines(path: Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_only: bool = False
+                  ) -> tuple[int, int]:
+    """Append to ``target`` the runs of ``source`` it lacks, each with its epoch rows.
+
+    For rows a lent GPU sends back (``tools/gpu/collect.sh``): a run both folders hold
+    must be the same row in both, else this raises before writing anything, naming the
+    run (two leases trained it differently: keep both files and decide by hand). Runs
+    only ``target`` holds stay. ``check_only``: raise or not, write nothing. Returns
+    (runs ``target`` held, runs added).
+    """
+    source, target = Path(source), Path(target)
+    got, _ = _read_jsonl(source / RUNS_FILE)
+    have = {r["run_key"]: r for r in _read_jsonl(target / RUNS_FILE)[0]}
+    for row in got:
+        if row["run_key"] in have and have[row["run_key"]] != row:
+            raise ValueError(f"run {row['run_key']} differs between {source} and {target} "
+                             f"(e.g. its final_val_loss {row.get('final_val_loss')} there, "
+                             f"{have[row['run_key']].get('final_val_loss')} here): the two "
+                             f"were trained apart; nothing was merged, both files are as "
+                             f"they were")
+    new = [r for r in got if r["run_key"] not in have]
+    if check_only or not new:
+        return len(have), len(new)
+    epochs: dict[str, list[dict]] = {}
+    for row in _read_jsonl(source / EPOCHS_FILE)[0]:
+        epochs.setdefault(row["run_key"], []).append(row)
+    writer = ResultsWriter(target)
+    for row in new:
+        writer.append(row, epochs.get(row["run_key"], []))
+    return len(have), len(new)
+
+
 class MixedDesignsWarning(UserWarning):
     """A results folder holds runs of several designs; :func:`load_results` set some aside."""
 
@@ -969,7 +1001,7 @@ class GridProgress:
 
 
 class _Budget:
-    """Stops between cells when the next one would not finish inside ``max_minutes``.
+    """Judges before each cell whether it would finish inside ``max_minutes``.
 
     A cell's time is judged by the last cell of the same model (from earlier chunks'
     rows, then this chunk's), scaled up, never down, by how many more vmap groups its
@@ -1124,10 +1156,11 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
 
     ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
     repeats of a cell in one call; ``synth_fn`` (default :func:`training_sets`) builds
-    their training sets. ``max_minutes`` stops cleanly before a cell that would not
-    finish in time (judged by the last cell of the same model, scaled up by its training
-    set's size and vmap groups: :class:`_Budget`). A cell
-    whose generator is not trained yet is skipped and listed in ``blocked``, unless
+    their training sets. ``max_minutes`` skips each cell that would not finish in the
+    time left, judged by the last cell of the same model, scaled up by its training set's
+    size and vmap groups (:class:`_Budget`); a shorter cell further on may still run. A
+    cell whose generator is not trained yet is skipped and listed in ``blocked`` before
+    its time is judged, unless
     ``train_generators`` (local backend): then the runner trains (or resumes) the
     generators it needs within the time left and runs the cell once they are done.
     ``available_generators``: a synthetic cell whose generators are only partly trained
@@ -1232,9 +1265,15 @@ class _Session:
             for cell in [c for c in cells if todo[c]]:
                 if not todo[cell]:
                     continue  # trained together with an earlier cell
+                if self._waits_for_generators(cell, todo, blocked):
+                    # listed as blocked before any time is judged, so a lease without
+                    # generators is not stopped at a synthetic cell it would skip anyway
+                    written += self._run_ready(cell, todo, blocked)
+                    stopped |= cell.key in blocked and blocked[cell.key].startswith("no time")
+                    continue
                 if not self.budget.allows(cell, len(todo[cell])):
                     stopped = True
-                    break
+                    continue  # a smaller cell further on may still fit
                 bar.set_postfix_str(cell.key)
                 self._ensure_data()  # outside the try: a missing dataset is no missing generator
                 try:
@@ -1370,6 +1409,44 @@ class _Session:
             out.append(records[at:at + len(cell_seeds)])
             at += len(cell_seeds)
         return out
+
+    def _waits_for_generators(self, cell: Cell, todo: dict, blocked: dict) -> bool:
+        """Whether some of ``cell``'s repeats need a generator that is not trained and
+        will not be trained in this call; ``blocked`` then says which and how to train it."""
+        from .synthetic.diffusion import trained_generator
+
+        if (cell.synthetic == "none" or self.train_generators or self.cfg["backend"] != "local"
+                or self.synth_fn is not training_sets):  # another builder finds its own images
+            return False
+        self._ensure_data()
+        why, waiting = None, []
+        for r in todo[cell]:
+            try:
+                trained_generator(self.data, self.split, generator_fraction(cell, self.cfg),
+                                  repeat_seeds(r, self.cfg).sample_index,
+                                  leaky=cell.generator == "leaky")
+            except FileNotFoundError as err:
+                why = why or str(err)
+                waiting.append(r)
+        if waiting:
+            blocked[cell.key] = why if len(waiting) == len(todo[cell]) else \
+                f"{len(waiting)} repeat(s) wait: {why}"
+        return bool(waiting)
+
+    def _run_ready(self, cell: Cell, todo: dict, blocked: dict) -> int:
+        """With ``available_generators``: train the repeats of a blocked ``cell`` whose
+        generators exist, if they fit the time left; the runs written."""
+        ready = self.ready_repeats(cell, todo[cell])
+        if not ready:
+            return 0
+        if not self.budget.allows(cell, len(ready)):
+            blocked[cell.key] = f"no time left this chunk for its {len(ready)} ready " \
+                                f"repeat(s); {blocked[cell.key]}"
+            return 0
+        self._ensure_data()
+        written = self.run_cell(cell, ready)[0]
+        todo[cell] = [r for r in todo[cell] if r not in ready]
+        return written
 
     def ready_repeats(self, cell: Cell, repeats: list[int]) -> list[int]:
         """With ``available_generators``: the ``repeats`` whose generator is trained."""

@@ -988,3 +988,63 @@ def test_grid_cli_imagenet_option():
     for bad in ("resnet18=", ",", "=w.pt"):
         with pytest.raises(ValueError, match="MODEL or MODEL=PATH"):
             imagenet_starts(bad)
+
+
+def test_a_timed_chunk_is_not_stopped_by_cells_it_would_skip(tiny, tmp_path, monkeypatch):
+    """No generators in this chunk: the synthetic cells are listed before any time is
+    judged, and a cell too long for the time left gives way to a shorter one further on."""
+    import mrilib.synthetic.cache as cache_mod
+    import mrilib.synthetic.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")  # no generator trained
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    data, split = tiny
+    clock = FakeClock()
+    trainer = FakeTrainer(clock=clock, seconds_per_cell=10.0)
+    # 25 s: the 30% cell takes 10; 100% real is judged 10 / 0.3 = 33 s and waits; the
+    # synthetic cells have no generator; hflip at 30% is judged 10 s and fits.
+    progress = ex.run_grid("quick", results_path=tmp_path / "results", train_fn=trainer,
+                           data=data, split=split, clock=clock, progress=False,
+                           max_minutes=25 / 60)
+    assert [(model, aug) for model, aug, *_ in trainer.calls] == [("basic_cnn", "none"),
+                                                                  ("basic_cnn", "hflip")]
+    assert progress.stopped_for_time
+    synthetic = {c.key for c in ex.grid_cells("quick") if c.synthetic != "none"}
+    assert set(progress.blocked) == synthetic
+    assert all("synth train" in why for why in progress.blocked.values())
+    assert set(progress.remaining) == synthetic | {"basic_cnn/none/none/1/none"}
+
+
+# ----------------------------------------------------------------------------- merging a lease's rows
+
+def write_rows(directory, losses: dict, torn: bool = False):
+    """runs.jsonl and epochs.jsonl holding one run per key of ``losses``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    runs = "".join(json.dumps({"run_key": k, "final_val_loss": v}) + "\n" for k, v in losses.items())
+    epochs = "".join(json.dumps({"run_key": k, "epoch": e, "val_loss": v})
+                     + "\n" for k, v in losses.items() for e in (1, 2))
+    (directory / "runs.jsonl").write_text(runs + ('{"run_key": "cut' if torn else ""))
+    (directory / "epochs.jsonl").write_text(epochs)
+    return directory
+
+
+def test_a_leases_rows_are_merged_by_run_key(tmp_path):
+    here = write_rows(tmp_path / "here", {"a": 0.5, "c": 0.7})   # c: another lease's run
+    gpu = write_rows(tmp_path / "gpu", {"a": 0.5, "b": 0.6}, torn=True)
+    assert ex.merge_results(gpu, here, check_only=True) == (2, 1)
+    assert len(ex.load_results(here, design=None)[0]) == 2       # checking writes nothing
+    assert ex.merge_results(gpu, here) == (2, 1)
+    runs, epochs = ex.load_results(here, design=None)
+    assert list(runs["run_key"]) == ["a", "c", "b"]
+    assert sorted(epochs.loc[epochs["run_key"] == "b", "epoch"]) == [1, 2]
+    assert len(epochs) == 6
+    assert ex.merge_results(gpu, here) == (3, 0)                 # collecting twice adds nothing
+
+
+def test_a_run_trained_apart_on_two_leases_stops_the_merge(tmp_path):
+    here = write_rows(tmp_path / "here", {"a": 0.5})
+    gpu = write_rows(tmp_path / "gpu", {"a": 0.123, "b": 0.6})
+    before = (here / "runs.jsonl").read_bytes(), (here / "epochs.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="run a differs.*0.123 there, 0.5 here.*nothing was merged"):
+        ex.merge_results(gpu, here)
+    assert ((here / "runs.jsonl").read_bytes(), (here / "epochs.jsonl").read_bytes()) == before

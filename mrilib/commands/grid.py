@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                    help="continue the runs already in the results folder (needed once it "
                         "holds any)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop cleanly before a cell that would not finish within M minutes")
+                   help="skip each cell that would not finish within M minutes (shorter ones "
+                        "further on still run); a rerun with --resume does the rest")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if present)")
     p.add_argument("--train-generators", action="store_true",
                    help="train (or resume) missing generators of the local backend inside "
@@ -92,7 +93,7 @@ def run(args) -> int:
     for key, why in progress.blocked.items():
         print(f"blocked  {key}: {why}")
     if progress.stopped_for_time:
-        print(f"stopped  before the next cell to stay within {args.max_minutes} minutes")
+        print(f"skipped  cells that would not have finished within {args.max_minutes} minutes")
     if progress.remaining:
         preset = f" --preset {args.preset}" if args.preset else ""
         again = "".join(f" --{flag} {value}" for flag, value in

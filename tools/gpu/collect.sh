@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Run HERE after a device call of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
 # (FILES_AT = the folder the device tool put session.tgz, gen-*.pt and session.log in).
-# Unpacks benchmarks into benchmarks/, figures into figures/, generators into
-# cache/generators/, and results into results/ after checking that the GPU's
-# runs.jsonl holds every run already here (it resumed from the committed file), then
-# rewrites the CSV exports, the report and its figures. Review `git diff` and commit.
+# First checks that every run both sides hold is the same row on both (else it stops
+# with nothing applied), then unpacks benchmarks into benchmarks/ (the CUDA tests' log
+# into benchmarks/logs/), figures into figures/, generators into cache/generators/, and
+# appends the runs this checkout lacks to results/ with their epoch rows
+# (mrilib.experiment.merge_results), then rewrites the CSV exports, the report and its
+# figures. Review `git diff` and commit.
 set -euo pipefail
 src=${1:?usage: collect.sh FILES_AT}
 cd "$(git rev-parse --show-toplevel)"
@@ -13,9 +15,21 @@ PY=${PY:-.venv/bin/python}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar xzf "$src/session.tgz" -C "$tmp"
+# The results first, before anything is copied: a run both sides hold must be the same
+# row on both (mrilib.experiment.merge_results), else nothing of this call is applied.
+runs=$(cd "$tmp" && find . -name runs.jsonl | head -1)
+if [ -n "$runs" ]; then
+  dir=$(dirname "${runs#./}")   # results (thesis) or cache/<preset>/results
+  preset=thesis; [ "$dir" = results ] || preset=$(basename "$(dirname "$dir")")
+  "$PY" -c "import sys; from mrilib.experiment import merge_results as m
+have, new = m(sys.argv[1], sys.argv[2], check_only=True)
+print(f'results: {have} runs here, {new} new from the GPU')" "$tmp/$dir" "$dir" || exit 1
+fi
 [ -f "$src/session.log" ] && mkdir -p benchmarks/logs && \
   cp "$src/session.log" "benchmarks/logs/session-$(date -u +%Y%m%dT%H%M%SZ).log"
 if [ -d "$tmp/benchmarks" ]; then cp -r "$tmp/benchmarks/." benchmarks/; fi
+[ -f benchmarks/tests-gpu.log ] && mkdir -p benchmarks/logs && \
+  mv benchmarks/tests-gpu.log "benchmarks/logs/tests-gpu-$(date -u +%Y%m%dT%H%MZ).log"
 if [ -d "$tmp/figures" ]; then  # the figures notebooks made there (session.sh chapters)
   mkdir -p figures && cp "$tmp"/figures/*.png figures/ && \
     echo "figures: $(cd "$tmp/figures" && ls *.png | tr '\n' ' ')"
@@ -29,27 +43,11 @@ for f in "$src"/gen-*.pt; do
   mkdir -p "cache/generators/$name" && cp "$f" "cache/generators/$name/generator.pt"
   echo "generator: cache/generators/$name/generator.pt"
 done
-runs=$(cd "$tmp" && find . -name runs.jsonl | head -1)
 if [ -n "$runs" ]; then
-  dir=$(dirname "${runs#./}")   # results (thesis) or cache/<preset>/results
-  preset=thesis; [ "$dir" = results ] || preset=$(basename "$(dirname "$dir")")
-  "$PY" - "$tmp/$dir" "$dir" <<'PY'
-import json, sys
-from pathlib import Path
-new, old = Path(sys.argv[1]), Path(sys.argv[2])
-def keys(path):
-    return {json.loads(line)["run_key"] for line in path.read_text().splitlines() if line.strip()} \
-        if path.exists() else set()
-have, got = keys(old / "runs.jsonl"), keys(new / "runs.jsonl")
-missing = have - got
-if missing:
-    sys.exit(f"the GPU's runs.jsonl lacks {len(missing)} runs that {old} holds (e.g. "
-             f"{sorted(missing)[0]}): it did not resume from this checkout; merge by hand")
-print(f"results: {len(have)} runs here, {len(got)} from the GPU ({len(got - have)} new)")
-PY
   before=$( [ -f "$dir/runs.jsonl" ] && wc -l < "$dir/runs.jsonl" || echo 0)
-  mkdir -p "$dir"
-  cp "$tmp/$dir/runs.jsonl" "$tmp/$dir/epochs.jsonl" "$dir/"
+  # Only the runs this side lacks are appended, each with its epoch rows.
+  "$PY" -c "import sys; from mrilib.experiment import merge_results as m
+m(sys.argv[1], sys.argv[2])" "$tmp/$dir" "$dir" || exit 1
   # One line per GPU chunk in the results folder's README: what ran, where, how long.
   log="$src/session.log"; readme="$dir/README.md"
   after=$(wc -l < "$dir/runs.jsonl")

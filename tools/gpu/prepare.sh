@@ -21,19 +21,23 @@ if [ ! -d .gpudata/alzheimer_mri ]; then
   mkdir -p .gpudata && cp -r "$data" .gpudata/alzheimer_mri
 fi
 
-# The tree arrives there without .git: record the commit the results will be made from.
-printf '%s %s\n' "$(git rev-parse HEAD)" \
-  "$([ -z "$(git status --porcelain -- mrilib tools notebooks)" ] && echo 0 || echo 1)" > .gpudata/GIT_STATE
+# The tree arrives there without .git: record the commit the results will be made from,
+# and a digest of the code, which session.sh checks (rerun this after any change).
+printf '%s %s %s\n' "$(git rev-parse HEAD)" \
+  "$([ -z "$(git status --porcelain -- mrilib tools notebooks)" ] && echo 0 || echo 1)" \
+  "$(bash tools/gpu/code_digest.sh)" > .gpudata/GIT_STATE
 
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-rm -rf .whl && mkdir -p .whl
+# Into a new folder first: a failed download leaves the last good .whl in place.
+wheels=$(mktemp -d .whl-new.XXXX)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-  --platform any -d .whl "diffusers==$(version diffusers)"
+  --platform any -d "$wheels" "diffusers==$(version diffusers)"
 # grad-cam and ttach publish source archives only (grad-cam's holds its example images,
 # 8 MB): build pure-Python wheels of just the packages here instead of carrying those.
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "grad-cam==$(version grad-cam)" \
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" "grad-cam==$(version grad-cam)" \
   "ttach==$(version ttach)"
+rm -rf .whl && mv "$wheels" .whl
 
 # Generator 0 of the thesis grid's sample, if finished here, travels too (12 MiB) when
 # CARRY_GEN0=1: `session.sh all` then runs `synth sweep` on it (class fidelity against

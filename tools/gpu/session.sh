@@ -4,7 +4,8 @@
 # generator 0 when it is finished here):
 #
 #   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
-#   bash tools/gpu/session.sh grid MINUTES  # generators, then the thesis grid, for MINUTES
+#   bash tools/gpu/session.sh grid MINUTES  # the thesis grid for MINUTES (TRAIN_GEN=1:
+#                                           # its five generators first)
 #   bash tools/gpu/session.sh all MINUTES   # one lease's worth: CUDA tests, benchmarks
 #                                           # (ResNet-18, ViT), then the grid
 #   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4) and its unguided and
@@ -24,9 +25,12 @@
 # Every step is cut to the stage's deadline (checks: 9 minutes; grid/all: MINUTES), keeping
 # 30 s to pack, so the archive comes back even when the work does not finish: give the
 # device call a timeout_s a minute above it.
-# Knobs (environment): GEN_MINUTES (generator training inside `grid`, default 5),
+# Knobs (environment): TRAIN_GEN=1 (`grid` first trains the five leak-free generators;
+# off by default: they take 21-26 minutes of H100 time together, more than a lease, and
+# one that does not finish is lost with the machine: benchmarks/README.md, "Can the grid
+# finish under the present leases?"), GEN_MINUTES (generator training, default 5),
 # GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
-# SKIP_GEN=1 (`grid` trains no generators: a second call on a still-warm machine),
+# SKIP_GEN=1 (`quality` trains no generator: a second call on a still-warm machine),
 # GRID_ARGS (extra `grid` arguments, e.g. "--available-generators": the repeats of
 # synthetic cells whose generator is here run now, the rest later; their run keys carry
 # the generator's recipe, so a later recipe retrains them rather than mixing the two),
@@ -53,9 +57,16 @@ else  # mrilib from this tree, also for scripts outside the root (tools/gpu/run_
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 DEVICE=${DEVICE:-cuda}
-echo "session: bash tools/gpu/session.sh $* | GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0} | started $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "session: bash tools/gpu/session.sh $* | MRILIB_PRESET=$MRILIB_PRESET TRAIN_GEN=${TRAIN_GEN:-0} SKIP_GEN=${SKIP_GEN:-0} GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0}${GRID_ARGS:+ GRID_ARGS=\"$GRID_ARGS\"} | started $(date -u +%Y-%m-%dT%H:%MZ)"
 if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row names its commit
-  read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY < .gpudata/GIT_STATE
+  read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY code_digest < .gpudata/GIT_STATE
+  # The code that came is the code prepare.sh saw, or the rows must not name that commit
+  # as clean (prepare.sh was not rerun after a change): the same digest on both sides.
+  if [ "$(bash tools/gpu/code_digest.sh)" != "${code_digest:-}" ]; then
+    echo "warning: mrilib/, tools/ or notebooks/ differ from commit $MRILIB_GIT_COMMIT as prepare.sh" \
+      "recorded it (rerun prepare.sh before a device call); rows are marked git_dirty"
+    MRILIB_GIT_DIRTY=1
+  fi
   export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
 fi
 start=$(date +%s)
@@ -102,14 +113,24 @@ pack() {  # whatever exists now goes back, even after a timeout
   # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
   # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here. The
   # results archive and the log go first; generators only while the outbox stays < 62 MiB.
-  local n=0 used
-  for f in cache/generators/x*/generator.pt; do
-    [ "${SKIP_GEN_OUT:-0}" = 1 ] && break
-    [ -e "$f" ] || continue
+  local n=0 used finished=""
+  if [ "${SKIP_GEN_OUT:-0}" != 1 ] && compgen -G "cache/generators/x*/generator.pt" > /dev/null; then
+    # the finished ones, in one Python start (several cost seconds past the deadline)
+    finished=$($PY - cache/generators/x*/generator.pt <<'PY' 2>/dev/null
+import sys
+from mrilib.synthetic.diffusion import training_record
+for path in sys.argv[1:]:
+    try:
+        if training_record(path)["done"]:
+            print(path)
+    except Exception:  # unreadable: not sent
+        pass
+PY
+)
+  fi
+  for f in $finished; do
     used=$(du -cb "$OUT" | tail -1 | cut -f1)
     [ $(( used + $(stat -c %s "$f") )) -lt $(( 62 * 1048576 )) ] || { echo "outbox full: $f stays"; continue; }
-    $PY -c "import sys; from mrilib.synthetic.diffusion import training_record as r
-sys.exit(0 if r(sys.argv[1])['done'] else 1)" "$f" 2>/dev/null || continue  # unfinished
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
   done
   echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
@@ -124,6 +145,7 @@ print(f"torch {torch.__version__} | cuda {torch.version.cuda} | "
       f"python {platform.python_version()}")
 PY
 mkdir -p benchmarks
+rm -f benchmarks/tests-gpu.log  # this call's tests only (a warm machine keeps the last call's)
 # Decode the JPEGs once into cache/data/ now, rather than in each of the parallel
 # generator processes below at the same time.
 within 120 $PY -m mrilib data --source "$MRILIB_DATA" > /dev/null
@@ -169,19 +191,20 @@ generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel 
   tail -n 2 /tmp/gen-*.log
 }
 grid() {  # the thesis grid for the time left (cells whose generators are missing: blocked)
-  # --max-minutes stops between cells (judged by the last cell of the same model, scaled
+  # --max-minutes skips a cell that would not finish (judged by the last cell of the same model, scaled
   # up by training-set size and vmap groups; a model not seen yet by this card's committed
   # `bench train` row, else 0 s, hence the margin); `within` is the hard stop. A cell's
   # repeats train in one vmap group and are written after it, so a cut-off cell loses
   # all of its repeats (with GRID_ARGS="--merge-replicates ...", every cell of the shared
   # call), never those of finished cells (rows are fsync'd).
-  local left; left=$(left_s)
-  if [ "$left" -ge 120 ]; then
+  # 20 s are kept for the list at the end, which runs inside the deadline too.
+  local left; left=$(( $(left_s) - 20 ))
+  if [ "$left" -ge 100 ]; then
     # shellcheck disable=SC2086
     within "$left" $PY -m mrilib grid --preset "$MRILIB_PRESET" --resume --device "$DEVICE" \
-      --max-minutes "$(( left / 60 - 1 ))" ${GRID_ARGS:-}
+      --max-minutes "$(awk -v s="$left" 'BEGIN { printf "%.1f", (s - 45) / 60 }')" ${GRID_ARGS:-}
   fi
-  $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
+  within 20 $PY -m mrilib grid --preset "$MRILIB_PRESET" --list | tail -n 3
 }
 
 case "$stage" in
@@ -192,11 +215,12 @@ case "$stage" in
     ;;
   grid)
     : "${2:?grid needs MINUTES, e.g. 9}"
-    # The G = 5 leak-free generators (30% samples, shared by every fraction). The grid then
-    # runs without --train-generators: cells whose generators are missing (the leaky
-    # ablation unless GEN_LEAKY=1) are listed as blocked and skipped, instead of spending
-    # the rest of the budget on one generator.
-    [ "${SKIP_GEN:-0}" = 1 ] || generators "$G" "${GEN_MINUTES:-5}"
+    # With TRAIN_GEN=1, the G = 5 leak-free generators (30% samples, shared by every
+    # fraction) first. The grid runs without --train-generators: cells whose generators
+    # are missing (all of them by default; the leaky ablation unless GEN_LEAKY=1) are
+    # listed as blocked and skipped before their time is judged, and the real-only cells
+    # that fit the time run.
+    [ "${TRAIN_GEN:-0}" = 1 ] && generators "$G" "${GEN_MINUTES:-5}"
     grid
     ;;
   all)
