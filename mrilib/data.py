@@ -41,8 +41,8 @@ HUB_ID = "Falah/Alzheimer_MRI"
 # README-only commit (3246c3a40a76e1a7fccadd1fdd86df788f5597d6) changed no data file.
 # MRILIB_HUB_REVISION (or ``Falah/Alzheimer_MRI@<sha>`` as the source) chooses another;
 # MRIData.source records the one used.
-HUB_REVISION = os.environ.get("MRILIB_HUB_REVISION",
-                              "daac24f9597236b45837d82f7eb9c9ad1f8c60c8")
+HUB_REVISION = (os.environ.get("MRILIB_HUB_REVISION")
+                or "daac24f9597236b45837d82f7eb9c9ad1f8c60c8")
 CLASSES = ("Mild_Demented", "Moderate_Demented", "Non_Demented", "Very_Mild_Demented")
 SIZES = (128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -129,8 +129,8 @@ def resolve_source(source: str | os.PathLike | None = None) -> str:
         # Relative paths are tried from the project root too: notebooks run in notebooks/.
         if candidate.exists():
             return str(candidate.resolve())
-    if _looks_like_hub_id(chosen):
-        return chosen
+    if _looks_like_hub_id(chosen):  # the bare id of this dataset means its pinned commit
+        return f"{HUB_ID}@{HUB_REVISION}" if chosen == HUB_ID else chosen
     raise _how_to_provide(f"The data path {chosen!r} given by {origin} does not exist.")
 
 

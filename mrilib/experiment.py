@@ -718,16 +718,21 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
     (runs ``target`` held, runs added).
     """
     source, target = Path(source), Path(target)
-    got, _ = _read_jsonl(source / RUNS_FILE)
     have = {r["run_key"]: r for r in _read_jsonl(target / RUNS_FILE)[0]}
-    for row in got:
-        if row["run_key"] in have and have[row["run_key"]] != row:
-            raise ValueError(f"run {row['run_key']} differs between {source} and {target} "
-                             f"(e.g. its final_val_loss {row.get('final_val_loss')} there, "
-                             f"{have[row['run_key']].get('final_val_loss')} here): the two "
-                             f"were trained apart; nothing was merged, both files are as "
-                             f"they were")
-    new = [r for r in got if r["run_key"] not in have]
+    got: dict[str, dict] = {}
+    for row in _read_jsonl(source / RUNS_FILE)[0]:
+        key = row["run_key"]
+        for other, where in ((got.get(key), f"twice in {source}"), (have.get(key), "here")):
+            if other is not None and other != row:
+                field = next(k for k in sorted(set(row) | set(other))
+                             if row.get(k) != other.get(k))
+                raise ValueError(f"run {key} differs between {source} and {where} in "
+                                 f"{field} ({row.get(field)} there, {other.get(field)} "
+                                 f"{'here' if where == 'here' else 'in its other copy'}): "
+                                 f"trained apart; nothing was merged, both files are as "
+                                 f"they were")
+        got[key] = row
+    new = [r for r in got.values() if r["run_key"] not in have]
     if check_only or not new:
         return len(have), len(new)
     epochs: dict[str, list[dict]] = {}
@@ -1268,10 +1273,10 @@ class _Session:
                 if self._waits_for_generators(cell, todo, blocked):
                     # listed as blocked before any time is judged, so a lease without
                     # generators is not stopped at a synthetic cell it would skip anyway
-                    written += self._run_ready(cell, todo, blocked)
+                    written += self._run_ready(cell, todo, blocked, stopped)
                     stopped |= cell.key in blocked and blocked[cell.key].startswith("no time")
                     continue
-                if not self.budget.allows(cell, len(todo[cell])):
+                if not self._fits(cell, len(todo[cell]), stopped):
                     stopped = True
                     continue  # a smaller cell further on may still fit
                 bar.set_postfix_str(cell.key)
@@ -1410,6 +1415,16 @@ class _Session:
             at += len(cell_seeds)
         return out
 
+    def _fits(self, cell: Cell, repeats: int, skipped: bool) -> bool:
+        """Whether ``repeats`` of ``cell`` fit the time left. Once a cell has been skipped
+        for time, a cell whose time cannot be judged (no cell of its model seen, no
+        benchmark of this card) is skipped too: little time is left, and the hard stop
+        would lose it whole."""
+        if not self.budget.allows(cell, repeats):
+            return False
+        return not (skipped and self.budget.limit is not None
+                    and self.budget.expected(cell, repeats) <= 0)
+
     def _waits_for_generators(self, cell: Cell, todo: dict, blocked: dict) -> bool:
         """Whether some of ``cell``'s repeats need a generator that is not trained and
         will not be trained in this call; ``blocked`` then says which and how to train it."""
@@ -1419,27 +1434,28 @@ class _Session:
                 or self.synth_fn is not training_sets):  # another builder finds its own images
             return False
         self._ensure_data()
-        why, waiting = None, []
-        for r in todo[cell]:
+        missing: dict[int, str] = {}  # generator -> why, each looked up once
+        for g in sorted({repeat_seeds(r, self.cfg).sample_index for r in todo[cell]}):
             try:
-                trained_generator(self.data, self.split, generator_fraction(cell, self.cfg),
-                                  repeat_seeds(r, self.cfg).sample_index,
+                trained_generator(self.data, self.split, generator_fraction(cell, self.cfg), g,
                                   leaky=cell.generator == "leaky")
             except FileNotFoundError as err:
-                why = why or str(err)
-                waiting.append(r)
+                missing[g] = str(err)
+        waiting = [r for r in todo[cell] if repeat_seeds(r, self.cfg).sample_index in missing]
         if waiting:
-            blocked[cell.key] = why if len(waiting) == len(todo[cell]) else \
-                f"{len(waiting)} repeat(s) wait: {why}"
+            why = next(iter(missing.values()))
+            blocked[cell.key] = (f"{len(waiting)} repeat(s) wait: {why}"
+                                 if self.available_generators and len(waiting) < len(todo[cell])
+                                 else why)
         return bool(waiting)
 
-    def _run_ready(self, cell: Cell, todo: dict, blocked: dict) -> int:
+    def _run_ready(self, cell: Cell, todo: dict, blocked: dict, skipped: bool) -> int:
         """With ``available_generators``: train the repeats of a blocked ``cell`` whose
         generators exist, if they fit the time left; the runs written."""
         ready = self.ready_repeats(cell, todo[cell])
         if not ready:
             return 0
-        if not self.budget.allows(cell, len(ready)):
+        if not self._fits(cell, len(ready), skipped):
             blocked[cell.key] = f"no time left this chunk for its {len(ready)} ready " \
                                 f"repeat(s); {blocked[cell.key]}"
             return 0
@@ -1626,13 +1642,13 @@ def _run_count(directory: Path) -> int:
     return len(_read_jsonl(Path(directory) / RUNS_FILE)[0])
 
 
-def _complete_cells(rows: Iterable[dict], preset: str) -> tuple[int, int]:
+def _complete_cells(rows: Iterable[dict], preset: str, **overrides) -> tuple[int, int]:
     """(cells of ``preset``'s grid with all repeats, cells with any) among ``rows``, by cell key."""
     from collections import Counter
 
     counts = Counter(r["cell_key"] for r in rows)
     repeats = settings(DEFAULTS, PRESETS, preset)["repeats"]
-    keys = [c.key for c in grid_cells(preset)]
+    keys = [c.key for c in grid_cells(preset, **overrides)]
     return sum(counts[k] >= repeats for k in keys), sum(counts[k] > 0 for k in keys)
 
 
@@ -1671,11 +1687,13 @@ def folder_line(runs, directory: Path) -> str:
     """What a results folder named explicitly holds of its grid: a report's first line."""
     presets = sorted({str(p) for p in runs["preset"].dropna()}) if "preset" in runs else []
     line = f"Runs read from {_shown(directory)}/: {len(runs)} runs"
-    if len(presets) == 1:
+    models = [m for m in MODELS if "model" in runs and (runs["model"] == m).any()]
+    if len(presets) == 1 and models:
         try:
-            complete, started = _complete_cells(runs.to_dict("records"), presets[0])
-            line += (f", {complete} of {len(grid_cells(presets[0]))} cells of the "
-                     f"{presets[0]} grid complete, {started} started")
+            complete, started = _complete_cells(runs.to_dict("records"), presets[0],
+                                                models=models)
+            line += (f", {complete} of {len(grid_cells(presets[0], models=models))} cells of "
+                     f"the {presets[0]} grid's {', '.join(models)} complete, {started} started")
         except (KeyError, ValueError):  # a preset this code no longer has
             pass
     return _with_set_aside(line + ".", runs)

@@ -137,6 +137,8 @@ def test_hub_source_loads_the_pinned_revision(image_folder, monkeypatch):
     assert calls == [("Falah/Alzheimer_MRI", data_mod.HUB_REVISION)]
     assert hub.source == f"Falah/Alzheimer_MRI@{data_mod.HUB_REVISION}"
     assert hub.fingerprint == load_mri(root, cache=False).fingerprint
+    assert load_mri("Falah/Alzheimer_MRI", cache=False).source == hub.source  # the bare id
+    assert calls[-1] == ("Falah/Alzheimer_MRI", data_mod.HUB_REVISION)
     load_mri("Falah/Alzheimer_MRI@0123abc", cache=False)
     assert calls[-1] == ("Falah/Alzheimer_MRI", "0123abc")
 

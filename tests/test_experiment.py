@@ -1015,6 +1015,23 @@ def test_a_timed_chunk_is_not_stopped_by_cells_it_would_skip(tiny, tmp_path, mon
     assert set(progress.remaining) == synthetic | {"basic_cnn/none/none/1/none"}
 
 
+def test_after_a_skip_a_cell_whose_time_cannot_be_judged_waits(tiny, tmp_path):
+    """A model with no cell seen and no benchmark: it would start however little time is
+    left, and the hard stop would lose it; once a cell was skipped for time, it waits."""
+    clock = FakeClock()
+    trainer = FakeTrainer(clock=clock, seconds_per_cell=10.0)
+    cells = [{"model": "basic_cnn", "real_fraction": 0.3},
+             {"model": "basic_cnn", "real_fraction": 1.0},   # judged 33 s: skipped
+             {"model": "resnet18", "real_fraction": 0.3}]    # not judged: waits too
+    progress = run(tiny, tmp_path, trainer, clock=clock, cells=cells, max_minutes=25 / 60)
+    assert [call[0] for call in trainer.calls] == ["basic_cnn"]
+    assert progress.stopped_for_time and len(progress.remaining) == 2
+    # with no skip before it, an unjudged model still runs (as the first chunk must)
+    progress = run(tiny, tmp_path / "b", FakeTrainer(clock=clock), clock=clock,
+                   cells=cells[2:], max_minutes=25 / 60)
+    assert progress.runs_written == 2
+
+
 # ----------------------------------------------------------------------------- merging a lease's rows
 
 def write_rows(directory, losses: dict, torn: bool = False):
@@ -1045,6 +1062,17 @@ def test_a_run_trained_apart_on_two_leases_stops_the_merge(tmp_path):
     here = write_rows(tmp_path / "here", {"a": 0.5})
     gpu = write_rows(tmp_path / "gpu", {"a": 0.123, "b": 0.6})
     before = (here / "runs.jsonl").read_bytes(), (here / "epochs.jsonl").read_bytes()
-    with pytest.raises(ValueError, match="run a differs.*0.123 there, 0.5 here.*nothing was merged"):
+    with pytest.raises(ValueError, match="run a differs.* in final_val_loss "
+                                         r"\(0.123 there, 0.5 here\).*nothing was merged"):
         ex.merge_results(gpu, here)
     assert ((here / "runs.jsonl").read_bytes(), (here / "epochs.jsonl").read_bytes()) == before
+    # a run sent twice: the same row counts once, two different rows stop the merge
+    twice = tmp_path / "twice"
+    write_rows(twice, {"b": 0.6})
+    line = (twice / "runs.jsonl").read_text()
+    (twice / "runs.jsonl").write_text(line + line)
+    assert ex.merge_results(twice, here, check_only=True) == (1, 1)
+    (twice / "runs.jsonl").write_text(line + line.replace("0.6", "0.7"))
+    with pytest.raises(ValueError, match="run b differs.*twice in"):
+        ex.merge_results(twice, here)
+    assert (here / "runs.jsonl").read_bytes() == before[0]

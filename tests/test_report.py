@@ -301,8 +301,8 @@ def test_report_cli_writes_figures_and_summary_where_told(repo, monkeypatch):
     assert not (repo / "repo" / "figures").exists()  # the committed figures stay as they are
     summary = (results / "summary.md").read_text()
     assert "](figures/fig7_2_augmentation.png)" in summary
-    assert "Runs read from results/imagenet/: 12 runs, 0 of 147 cells of the thesis grid " \
-           "complete, 6 started." in summary
+    assert "Runs read from results/imagenet/: 12 runs, 0 of 49 cells of the thesis grid's " \
+           "basic_cnn complete, 6 started." in summary
     # told where: there
     figures = repo / "elsewhere"
     assert cli.main(["report", "--results", str(results), "--figures", str(figures),

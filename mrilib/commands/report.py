@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
                         "the preset's results folder, so a quick run never overwrites the "
                         "committed results/summary.md)")
     p.add_argument("--figures", default=None,
-                   help="folder for the figures (default: <the --results folder>/figures, "
-                        "else figures/ for thesis and cache/<preset>/figures otherwise)")
+                   help="folder for the figures (default: figures/ for thesis and "
+                        "cache/<preset>/figures otherwise; <folder>/figures for a --results "
+                        "folder other than results/ and the preset's own)")
     p.add_argument("--metric", default="final_val_loss", choices=METRICS,
                    help="the loss the tables and verdicts use (default: the thesis's, median "
                         "validation cross-entropy at the last epoch)")

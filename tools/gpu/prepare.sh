@@ -30,6 +30,7 @@ printf '%s %s %s\n' "$(git rev-parse HEAD)" \
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 # Into a new folder first: a failed download leaves the last good .whl in place.
 wheels=$(mktemp -d .whl-new.XXXX)
+trap 'rm -rf "$wheels"' EXIT
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$wheels" "diffusers==$(version diffusers)"

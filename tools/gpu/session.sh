@@ -57,6 +57,10 @@ else  # mrilib from this tree, also for scripts outside the root (tools/gpu/run_
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 DEVICE=${DEVICE:-cuda}
+case "${GRID_ARGS:-}" in  # its rows go to results/imagenet/, which nothing here packs
+  *--imagenet*) echo "GRID_ARGS: --imagenet runs are not packed by session.sh; run them" \
+                     "with python -m mrilib grid --imagenet where the weights are" >&2; exit 2 ;;
+esac
 echo "session: bash tools/gpu/session.sh $* | MRILIB_PRESET=$MRILIB_PRESET TRAIN_GEN=${TRAIN_GEN:-0} SKIP_GEN=${SKIP_GEN:-0} GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0}${GRID_ARGS:+ GRID_ARGS=\"$GRID_ARGS\"} | started $(date -u +%Y-%m-%dT%H:%MZ)"
 if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row names its commit
   read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY code_digest < .gpudata/GIT_STATE
@@ -239,7 +243,7 @@ case "$stage" in
     # figures from it), the generator's unguided speed where this card has none, the rest
     # of the CUDA tests, then the grid. No generators are trained: five take 21-26 minutes
     # and only two can travel (see benchmarks/README.md); `quality` trains generator 0,
-    # `grid` all five.
+    # `TRAIN_GEN=1 ... grid` all five.
     for m in ${BENCH_MODELS:-resnet18 vit_tiny}; do
       compgen -G "benchmarks/bench-train-$m-none-${card//_/-}-profile.json" > /dev/null || \
         BENCH_MODELS=$m BENCH_ARGS=${BENCH_ARGS:-"--naive-replicates 1 --serial-replicates 1 --profile"} \
