@@ -1270,11 +1270,20 @@ class _Session:
             for cell in [c for c in cells if todo[c]]:
                 if not todo[cell]:
                     continue  # trained together with an earlier cell
-                if self._waits_for_generators(cell, todo, blocked):
+                waiting = self._waiting_for_generators(cell, todo, blocked)
+                if waiting:
                     # listed as blocked before any time is judged, so a lease without
-                    # generators is not stopped at a synthetic cell it would skip anyway
-                    written += self._run_ready(cell, todo, blocked, stopped)
-                    stopped |= cell.key in blocked and blocked[cell.key].startswith("no time")
+                    # generators is not stopped at a synthetic cell it would skip anyway;
+                    # with available_generators the other repeats run if they fit
+                    ready = [r for r in todo[cell] if r not in waiting] \
+                        if self.available_generators else []
+                    if ready and not self._fits(cell, len(ready), stopped):
+                        stopped = True
+                        blocked[cell.key] = f"no time left this chunk for its {len(ready)} " \
+                                            f"ready repeat(s); {blocked[cell.key]}"
+                    elif ready:
+                        written += self.run_cell(cell, ready)[0]
+                        todo[cell] = waiting
                     continue
                 if not self._fits(cell, len(todo[cell]), stopped):
                     stopped = True
@@ -1425,14 +1434,14 @@ class _Session:
         return not (skipped and self.budget.limit is not None
                     and self.budget.expected(cell, repeats) <= 0)
 
-    def _waits_for_generators(self, cell: Cell, todo: dict, blocked: dict) -> bool:
-        """Whether some of ``cell``'s repeats need a generator that is not trained and
-        will not be trained in this call; ``blocked`` then says which and how to train it."""
+    def _waiting_for_generators(self, cell: Cell, todo: dict, blocked: dict) -> list[int]:
+        """The repeats of ``cell`` that need a generator not trained and not to be trained
+        in this call; where there are some, ``blocked`` says which and how to train it."""
         from .synthetic.diffusion import trained_generator
 
         if (cell.synthetic == "none" or self.train_generators or self.cfg["backend"] != "local"
                 or self.synth_fn is not training_sets):  # another builder finds its own images
-            return False
+            return []
         self._ensure_data()
         missing: dict[int, str] = {}  # generator -> why, each looked up once
         for g in sorted({repeat_seeds(r, self.cfg).sample_index for r in todo[cell]}):
@@ -1447,22 +1456,7 @@ class _Session:
             blocked[cell.key] = (f"{len(waiting)} repeat(s) wait: {why}"
                                  if self.available_generators and len(waiting) < len(todo[cell])
                                  else why)
-        return bool(waiting)
-
-    def _run_ready(self, cell: Cell, todo: dict, blocked: dict, skipped: bool) -> int:
-        """With ``available_generators``: train the repeats of a blocked ``cell`` whose
-        generators exist, if they fit the time left; the runs written."""
-        ready = self.ready_repeats(cell, todo[cell])
-        if not ready:
-            return 0
-        if not self._fits(cell, len(ready), skipped):
-            blocked[cell.key] = f"no time left this chunk for its {len(ready)} ready " \
-                                f"repeat(s); {blocked[cell.key]}"
-            return 0
-        self._ensure_data()
-        written = self.run_cell(cell, ready)[0]
-        todo[cell] = [r for r in todo[cell] if r not in ready]
-        return written
+        return waiting
 
     def ready_repeats(self, cell: Cell, repeats: list[int]) -> list[int]:
         """With ``available_generators``: the ``repeats`` whose generator is trained."""

@@ -237,12 +237,12 @@ def _thesis_section(runs, metric, n_boot, seed) -> str:
     from .. import stats
     from ..plots import results as plots
 
-    metric = plots._thesis_metric(metric)  # the thesis's measure, whatever --metric
+    metric = plots.thesis_metric(metric)  # the thesis's measure, whatever --metric
     table = plots.thesis_comparison(runs, metric, n_boot, seed)
     lines = ["## Beside the thesis (basic CNN, no augmentation)",
              f"Median {plots.METRIC_LABELS[metric]}, the thesis's measure; whether its number "
              f"lies inside our interval is judged only for cells of at least "
-             f"{plots._min_clusters()} real samples.",
+             f"{plots.min_clusters()} real samples.",
              markdown_table(table)]
     pairs = (("30% real + 70% synthetic vs 100% real",
               {"synthetic": "fill", "real_fraction": 0.3}, {"synthetic": "none", "real_fraction": 1.0}),

@@ -222,28 +222,31 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
 
 # ----------------------------------------------------------------------------- tables
 
-def _cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, float, int] | None:
+def _cell_estimate(runs, metric, n_boot, seed, **cell
+                   ) -> tuple[tuple[float, float, float, int], int] | None:
+    """((median, low, high, n), independent real samples) of a cell; None if not run."""
     sel = stats.select_cell(runs, **cell)
     if sel.empty:
         return None
-    iv = stats.bootstrap_median(stats.metric_values(sel, metric), stats.cluster_ids(sel),
+    clusters = stats.cluster_ids(sel)
+    iv = stats.bootstrap_median(stats.metric_values(sel, metric), clusters,
                                 n_boot=n_boot, seed=seed)
-    return iv.estimate, iv.low, iv.high, len(sel)
+    return (iv.estimate, iv.low, iv.high, len(sel)), len(set(clusters))
 
 
-def _cell_clusters(runs, **cell) -> int:
-    """Independent real samples (clusters) a cell's runs rest on."""
-    sel = stats.select_cell(runs, **cell)
-    return int(pd.Series(stats.cluster_ids(sel)).nunique()) if len(sel) else 0
+def _cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, float, int] | None:
+    found = _cell_estimate(runs, metric, n_boot, seed, **cell)
+    return found[0] if found else None
 
 
-def _min_clusters() -> int:
+def min_clusters() -> int:
+    """Independent samples a verdict needs (:mod:`mrilib.stats`' ``min_clusters``)."""
     from ..config import settings
 
     return settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
 
 
-def _thesis_metric(metric: str) -> str:
+def thesis_metric(metric: str) -> str:
     """The thesis reports validation cross-entropy: a test metric is not set beside it."""
     return metric if metric in ("final_val_loss", "best_val_loss") else "final_val_loss"
 
@@ -269,11 +272,10 @@ def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "f
         table[row] = {}
         for aug, aug_label in AUG_LABELS.items():
             cell = dict(model=model, aug=aug, synthetic=synthetic, real_fraction=fraction)
-            found = _cell_interval(runs, metric, n_boot, seed, **cell)
-            text = format_interval(*found) if found else "-"
-            clusters = _cell_clusters(runs, **cell) if found else 0
-            if found and clusters < _min_clusters():  # an interval within too few samples
-                text += f", {clusters} sample{'s' * (clusters != 1)}"
+            found = _cell_estimate(runs, metric, n_boot, seed, **cell)
+            text = format_interval(*found[0]) if found else "-"
+            if found and found[1] < min_clusters():  # an interval within too few samples
+                text += f", {found[1]} sample{'s' * (found[1] != 1)}"
             table[row][aug_label] = text
     out = pd.DataFrame(table).T
     out.index.name = f"{model_label(runs, model)}: median {_metric_label(metric)}"
@@ -289,16 +291,15 @@ def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
     judged only for a cell resting on at least ``min_clusters`` real samples: a partly
     run cell's interval misses the variation between samples ("too few samples").
     """
-    metric = _thesis_metric(metric)
+    metric = thesis_metric(metric)
     rows = []
     for _, ref in THESIS_NUMBERS.iterrows():
         cell = dict(model="basic_cnn", aug="none", synthetic=ref["synthetic"],
                     real_fraction=ref["real_fraction"])
-        found = _cell_interval(runs, metric, n_boot, seed, **cell)
-        median, low, high, n = found if found else (np.nan, np.nan, np.nan, 0)
-        clusters = _cell_clusters(runs, **cell) if found else 0
+        found = _cell_estimate(runs, metric, n_boot, seed, **cell)
+        (median, low, high, n), clusters = found if found else ((np.nan, np.nan, np.nan, 0), 0)
         verdict = ("-" if not n else f"too few samples ({clusters})"
-                   if clusters < _min_clusters() else
+                   if clusters < min_clusters() else
                    "yes" if low <= ref["thesis"] <= high else "no")
         rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
                      "low": low, "high": high, "n": n, "samples": clusters,
@@ -312,7 +313,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
                              save: str | None = None, note: str | None = None):
     """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation);
     hollow where a cell rests on fewer than ``min_clusters`` real samples."""
-    metric = _thesis_metric(metric)
+    metric = thesis_metric(metric)
     table = thesis_comparison(runs, metric, n_boot, seed)
     if not table["n"].any():
         raise MissingCells("thesis_comparison_figure: none of the thesis's three basic-CNN "
@@ -321,9 +322,9 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     y = np.arange(len(table))
     ours = table["ours"].to_numpy()
     err = np.vstack([ours - table["low"].to_numpy(), table["high"].to_numpy() - ours])
-    few = table["samples"].to_numpy() < _min_clusters()
+    few = table["samples"].to_numpy() < min_clusters()
     for mask, face, label in ((~few, "C0", "ours: median, 95% interval"),
-                              (few, "none", f"ours, fewer than {_min_clusters()} real samples")):
+                              (few, "none", f"ours, fewer than {min_clusters()} real samples")):
         if mask.any():
             ax.errorbar(ours[mask], y[mask], xerr=err[:, mask], fmt="o", color="C0",
                         markerfacecolor=face, capsize=4, label=label)
@@ -438,9 +439,7 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
 
 def verdict(row) -> str:
     """How a loss difference (synthetic - real only) reads: helped, hurt or neither."""
-    from ..config import settings
-
-    needed = settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
+    needed = min_clusters()
     if row["clusters"] < needed:
         return f"too few independent samples to tell ({row['clusters']} < {needed})"
     if not row["distinguishable"]:
