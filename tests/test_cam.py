@@ -87,8 +87,8 @@ def test_by_hand_matches_pytorch_grad_cam(models, name, cls):
 def test_one_target_per_image_and_predicted_by_default(models):
     model, x = models["basic_cnn"], brain_like(4, 32)
     batch = C.gradcam_maps(model, x, [0, 1, "Non_Demented", "verymilddemented"])
-    for i in range(4):
-        np.testing.assert_allclose(batch[i], C.gradcam_maps(model, x[i:i + 1], i)[0], atol=1e-6)
+    for i in range(4):  # a batch of 4 and of 1 round differently (BLAS blocking): 1e-5
+        np.testing.assert_allclose(batch[i], C.gradcam_maps(model, x[i:i + 1], i)[0], atol=1e-5)
     predicted = C.class_probabilities(model, x).argmax(dim=1).tolist()
     np.testing.assert_allclose(C.gradcam_maps(model, x), C.gradcam_maps(model, x, predicted))
     np.testing.assert_allclose(C.gradcam_by_hand(model, x), C.gradcam_by_hand(model, x, predicted))
