@@ -34,7 +34,7 @@ test: env
 reproduce: env
 	mkdir -p build/notebooks
 	@preset=$${MRILIB_PRESET:-thesis}; \
-	if $(PY) -c 'import sys; from mrilib.experiment import needs_grid; sys.exit(not needs_grid(sys.argv[1]))' $$preset; then \
+	if $(PY) -c 'import sys; from mrilib.grid import needs_grid; sys.exit(not needs_grid(sys.argv[1]))' $$preset; then \
 	  echo "== chapter-7 grid (preset $$preset)"; \
 	  $(PY) -m mrilib grid --preset $$preset --train-generators --resume || exit 1; \
 	else \

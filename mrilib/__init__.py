@@ -30,7 +30,7 @@ _LAZY = {
     "cam": ["gradcam_maps", "gradcam_by_hand", "overlay", "cam_agreement",
             "agreement_vs_baseline", "agreement_of", "untrained_control", "against_control",
             "read_scan"],
-    "experiment": ["grid_cells", "run_grid", "grid_status", "load_results", "chapter_results"],
+    "grid": ["grid_cells", "run_grid", "grid_status", "load_results", "chapter_results"],
     "stats": ["bootstrap_median", "bootstrap_median_difference", "bootstrap_median_of_pairs",
               "cell_summary", "compare_cells", "synthetic_effects", "split_support"],
 }

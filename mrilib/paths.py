@@ -1,6 +1,7 @@
 """Every path the project uses, in one place (Cookiecutter Data Science habit)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,20 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "alzheimer_mri"
 def preset_name() -> str:
     """The preset selected by ``MRILIB_PRESET`` (``thesis`` unless told otherwise)."""
     return os.environ.get("MRILIB_PRESET", "thesis")
+
+
+@contextlib.contextmanager
+def preset_env(preset: str):
+    """``MRILIB_PRESET=preset`` for the duration: every module reads the same preset."""
+    before = os.environ.get("MRILIB_PRESET")
+    os.environ["MRILIB_PRESET"] = preset
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MRILIB_PRESET", None)
+        else:
+            os.environ["MRILIB_PRESET"] = before
 
 
 def figures_dir() -> Path:

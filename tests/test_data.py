@@ -294,7 +294,7 @@ def test_duplicate_report_finds_copies_across_splits(image_folder):
 
 def test_nesting_holds_for_this_pool_and_is_checked_where_rounding_breaks_it():
     from mrilib.data import check_nested
-    from mrilib.experiment import FRACTIONS
+    from mrilib.grid import FRACTIONS
 
     check_nested([645, 46, 2304, 1613], FRACTIONS)  # the training pool's classes
     with pytest.raises(ValueError, match=r"class a \(4 images\) gets 2 at fraction 0.3 "

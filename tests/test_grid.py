@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mrilib import experiment as ex
+from mrilib import grid as ex
+from mrilib import paths, provenance
+from mrilib.grid import schedule
+from mrilib.grid.cells import DEFAULTS as GRID_DEFAULTS, PRESETS as GRID_PRESETS
 from mrilib.data import CLASSES, MRIData, split_mri, stratified_sample
 
 EPOCHS = 3
@@ -37,7 +40,7 @@ class FakeClock:
         return self.now
 
 
-def fake_sets(data, split, cell, seeds, cfg, device=None):
+def fake_sets(data, split, cell, seeds, cfg, device=None, generators=None):
     """Real sample per seed; synthetic cells append copies as 'synthetic' images."""
     rows = torch.stack([stratified_sample(data.labels, cell.real_fraction, s.sample_seed,
                                           pool=split.train, ids=data.ids) for s in seeds])
@@ -82,10 +85,21 @@ class FakeTrainer:
         return records
 
 
-def run(tiny, path, trainer, clock=None, **kw):
+def run(tiny, path, trainer, clock=None, max_minutes=None, **kw):
     data, split = tiny
+    clock = clock or FakeClock()
     return ex.run_grid("quick", results_path=path, train_fn=trainer, synth_fn=fake_sets,
-                       data=data, split=split, clock=clock or FakeClock(), progress=False, **kw)
+                       data=data, split=split, clock=clock, progress=False,
+                       pacer=paced(max_minutes, path, clock, **kw), **kw)
+
+
+def paced(max_minutes, path, clock, **kw):
+    """A time budget as ``grid --max-minutes`` makes one, without this card's benchmarks."""
+    if max_minutes is None:
+        return None
+    grid = {k: v for k, v in kw.items() if k in GRID_DEFAULTS}
+    return schedule.time_budget(max_minutes, "quick", path, clock=clock, benchmarks=False,
+                                **grid)
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -286,7 +300,7 @@ def test_the_budget_scales_a_cell_up_by_repeats_and_images_never_down():
     row = {"model": "basic_cnn", "cell_key": "a", "cell_seconds": 10.0, "real_fraction": 0.3,
            "synthetic_fraction": 0.0}
     # two repeats of cell "a" in one call (same cell_seconds), then nothing else
-    budget = ex._Budget(1.0, lambda: 0.0, [row, row])
+    budget = schedule.TimeBudget(1.0, lambda: 0.0, [row, row])
     cell = ex.make_cell("basic_cnn", real_fraction=0.3)
     assert budget.expected(cell, 2) == 10.0
     assert budget.expected(cell, 20) == pytest.approx(100.0)  # a partial cell's rows
@@ -295,11 +309,11 @@ def test_the_budget_scales_a_cell_up_by_repeats_and_images_never_down():
     fill = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.3)  # 30% + 70%
     assert budget.expected(fill, 2) == pytest.approx(10 / 0.3)
     assert budget.expected(ex.make_cell("resnet18", real_fraction=0.3), 2) == 0.0  # unseen
-    assert budget.allows(cell, 2) and not budget.allows(cell, 20)
+    assert budget.fits(cell, 2) and not budget.fits(cell, 20)
     budget.record(fill, 5.0, 4)
     assert budget.expected(cell, 2) == 5.0 and budget.expected(fill, 8) == 10.0
     # on a GPU 20 replicates train in one vmap group: 4 repeats then 20 are one group each
-    gpu = ex._Budget(1.0, lambda: 0.0, [row, row], group_size=lambda model: 20)
+    gpu = schedule.TimeBudget(1.0, lambda: 0.0, [row, row], group_size=lambda model: 20)
     assert gpu.expected(cell, 20) == 10.0 and gpu.expected(cell, 21) == 20.0
 
 
@@ -321,37 +335,39 @@ def test_a_model_not_seen_yet_is_judged_by_this_devices_benchmark(tmp_path):
     bench_file(tmp_path, "resnet18", seconds=9.0, replicates=60)  # another group size
     bench_file(tmp_path, "vit_tiny", seconds=1.0, epochs=5)       # scaled to the grid's 10
     (tmp_path / "bench-train-broken.json").write_text("{not json")
-    with ex.preset_env("thesis"):  # the grid's epochs are the thesis preset's (10)
-        priors = ex.bench_priors("NVIDIA H100 80GB HBM3", cfg, tmp_path)
+    with paths.preset_env("thesis"):  # the grid's epochs are the thesis preset's (10)
+        priors = schedule.bench_priors("NVIDIA H100 80GB HBM3", cfg, tmp_path)
     assert set(priors) == {"resnet18", "vit_tiny"}
     assert priors["resnet18"]["group_seconds"] == pytest.approx(50.0)
     assert priors["vit_tiny"]["group_seconds"] == pytest.approx(40.0)
-    assert ex.bench_priors("cpu (x86_64, 2 cores)", cfg, tmp_path) == {}
+    assert schedule.bench_priors("cpu (x86_64, 2 cores)", cfg, tmp_path) == {}
 
-    budget = ex._Budget(1.5, lambda: 0.0, [], group_size=lambda model: 20, priors=priors)
+    budget = schedule.TimeBudget(1.5, lambda: 0.0, [], group_size=lambda model: 20, priors=priors)
     resnet = ex.make_cell("resnet18", real_fraction=0.3)
     assert budget.expected(resnet, 20) == pytest.approx(1.25 * 50.0)
     full = ex.make_cell("resnet18", real_fraction=1.0)  # 1 / 0.3 as many images
     assert budget.expected(full, 20) == pytest.approx(1.25 * 50.0 / 0.3)
-    assert budget.allows(resnet, 20) and not budget.allows(full, 20)  # 62.5 vs 208 s of 90
+    assert budget.fits(resnet, 20) and not budget.fits(full, 20)  # 62.5 vs 208 s of 90
     assert budget.expected(ex.make_cell("basic_cnn", real_fraction=0.3), 20) == 0.0  # no bench
     budget.record(full, 100.0, 20)  # a cell seen beats the benchmark
     assert budget.expected(full, 20) == 100.0
 
 
-def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path):
-    def no_generators(data, split, cell, seeds, cfg, device=None):
-        if cell.synthetic != "none":
-            raise FileNotFoundError(f"no generator for {cell.key}; train it with synth train")
-        return fake_sets(data, split, cell, seeds, cfg)
+def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path, monkeypatch):
+    import mrilib.synthetic.cache as cache_mod
+    import mrilib.synthetic.diffusion as diffusion
 
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")  # no generator trained
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
     data, split = tiny
-    progress = ex.run_grid("quick", results_path=tmp_path, train_fn=FakeTrainer(),
-                           synth_fn=no_generators, data=data, split=split, progress=False)
+    trainer = FakeTrainer()
+    progress = ex.run_grid("quick", results_path=tmp_path / "results", train_fn=trainer,
+                           data=data, split=split, progress=False)
     assert set(progress.blocked) == {c.key for c in ex.grid_cells("quick") if c.synthetic != "none"}
     assert progress.runs_written == 3 * 2 and set(progress.remaining) == set(progress.blocked)
-    assert "synth train" in next(iter(progress.blocked.values()))
-    progress = run(tiny, tmp_path, FakeTrainer())  # generators trained since: the rest runs
+    assert all("synth train" in why for why in progress.blocked.values())
+    assert len(trainer.calls) == 3  # the blocked cells built nothing
+    progress = run(tiny, tmp_path / "results", FakeTrainer())  # a builder with its own images
     assert not progress.blocked and not progress.remaining and progress.runs_written == 3 * 2
 
 
@@ -361,6 +377,8 @@ def test_refuses_to_overwrite_without_resume(tiny, tmp_path):
         run(tiny, tmp_path, FakeTrainer(), resume=False)
     with pytest.raises(ValueError, match="max_minutes"):
         run(tiny, tmp_path / "other", FakeTrainer(), max_minutes=0)
+    with pytest.raises(ValueError, match="max_minutes"):
+        schedule.TimeBudget(-1, FakeClock(), [])
 
 
 def test_a_changed_design_is_a_different_run(tiny, tmp_path):
@@ -390,7 +408,7 @@ def test_a_new_generator_recipe_is_a_new_design_for_synthetic_cells_only(monkeyp
     cfg = ex.grid_settings("quick")
     real = ex.make_cell("basic_cnn", real_fraction=0.3)
     synth = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.3)
-    with ex.preset_env("quick"):
+    with paths.preset_env("quick"):
         design = ex.design_hash(cfg, "quick", "basic_cnn")
         assert ex.cell_design(cfg, "quick", real) == design
         before = ex.cell_design(cfg, "quick", synth)
@@ -640,11 +658,11 @@ def test_a_changed_default_sets_the_old_design_aside_when_read(tiny, tmp_path, m
     import mrilib.train as train
 
     resnet = {"model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
-    cells = [*ex.PRESETS["quick"]["cells"][:3], resnet]
+    cells = [*GRID_PRESETS["quick"]["cells"][:3], resnet]
     run(tiny, tmp_path, FakeTrainer(), cells=cells)
     old = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
     monkeypatch.setitem(train.PRESETS["quick"], "epochs", 2)  # the protocol changes
-    with ex.preset_env("quick"):
+    with paths.preset_env("quick"):
         new = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
     assert new != old
     trainer = FakeTrainer()
@@ -692,18 +710,18 @@ def test_rows_made_with_explicit_settings_are_kept_newest_first(tiny, tmp_path):
 
 def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
     """On a GPU machine prepare.sh's record of the checkout names the commit."""
-    monkeypatch.setattr(ex, "_git", lambda *args: None)
+    monkeypatch.setattr(provenance, "_git", lambda *args: None)
     monkeypatch.delenv("MRILIB_GIT_COMMIT", raising=False)
-    assert ex._git_state()["git_commit"] == "uncommitted"
+    assert provenance.git_state()["git_commit"] == "uncommitted"
     monkeypatch.setenv("MRILIB_GIT_COMMIT", "0123abcd" * 5)
     monkeypatch.setenv("MRILIB_GIT_DIRTY", "0")
-    state = ex._git_state()
+    state = provenance.git_state()
     assert state["git_commit"] == "0123abcd" * 5 and state["git_dirty"] is False
     # A stale .git in the copy (seen on the H200) does not override the recorded state.
-    monkeypatch.setattr(ex, "_git", lambda *args: "fedcba98" * 5 if args[0] == "rev-parse" else "")
-    assert ex._git_state()["git_commit"] == "0123abcd" * 5
+    monkeypatch.setattr(provenance, "_git", lambda *args: "fedcba98" * 5 if args[0] == "rev-parse" else "")
+    assert provenance.git_state()["git_commit"] == "0123abcd" * 5
     monkeypatch.delenv("MRILIB_GIT_COMMIT")
-    assert ex._git_state()["git_commit"] == "fedcba98" * 5
+    assert provenance.git_state()["git_commit"] == "fedcba98" * 5
 
 
 def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, monkeypatch):
@@ -737,159 +755,14 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     assert sorted(runs["repeat"]) == [0, 1] and runs["run_key"].is_unique
 
 
-# ----------------------------------------------------------------------------- cells together
-
-def test_cells_of_one_size_train_together_and_keep_their_own_rows(tiny, tmp_path):
-    trainer = FakeTrainer()
-    progress = run(tiny, tmp_path, trainer, merge_replicates={"basic_cnn": 10})
-    alone = FakeTrainer()
-    run(tiny, tmp_path / "alone", alone)
-    assert not progress.remaining and progress.runs_written == 6 * 2
-    # quick: 100% real and the two 30% + 70% fill cells (sample, leaky) are one size
-    assert len(trainer.calls) == len(alone.calls) - 2
-    assert sorted(len(seeds) for _, _, seeds, _ in trainer.calls) == [2, 2, 2, 6]
-    runs, _ = ex.load_results(tmp_path)
-    runs_alone, _ = ex.load_results(tmp_path / "alone")
-    assert sorted(runs["run_key"]) == sorted(runs_alone["run_key"])
-    # each row got the record trained with its own seed, and says what it was trained with
-    assert (runs["train_settings"].map(lambda t: t["seed"]) == runs["train_seed"]).all()
-    together = runs[runs["train_settings"].map(lambda t: "trained_with" in t)]
-    assert set(together["cell_key"]) == {"basic_cnn/none/none/1/none",
-                                         "basic_cnn/none/fill/0.3/sample",
-                                         "basic_cnn/none/fill/0.3/leaky"}
-    assert sorted(together["train_settings"].map(lambda t: t["replicate"])) == [0, 0, 0, 1, 1, 1]
-    # and a later chunk's time budget does not learn from the shared call
-    budget = ex._Budget(1.0, lambda: 0.0, [dict(r) for _, r in together.iterrows()])
-    assert budget.seen == {}
-
-
-def test_training_together_gives_each_run_the_result_it_gets_alone(tiny, tmp_path):
-    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3}]
-    data, split = tiny
-    kw = dict(results_path=None, synth_fn=fake_sets, data=data, split=split, progress=False,
-              cells=cells, device="cpu")
-    for name, merge in (("together", {"basic_cnn": 4}), ("alone", None)):
-        ex.run_grid("quick", **{**kw, "results_path": tmp_path / name}, merge_replicates=merge)
-    together, _ = ex.load_results(tmp_path / "together")
-    alone, _ = ex.load_results(tmp_path / "alone")
-    assert together["train_settings"].map(lambda t: "trained_with" in t).all()
-    a = together.set_index("run_key").sort_index()
-    b = alone.set_index("run_key").sort_index()
-    assert list(a.index) == list(b.index) and len(a) == 4
-    for column in ("final_val_loss", "final_test_loss", "best_val_loss", "final_val_acc"):
-        np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("bad", [60, {"vit": 60}, {"vit_tiny": 0}, {"vit_tiny": 2.5},
-                                 {"vit_tiny": True}, {"every model": 60}])
-def test_merge_replicates_must_name_a_count_per_model(bad):
-    with pytest.raises(ValueError, match="merge_replicates="):
-        ex.grid_settings("quick", merge_replicates=bad)
-
-
-@pytest.mark.parametrize("text, value", [("vit_tiny=60", {"vit_tiny": 60}),
-                                         ("vit_tiny=60, basic_cnn=40",
-                                          {"vit_tiny": 60, "basic_cnn": 40})])
-def test_merge_replicates_on_the_command_line(text, value):
-    from mrilib.commands.grid import merge_replicates
-
-    assert merge_replicates(text) == value
-    assert ex.grid_settings("quick", merge_replicates=value)["merge_replicates"] == value
-    with pytest.raises(ValueError, match="give MODEL=R"):
-        merge_replicates("60")
-
-
-def test_merge_replicates_per_model_leaves_other_models_alone(tiny, tmp_path):
-    trainer = FakeTrainer()
-    run(tiny, tmp_path, trainer, merge_replicates={"vit_tiny": 60})  # quick: basic CNN only
-    assert all(len(seeds) == 2 for _, _, seeds, _ in trainer.calls)
-    with pytest.raises(ValueError, match="vit_tiny=x.*MODEL=R"):
-        from mrilib.commands.grid import merge_replicates
-        merge_replicates("vit_tiny=x")
-
-
-def test_a_shared_call_runs_every_replicate_in_one_group(tiny, tmp_path):
-    trainer = FakeTrainer()
-    run(tiny, tmp_path, trainer, merge_replicates={"basic_cnn": 10})
-    [(shared, seeds)] = [(o, c[2]) for o, c in zip(trainer.overrides, trainer.calls)
-                         if len(c[2]) > 2]
-    assert shared["max_parallel"]["cuda"] == len(seeds) == 6
-    assert shared["max_parallel"]["cpu"] == 1  # the CPU keeps its own (stacking only costs)
-    assert all("max_parallel" not in o for o, c in zip(trainer.overrides, trainer.calls)
-               if len(c[2]) == 2)
-
-
-@pytest.mark.parametrize("trouble", ["missing generator", "other error", "other size"])
-def test_a_partner_that_cannot_join_trains_on_its_own_turn(tiny, tmp_path, trouble):
-    leaky = "basic_cnn/none/fill/0.3/leaky"
-
-    def sets(data, split, cell, seeds, cfg, device=None):
-        made = fake_sets(data, split, cell, seeds, cfg)
-        if cell.key != leaky:
-            return made
-        if trouble == "missing generator":
-            raise FileNotFoundError("no generator yet: python -m mrilib synth train ...")
-        if trouble == "other error" and not getattr(sets, "failed", False):
-            sets.failed = True  # once: as a quota error or a device hiccup might
-            raise RuntimeError("the backend failed this time")
-        if trouble == "other size":
-            made.index = made.index[:, :-1]
-        return made
-
-    data, split = tiny
-    trainer = FakeTrainer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        progress = ex.run_grid("quick", results_path=tmp_path, train_fn=trainer, synth_fn=sets,
-                               data=data, split=split, clock=FakeClock(), progress=False,
-                               merge_replicates={"basic_cnn": 10})
-    sizes = sorted(len(c[2]) for c in trainer.calls)
-    if trouble == "missing generator":  # blocked, as without merging; the others trained
-        assert set(progress.blocked) == {leaky} and sizes == [2, 2, 2, 4]
-    else:  # trained alone on its own turn, once
-        assert not progress.remaining and sizes == [2, 2, 2, 2, 4]
-    runs, _ = ex.load_results(tmp_path)
-    assert runs["run_key"].is_unique
-
-
-def test_partners_join_only_while_the_time_budget_holds(tiny, tmp_path):
-    seen = {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
-    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
-              "generator": "leaky"}]
-
-    def calls(folder, minutes):
-        first = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
-        run(tiny, folder, first, clock=first.clock, cells=[seen])  # a 30% cell took 10 s
-        trainer = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
-        run(tiny, folder, trainer, clock=trainer.clock, cells=cells, max_minutes=minutes,
-            merge_replicates={"basic_cnn": 10})
-        return [len(c[2]) for c in trainer.calls]
-
-    # each 100%-size cell is judged at 10 / 0.3 = 33 s: in 70 s the first takes one
-    # partner (67 s), not two (100 s); the second partner then runs on its own turn
-    assert calls(tmp_path / "a", 70 / 60) == [4, 2]
-    # in 50 s no partner fits the first; it took 10 s, so the other two, now judged by
-    # it at 10 s each, train together
-    assert calls(tmp_path / "b", 50 / 60) == [2, 4]
-    # nothing seen in the folder and no benchmark: the first cell's time is unknown, so
-    # nothing joins it (a cut-off shared call would lose every cell in it); once it has
-    # run, the other two are judged by it and train together
-    trainer = FakeTrainer(FakeClock(), seconds_per_cell=10.0)
-    run(tiny, tmp_path / "c", trainer, clock=trainer.clock, cells=cells, max_minutes=10,
-        merge_replicates={"basic_cnn": 10})
-    assert [len(c[2]) for c in trainer.calls] == [2, 4]
-
-
 def test_the_grid_judges_a_new_model_by_the_committed_benchmark(monkeypatch):
     cfg = ex.grid_settings("thesis")
-    monkeypatch.setattr(ex, "device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    with ex.preset_env("thesis"):
-        priors = ex._priors(cfg, "cuda", None)
+    import mrilib.device
+
+    monkeypatch.setattr(mrilib.device, "device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    with paths.preset_env("thesis"):
+        priors = schedule._priors(cfg, "cuda")
     assert {"basic_cnn", "resnet18", "vit_tiny"} <= set(priors)  # benchmarks/ holds them
-    assert ex._priors(cfg, "cuda", FakeTrainer()) == {}  # another trainer: nothing known
 
 
 # ----------------------------------------------------------------------------- ImageNet starts
@@ -910,7 +783,7 @@ def test_imagenet_start_changes_the_design_of_its_model_only(weights_file, tmp_p
     cfg = ex.grid_settings("thesis", imagenet={"resnet18": str(weights_file), "vit_tiny": True})
     moved = tmp_path / "elsewhere.safetensors"
     moved.write_bytes(weights_file.read_bytes())
-    with ex.preset_env("thesis"):
+    with paths.preset_env("thesis"):
         def design(c, model):
             return ex.design_hash(c, "thesis", model)
 
@@ -1005,7 +878,7 @@ def test_a_timed_chunk_is_not_stopped_by_cells_it_would_skip(tiny, tmp_path, mon
     # synthetic cells have no generator; hflip at 30% is judged 10 s and fits.
     progress = ex.run_grid("quick", results_path=tmp_path / "results", train_fn=trainer,
                            data=data, split=split, clock=clock, progress=False,
-                           max_minutes=25 / 60)
+                           pacer=paced(25 / 60, tmp_path / "results", clock))
     assert [(model, aug) for model, aug, *_ in trainer.calls] == [("basic_cnn", "none"),
                                                                   ("basic_cnn", "hflip")]
     assert progress.stopped_for_time

@@ -28,11 +28,6 @@ def add_parser(sub) -> None:
                         "the repo, else the hub dataset)")
     p.add_argument("--results", default=None,
                    help="results folder (default: results/ for thesis, cache/<preset>/results/)")
-    p.add_argument("--merge-replicates", default=None, metavar="MODEL=R[,MODEL=R]",
-                   help="train a cell of MODEL together with the later cells of its model "
-                        "and policy whose training sets have its size, up to R replicates in "
-                        "one call (one vmap group on CUDA), e.g. vit_tiny=60 (default: off; "
-                        "see mrilib.experiment's merge_replicates)")
     p.add_argument("--imagenet", default=None, metavar="MODEL[=PATH][,MODEL[=PATH]]",
                    help="start these models from ImageNet weights and train only them: "
                         "MODEL fetches timm's weights from the Hugging Face hub, MODEL=PATH "
@@ -41,19 +36,6 @@ def add_parser(sub) -> None:
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
     p.set_defaults(func=run)
-
-
-def merge_replicates(text: str) -> dict[str, int]:
-    """``--merge-replicates vit_tiny=60[,basic_cnn=40]``: replicates per call, per model."""
-    out = {}
-    for part in text.split(","):
-        model, _, value = part.partition("=")
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--merge-replicates {text!r}: give MODEL=R with R a whole number "
-                             f"of replicates, at least 1, e.g. vit_tiny=60 (per model, as "
-                             f"memory per replicate differs)")
-        out[model.strip()] = int(value)
-    return out
 
 
 def imagenet_starts(text: str) -> dict:
@@ -69,7 +51,7 @@ def imagenet_starts(text: str) -> dict:
 
 
 def run(args) -> int:
-    from ..experiment import grid_status, run_grid
+    from ..grid import grid_status, run_grid
 
     overrides = {}
     if args.imagenet is not None:
@@ -81,12 +63,16 @@ def run(args) -> int:
         print(f"{int((status['done'] == status['repeats']).sum())} of {len(status)} cells "
               f"complete; {int(status['done'].sum())} of {int(status['repeats'].sum())} runs")
         return 0
-    if args.merge_replicates is not None:
-        overrides["merge_replicates"] = merge_replicates(args.merge_replicates)
-    progress = run_grid(args.preset, args.results, resume=args.resume,
-                        max_minutes=args.max_minutes, device=args.device,
+    pacer = None
+    if args.max_minutes is not None:
+        from ..grid.schedule import time_budget
+
+        pacer = time_budget(args.max_minutes, args.preset, args.results, args.device,
+                            **overrides)
+    progress = run_grid(args.preset, args.results, resume=args.resume, device=args.device,
                         train_generators=args.train_generators, source=args.source,
-                        available_generators=args.available_generators, **overrides)
+                        available_generators=args.available_generators, pacer=pacer,
+                        **overrides)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")

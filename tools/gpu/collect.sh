@@ -21,7 +21,7 @@ runs=$(cd "$tmp" && find . -name runs.jsonl | head -1)
 if [ -n "$runs" ]; then
   dir=$(dirname "${runs#./}")   # results (thesis) or cache/<preset>/results
   preset=thesis; [ "$dir" = results ] || preset=$(basename "$(dirname "$dir")")
-  "$PY" -c "import sys; from mrilib.experiment import merge_results as m
+  "$PY" -c "import sys; from mrilib.grid import merge_results as m
 have, new = m(sys.argv[1], sys.argv[2], check_only=True)
 print(f'results: {have} runs here, {new} new from the GPU')" "$tmp/$dir" "$dir" || exit 1
 fi
@@ -46,7 +46,7 @@ done
 if [ -n "$runs" ]; then
   before=$( [ -f "$dir/runs.jsonl" ] && wc -l < "$dir/runs.jsonl" || echo 0)
   # Only the runs this side lacks are appended, each with its epoch rows.
-  "$PY" -c "import sys; from mrilib.experiment import merge_results as m
+  "$PY" -c "import sys; from mrilib.grid import merge_results as m
 m(sys.argv[1], sys.argv[2])" "$tmp/$dir" "$dir" || exit 1
   # One line per GPU chunk in the results folder's README: what ran, where, how long.
   log="$src/session.log"; readme="$dir/README.md"
@@ -65,7 +65,7 @@ m(sys.argv[1], sys.argv[2])" "$tmp/$dir" "$dir" || exit 1
     wall=$(sed -n 's/^wall: \([0-9]*\) s/\1/p' "$log" | tail -1)
     echo "| $started | \`$command\` | $device | ${wall:-?} s | $(( after - before )) | $after |" >> "$readme"
   fi
-  "$PY" -c "import sys; from mrilib.experiment import export_csv; export_csv(sys.argv[1])" "$dir"
+  "$PY" -c "import sys; from mrilib.grid import export_csv; export_csv(sys.argv[1])" "$dir"
   # The committed results/ through chapter_results, as `make reproduce` writes the report
   # (its first line says where the runs came from); another preset's folder as given.
   if [ "$dir" = results ]; then

@@ -49,7 +49,7 @@ carry=(.gpudata .whl)
 [ "${CARRY_GEN0:-0}" = 1 ] && gen=$(MRILIB_PRESET=thesis MRILIB_DATA=.gpudata/alzheimer_mri "$PY" - <<'PY' 2>/dev/null
 import os
 import mrilib
-from mrilib.experiment import grid_settings
+from mrilib.grid import grid_settings
 from mrilib.synthetic.diffusion import trained_generator
 data = mrilib.load_mri()
 try:

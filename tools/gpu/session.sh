@@ -174,7 +174,7 @@ bench_train() {
       --out benchmarks ${BENCH_ARGS:-}
   done
 }
-read -r G X < <($PY -c "from mrilib.experiment import grid_settings as s; c = s();
+read -r G X < <($PY -c "from mrilib.grid import grid_settings as s; c = s();
 print(c['samples'], c['generator_fraction'])")
 generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel processes
   # One small UNet leaves most of the GPU idle. A generator that cannot finish is lost
