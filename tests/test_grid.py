@@ -949,3 +949,36 @@ def test_a_run_trained_apart_on_two_leases_stops_the_merge(tmp_path):
     with pytest.raises(ValueError, match="run b differs.*twice in"):
         ex.merge_results(twice, here)
     assert (here / "runs.jsonl").read_bytes() == before[0]
+
+
+# ----------------------------------------------------------------------------- generator needs
+
+def test_generator_needs_says_per_repeat_which_generator_and_whether_it_is_there(
+        tiny, tmp_path, monkeypatch):
+    import mrilib.synthetic.cache as cache_mod
+    import mrilib.synthetic.diffusion as diffusion
+    from mrilib.synthetic.diffusion import train_for_sample
+
+    monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
+    data, split = tiny
+    cfg = ex.grid_settings("quick", generator_fraction=0.5)
+    fill = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5)
+    assert ex.generator_needs(data, split, ex.make_cell("basic_cnn", real_fraction=0.5),
+                              [0, 1], cfg) == {}  # real-only: no generator
+    assert ex.generator_needs(data, split, fill, [0, 1], {**cfg, "backend": "openai"}) == {}
+    looked_up = []
+    lookup = diffusion.generator_path
+    monkeypatch.setattr(diffusion, "generator_path",
+                        lambda *a, **k: looked_up.append(a[3]) or lookup(*a, **k))
+    needs = ex.generator_needs(data, split, fill, [0, 1, 2, 3], cfg)
+    assert [needs[r].g for r in range(4)] == [0, 1, 0, 1]  # repeat r: generator r mod G
+    assert all(n.path is None and "synth train --real-frac 0.5 --seed" in n.why
+               for n in needs.values())
+    assert sorted(looked_up) == [0, 1]  # each generator looked up once
+    train_for_sample(data, split, 0.5, 0, progress=False)
+    needs = ex.generator_needs(data, split, fill, [0, 1, 2, 3], cfg)
+    assert [needs[r].path is not None for r in range(4)] == [True, False, True, False]
+    assert needs[1].why is not None and "generator 1" in needs[1].why
+    leaky = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5, generator="leaky")
+    assert all(n.path is None for n in ex.generator_needs(data, split, leaky, [0], cfg).values())
