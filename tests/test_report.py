@@ -11,9 +11,10 @@ import pytest
 
 import mrilib.paths as paths
 from mrilib import experiment as ex
-from mrilib.commands.report import figure_makers, write_report
+from mrilib import report, stats
 from mrilib.data import CLASSES
 from mrilib.plots import results as plots
+from mrilib.report import figure_makers, write_report
 
 QUICK_CELLS = [c.key for c in ex.grid_cells("quick")]
 CONFUSION = [[3, 0, 1, 0], [0, 1, 0, 0], [1, 0, 5, 0], [0, 0, 1, 4]]  # 1 Moderate test slice
@@ -162,12 +163,12 @@ def test_every_figure_is_drawn_or_skipped_with_a_note(tmp_path, capsys, cells):
             plt.close(fig)
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not shown")]
     assert all("yet" in line for line in skipped)
-    for table in (plots.effects_table, plots.leakage_table):
+    for table in (report.effects_table, report.leakage_table):
         plots.if_available(table, runs, n_boot=50)
     for model in dict.fromkeys(runs["model"]):
-        assert plots.results_table(runs, model, n_boot=50).shape == (3, 3)
-    assert len(plots.classification_table(runs, n_boot=50)) == len(cells)
-    assert len(plots.thesis_comparison(runs, n_boot=50)) == 3
+        assert report.results_table(runs, model, n_boot=50).shape == (3, 3)
+    assert len(report.classification_table(runs, n_boot=50)) == len(cells)
+    assert len(report.thesis_comparison(runs, n_boot=50)) == 3
 
 
 @pytest.mark.parametrize("cells", PARTIAL_GRIDS.values(), ids=PARTIAL_GRIDS.keys())
@@ -225,13 +226,15 @@ def test_the_red_note_starts_below_the_wrapped_split_note():
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- tables
+
 def test_classification_table_has_every_class_with_intervals(tmp_path):
     runs, _ = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS[:2]))
-    table = plots.classification_table(runs, n_boot=50)
+    table = report.classification_table(runs, n_boot=50)
     assert {f"recall {c.replace('_', ' ')}" for c in CLASSES} <= set(table.columns)
     assert table.loc[0, "accuracy"] == "0.812 [0.812, 0.812]"  # 13 of 16 on the diagonal
     assert (table["n"] == 2).all()
-    assert np.isclose(plots.stats.split_support(runs)["Moderate_Demented"], 1)
+    assert np.isclose(stats.split_support(runs)["Moderate_Demented"], 1)
 
 
 # ----------------------------------------------------------------------------- one design per read
@@ -320,21 +323,30 @@ def test_a_figure_no_longer_drawn_is_removed(repo):
     assert "- synthetic_effect_hflip: not drawn" in summary and not stale.exists()
 
 
-def test_a_cell_on_few_samples_gets_no_verdict_and_gaps_break_the_sweep(repo):
-    runs, _ = ex.load_results(write_runs(repo / "results", [
-        "basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
-        "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
-        "basic_cnn/none/fill/0.8/sample"], repeats=6))
-    table = plots.thesis_comparison(runs, n_boot=50)
+SWEEP_CELLS = ["basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
+               "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
+               "basic_cnn/none/fill/0.8/sample"]
+
+
+def test_a_cell_on_few_samples_gets_no_verdict(repo):
+    runs, _ = ex.load_results(write_runs(repo / "results", SWEEP_CELLS, repeats=6))
+    table = report.thesis_comparison(runs, n_boot=50)
     # write_runs draws two real samples; at 100% real every repeat is its own unit
     assert table["samples"].tolist() == [2, 6, 2]
     assert table["thesis inside our interval"].tolist() == [
         "too few samples (2)", "no", "too few samples (2)"]
     # the thesis's measure, whatever metric is asked for
     runs["final_test_loss"] += 1.0
-    assert plots.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)
-    cells = plots.results_table(runs, n_boot=50)["No augmentation"]
+    assert report.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)
+    cells = report.results_table(runs, n_boot=50)["No augmentation"]
     assert cells.iloc[0].endswith("n=6") and cells.iloc[1].endswith("n=6, 2 samples")
+    differences = report.thesis_differences(runs, n_boot=50)
+    assert differences["comparison"].tolist() == [label for label, _, _ in report.THESIS_PAIRS]
+    assert not differences["distinguishable from noise"].any()  # two samples are too few
+
+
+def test_gaps_break_the_sweep(repo):
+    runs, _ = ex.load_results(write_runs(repo / "results", SWEEP_CELLS, repeats=6))
     line = runs[(runs["synthetic"] == "none")][["real_fraction"]].drop_duplicates()
     gaps = plots._with_gaps(line.sort_values("real_fraction"), "none")
     assert gaps["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
