@@ -15,7 +15,7 @@ difference between two such numbers:
   with an explicit seed and ``n_boot`` resamples.
 * **clustering**: repeats of one cell are not independent where they share a real
   sample or a generator (repeat ``r`` uses sample/generator ``r mod G``, see
-  :mod:`mrilib.experiment`). There the bootstrap is hierarchical: resample the
+  :mod:`mrilib.grid`). There the bootstrap is hierarchical: resample the
   ``G`` clusters, then the repeats inside each drawn cluster.
 * **pairing**: two cells at the same real fraction share their real samples (and
   training seeds) repeat by repeat. Their comparison is the median of the per-repeat
@@ -61,7 +61,7 @@ PRESETS = {
     "cell": {"n_boot": 2_000},
 }
 
-# The columns that identify one cell of the grid (see mrilib.experiment.Cell).
+# The columns that identify one cell of the grid (see mrilib.grid.Cell).
 CELL_COLUMNS = ("model", "aug", "synthetic", "real_fraction", "generator")
 
 

@@ -584,7 +584,7 @@ def results_with_a_known_gain(tiny, tmp_path, monkeypatch):
 
 
 def test_report_writes_every_figure_and_a_summary(results_with_a_known_gain):
-    from mrilib.commands.report import write_report
+    from mrilib.report import write_report
 
     results, figures = results_with_a_known_gain
     path = write_report(results, n_boot=200)
@@ -604,14 +604,15 @@ def test_report_writes_every_figure_and_a_summary(results_with_a_known_gain):
 
 
 def test_results_table_and_thesis_comparison_have_intervals(results_with_a_known_gain):
+    from mrilib import report
     from mrilib.plots import results as plots
 
     runs, epochs = ex.load_results(results_with_a_known_gain[0])
-    table = plots.results_table(runs, "basic_cnn", n_boot=200)
+    table = report.results_table(runs, "basic_cnn", n_boot=200)
     assert list(table.columns) == list(plots.AUG_LABELS.values())
     assert table.loc["80% real / 20% synthetic", "No augmentation"].endswith("n=5")
     assert table.loc["80% real / 20% synthetic", "AutoAugment"] == "-"
-    comparison = plots.thesis_comparison(runs, n_boot=200)
+    comparison = report.thesis_comparison(runs, n_boot=200)
     assert (comparison["low"] <= comparison["ours"]).all()
     assert (comparison["ours"] <= comparison["high"]).all()
     assert comparison.loc["100% real", "thesis"] == pytest.approx(0.176023)

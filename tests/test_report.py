@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import mrilib.paths as paths
-from mrilib import experiment as ex
-from mrilib.commands.report import figure_makers, write_report
+from mrilib import grid as ex
+from mrilib.grid import chapter as grid_chapter
+from mrilib import report, stats
 from mrilib.data import CLASSES
 from mrilib.plots import results as plots
+from mrilib.report import figure_makers, write_report
 
 QUICK_CELLS = [c.key for c in ex.grid_cells("quick")]
 CONFUSION = [[3, 0, 1, 0], [0, 1, 0, 0], [1, 0, 5, 0], [0, 0, 1, 4]]  # 1 Moderate test slice
@@ -26,7 +28,7 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
     """runs.jsonl and epochs.jsonl as the runner writes them, with made-up losses.
 
     ``design="current"``: the design the current code gives ``preset``'s runs
-    (:func:`mrilib.experiment.cell_design`: synthetic cells also carry the generator's).
+    (:func:`mrilib.grid.cell_design`: synthetic cells also carry the generator's).
     """
     directory.mkdir(parents=True, exist_ok=True)
     runs, curves = [], []
@@ -34,7 +36,7 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
         model, aug, synthetic, fraction, generator = key.split("/")
         cell = {"model": model, "aug": aug, "synthetic": synthetic,
                 "real_fraction": float(fraction), "generator": generator}
-        with ex.preset_env(preset):
+        with paths.preset_env(preset):
             hashed = (ex.cell_design(ex.grid_settings(preset), preset, ex.make_cell(**cell))
                       if design == "current" else design)
         training, _, generator_design = hashed.partition("+")
@@ -76,7 +78,7 @@ def no_training(*args, **kwargs):
 @pytest.mark.parametrize("preset", ["quick", "thesis"])
 def test_committed_results_are_read_whatever_the_preset(repo, monkeypatch, preset):
     write_runs(repo / "repo" / "results", QUICK_CELLS[:3], repeats=20, preset="thesis")
-    monkeypatch.setattr(ex, "run_grid", no_training)
+    monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     chapter = ex.chapter_results(preset)
     assert chapter.committed and chapter.directory == repo / "repo" / "results"
     assert len(chapter.runs) == 60 and len(chapter.epochs) == 60
@@ -94,7 +96,7 @@ def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatc
         if not (folder / "runs.jsonl").exists():  # what resume=True does: only what is missing
             write_runs(folder, QUICK_CELLS)
 
-    monkeypatch.setattr(ex, "run_grid", fake_grid)
+    monkeypatch.setattr(grid_chapter, "run_grid", fake_grid)
     first = ex.chapter_results("quick", progress=False)
     second = ex.chapter_results("quick", progress=False)
     assert [c[0] for c in calls] == ["quick", "quick"]
@@ -108,7 +110,7 @@ def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatc
 
 
 def test_the_thesis_preset_without_committed_results_says_what_to_run(repo, monkeypatch):
-    monkeypatch.setattr(ex, "run_grid", no_training)
+    monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     with pytest.raises(FileNotFoundError) as err:
         ex.chapter_results("thesis")
     message = str(err.value)
@@ -118,7 +120,7 @@ def test_the_thesis_preset_without_committed_results_says_what_to_run(repo, monk
 
 
 def test_train_false_only_reads(repo, monkeypatch):
-    monkeypatch.setattr(ex, "run_grid", no_training)
+    monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     with pytest.raises(FileNotFoundError, match="--preset quick"):
         ex.chapter_results("quick", train=False)
     write_runs(repo / "cache" / "quick" / "results", QUICK_CELLS[:2])
@@ -162,12 +164,12 @@ def test_every_figure_is_drawn_or_skipped_with_a_note(tmp_path, capsys, cells):
             plt.close(fig)
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not shown")]
     assert all("yet" in line for line in skipped)
-    for table in (plots.effects_table, plots.leakage_table):
+    for table in (report.effects_table, report.leakage_table):
         plots.if_available(table, runs, n_boot=50)
     for model in dict.fromkeys(runs["model"]):
-        assert plots.results_table(runs, model, n_boot=50).shape == (3, 3)
-    assert len(plots.classification_table(runs, n_boot=50)) == len(cells)
-    assert len(plots.thesis_comparison(runs, n_boot=50)) == 3
+        assert report.results_table(runs, model, n_boot=50).shape == (3, 3)
+    assert len(report.classification_table(runs, n_boot=50)) == len(cells)
+    assert len(report.thesis_comparison(runs, n_boot=50)) == 3
 
 
 @pytest.mark.parametrize("cells", PARTIAL_GRIDS.values(), ids=PARTIAL_GRIDS.keys())
@@ -190,7 +192,7 @@ def test_the_quick_grid_report_skips_the_missing_cells_by_name(repo):
 
 def test_the_report_reads_committed_results_by_default(repo, monkeypatch):
     monkeypatch.setenv("MRILIB_PRESET", "quick")
-    monkeypatch.setattr(ex, "run_grid", no_training)
+    monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     write_runs(repo / "repo" / "results", QUICK_CELLS, repeats=3, preset="thesis")
     path = write_report(n_boot=50)
     assert path == repo / "cache" / "quick" / "results" / "summary.md"  # not over results/
@@ -225,13 +227,15 @@ def test_the_red_note_starts_below_the_wrapped_split_note():
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- tables
+
 def test_classification_table_has_every_class_with_intervals(tmp_path):
     runs, _ = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS[:2]))
-    table = plots.classification_table(runs, n_boot=50)
+    table = report.classification_table(runs, n_boot=50)
     assert {f"recall {c.replace('_', ' ')}" for c in CLASSES} <= set(table.columns)
     assert table.loc[0, "accuracy"] == "0.812 [0.812, 0.812]"  # 13 of 16 on the diagonal
     assert (table["n"] == 2).all()
-    assert np.isclose(plots.stats.split_support(runs)["Moderate_Demented"], 1)
+    assert np.isclose(stats.split_support(runs)["Moderate_Demented"], 1)
 
 
 # ----------------------------------------------------------------------------- one design per read
@@ -269,7 +273,7 @@ def test_the_report_reads_one_design_of_a_folder_that_holds_two(repo):
 
 
 def test_the_current_design_wins_over_a_newer_one(repo):
-    with ex.preset_env("quick"):
+    with paths.preset_env("quick"):
         current = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
     results = two_designs(repo / "results", current, "0ther000")  # the other one is newer
     with pytest.warns(ex.MixedDesignsWarning, match="the current code's"):
@@ -280,7 +284,7 @@ def test_the_current_design_wins_over_a_newer_one(repo):
 
 
 def test_chapter_results_says_what_it_set_aside(repo, monkeypatch):
-    monkeypatch.setattr(ex, "run_grid", no_training)
+    monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     two_designs(repo / "repo" / "results", "0ld0ld00", "5eed5eed")
     with pytest.warns(ex.MixedDesignsWarning):
         chapter = ex.chapter_results("thesis")
@@ -320,21 +324,30 @@ def test_a_figure_no_longer_drawn_is_removed(repo):
     assert "- synthetic_effect_hflip: not drawn" in summary and not stale.exists()
 
 
-def test_a_cell_on_few_samples_gets_no_verdict_and_gaps_break_the_sweep(repo):
-    runs, _ = ex.load_results(write_runs(repo / "results", [
-        "basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
-        "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
-        "basic_cnn/none/fill/0.8/sample"], repeats=6))
-    table = plots.thesis_comparison(runs, n_boot=50)
+SWEEP_CELLS = ["basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
+               "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
+               "basic_cnn/none/fill/0.8/sample"]
+
+
+def test_a_cell_on_few_samples_gets_no_verdict(repo):
+    runs, _ = ex.load_results(write_runs(repo / "results", SWEEP_CELLS, repeats=6))
+    table = report.thesis_comparison(runs, n_boot=50)
     # write_runs draws two real samples; at 100% real every repeat is its own unit
     assert table["samples"].tolist() == [2, 6, 2]
     assert table["thesis inside our interval"].tolist() == [
         "too few samples (2)", "no", "too few samples (2)"]
     # the thesis's measure, whatever metric is asked for
     runs["final_test_loss"] += 1.0
-    assert plots.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)
-    cells = plots.results_table(runs, n_boot=50)["No augmentation"]
+    assert report.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)
+    cells = report.results_table(runs, n_boot=50)["No augmentation"]
     assert cells.iloc[0].endswith("n=6") and cells.iloc[1].endswith("n=6, 2 samples")
+    differences = report.thesis_differences(runs, n_boot=50)
+    assert differences["comparison"].tolist() == [label for label, _, _ in report.THESIS_PAIRS]
+    assert not differences["distinguishable from noise"].any()  # two samples are too few
+
+
+def test_gaps_break_the_sweep(repo):
+    runs, _ = ex.load_results(write_runs(repo / "results", SWEEP_CELLS, repeats=6))
     line = runs[(runs["synthetic"] == "none")][["real_fraction"]].drop_duplicates()
     gaps = plots._with_gaps(line.sort_values("real_fraction"), "none")
     assert gaps["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]

@@ -4,6 +4,7 @@ Given ``save=NAME`` a function also writes ``NAME.png`` with :func:`save_figure`
 :func:`mrilib.paths.figures_dir` (``figures/`` for the full protocol, ``cache/quick/``
 for quick runs, so tests never overwrite the committed figures). The chapter 3 and 7
 figures are imported on first use (they pull in pytorch-grad-cam and the statistics).
+Chapter 7's tables, whose numbers its figures draw, are in :mod:`mrilib.report`.
 """
 from __future__ import annotations
 
@@ -31,10 +32,9 @@ from .synthetic import (class_fidelity_figure, memorization_figure,  # noqa: E40
 
 _LAZY = {
     "cam": ["real_vs_synthetic_cam_figure", "cam_agreement_figure", "scan_cam_figure"],
-    "results": ["loss_curves_figure", "augmentation_figure", "results_table",
-                "thesis_comparison", "thesis_comparison_figure", "fraction_sweep_figure",
-                "synthetic_effect_figure", "leakage_table", "leakage_figure", "effects_table",
-                "classification_table", "moderate_note", "if_available", "MissingCells"],
+    "results": ["loss_curves_figure", "augmentation_figure", "thesis_comparison_figure",
+                "fraction_sweep_figure", "synthetic_effect_figure", "leakage_figure",
+                "if_available", "MissingCells"],
     "training": ["LiveLossPlot", "training_set_figure", "replicates_table"],
 }
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())

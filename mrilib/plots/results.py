@@ -1,14 +1,13 @@
-"""Thesis chapter 7: loss curves, the augmentation comparison, the results table, the sweep.
+"""Thesis chapter 7's figures: loss curves, the augmentation comparison, the sweep.
 
-Every function takes the tables of :func:`mrilib.experiment.load_results` (``runs``:
-one row per training run; ``epochs``: one row per run and epoch) and returns a Figure
-(or a DataFrame for tables); ``save=NAME`` also writes it with
-:func:`mrilib.plots.save_figure`. Intervals are percentile-bootstrap 95% intervals of
-the median over repeats (:mod:`mrilib.stats`), hierarchical where repeats share a
-real sample or generator.
+Every function takes the tables of :func:`mrilib.grid.load_results` (``runs``:
+one row per training run; ``epochs``: one row per run and epoch) and returns a Figure;
+``save=NAME`` also writes it with :func:`mrilib.plots.save_figure`. Intervals are
+percentile-bootstrap 95% intervals of the median over repeats (:mod:`mrilib.stats`); a
+figure that shows a table's numbers takes them from :mod:`mrilib.report.tables`.
 
-A figure or table whose cells are not in the results yet (the quick grid, a GPU run cut
-short) raises :class:`MissingCells` naming them; :func:`if_available` turns that into a
+A figure whose cells are not in the results yet (the quick grid, a GPU run cut short)
+raises :class:`MissingCells` naming them; :func:`if_available` turns that into a
 printed note, so a notebook or the report over a partial grid draws what it can.
 
 Two labels are never left out: ResNet-18 and the ViT say "from scratch" when their
@@ -36,19 +35,6 @@ METRIC_LABELS = {
     "final_test_loss": "test cross-entropy (last epoch)",
     "best_test_loss": "test cross-entropy (best epoch by validation loss)",
 }
-# Kwon (2024) ch. 7.2: basic CNN, median validation cross-entropy over repeats.
-THESIS_NUMBERS = pd.DataFrame([
-    {"setting": "30% real", "synthetic": "none", "real_fraction": 0.3, "thesis": 0.219863},
-    {"setting": "100% real", "synthetic": "none", "real_fraction": 1.0, "thesis": 0.176023},
-    {"setting": "30% real + 70% synthetic", "synthetic": "fill", "real_fraction": 0.3,
-     "thesis": 0.174202},
-])
-# The thesis's results table (ch. 7.2): its rows as (synthetic policy, real fraction).
-TABLE_ROWS = {
-    "100% real / 0% synthetic": ("none", 1.0),
-    "80% real / 20% synthetic": ("fill", 0.8),
-    "100% real / 20% synthetic (ModerateDemented only)": ("100+20mod", 1.0),
-}
 # Figure 7.1's three training sets.
 CURVE_CELLS = (("fill", 0.3, "30% real + 70% synthetic"), ("none", 0.3, "30% real"),
                ("none", 1.0, "100% real"))
@@ -73,7 +59,7 @@ def if_available(make: Callable, *args, **kwargs):
 
 def _fraction_axis(ax) -> None:
     """Real fractions 30%..100% on the x axis, the same on every panel."""
-    from ..experiment import FRACTIONS
+    from ..grid import FRACTIONS
 
     ax.set_xlim(FRACTIONS[0] - 0.05, FRACTIONS[-1] + 0.05)
     ax.set_xticks(FRACTIONS, [f"{x:.0%}" for x in FRACTIONS])
@@ -119,7 +105,8 @@ def _note(fig, extra: str = "", note: str | None = None) -> None:
         y -= len(lines) * 1.35 * size / 72 / height_in
 
 
-def _metric_label(metric: str) -> str:
+def metric_label(metric: str) -> str:
+    """``"validation cross-entropy (last epoch)"``...; the column name for another metric."""
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
@@ -211,7 +198,7 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     for pos, values in zip(positions, data):
         ax.scatter(pos + rng.uniform(-0.15, 0.15, len(values)), values, s=10, color="0.2")
     ax.set_xticks(positions, labels, fontsize=8)
-    ax.set_ylabel(_metric_label(metric))
+    ax.set_ylabel(metric_label(metric))
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"Figure 7.2 - {model_label(runs, model)}, {real_fraction:.0%} real: "
                  f"loss over repeats by augmentation policy")
@@ -220,99 +207,15 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     return _maybe_save(fig, save)
 
 
-# ----------------------------------------------------------------------------- tables
-
-def _cell_estimate(runs, metric, n_boot, seed, **cell
-                   ) -> tuple[tuple[float, float, float, int], int] | None:
-    """((median, low, high, n), independent real samples) of a cell; None if not run."""
-    sel = stats.select_cell(runs, **cell)
-    if sel.empty:
-        return None
-    clusters = stats.cluster_ids(sel)
-    iv = stats.bootstrap_median(stats.metric_values(sel, metric), clusters,
-                                n_boot=n_boot, seed=seed)
-    return (iv.estimate, iv.low, iv.high, len(sel)), len(set(clusters))
-
-
-def _cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, float, int] | None:
-    found = _cell_estimate(runs, metric, n_boot, seed, **cell)
-    return found[0] if found else None
-
-
-def min_clusters() -> int:
-    """Independent samples a verdict needs (:mod:`mrilib.stats`' ``min_clusters``)."""
-    from ..config import settings
-
-    return settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
-
-
-def thesis_metric(metric: str) -> str:
-    """The thesis reports validation cross-entropy: a test metric is not set beside it."""
-    return metric if metric in ("final_val_loss", "best_val_loss") else "final_val_loss"
-
-
-def format_interval(estimate: float, low: float, high: float, n: int | None = None,
-                    digits: int = 4) -> str:
-    """``"0.1760 [0.1712, 0.1801]"`` (and ``" n=20"`` when ``n`` is given)."""
-    text = f"{estimate:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-    return text if n is None else f"{text} n={n}"
-
-
-def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "final_val_loss",
-                  n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """The thesis's results table for one architecture: median [95% interval] n per cell.
-
-    Rows: 100% real / 0% synthetic, 80% real / 20% synthetic, 100% real / 20% synthetic
-    (ModerateDemented only); columns: the augmentation policies. "-" where not yet run;
-    ", k samples" where a cell's repeats rest on fewer than ``min_clusters`` real samples
-    (a partly run cell), whose interval then misses the variation between samples.
-    """
-    table = {}
-    for row, (synthetic, fraction) in TABLE_ROWS.items():
-        table[row] = {}
-        for aug, aug_label in AUG_LABELS.items():
-            cell = dict(model=model, aug=aug, synthetic=synthetic, real_fraction=fraction)
-            found = _cell_estimate(runs, metric, n_boot, seed, **cell)
-            text = format_interval(*found[0]) if found else "-"
-            if found and found[1] < min_clusters():  # an interval within too few samples
-                text += f", {found[1]} sample{'s' * (found[1] != 1)}"
-            table[row][aug_label] = text
-    out = pd.DataFrame(table).T
-    out.index.name = f"{model_label(runs, model)}: median {_metric_label(metric)}"
-    return out
-
-
-def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
-                      n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """The thesis's three basic-CNN numbers beside ours (median, interval, n, ratio).
-
-    Always a validation cross-entropy, the thesis's measure (``metric`` if it is one,
-    else the last epoch's). Whether the thesis's number lies inside our interval is
-    judged only for a cell resting on at least ``min_clusters`` real samples: a partly
-    run cell's interval misses the variation between samples ("too few samples").
-    """
-    metric = thesis_metric(metric)
-    rows = []
-    for _, ref in THESIS_NUMBERS.iterrows():
-        cell = dict(model="basic_cnn", aug="none", synthetic=ref["synthetic"],
-                    real_fraction=ref["real_fraction"])
-        found = _cell_estimate(runs, metric, n_boot, seed, **cell)
-        (median, low, high, n), clusters = found if found else ((np.nan, np.nan, np.nan, 0), 0)
-        verdict = ("-" if not n else f"too few samples ({clusters})"
-                   if clusters < min_clusters() else
-                   "yes" if low <= ref["thesis"] <= high else "no")
-        rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
-                     "low": low, "high": high, "n": n, "samples": clusters,
-                     "ours / thesis": median / ref["thesis"],
-                     "thesis inside our interval": verdict})
-    return pd.DataFrame(rows).set_index("setting")
-
+# ----------------------------------------------------------------------------- beside the thesis
 
 def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
                              n_boot: int | None = None, seed: int | None = None,
                              save: str | None = None, note: str | None = None):
     """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation);
     hollow where a cell rests on fewer than ``min_clusters`` real samples."""
+    from ..report.tables import min_clusters, thesis_comparison, thesis_metric
+
     metric = thesis_metric(metric)
     table = thesis_comparison(runs, metric, n_boot, seed)
     if not table["n"].any():
@@ -331,7 +234,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     ax.scatter(table["thesis"], y, marker="D", color="C3", zorder=3, label="Kwon (2024)")
     ax.set_yticks(y, table.index)
     ax.invert_yaxis()
-    ax.set_xlabel(f"median {_metric_label(metric)}")
+    ax.set_xlabel(f"median {metric_label(metric)}")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Basic CNN, no augmentation: the thesis's numbers and ours")
@@ -345,7 +248,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
 def _with_gaps(line: pd.DataFrame, synthetic: str) -> pd.DataFrame:
     """``line`` with a NaN row at each grid fraction between its ends that was not run,
     so the sweep's line breaks there instead of joining its neighbours."""
-    from ..experiment import FRACTIONS
+    from ..grid import FRACTIONS
 
     have = line["real_fraction"].round(4)
     grid = [x for x in FRACTIONS if have.min() < x < have.max() and not (have == x).any()
@@ -365,6 +268,8 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
     Points are medians over repeats with 95% intervals; the basic-CNN panel also shows
     the thesis's three numbers.
     """
+    from ..report.tables import THESIS_NUMBERS
+
     drawn = runs[(runs["aug"] == aug) & runs["generator"].isin(["none", "sample"])
                  & runs["synthetic"].isin(["none", "fill"])]
     models = [m for m in (models or ("basic_cnn", "resnet18", "vit_tiny"))
@@ -394,7 +299,7 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
         ax.set_title(model_label(runs, model))
         _fraction_axis(ax)
         ax.legend(fontsize=7, loc="best")
-    axes[0][0].set_ylabel(f"median {_metric_label(metric)}")
+    axes[0][0].set_ylabel(f"median {metric_label(metric)}")
     fig.suptitle(f"Loss against real fraction ({AUG_LABELS[aug].lower()}), median and 95% interval")
     fig.tight_layout()
     _note(fig, note=note)
@@ -409,8 +314,9 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     Below zero the synthetic images lowered the loss; an interval that crosses zero is
     not distinguishable from noise.
     """
-    effects = stats.synthetic_effects(runs[runs["aug"] == aug], metric, n_boot=n_boot, seed=seed)
-    effects = effects[effects["generator"] == "sample"] if len(effects) else effects
+    from ..report.tables import leak_free_effects
+
+    effects = leak_free_effects(runs[runs["aug"] == aug], metric, n_boot, seed)
     if effects.empty:
         raise MissingCells(f"synthetic_effect_figure: no synthetic cell with a real-only "
                            f"twin for aug={aug!r} yet")
@@ -429,7 +335,7 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
                         label=label)
     ax.axhline(0, color="k", lw=0.8)
     _fraction_axis(ax)
-    ax.set_ylabel(f"median difference in\n{_metric_label(metric)}")
+    ax.set_ylabel(f"median difference in\n{metric_label(metric)}")
     ax.set_title(f"Synthetic minus real only ({AUG_LABELS[aug].lower()}): paired, 95% intervals")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -437,117 +343,13 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     return _maybe_save(fig, save)
 
 
-def verdict(row) -> str:
-    """How a loss difference (synthetic - real only) reads: helped, hurt or neither."""
-    needed = min_clusters()
-    if row["clusters"] < needed:
-        return f"too few independent samples to tell ({row['clusters']} < {needed})"
-    if not row["distinguishable"]:
-        return "no distinguishable difference"
-    return "helped (lower loss)" if row["difference"] < 0 else "hurt (higher loss)"
-
-
-def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
-                  seed: int | None = None) -> pd.DataFrame:
-    """Did synthetic images help? One row per synthetic cell against its real-only twin.
-
-    Same architecture, augmentation and real fraction, leak-free generator, paired by
-    real sample; the difference is the median of the per-repeat differences, synthetic
-    minus real only, with its 95% interval and a verdict that needs ``min_clusters``
-    independent samples (:mod:`mrilib.stats`). "real only" and "with synthetic" are the
-    medians of the same repeats.
-    """
-    effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
-    if not effects.empty:
-        effects = effects[effects["generator"] == "sample"].copy()
-    if effects.empty:
-        raise MissingCells("effects_table: no synthetic cell with a leak-free generator has "
-                           "its real-only twin (same architecture, augmentation, real "
-                           "fraction) in the results yet")
-    effects["architecture"] = [model_label(runs, m) for m in effects["model"]]
-    effects["real %"] = (effects["real_fraction"] * 100).round().astype(int)
-    effects["synthetic - real only"] = [format_interval(d, lo, hi) for d, lo, hi in
-                                        zip(effects["difference"], effects["low"], effects["high"])]
-    effects["verdict"] = effects.apply(verdict, axis=1)
-    effects = effects.sort_values(["model", "aug", "synthetic", "real_fraction"])
-    return effects[["architecture", "aug", "synthetic", "real %", "median_b", "median_a",
-                    "synthetic - real only", "paired", "clusters", "verdict"]].rename(
-        columns={"median_b": "real only", "median_a": "with synthetic"}).reset_index(drop=True)
-
-
-def classification_table(runs: pd.DataFrame, split: str = "test", stage: str = "final",
-                         n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """Accuracy, macro-F1 and recall of every class per cell: median [95% interval].
-
-    From the ``<stage>_<split>_confusion`` matrices of the runs (last epoch on the test
-    split by default); one row per cell, ``n`` runs each.
-    """
-    column = f"{stage}_{split}_confusion"
-    if column not in runs:
-        raise ValueError(f"classification_table: the runs carry no {column} column; "
-                         f"choose split='test' or 'val' and stage='final' or 'best'")
-    runs = stats.with_confusion_metrics(runs) if f"{stage}_{split}_macro_f1" not in runs else runs
-    prefix = f"{stage}_{split}_"
-    metrics = [prefix + "accuracy", prefix + "macro_f1",
-               *[c for c in runs.columns if c.startswith(prefix + "recall_")]]
-    summary = stats.cell_summary(runs, metrics=metrics, n_boot=n_boot, seed=seed)
-    out = pd.DataFrame({"architecture": [model_label(runs, m) for m in summary["model"]],
-                        "aug": summary["aug"], "synthetic": summary["synthetic"],
-                        "real": [f"{x:.0%}" for x in summary["real_fraction"]],
-                        "generator": summary["generator"], "n": summary["n"]})
-    for metric in metrics:
-        name = metric[len(prefix):].replace("recall_", "recall ").replace("_", " ")
-        out[name] = ["-" if e != e else format_interval(e, lo, hi, digits=3) for e, lo, hi in
-                     zip(summary[metric], summary[f"{metric}_low"], summary[f"{metric}_high"])]
-    return out
-
-
-def moderate_note(runs: pd.DataFrame) -> str:
-    """How many Moderate_Demented slices the test split holds, and what that does to recall."""
-    support = stats.split_support(runs)
-    k = int(support.get("Moderate_Demented", 0))
-    if not k:
-        return ("The test split holds no Moderate_Demented slice (the dataset has 64 in all): "
-                "its recall cannot be measured here.")
-    # Clopper-Pearson for k of k: the lower bound solves p^k = 0.025.
-    return (f"Moderate_Demented has {k} of the {int(support.sum())} test images (the full "
-            f"dataset has 64 in all): its recall moves in steps of 1/{k}, and its intervals "
-            f"below cover the variation between runs only, not these {k} slices' own "
-            f"uncertainty: even {k} of {k} correct leaves an exact binomial 95% interval of "
-            f"[{0.025 ** (1 / k):.2f}, 1].")
-
-
 # ----------------------------------------------------------------------------- leakage
-
-def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
-                  seed: int | None = None) -> pd.DataFrame:
-    """Each leaky-generator cell beside its leak-free twin and its real-only twin."""
-    if not (runs["generator"] == "leaky").any():
-        raise MissingCells("leakage_table: no leaky-generator runs in the results yet")
-    rows = []
-    for _, leaky in runs[runs["generator"] == "leaky"].drop_duplicates(
-            ["model", "aug", "real_fraction"]).iterrows():
-        cell = {"model": leaky["model"], "aug": leaky["aug"], "real_fraction": leaky["real_fraction"]}
-        row = {"model": model_label(runs, cell["model"]), "aug": cell["aug"],
-               "real": f"{cell['real_fraction']:.0%}"}
-        for name, spec in (("real only", {"synthetic": "none"}),
-                           ("leak-free generator", {"synthetic": "fill", "generator": "sample"}),
-                           ("leaky generator", {"synthetic": "fill", "generator": "leaky"})):
-            found = _cell_interval(runs, metric, n_boot, seed, **cell, **spec)
-            row[name] = format_interval(*found) if found else "-"
-        twin = {**cell, "synthetic": "fill", "generator": "sample"}
-        if not stats.select_cell(runs, **twin).empty:
-            diff = stats.compare_cells(runs, {**cell, "synthetic": "fill", "generator": "leaky"},
-                                       twin, metric, n_boot=n_boot, seed=seed)
-            row["leaky - leak-free"] = format_interval(diff["difference"], diff["low"], diff["high"])
-            row["distinguishable"] = diff["distinguishable"]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
 
 def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
                    seed: int | None = None, save: str | None = None, note: str | None = None):
     """The leakage ablation: real only, leak-free and leaky generator, median and interval."""
+    from ..report.tables import cell_interval
+
     keys = runs[runs["generator"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
     if keys.empty:
         raise MissingCells("leakage_figure: no leaky-generator runs in the results yet")
@@ -562,7 +364,7 @@ def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: i
         ticks.append(f"{model_label(runs, key['model'])}\n{key['real_fraction']:.0%} real, "
                      f"{AUG_LABELS[key['aug']].lower()}")
         for j, (label, spec, color) in enumerate(specs):
-            found = _cell_interval(runs, metric, n_boot, seed, **cell, **spec)
+            found = cell_interval(runs, metric, n_boot, seed, **cell, **spec)
             if found is None:
                 continue
             est, low, high, _ = found
@@ -570,7 +372,7 @@ def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: i
                         color=color, capsize=3, label=label if i == 0 else None)
     ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"median {_metric_label(metric)}")
+    ax.set_xlabel(f"median {metric_label(metric)}")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Leakage ablation: does a generator that saw the whole pool flatter the result?")

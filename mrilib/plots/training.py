@@ -118,7 +118,7 @@ def training_set_figure(sets, classes: Sequence[str], repeat: int = 0, per_class
                         seed: int = 0, note: str | None = None, save: str | None = None):
     """Random real and synthetic images of one repeat's training set, one row per class.
 
-    ``sets`` is a :class:`mrilib.experiment.TrainingSets`; row ``repeat`` of its index
+    ``sets`` is a :class:`mrilib.grid.TrainingSets`; row ``repeat`` of its index
     lists the repeat's real images first (``info[repeat]["n_real"]`` of them), then its
     synthetic ones. A class with no synthetic images shows empty panels there.
     """
@@ -151,7 +151,7 @@ def training_set_figure(sets, classes: Sequence[str], repeat: int = 0, per_class
 def replicates_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run: seeds, and validation and test loss and accuracy, last and best epoch.
 
-    ``runs`` has the columns of :func:`mrilib.experiment.run_row` (the grid's runs table).
+    ``runs`` has the columns of :func:`mrilib.grid.run_row` (the grid's runs table).
     "best" is the epoch of lowest validation loss; its test numbers are reported, never
     used to choose it.
     """
@@ -163,5 +163,5 @@ def replicates_table(runs: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in columns if c not in runs.columns]
     if missing:
         raise ValueError(f"replicates_table: the runs table lacks {missing}; build it with "
-                         f"mrilib.experiment.run_row or load_results")
+                         f"mrilib.grid.run_row or load_results")
     return runs[list(columns)].rename(columns=columns).set_index("repeat").sort_index()
