@@ -7,9 +7,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.14.1 is what these machines serve from local disk; PyPI serves the same
-# (a CUDA build) on a Linux x86-64 machine with a GPU. The library also runs on 2.11.
+# torch 2.14.1 is the version the project is developed with; on Linux x86-64 PyPI serves
+# it as a CUDA build, which also runs on a CPU. The library also runs on 2.11.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# A copy of the dataset beside the repository is used when MRILIB_DATA is not set (README, Data).
 SHARED_DATA := $(abspath ../shared/data/alzheimer_mri)
 export MRILIB_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The code a device call runs, as one digest: prepare.sh records it here beside the commit,
+# The code a remote job runs, as one digest: prepare.sh records it here beside the commit,
 # session.sh recomputes it there. Files by name, as both trees hold them (no .git there;
 # caches and hidden folders, which do not travel or differ by machine, left out).
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE after a device call of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
-# (FILES_AT = the folder the device tool put session.tgz, gen-*.pt and session.log in).
+# Run HERE after a remote job of tools/gpu/session.sh: bash tools/gpu/collect.sh FILES_AT
+# (FILES_AT = the folder holding the files brought back: session.tgz, gen-*.pt, session.log).
 # First checks that every run both sides hold is the same row on both (else it stops
 # with nothing applied), then unpacks benchmarks into benchmarks/ (the CUDA tests' log
 # into benchmarks/logs/), figures into figures/, generators into cache/generators/, and
@@ -56,7 +56,8 @@ m(sys.argv[1], sys.argv[2])" "$tmp/$dir" "$dir" || exit 1
       "Rows: \`runs.jsonl\` (one per training run, with its config, seeds, commit, package" \
       "versions and device) and \`epochs.jsonl\` (one per run and epoch); \`summary.md\` and" \
       "\`../figures/\` are written from them by \`python -m mrilib report\`. Made in chunks on" \
-      "lent GPUs with tools/gpu (see benchmarks/README.md); each chunk, as collect.sh logged it:" "" \
+      "time-limited remote GPU jobs with tools/gpu (tools/gpu/README.md); each chunk, as" \
+      "collect.sh logged it:" "" \
       "| started (UTC) | command | device | wall | runs added | runs in all |" \
       "| --- | --- | --- | ---: | ---: | ---: |" > "$readme"
     command=$(sed -n 's/^session: \(.*\) | started .*/\1/p' "$log" | head -1 | sed 's/ | /; /g')

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Run HERE (the development machine), in any folder of the repo, before a device call.
+# Run HERE (your machine), in any folder of the repo, before a time-limited remote GPU job
+# (tools/gpu/README.md).
 #
-# The GPU machine reaches nothing outside itself and receives only the working tree (64 MiB
-# in all, carried paths included), so this puts two ignored folders in the repo root:
+# The job reaches no network and receives only the working tree and the extra paths named
+# (64 MiB in all), so this puts two ignored folders in the repo root:
 #   .gpudata/alzheimer_mri   the dataset's JPEGs (47 MB; never committed)
 #   .whl/                    wheels of what the GPU image lacks (diffusers, grad-cam, ttach),
 #                            for its Python 3.12, at the versions of this .venv
 #   cache/generators/x0.3-s0-*/generator.pt   generator 0, when finished here (carried as is)
-# Then call the device tool with the carry list and the command printed at the end.
+# Then start the job with the extra paths and the command printed at the end.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
@@ -68,8 +69,8 @@ fi
 # What travels: tracked and untracked-not-ignored files, plus the carried paths.
 size=$( (git ls-files -co --exclude-standard -z | xargs -0 cat; find "${carry[@]}" -type f -exec cat {} +) \
   2>/dev/null | wc -c)
-echo "the tree that travels: $((size / 1048576)) MiB of the 64 MiB a call may send"
+echo "the folder to send: $((size / 1048576)) MiB (at most 64 MiB)"
 [ "$size" -lt $((64 * 1048576)) ] || { echo "too large to send: trim before calling" >&2; exit 1; }
 list=$(printf '"%s", ' "${carry[@]}")
 # STAGE and MINUTES only shape the printed command (session.sh documents the stages).
-echo "device run: carry [${list%, }], timeout_s 600, command: bash tools/gpu/session.sh ${STAGE:-all} ${MINUTES:-9.5}"
+echo "remote job: send the tree with [${list%, }], time limit 600 s, command: bash tools/gpu/session.sh ${STAGE:-all} ${MINUTES:-9.5}"

@@ -1,13 +1,12 @@
 """Run a chapter notebook's code cells in order, as one script: python run_notebook.py NB.ipynb
 
-For the GPU machine, whose image has no Jupyter. Carrying jupyter, nbclient, ipykernel
-and pyzmq there would take megabytes of the 64 MiB a call may send, and a kernel adds
-nothing here: the notebooks only call mrilib, and every figure is written by a library
-function (``save=``), so executing the cells' code in one namespace writes the same
-files; a cell's last expression is printed, as Jupyter would show it. Cells must be plain
-Python (no magics: the chapter notebooks use none). Each
-cell's index and wall seconds are printed; the first failing cell stops the run with
-its index, exit status 1.
+For a remote GPU job whose Python has no Jupyter (tools/gpu/README.md). Carrying
+jupyter, nbclient, ipykernel and pyzmq there would take megabytes of the folder sent, and
+a kernel adds nothing here: the notebooks only call mrilib, and every figure is written
+by a library function (``save=``), so executing the cells' code in one namespace writes
+the same files; a cell's last expression is printed, as Jupyter would show it. Cells must
+be plain Python (no magics: the chapter notebooks use none). Each cell's index and wall
+seconds are printed; the first failing cell stops the run with its index, exit status 1.
 """
 import ast
 import json

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Run THERE (the GPU machine), from the repo root, as the device tool's command, after
-# tools/gpu/prepare.sh here and with the carry list it prints (".gpudata", ".whl", and
-# generator 0 when it is finished here):
+# Run THERE (the remote GPU job), from the repo root, as the job's command, after
+# tools/gpu/prepare.sh here and with the extra paths it prints (".gpudata", ".whl", and
+# generator 0 when it is finished here). tools/gpu/README.md describes the three steps.
 #
 #   bash tools/gpu/session.sh checks        # CUDA tests + training and generator benchmarks
 #   bash tools/gpu/session.sh grid MINUTES  # the thesis grid for MINUTES (TRAIN_GEN=1:
 #                                           # its five generators first)
-#   bash tools/gpu/session.sh all MINUTES   # one lease's worth: CUDA tests, benchmarks
+#   bash tools/gpu/session.sh all MINUTES   # one job's worth: CUDA tests, benchmarks
 #                                           # (ResNet-18, ViT), then the grid
 #   bash tools/gpu/session.sh quality MINUTES  # generator 0 (#4) and its unguided and
 #                                           # guided strength sweeps
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
 #
-# A drawn task gets 15 minutes of device time in all (start and transfers included) and
-# one command may run 10, so each stage is budgeted in wall minutes (decimals allowed) and
-# packs what it made under $OUT (at most 8 files of 16 MiB come back), even when cut short:
+# Written for jobs of about 15 minutes in all (start and transfers included) whose command
+# may run 10, so each stage is budgeted in wall minutes (decimals allowed) and packs what it
+# made under $OUT (at most 8 files of 16 MiB each are brought back), even when cut short:
 #   $OUT/session.tgz   benchmarks/*, results/*.jsonl and strength_sweep_*.json, figures
 #                      this call wrote
 #   $OUT/gen-<dir>.pt  each finished leak-free generator (cache/generators/<dir>/generator.pt)
@@ -24,13 +24,13 @@
 #
 # Every step is cut to the stage's deadline (checks: 9 minutes; grid/all: MINUTES), keeping
 # 30 s to pack, so the archive comes back even when the work does not finish: give the
-# device call a timeout_s a minute above it.
+# job a time limit a minute above it.
 # Knobs (environment): TRAIN_GEN=1 (`grid` first trains the five leak-free generators;
-# off by default: they take 21-26 minutes of H100 time together, more than a lease, and
-# one that does not finish is lost with the machine: benchmarks/README.md, "Can the grid
-# finish under the present leases?"), GEN_MINUTES (generator training, default 5),
+# off by default: they take 21-26 minutes of H100 time together, more than a 15-minute job,
+# and one that does not finish is lost with the machine: benchmarks/README.md, "The grid's
+# budget in 15-minute jobs"), GEN_MINUTES (generator training, default 5),
 # GEN_LEAKY=1 (also train the 5 leaky-ablation generators, in parallel with the others),
-# SKIP_GEN=1 (`quality` trains no generator: a second call on a still-warm machine),
+# SKIP_GEN=1 (`quality` trains no generator: a second job on a machine that still has it),
 # GRID_ARGS (extra `grid` arguments, e.g. "--available-generators": the repeats of
 # synthetic cells whose generator is here run now, the rest later; their run keys carry
 # the generator's recipe, so a later recipe retrains them rather than mixing the two),
@@ -68,7 +68,7 @@ if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row na
   # as clean (prepare.sh was not rerun after a change): the same digest on both sides.
   if [ "$(bash tools/gpu/code_digest.sh)" != "${code_digest:-}" ]; then
     echo "warning: mrilib/, tools/ or notebooks/ differ from commit $MRILIB_GIT_COMMIT as prepare.sh" \
-      "recorded it (rerun prepare.sh before a device call); rows are marked git_dirty"
+      "recorded it (rerun prepare.sh before a remote job); rows are marked git_dirty"
     MRILIB_GIT_DIRTY=1
   fi
   export MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY
@@ -116,7 +116,7 @@ pack() {  # whatever exists now goes back, even after a timeout
   [ ${#files[@]} -gt 0 ] && tar czf "$OUT/session.tgz" "${files[@]}"
   # Finished leak-free generators, one file each (12 MiB; a file may be 16, all 64): they
   # let chapters 2-3 run here in the thesis preset. Leaky ones are not needed here. The
-  # results archive and the log go first; generators only while the outbox stays < 62 MiB.
+  # results archive and the log go first; generators only while $OUT stays < 62 MiB.
   local n=0 used finished=""
   if [ "${SKIP_GEN_OUT:-0}" != 1 ] && compgen -G "cache/generators/x*/generator.pt" > /dev/null; then
     # the finished ones, in one Python start (several cost seconds past the deadline)
@@ -134,7 +134,7 @@ PY
   fi
   for f in $finished; do
     used=$(du -cb "$OUT" | tail -1 | cut -f1)
-    [ $(( used + $(stat -c %s "$f") )) -lt $(( 62 * 1048576 )) ] || { echo "outbox full: $f stays"; continue; }
+    [ $(( used + $(stat -c %s "$f") )) -lt $(( 62 * 1048576 )) ] || { echo "no room left in \$OUT: $f stays"; continue; }
     cp "$f" "$OUT/gen-$(basename "$(dirname "$f")").pt" && n=$((n + 1))
   done
   echo "packed ${#files[@]} files into session.tgz and $n generators after $(elapsed_min) min"
@@ -156,7 +156,7 @@ within 120 $PY -m mrilib data --source "$MRILIB_DATA" > /dev/null
 cuda_tests() {  # [GPU_TESTS=files] cuda_tests [CAP]: the GPU-marked tests of #3-#5
   # In the quick preset, as the README's test command: tests/conftest.py keeps a preset
   # already set, and under this script's thesis preset the generator and Grad-CAM tests
-  # train thesis-sized models (cut off at 120 s in two leases; 22 s in the quick one).
+  # train thesis-sized models (cut off at 120 s in two jobs; 22 s in the quick preset).
   # shellcheck disable=SC2086
   MRILIB_PRESET=quick within "${1:-150}" $PY -m pytest -q -rs --durations=8 -p no:cacheprovider -m gpu \
     ${GPU_TESTS:-tests/test_train.py tests/test_augment.py tests/test_diffusion.py tests/test_cam.py} \
@@ -199,8 +199,7 @@ grid() {  # the thesis grid for the time left (cells whose generators are missin
   # up by training-set size and vmap groups; a model not seen yet by this card's committed
   # `bench train` row, else 0 s, hence the margin); `within` is the hard stop. A cell's
   # repeats train in one vmap group and are written after it, so a cut-off cell loses
-  # all of its repeats (with GRID_ARGS="--merge-replicates ...", every cell of the shared
-  # call), never those of finished cells (rows are fsync'd).
+  # all of its repeats, never those of finished cells (rows are fsync'd).
   # 20 s are kept for the list at the end, which runs inside the deadline too.
   local left; left=$(( $(left_s) - 20 ))
   if [ "$left" -ge 100 ]; then
@@ -230,9 +229,9 @@ case "$stage" in
   all)
     : "${2:?all needs MINUTES, e.g. 9.5}"
     SKIP_GEN_OUT=1  # generators here were carried in: they need not come back
-    # One lease, ordered by what is still unmeasured (see benchmarks/README.md): where this
+    # One job, ordered by what is still unmeasured (see benchmarks/README.md): where this
     # card has none, ResNet-18 and ViT-Tiny against the notebook loop (180 s each; the
-    # fourth lease, an H100, has them). Then the CUDA tests of the generator and Grad-CAM
+    # H100 has them). Then the CUDA tests of the generator and Grad-CAM
     # and the stems' (passed on the H100 but for the stems'), the basic CNN where this
     # card has no benchmark yet, then one lever per row: the stems as unfold + matmul
     # (`--im2col-stem`: vmap's depthwise path was 12% of ResNet-18's device time) for the
@@ -280,7 +279,7 @@ case "$stage" in
     ;;
   quality)
     : "${2:?quality needs MINUTES, e.g. 9.5}"
-    # #4 in one lease: generator 0 of the grid's 30% sample, trained on the zero-terminal-
+    # #4 in one job: generator 0 of the grid's 30% sample, trained on the zero-terminal-
     # SNR schedule with v-prediction (the first one, on DDPM's linear schedule, painted
     # grey: see mrilib/synthetic/diffusion.py) and with class dropout for classifier-free
     # guidance, then `synth sweep` over its whole sample at six strengths: class fidelity,
@@ -290,7 +289,7 @@ case "$stage" in
     [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
     # (its progress bars, one line per update without a terminal, go to a file)
-    # SWEEP_STRENGTHS: fewer for a short lease
+    # SWEEP_STRENGTHS: fewer for a short job
     within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" --guidance 1 \
       --strengths "${SWEEP_STRENGTHS:-0.3,0.4,0.5,0.6,0.8,1.0}" --out "$sweep_json" \
       2> /tmp/sweep.err | tail -n 9 || tail -n 5 /tmp/sweep.err
@@ -317,7 +316,7 @@ case "$stage" in
       exit 2
     fi
     # 1. The weight at the default strength on up to 200 sources per class (all 14
-    # ModerateDemented; the 2026-11-26 lease measured 1, 2, 4 on 50 per class; 3 and 6
+    # ModerateDemented; the 2026-11-26 H100 run measured 1, 2, 4 on 50 per class; 3 and 6
     # bracket the default), about 80 s. First, so that notebook 02 draws it (saved_sweeps).
     within 150 $PY -m mrilib synth sweep --real-frac "$X" --device "$DEVICE" \
       --strengths 0.6 --guidance 1,3,4,6 --max-sources 800 \
