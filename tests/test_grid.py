@@ -906,7 +906,7 @@ def test_after_a_skip_a_cell_whose_time_cannot_be_judged_waits(tiny, tmp_path):
     assert progress.runs_written == 2
 
 
-# ----------------------------------------------------------------------------- merging a lease's rows
+# ----------------------------------------------------------------------------- merging rows trained elsewhere
 
 def write_rows(directory, losses: dict, torn: bool = False):
     """runs.jsonl and epochs.jsonl holding one run per key of ``losses``."""
@@ -919,8 +919,8 @@ def write_rows(directory, losses: dict, torn: bool = False):
     return directory
 
 
-def test_a_leases_rows_are_merged_by_run_key(tmp_path):
-    here = write_rows(tmp_path / "here", {"a": 0.5, "c": 0.7})   # c: another lease's run
+def test_rows_trained_elsewhere_are_merged_by_run_key(tmp_path):
+    here = write_rows(tmp_path / "here", {"a": 0.5, "c": 0.7})   # c: a run trained here
     gpu = write_rows(tmp_path / "gpu", {"a": 0.5, "b": 0.6}, torn=True)
     assert ex.merge_results(gpu, here, check_only=True) == (2, 1)
     assert len(ex.load_results(here, design=None)[0]) == 2       # checking writes nothing
@@ -932,7 +932,7 @@ def test_a_leases_rows_are_merged_by_run_key(tmp_path):
     assert ex.merge_results(gpu, here) == (3, 0)                 # collecting twice adds nothing
 
 
-def test_a_run_trained_apart_on_two_leases_stops_the_merge(tmp_path):
+def test_a_run_trained_twice_differently_stops_the_merge(tmp_path):
     here = write_rows(tmp_path / "here", {"a": 0.5})
     gpu = write_rows(tmp_path / "gpu", {"a": 0.123, "b": 0.6})
     before = (here / "runs.jsonl").read_bytes(), (here / "epochs.jsonl").read_bytes()

@@ -211,7 +211,7 @@ def _caveats(runs) -> str:
     if scratch:
         names = " and ".join(plots.model_label(runs, m).split(" (")[0] for m in scratch)
         lines.append(f"- {names} were trained **from scratch** (ImageNet weights "
-                     f"cannot be fetched on the machines this ran on); the thesis fine-tuned "
+                     f"were not available where they were trained); the thesis fine-tuned "
                      f"ImageNet weights, so their numbers are not the thesis's setting.")
     lines.append("- Splits are **slice-level**: the dataset has about 32 axial slices per "
                  "subject (6,400 slices: likely about 200 OASIS subjects) and no subject ids, "
