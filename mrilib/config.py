@@ -42,15 +42,3 @@ def settings(defaults: Mapping[str, Any], presets: Mapping[str, Mapping] | None 
         raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(defaults)}")
     out = merged(defaults, (presets or {}).get(name, {}))
     return merged(out, overrides)
-
-
-def design_view(cfg, run_only) -> dict:  # TEMP stand-in until r19-keys lands
-    import json
-    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in run_only},
-                                 sort_keys=True, default=str))
-
-
-def hash8(value) -> str:  # TEMP stand-in until r19-keys lands
-    import hashlib
-    import json
-    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]

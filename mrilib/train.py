@@ -835,13 +835,3 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
     atomic_write_bytes(record_path, json.dumps(record, default=str).encode())
     net, _ = load_checkpoint(path)
     return net, record
-
-
-def design_settings(model, **overrides):  # TEMP stand-in until r19-keys lands
-    import hashlib
-    run_only = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem")
-    training = {k: v for k, v in model_settings(model, **overrides).items() if k not in run_only}
-    if training.get("weights") is not None:
-        digest = hashlib.sha256(Path(training["weights"]).read_bytes()).hexdigest()[:16]
-        training["weights"] = f"sha256:{digest}"
-    return training

@@ -889,5 +889,3 @@ def _sync(device: torch.device) -> None:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-generator_path = trained_generator  # TEMP stand-in until r19-keys lands

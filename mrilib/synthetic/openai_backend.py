@@ -470,8 +470,3 @@ def _public_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
-
-
-def design_settings():  # TEMP stand-in until r19-keys lands
-    cfg = settings(DEFAULTS, PRESETS)
-    return {k: cfg[k] for k in ("route", "model", "prompt", "size", "quality", "upload_size")}
