@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 from .config import settings
+from .device import resolve_device, sync
 
 DEFAULTS = {
     "real_frac": 0.3,          # the thesis's headline case and the issue's reference protocol
     "replicates": 20,          # (c): one thesis cell, all at once
     "naive_replicates": 3,     # (a): seconds each even on a GPU; 3 give a stable mean
     "serial_replicates": 3,    # (b): one at a time, same reason
-    # 0 leaves (a) or (b) untimed: a lever's row on a lent GPU, read against the default
-    # row of the same card, need not spend its minutes on them again.
+    # 0 leaves (a) or (b) untimed: a row that measures one setting, read against the
+    # default row of the same card, need not time them again.
     "naive_workers": 2,        # DataLoader workers: the value Kaggle/Colab notebooks use most
     "seed": 0,                 # replicate k uses seed+k in every approach
 }
@@ -45,11 +46,6 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def flops_per_image(model: str, img_size: int) -> dict[str, float]:
     """FLOPs of one image through ``model``: ``forward`` and ``train`` (forward + backward)."""
@@ -142,7 +138,7 @@ def naive_replicate(root: Path, model: str, aug: str, seed: int, cfg: dict, size
         net.eval()
         with torch.no_grad():
             accs = [_naive_accuracy(net, e, device) for e in (evals if evaluate else [])]
-    _sync(device)
+    sync(device)
     return {"seconds": time.perf_counter() - start, "train_loss": running / len(loader),
             "val_acc": accs[0] if accs else float("nan"), "n_train": len(train_idx)}
 
@@ -157,11 +153,11 @@ def _naive_accuracy(net, loader, device) -> float:
 def _mrilib_timed(model, aug, data, index, val, test, seeds, device, max_parallel, overrides):
     from .train import train_replicates
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     records = train_replicates(model, data.images, data.labels, index, val, test, seeds,
                                aug=aug, device=device, max_parallel=max_parallel, **overrides)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, records
 
 
@@ -192,16 +188,17 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from .train import PROFILE_EVAL, PROFILE_STEP, train_replicates
+    from .stacked import PROFILE_EVAL
+    from .train import PROFILE_STEP, train_replicates
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync(device)
+    sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         train_replicates(model, data.images, data.labels, index, val, test, seeds, aug=aug,
                          device=device, max_parallel=len(seeds), **{**overrides, "epochs": 1})
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     events = prof.events()
 
@@ -211,11 +208,10 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
     def ranges(name):
         host = [e for e in on_host if e.name == name]
         # The range as the device saw it (a GPU annotation): a CPU range's
-        # device_time_total would miss the backward's kernels, launched from autograd's
-        # own thread on CUDA (the first H100 profile read 7.7 of 17.2 ms per step so).
-        # One range can appear as several overlapping annotations (ResNet-18: 9 per
-        # step), so their union is shared among the host's ranges, not their sum among
-        # the annotations (which read 18 ms per step of a device busy 89% of the epoch).
+        # device_time_total misses the backward's kernels, launched from autograd's own
+        # thread on CUDA. One range can appear as several overlapping annotations, so
+        # their union is shared among the host's ranges, not their sum (which overcounts;
+        # docs/decisions.md#training-engine).
         spans = [(e.time_range.start, e.time_range.end) for e in on_device if e.name == name]
         return {"count": len(host),
                 "host_ms": sum(e.cpu_time_total for e in host) / max(len(host), 1) / 1000,
@@ -263,12 +259,12 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     ``profile=True`` adds ``profile``: one more epoch of (c) under the profiler
     (:func:`profile_parallel`), after and apart from the timings. ``on_timed(result)``,
     if given, receives the timings before that profile runs (so a caller can save them
-    first: on a lent GPU a command may be cut off at its time limit).
+    first: a time-limited remote GPU job may be cut off before the profile ends).
     """
     from .data import load_mri, split_mri
     from .paths import preset_name
     from .train import DEFAULTS as TRAIN_DEFAULTS
-    from .train import model_settings, real_fraction_index, resolve_device
+    from .train import model_settings, real_fraction_index
 
     bench_keys = {k: overrides.pop(k) for k in list(overrides) if k in DEFAULTS}
     if "max_parallel" in overrides:

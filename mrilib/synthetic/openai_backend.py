@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..config import settings
+from ..config import design_view, settings
 from .base import SIZE, Backend, BudgetExceeded, Refused, check_batch, to_gray128
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,16 @@ DEFAULTS = {
 }
 # Quick preset = seminars and tests: a run pays for at most 20 images unless told otherwise.
 PRESETS = {"quick": {"max_images": 20}}
+# How a run waits, retries and what it may spend, not which images it asks for: left out of
+# the cache key and of the grid's design (the rest is route, model, prompt and sizes).
+RUN_ONLY = ("timeout_s", "max_attempts", "max_unanswered_retries", "backoff_s",
+            "backoff_max_s", "max_retry_after_s", "malformed_retries", "max_images",
+            "max_cost", "usd_per_image", "price_table")
+
+
+def design_settings(**overrides: Any) -> dict:
+    """What this backend's images depend on, as in force now: the settings less RUN_ONLY."""
+    return design_view(settings(DEFAULTS, PRESETS, **overrides), RUN_ONLY)
 
 
 class APIFailure(RuntimeError):
@@ -135,10 +145,9 @@ class OpenAIBackend(Backend):
     def params(self) -> dict:
         cfg = self.cfg
         out = {"route": cfg["route"], "endpoint": _public_url(str(self._client.base_url))}
-        if cfg["route"] == "variation":
+        if cfg["route"] == "variation":  # the retired call fixed its model and size
             return {**out, "model": "dall-e-2", "size": "256x256"}
-        return {**out, "model": cfg["model"], "prompt": cfg["prompt"], "size": cfg["size"],
-                "quality": cfg["quality"], "upload_size": cfg["upload_size"]}
+        return {**out, **design_view(cfg, RUN_ONLY)}
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.params()!r})"
