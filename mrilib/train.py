@@ -1,6 +1,5 @@
+# Over 500 lines on purpose: the settings, input checks and hot loop of one engine read as one.
 """Train K replicates of one classifier at once: Adam, cross-entropy, data on the device.
-
-(Over 500 lines: the settings, input checks and hot loop of one engine, read together.)
 
 The thesis trains every (model, augmentation, data) cell 20 times on independent samples
 and reports the median. :func:`train_replicates` does those K runs together, the way
@@ -15,7 +14,7 @@ checks it). That sharing pays on a GPU, where a small model's step is kernel lau
 on a CPU the default group size is 1 (see ``max_parallel``).
 
 Each replicate has its own seed, which fixes its initial weights and, through its own
-``torch.Generator`` on the device, its batch order and augmentation draws: a replicate
+torch RNG on the device, its batch order and augmentation draws: a replicate
 gives the same history whether it is trained alone or beside others (up to float
 rounding of the grouped kernels) and the same history twice on one device. On CUDA,
 where training and evaluation run in bf16, that rounding is larger and compounds over
@@ -52,9 +51,8 @@ from .stacked import (PROFILE_EVAL, BestWeights, Stack, evaluate, fill_test_metr
 # mrilib.bench.profile_parallel.
 PROFILE_STEP = "mrilib: train step"
 
-# The thesis (ch. 4-5) says Adam and cross-entropy and nothing about epochs, batch size or
-# learning rate, so these are choices, each model's row used unchanged in every data cell
-# and augmentation policy compared (differences between cells are not tuning).
+# The thesis names Adam and cross-entropy only, so these are choices; each row is used
+# unchanged in every cell and policy compared, so differences between cells are not tuning.
 PER_MODEL = {
     "basic_cnn": {
         # 10 epochs for every model: a fixed budget chosen to keep the grid's cost in hours
@@ -107,21 +105,18 @@ DEFAULTS = {
     "pretrained": False,       # True: ImageNet weights from the Hugging Face hub
     "weights": None,           # path to timm's ImageNet state dict for the model
     "num_classes": 4,          # Mild, Moderate, Non, Very mild demented
-    # Replicates per vmap group, by device type (or one number for all). CUDA: 20 = one
-    # thesis cell at once; lower it if memory runs out. CPU: 1, stacking only adds the
-    # layout copies of grouped convolutions there (docs/decisions.md#training-engine).
+    # Replicates per vmap group, by device type (or one number). CUDA: one thesis cell at
+    # once; CPU: 1, where stacking only costs (docs/decisions.md#training-engine).
     "max_parallel": {"cuda": 20, "cpu": 1},
     "eval_batch_size": 256,    # images per evaluation forward (times the replicates in it)
     "amp": "auto",             # "auto": bf16 autocast on CUDA only; "bf16": also on CPU; "off"
     "deterministic": True,     # deterministic cuDNN and attention kernels: same seed, same
                                # history on a GPU too (see _deterministic_kernels)
-    # True: the test split is evaluated after every epoch (a test curve in the history).
-    # False: at the final and best-validation epochs only (None elsewhere in the history),
-    # all the records' test metrics need, for less evaluation.
+    # True: the test split after every epoch (a test curve); False: at the final and the
+    # best-validation epochs only, all the records need (None elsewhere in the history).
     "test_every_epoch": True,
-    # True: one-input-channel convolutions (the stems) run as unfold + matmul
-    # (mrilib.stacked.Im2colConv2d), the same sums in another order; off until measured
-    # faster on a GPU (`bench train --im2col-stem`).
+    # True: the one-channel stems run as unfold + matmul (stacked.Im2colConv2d), the same
+    # sums in another order; off until measured faster (`bench train --im2col-stem`).
     "im2col_stem": False,
 }
 PRESETS = {

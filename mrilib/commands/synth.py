@@ -20,7 +20,11 @@ import sys
 def add_parser(sub) -> None:
     p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for add in (_add_train, _add_generate, _add_bench, _add_sweep):
+        add(actions)
 
+
+def _add_train(actions) -> None:
     t = actions.add_parser("train", help="train or resume the local diffusion generator(s) of a "
                                          "real fraction; prints each checkpoint path")
     t.add_argument("--real-frac", type=float, required=True,
@@ -39,6 +43,8 @@ def add_parser(sub) -> None:
     _common(t)
     t.set_defaults(func=run_train)
 
+
+def _add_generate(actions) -> None:
     g = actions.add_parser("generate", help="make (or find in the cache) variations of the "
                                             "real sample's images")
     g.add_argument("--backend", choices=("local", "openai"), default="local")
@@ -46,7 +52,7 @@ def add_parser(sub) -> None:
     g.add_argument("--per-image", type=int, required=True, help="variations per source image")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the variations; openai: also the real sample drawn")
-    g.add_argument("--generator", type=int, default=0,
+    g.add_argument("--generator", type=int, default=0, metavar="G",
                    help="local: generator g, whose own sample gives the sources (default 0)")
     g.add_argument("--strength", type=float, default=None,
                    help="local: SDEdit noise level, 0 = the source .. 1 = a fresh sample")
@@ -73,6 +79,8 @@ def add_parser(sub) -> None:
     _common(g)
     g.set_defaults(func=run_generate)
 
+
+def _add_bench(actions) -> None:
     b = actions.add_parser("bench", help="training images/s and variations/s of the local "
                                          "generator at 128x128")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -89,6 +97,8 @@ def add_parser(sub) -> None:
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
 
+
+def _add_sweep(actions) -> None:
     w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
                                          "source of variations at several strengths")
     w.add_argument("--real-frac", type=float, required=True,

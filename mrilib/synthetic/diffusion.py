@@ -166,7 +166,7 @@ class LocalDiffusion(Backend):
     """Variations from a trained generator checkpoint, SDEdit-style (see the module doc).
 
     Each output depends on (image, label, seed) only: its noise comes from a CPU
-    ``torch.Generator`` seeded by its own seed, and DDIM with eta = 0 adds no other
+    torch RNG seeded by its own seed, and DDIM with eta = 0 adds no other
     randomness. Across batch compositions the UNet's arithmetic may round differently
     (GEMM blocking depends on the batch size), so outputs agree to within one gray level
     in rare pixels rather than bit for bit; on one batch layout they are bitwise equal.

@@ -21,11 +21,8 @@ from .base import SIZE
 DEFAULTS = {
     # --- model (diffusers UNet2DModel) ---
     "image_size": 128,  # px per side the UNet works at; 128 = the thesis's size, no resizing
-    # Four levels 128->64->32->16, 6.3M parameters. Small on purpose: a trained generator
-    # (bf16 weights, 12 MiB) must fit a 16 MiB file so it can be committed or sent back
-    # from a time-limited remote GPU job, and ~1,400 training slices need little capacity
-    # (a larger model memorizes them sooner). 128 channels at 32x32 and 16x16 carry the
-    # anatomy; 32 at full resolution is texture only.
+    # 6.3M parameters, small on purpose: its bf16 weights must fit a 16 MiB file, and
+    # ~1,400 slices need little capacity (docs/decisions.md#local-generator).
     "block_out_channels": (32, 64, 128, 128),
     "layers_per_block": 2,  # resnet blocks per level, as in DDPM
     # Self-attention only at 16x16: slices are centred and similar in layout, so global
@@ -37,15 +34,12 @@ DEFAULTS = {
     # --- diffusion ---
     "num_train_timesteps": 1000,  # DDPM's T
     "beta_schedule": "linear",  # DDPM's schedule (1e-4 .. 0.02); strength maps linearly to t
-    # Zero terminal SNR (Lin et al. 2024): the linear schedule leaves a trace of the image
-    # at T, from which a model reads mean brightness and then paints fresh samples grey
-    # (docs/decisions.md#local-generator). Epsilon is undefined at SNR 0, hence
-    # v-prediction. Checkpoints older than these keys sample as trained (_schedule_kwargs).
+    # Zero terminal SNR (Lin et al. 2024), so fresh samples are not painted grey; epsilon is
+    # undefined at SNR 0, hence v-prediction (docs/decisions.md#local-generator).
     "rescale_betas_zero_snr": True,
     "prediction_type": "v_prediction",  # "epsilon" (DDPM) or "v_prediction" (Salimans & Ho)
-    # Classifier-free guidance (Ho & Salimans 2022): this share of training images is shown
-    # with a "no class" label, so that one model also learns the class-free distribution
-    # and sampling can push away from it (guidance_scale). 0.1 is the paper's value.
+    # Share of training images shown as "no class", so one model also learns the class-free
+    # output that guidance pushes away from (Ho & Salimans 2022: 0.1).
     "class_dropout": 0.1,
     # --- training ---
     "steps": 4000,  # optimizer steps in all (~180 passes over a 30% sample at batch 64),
@@ -58,9 +52,8 @@ DEFAULTS = {
     # Left-right flips: slices are near-symmetric, and with ~1,400 training images twice
     # the views lowers the risk of the generator memorizing its sources.
     "hflip": True,
-    # EMA of the weights is what samples are drawn from: it gives visibly cleaner DDPM
-    # samples than the raw weights. Warmup (decay 1 - (1+step)^-power) makes it usable in a
-    # short run; a fixed 0.9999 would still be mostly the random init after 4,000 steps.
+    # Samples come from an EMA of the weights (visibly cleaner); its warmup makes it usable
+    # in a short run, where a fixed 0.9999 would still be mostly the random init.
     "ema": True,
     "ema_max_decay": 0.9999,
     "ema_power": 0.75,  # reaches decay 0.999 at 10k steps (crowsonkb's short-run value)
@@ -73,20 +66,15 @@ DEFAULTS = {
     # --- sampling (SAMPLING) ---
     "strength": 0.6,  # SDEdit noise level of a variation: 0 = the source, 1 = a fresh sample
     "ddim_steps": 50,  # DDIM steps for strength 1; a variation runs strength x ddim_steps
-    # Classifier-free guidance weight w: output = uncond + w (cond - uncond); 1 = the plain
-    # conditional model, one UNet pass per step (> 1: two). 4 is the smallest weight
-    # measured at which a real-only classifier scores the variations as well as real test
-    # slices (docs/decisions.md#local-generator); larger ones cost diversity.
+    # Guidance weight w: uncond + w (cond - uncond); 1 = the conditional model alone. 4 is
+    # the smallest w measured to keep the classes (docs/decisions.md#local-generator).
     "guidance_scale": 4.0,
-    # With zero terminal SNR, guidance w > 1 over-exposes (Lin et al. 2024, sec. 3.4): the
-    # guided output is rescaled per image to the class output's standard deviation and
-    # blended in, this much (their 0.7); used when w > 1.
+    # With zero terminal SNR guidance over-exposes: this share of the output is rescaled to
+    # the class output's spread (Lin et al. 2024, sec. 3.4: 0.7); used when w > 1.
     "guidance_rescale": 0.7,
-    # Sources per UNet call when generating (twice that many images with guidance): GPU
-    # memory, not results (11 GiB at 512 on an H100).
-    "sample_batch": 256,
+    "sample_batch": 256,  # sources per UNet call (x2 with guidance): GPU memory, not results
     # The same on a CPU, where a batch buys no speed and is what an interrupted run loses
-    # (the cache stores a batch when it is done): 4 guided variations take minutes there.
+    # (the cache stores whole batches): 4 guided variations take minutes there.
     "cpu_sample_batch": 4,
 }
 
@@ -180,9 +168,8 @@ def train_scheduler(cfg: Mapping) -> DDPMScheduler:
 
 
 def sample_scheduler(cfg: Mapping) -> DDIMScheduler:
-    # "trailing" spacing starts at t = T-1, so strength 1 really starts from noise
-    # (the default "leading" spacing never visits the last 20 timesteps); Lin et al.
-    # ask for it with zero terminal SNR too.
+    # "trailing" starts at t = T-1, so strength 1 really starts from noise ("leading" never
+    # visits the last 20 timesteps); Lin et al. ask for it with zero terminal SNR too.
     return DDIMScheduler(**_schedule_kwargs(cfg), timestep_spacing="trailing")
 
 

@@ -19,9 +19,8 @@ from .base import Backend
 from .cache import generate_cached
 
 DEFAULTS = {
-    # Rounds of asking a refusing backend (OpenAI's content filter) for further variations
-    # of the same sources, so a refused image is replaced rather than leaving the set short;
-    # a refusal is rare, and one that persists three rounds is reported as an error.
+    # Rounds of asking a refusing backend (a content filter) for more variations of the same
+    # sources, so a refused image is replaced; one refused three rounds running is an error.
     "topup_rounds": 3,
 }
 PRESETS: dict = {}

@@ -66,28 +66,21 @@ DEFAULTS = {
     "upload_size": 1024,          # pixels per side the 128-px source is upscaled to (edit)
     "timeout_s": 180.0,           # per request; GPT Image edits take tens of seconds
     "max_attempts": 6,            # per image, counting the first try
-    # Retries of a request that went unanswered (timed out, or its connection dropped after
-    # it was sent): the server may have made (and billed) the image although no answer
-    # arrived, so each one can double what the image costs. One, then the run stops
-    # (finished images are kept; rerunning resumes). A connection that never opened sent
-    # nothing: it is retried with backoff once this run has had an answer (a blip), and
-    # stops at once before that (a wrong base_url or no network).
+    # Retries of a request sent but unanswered (timed out, dropped): each may be billed, so
+    # one, then the run stops (docs/decisions.md#openai-backend; a rerun resumes).
     "max_unanswered_retries": 1,
     "backoff_s": 2.0,             # first wait before a retry (5xx, 429 without Retry-After,
                                   # unanswered, unreachable); doubles each attempt
     "backoff_max_s": 60.0,        # cap on one backoff wait
     "max_retry_after_s": 300.0,   # a Retry-After longer than this stops the run instead
     "malformed_retries": 2,       # extra tries after an answer we cannot read
-    # Budgets count the requests of this run (this process) that may be billed: answered
-    # ones and timed-out ones. A rerun resumes from the cache, pays only for what is
-    # missing, and gets the same budget again.
+    # Budgets count this run's requests that may be billed (answered or timed out); a rerun
+    # pays only for what the cache lacks, and gets the same budget again.
     "max_images": None,           # budget: requests that may be billed in this run (None: none)
     "max_cost": None,             # budget: USD in this run by usd_per_image (None = no limit)
     "usd_per_image": None,        # overrides the estimate below (USD per request)
-    # Estimates (USD per request) as of 2026-11-25, from OpenAI's published examples:
-    # gpt-image-2 1024x1024 output $0.006 low / $0.053 medium / $0.211 high (2026-04-21)
-    # plus an allowance of ~$0.014 for the uploaded image (image input $8 / 1M tokens);
-    # dall-e-2 256x256 $0.016 (its price until retirement). Check the live pricing page.
+    # Estimated USD per request, answer plus upload (docs/decisions.md#openai-backend);
+    # check the live pricing page.
     "price_table": {
         "gpt-image-2": {"low": 0.02, "medium": 0.07, "high": 0.23},
         "dall-e-2": {"standard": 0.016},
@@ -232,9 +225,8 @@ class OpenAIBackend(Backend):
             try:
                 body = self._request(image)
             except openai.OpenAIError as err:
-                # Only a redacted snapshot leaves this block: the error object holds the
-                # request (its Authorization header) and the server's text, which may echo
-                # the key; an exception raised in here would keep it as __context__.
+                # Only a redacted snapshot leaves this block: the error holds the request
+                # and the server's text (both may carry the key), and __context__ would too.
                 failure = _Failure.of(err)
             if failure is not None:
                 sent = failure.kind in ("timeout", "dropped")  # the server may have worked
@@ -379,9 +371,8 @@ class _Failure:
         return f"HTTP {self.status}" if self.status else f"the request ({self.kind})"
 
 
-# The transport's errors that mean nothing reached the API: no connection (refused, or
-# not made in time), no free connection in the pool, a URL it cannot use, a refusing
-# proxy. By name: openai 1.x raises httpx's, 3.x httpx2's.
+# The transport's errors that mean nothing reached the API (no connection, no free one in
+# the pool, an unusable URL, a refusing proxy); by name: openai 1.x raises httpx's, 3.x httpx2's.
 NEVER_SENT = {"ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol",
               "ProxyError"}
 
