@@ -129,26 +129,13 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
     generator trained with ``class_dropout``; default: the preset's ``guidance_scale``),
     strengths varying fastest.
     """
-    from ..config import settings
     from ..device import resolve_device
     from ..train import trained_classifier
     from .cache import generate_cached
-    from .diffusion import DEFAULTS, PRESETS, LocalDiffusion, generator_path
+    from .diffusion import LocalDiffusion, generator_path
     from .mixing import real_sample
 
-    strengths = [float(s) for s in strengths]
-    bad = [s for s in strengths if not 0.0 < s <= 1.0]
-    if bad or not strengths:
-        raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
-    if guidance_scales is None:
-        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
-    scales = [float(w) for w in guidance_scales]
-    if not scales or any(not w >= 1.0 for w in scales):
-        raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
-                         f"(1 = the conditional model alone)")
-    if max_sources is not None and max_sources < len(data.classes):
-        raise ValueError(f"max_sources={max_sources}: give at least one source per class "
-                         f"({len(data.classes)}), or None for the whole sample")
+    strengths, scales = _checked_sweep(strengths, guidance_scales, max_sources, data.classes)
     device = resolve_device(device)
     path = generator_path(data, split, real_fraction, g)
     if max(scales) > 1:  # a generator without a class-free output says so now, not after w=1
@@ -213,6 +200,27 @@ def saved_sweeps(data, split, real_fraction: float, g: int, directory=None) -> l
         if Path(sweep.get("generator", "")).parent.name == key:
             found.append(sweep | {"file": str(path)})
     return found
+
+
+def _checked_sweep(strengths, guidance_scales, max_sources, classes) -> tuple[list, list]:
+    """(strengths, guidance weights) of a sweep as floats, the weight in force by default."""
+    from ..config import settings
+    from .diffusion import DEFAULTS, PRESETS
+
+    strengths = [float(s) for s in strengths]
+    bad = [s for s in strengths if not 0.0 < s <= 1.0]
+    if bad or not strengths:
+        raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    if guidance_scales is None:
+        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
+    scales = [float(w) for w in guidance_scales]
+    if not scales or any(not w >= 1.0 for w in scales):
+        raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
+                         f"(1 = the conditional model alone)")
+    if max_sources is not None and max_sources < len(classes):
+        raise ValueError(f"max_sources={max_sources}: give at least one source per class "
+                         f"({len(classes)}), or None for the whole sample")
+    return strengths, scales
 
 
 def _mean(values) -> float:
