@@ -53,8 +53,7 @@ from .base import SIZE, Backend, check_batch
 from .diffusion_model import (DEFAULTS, PRESETS, RUN_ONLY, SAMPLING, build_unet,  # noqa: F401
                               design_settings, guided, null_class, sample_scheduler,
                               to_model_scale, to_uint8_128, train_scheduler, weights_settings)
-from .diffusion_training import (CHECKPOINT_FORMAT, generator_file,  # noqa: F401
-                                 ids_fingerprint, load_checkpoint, train_generator,
+from .diffusion_training import (generator_file, read_checkpoint, train_generator,
                                  training_record)
 from .mixing import real_sample
 
@@ -189,7 +188,7 @@ class LocalDiffusion(Backend):
                  sample_seed: int | None = None, guidance_scale: float | None = None,
                  guidance_rescale: float | None = None):
         path = generator_file(Path(checkpoint))
-        blob = load_checkpoint(path)
+        blob = read_checkpoint(path)
         if not (blob["done"] or allow_unfinished):
             raise ValueError(f"the generator at {path.parent} has trained {blob['step']} of "
                              f"{blob['target_steps']} steps; finish it (rerun synth train) "

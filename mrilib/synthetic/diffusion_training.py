@@ -142,7 +142,7 @@ class _Run:
         """A fresh run, its weights drawn from ``seed``, or the one saved at ``ckpt_path``."""
         run = cls(*_fresh_state(cfg, seed, device))
         if ckpt_path.exists():
-            saved = load_checkpoint(ckpt_path)
+            saved = read_checkpoint(ckpt_path)
             if saved.get("identity") != identity:
                 raise ValueError(f"{ckpt_path} belongs to another training run (other images, "
                                  f"seed or settings); give another out_dir or delete that folder")
@@ -298,7 +298,7 @@ def _match_layouts(opt: torch.optim.Optimizer) -> None:
 
 # ----------------------------------------------------------------------------- files
 
-def load_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
     """A checkpoint.pt or generator.pt as saved (tensors and plain containers only)."""
     # weights_only: a tampered file cannot run code
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -347,7 +347,7 @@ def training_record(checkpoint: str | Path | Mapping) -> dict:
     if isinstance(checkpoint, Mapping):
         return {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "ema",
                                                                  "lr_schedule")}
-    return training_record(load_checkpoint(generator_file(Path(checkpoint))))
+    return training_record(read_checkpoint(generator_file(Path(checkpoint))))
 
 
 def generator_file(path: Path) -> Path:
