@@ -7,10 +7,10 @@ is made here, per image, and each operation is then applied to the subset of ima
 that drew it, one batched call of torchvision's own operation per (operation, signed
 magnitude), so a fixed draw gives torchvision's AutoAugment pixels exactly::
 
-    g = torch.Generator().manual_seed(seed)
-    x_aug = augment_batch("autoaugment", x_uint8, g)       # x_uint8 [..., 1, H, W] on any device
+    rng = torch.Generator().manual_seed(seed)
+    x_aug = augment_batch("autoaugment", x_uint8, rng)     # x_uint8 [..., 1, H, W] on any device
 
-A policy is an object with ``draw(n, generator)`` (the per-image randomness) and
+A policy is an object with ``draw(n, rng)`` (the per-image randomness, from a torch RNG) and
 ``apply(x, draws)`` (deterministic given the draws); adding one is one entry in
 :data:`POLICIES`.
 """
@@ -42,7 +42,7 @@ PRESETS: dict = {}  # the quick preset augments exactly like the thesis protocol
 class Identity:
     """``none``: the images as they are."""
 
-    def draw(self, n: int, generator: torch.Generator) -> None:
+    def draw(self, n: int, rng: torch.Generator) -> None:
         return None
 
     def apply(self, x: torch.Tensor, draws: None) -> torch.Tensor:
@@ -57,9 +57,9 @@ class HorizontalFlip:
             raise ValueError(f"hflip probability must be in [0, 1], got {p}")
         self.p = p
 
-    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """Bool ``[n]``: which images are flipped."""
-        return torch.rand(n, generator=generator, device=generator.device) < self.p
+        return torch.rand(n, generator=rng, device=rng.device) < self.p
 
     def apply(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         # One where() over the batch: no host sync and no per-subset indexing on the GPU.
@@ -123,12 +123,12 @@ class AutoAugment:
         self._table = self._action_table()
         self._actions_by_size: dict[tuple[int, int], list[tuple[str, float]]] = {}
 
-    def draw(self, n: int, generator: torch.Generator) -> AutoAugmentDraws:
+    def draw(self, n: int, rng: torch.Generator) -> AutoAugmentDraws:
         """Sub-policy, applied flags and signs for ``n`` images."""
-        device = generator.device
-        sub = torch.randint(len(self.sub_policies), (n,), generator=generator, device=device)
-        u = torch.rand((n, 2), generator=generator, device=device)
-        sign = torch.randint(2, (n, 2), generator=generator, device=device)
+        device = rng.device
+        sub = torch.randint(len(self.sub_policies), (n,), generator=rng, device=device)
+        u = torch.rand((n, 2), generator=rng, device=device)
+        sign = torch.randint(2, (n, 2), generator=rng, device=device)
         return AutoAugmentDraws(sub, u <= self._probs.to(device)[sub], sign == 0)
 
     def operations(self, draws: AutoAugmentDraws, image_size: tuple[int, int]
@@ -199,7 +199,7 @@ def _build_autoaugment(s: dict) -> AutoAugment:
 
 
 # name -> builder from the settings in force. A new policy is one entry here: any object
-# with draw(n, generator) and apply(x [N, C, H, W], draws).
+# with draw(n, rng) and apply(x [N, C, H, W], draws).
 POLICIES: dict[str, Callable[[dict], object]] = {
     "none": lambda s: Identity(),
     "hflip": lambda s: HorizontalFlip(s["hflip_p"]),
@@ -215,13 +215,13 @@ def get_policy(name: str, **overrides) -> object:
     return POLICIES[name](settings(DEFAULTS, PRESETS, **overrides))
 
 
-def policy_draws(policy, x: torch.Tensor, generator: torch.Generator):
+def policy_draws(policy, x: torch.Tensor, rng: torch.Generator):
     """The per-image random draws ``policy`` makes for the images in ``x``."""
     policy = _as_policy(policy)
-    return policy.draw(_images(x).shape[0], generator)
+    return policy.draw(_images(x).shape[0], rng)
 
 
-def augment_batch(policy, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(policy, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """``x`` (uint8 ``[..., C, H, W]``) augmented with an independent draw per image.
 
     ``policy`` is a name in :data:`POLICIES` or a policy object from :func:`get_policy`
@@ -230,7 +230,7 @@ def augment_batch(policy, x: torch.Tensor, generator: torch.Generator) -> torch.
     """
     policy = _as_policy(policy)
     images = _images(x)
-    return policy.apply(images, policy.draw(images.shape[0], generator)).reshape(x.shape)
+    return policy.apply(images, policy.draw(images.shape[0], rng)).reshape(x.shape)
 
 
 @lru_cache(maxsize=None)

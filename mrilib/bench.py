@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 from .config import settings
+from .device import resolve_device, sync
 
 DEFAULTS = {
     "real_frac": 0.3,          # the thesis's headline case and the issue's reference protocol
     "replicates": 20,          # (c): one thesis cell, all at once
     "naive_replicates": 3,     # (a): seconds each even on a GPU; 3 give a stable mean
     "serial_replicates": 3,    # (b): one at a time, same reason
-    # 0 leaves (a) or (b) untimed: a lever's row on a lent GPU, read against the default
-    # row of the same card, need not spend its minutes on them again.
+    # 0 leaves (a) or (b) untimed: a row that measures one setting, read against the
+    # default row of the same card, need not time them again.
     "naive_workers": 2,        # DataLoader workers: the value Kaggle/Colab notebooks use most
     "seed": 0,                 # replicate k uses seed+k in every approach
 }
@@ -45,11 +46,6 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def flops_per_image(model: str, img_size: int) -> dict[str, float]:
     """FLOPs of one image through ``model``: ``forward`` and ``train`` (forward + backward)."""
@@ -142,7 +138,7 @@ def naive_replicate(root: Path, model: str, aug: str, seed: int, cfg: dict, size
         net.eval()
         with torch.no_grad():
             accs = [_naive_accuracy(net, e, device) for e in (evals if evaluate else [])]
-    _sync(device)
+    sync(device)
     return {"seconds": time.perf_counter() - start, "train_loss": running / len(loader),
             "val_acc": accs[0] if accs else float("nan"), "n_train": len(train_idx)}
 
@@ -157,11 +153,11 @@ def _naive_accuracy(net, loader, device) -> float:
 def _mrilib_timed(model, aug, data, index, val, test, seeds, device, max_parallel, overrides):
     from .train import train_replicates
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     records = train_replicates(model, data.images, data.labels, index, val, test, seeds,
                                aug=aug, device=device, max_parallel=max_parallel, **overrides)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, records
 
 
@@ -192,16 +188,17 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from .train import PROFILE_EVAL, PROFILE_STEP, train_replicates
+    from .stacked import PROFILE_EVAL
+    from .train import PROFILE_STEP, train_replicates
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync(device)
+    sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         train_replicates(model, data.images, data.labels, index, val, test, seeds, aug=aug,
                          device=device, max_parallel=len(seeds), **{**overrides, "epochs": 1})
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     events = prof.events()
 
@@ -210,23 +207,16 @@ def profile_parallel(model, aug, data, index, val, test, seeds, device, override
 
     def ranges(name):
         host = [e for e in on_host if e.name == name]
-        # The range as the device saw it (a GPU annotation): a CPU range's
-        # device_time_total would miss the backward's kernels, launched from autograd's
-        # own thread on CUDA (the first H100 profile read 7.7 of 17.2 ms per step so).
-        # One range can appear as several overlapping annotations (ResNet-18: 9 per
-        # step), so their union is shared among the host's ranges, not their sum among
-        # the annotations (which read 18 ms per step of a device busy 89% of the epoch).
+        # The range as the device saw it (a CPU range misses the backward's kernels); the
+        # union of its overlapping annotations, not their sum (docs/decisions.md#training-engine).
         spans = [(e.time_range.start, e.time_range.end) for e in on_device if e.name == name]
         return {"count": len(host),
                 "host_ms": sum(e.cpu_time_total for e in host) / max(len(host), 1) / 1000,
                 "device_ms": union_us(spans) / max(len(host), 1) / 1000}
 
     step, evaluation = ranges(PROFILE_STEP), ranges(PROFILE_EVAL)
-    # Device busy time from the device's own operations (kernels, copies, memsets), not
-    # key_averages(), which counts each kernel twice (as itself and in the op that
-    # launched it). Annotations (ours and torch's own ranges, such as the optimizer's)
-    # also appear on the device timeline, under a name the host side has too: kernels
-    # and copies never do, whatever this torch version calls its annotation flag.
+    # Busy time from the device's own operations (key_averages() counts each kernel twice);
+    # annotations share a name with a host range, kernels and copies never do.
     host_names = {e.name for e in on_host}
     ops = [e for e in on_device if e.name not in host_names
            and not getattr(e, "is_user_annotation", False)]
@@ -263,25 +253,12 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     ``profile=True`` adds ``profile``: one more epoch of (c) under the profiler
     (:func:`profile_parallel`), after and apart from the timings. ``on_timed(result)``,
     if given, receives the timings before that profile runs (so a caller can save them
-    first: on a lent GPU a command may be cut off at its time limit).
+    first: a time-limited remote GPU job may be cut off before the profile ends).
     """
     from .data import load_mri, split_mri
-    from .paths import preset_name
-    from .train import DEFAULTS as TRAIN_DEFAULTS
-    from .train import model_settings, real_fraction_index, resolve_device
+    from .train import model_settings, real_fraction_index
 
-    bench_keys = {k: overrides.pop(k) for k in list(overrides) if k in DEFAULTS}
-    if "max_parallel" in overrides:
-        raise ValueError("bench sets max_parallel itself (1 for serial, all replicates for "
-                         "parallel); lower --replicates instead if memory is short")
-    cfg = settings(DEFAULTS, PRESETS, **bench_keys)
-    for key, least in (("replicates", 1), ("naive_replicates", 0), ("serial_replicates", 0)):
-        if not isinstance(cfg[key], int) or cfg[key] < least:
-            raise ValueError(f"{key}={cfg[key]!r}; give a whole number of at least {least}")
-    unknown = set(overrides) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}; bench takes "
-                         f"{sorted(DEFAULTS)} and mrilib.train's {sorted(TRAIN_DEFAULTS)}")
+    cfg, overrides = _bench_settings(overrides)
     train_cfg = model_settings(model, **overrides)
     device = resolve_device(device)
     root = _image_folder(source)
@@ -306,17 +283,55 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
              for k in range(cfg["naive_replicates"])]
     # -- (b) mrilib one replicate at a time, (c) all replicates in one vmap group
     k_s, k_p = cfg["serial_replicates"], cfg["replicates"]
-    serial_s, serial = _mrilib_timed(model, aug, data, index[:k_s], val, test, seeds[:k_s],
-                                     device, 1, overrides) if k_s else (None, [])
+    serial = _mrilib_timed(model, aug, data, index[:k_s], val, test, seeds[:k_s],
+                           device, 1, overrides) if k_s else (None, [])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    parallel_s, parallel = _mrilib_timed(model, aug, data, index[:k_p], val, test, seeds[:k_p],
-                                         device, k_p, overrides)
+    parallel = _mrilib_timed(model, aug, data, index[:k_p], val, test, seeds[:k_p],
+                             device, k_p, overrides)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    # -- what the parallel run achieved: FLOP rate and step time
+    result = _result(model, aug, size, cfg, train_cfg, split, index.shape[1], naive, serial,
+                     parallel, peak, load_seconds)
+    if on_timed is not None:
+        on_timed(result)
+    if profile:
+        try:
+            result["profile"] = profile_parallel(model, aug, data, index[:k_p], val, test,
+                                                 seeds[:k_p], device, overrides)
+        except Exception as err:  # noqa: BLE001 - the timings above must not be lost to it
+            result["profile"] = {"error": f"{type(err).__name__}: {err}"}
+    return result
+
+
+def _bench_settings(overrides: dict) -> tuple[dict, dict]:
+    """(bench settings in force, the mrilib.train overrides left), each key checked."""
+    from .train import DEFAULTS as TRAIN_DEFAULTS
+
+    overrides = dict(overrides)
+    bench_keys = {k: overrides.pop(k) for k in list(overrides) if k in DEFAULTS}
+    if "max_parallel" in overrides:
+        raise ValueError("bench sets max_parallel itself (1 for serial, all replicates for "
+                         "parallel); lower --replicates instead if memory is short")
+    cfg = settings(DEFAULTS, PRESETS, **bench_keys)
+    for key, least in (("replicates", 1), ("naive_replicates", 0), ("serial_replicates", 0)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]!r}; give a whole number of at least {least}")
+    unknown = set(overrides) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; bench takes "
+                         f"{sorted(DEFAULTS)} and mrilib.train's {sorted(TRAIN_DEFAULTS)}")
+    return cfg, overrides
+
+
+def _result(model, aug, size, cfg, train_cfg, split, n_train, naive, serial, parallel,
+            peak, load_seconds) -> dict:
+    """The timings as one JSON-ready dict, with what the parallel run achieved."""
+    from .paths import preset_name
+
+    (serial_s, serial), (parallel_s, parallel) = serial, parallel
+    k_s, k_p = cfg["serial_replicates"], cfg["replicates"]
     flops = flops_per_image(model, size)
-    n_train = index.shape[1]
     epochs = train_cfg["epochs"]
     # test_every_epoch=False tests the final and best weights only: twice at most
     tested = epochs if train_cfg["test_every_epoch"] else min(epochs, 2)
@@ -325,7 +340,7 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     steps = epochs * math.ceil(n_train / train_cfg["batch_size"])
     per = {"naive": sum(r["seconds"] for r in naive) / len(naive) if naive else None,
            "serial": serial_s / k_s if k_s else None, "parallel": parallel_s / k_p}
-    result = {
+    return {
         "model": model, "aug": aug, "init": parallel[0]["init"],
         "device": parallel[0]["device"], "torch": str(torch.__version__),
         "date": _dt.date.today().isoformat(), "preset": preset_name(),
@@ -333,7 +348,7 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                      "n_val": len(split.val), "n_test": len(split.test), "img_size": size,
                      "epochs": epochs, "batch_size": train_cfg["batch_size"],
                      "lr": train_cfg["lr"], "amp_mrilib": train_cfg["amp"],
-                     "naive_workers": workers, "naive_precision": "fp32",
+                     "naive_workers": cfg["naive_workers"], "naive_precision": "fp32",
                      "deterministic_mrilib": train_cfg["deterministic"],
                      "test_every_epoch": train_cfg["test_every_epoch"],
                      "im2col_stem_mrilib": train_cfg["im2col_stem"]},
@@ -354,15 +369,6 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
                     "parallel_vs_serial": _ratio(per["serial"], per["parallel"])},
         "gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
     }
-    if on_timed is not None:
-        on_timed(result)
-    if profile:
-        try:
-            result["profile"] = profile_parallel(model, aug, data, index[:k_p], val, test,
-                                                 seeds[:k_p], device, overrides)
-        except Exception as err:  # noqa: BLE001 - the timings above must not be lost to it
-            result["profile"] = {"error": f"{type(err).__name__}: {err}"}
-    return result
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -8,11 +8,18 @@ dict of defaults (units in comments) plus per-preset overrides::
 
 and calls :func:`settings` to get the values in force. The preset comes from the
 ``MRILIB_PRESET`` environment variable (``thesis`` when unset) unless passed.
+
+Beside its ``DEFAULTS`` a module that keys a result (a cache folder, a run's design)
+declares ``RUN_ONLY``: the settings that change how a run is batched, timed or sampled in
+chunks, not what it produces. Every key is built from :func:`design_view` of the
+settings minus those, and hashed with :func:`hash8` where it names a design.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+import hashlib
+import json
+from typing import Any, Iterable, Mapping
 
 from .paths import preset_name
 
@@ -42,3 +49,22 @@ def settings(defaults: Mapping[str, Any], presets: Mapping[str, Mapping] | None 
         raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(defaults)}")
     out = merged(defaults, (presets or {}).get(name, {}))
     return merged(out, overrides)
+
+
+def design_view(cfg: Mapping[str, Any], run_only: Iterable[str] = ()) -> dict:
+    """``cfg`` without its ``run_only`` settings, JSON-stable: sorted keys, tuples as lists."""
+    skip = set(run_only)
+    return {key: _plain(value) for key, value in sorted(cfg.items()) if key not in skip}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(v) for key, v in sorted(value.items())}
+    return value
+
+
+def hash8(value: Any) -> str:
+    """8 hex digits of sha1 over ``value`` as sorted JSON (other types by ``str``)."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]

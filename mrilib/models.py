@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Pixel mean and std of the 6,400 slices at 128x128 (intensity / 255), measured once on
-# /work/shared/data/alzheimer_mri. Fixed constants rather than per-sample statistics so
-# training, evaluation and Grad-CAM all see the same input whatever subset they load.
+# Pixel mean and std (intensity / 255) of the 6,400 slices at 128x128, fixed so training,
+# evaluation and Grad-CAM see the same input whatever subset they load.
 MRI_MEAN = 0.2786
 MRI_STD = 0.3268
 
@@ -208,9 +207,8 @@ def _checked_weights_path(weights: str | os.PathLike, timm_name: str) -> Path:
 
 
 def _timm_from_file(timm_name: str, path: Path, kwargs: dict) -> nn.Module:
-    # Read the file once up front with timm's own reader to check it holds this
-    # architecture: timm loads non-strictly once it drops the classifier, so a file of
-    # another model would otherwise load nothing and leave a silently random network.
+    # Check the file holds this architecture first: timm loads non-strictly once it drops
+    # the classifier, so another model's file would leave a silently random network.
     try:
         state = timm.models.load_state_dict(str(path))
     except Exception as err:  # corrupt file, pickle, not a state dict...

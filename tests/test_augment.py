@@ -18,21 +18,21 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 
 def mri_like(n, size=32, seed=0):
     """Bright noisy discs on black, off-centre so that flips and rotations change them."""
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     disc = ((yy - size * 0.45) ** 2 + (xx - size * 0.4) ** 2) < (size * 0.35) ** 2
-    noise = torch.randint(40, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    noise = torch.randint(40, 256, (n, 1, size, size), generator=rng, dtype=torch.uint8)
     return noise * disc
 
 
-def gen(seed):
+def rng_of(seed):
     return torch.Generator().manual_seed(seed)
 
 
 def test_autoaugment_draws_a_uniform_sub_policy_per_image():
     policy = get_policy("autoaugment")
     n = 4000
-    draws = policy_draws(policy, torch.zeros(n, 1, 4, 4, dtype=torch.uint8), gen(0))
+    draws = policy_draws(policy, torch.zeros(n, 1, 4, 4, dtype=torch.uint8), rng_of(0))
     counts = torch.bincount(draws.sub_policy, minlength=25).double()
     chi2 = ((counts - n / 25) ** 2 / (n / 25)).sum().item()
     assert chi2 < 51.2, f"sub-policy counts not uniform (chi2={chi2:.1f}, 24 dof, p=0.001)"
@@ -47,7 +47,7 @@ def test_autoaugment_draws_a_uniform_sub_policy_per_image():
 
 def test_identical_images_in_one_batch_come_out_differently():
     x = mri_like(1).expand(200, 1, 32, 32).contiguous()
-    y = augment_batch("autoaugment", x, gen(1))
+    y = augment_batch("autoaugment", x, rng_of(1))
     distinct = {bytes(img.flatten().tolist()) for img in y}
     # A batch-wide draw would give at most 4 different outputs (2 ops x applied or not).
     assert len(distinct) > 20
@@ -102,7 +102,7 @@ def test_operation_frequencies_match_torchvision_image_by_image(monkeypatch):
 
     policy = get_policy("autoaugment")
     ours = [[(name, round(m, 4)) for name, m in ops]
-            for ops in policy.operations(policy.draw(n, gen(5)), (8, 8))]
+            for ops in policy.operations(policy.draw(n, rng_of(5)), (8, 8))]
 
     def frequencies(runs):
         return Counter(op for ops in runs for op in ops), Counter(len(ops) for ops in runs)
@@ -123,20 +123,20 @@ def test_operation_frequencies_match_torchvision_image_by_image(monkeypatch):
 
 def test_hflip_flips_about_half_each_image_on_its_own():
     x = mri_like(4000, size=8, seed=6)
-    g = gen(7)
+    rng = rng_of(7)
     policy = get_policy("hflip")
-    draws = policy_draws(policy, x, g)
+    draws = policy_draws(policy, x, rng)
     y = policy.apply(x, draws)
     assert abs(draws.double().mean().item() - 0.5) < 0.03
     torch.testing.assert_close(y[draws], x[draws].flip(-1), rtol=0, atol=0)
     torch.testing.assert_close(y[~draws], x[~draws], rtol=0, atol=0)
     never = get_policy("hflip", hflip_p=0.0)
-    assert torch.equal(never.apply(x, never.draw(len(x), g)), x)
+    assert torch.equal(never.apply(x, never.draw(len(x), rng)), x)
 
 
 def test_none_is_identity():
     x = mri_like(5)
-    assert torch.equal(augment_batch("none", x, gen(0)), x)
+    assert torch.equal(augment_batch("none", x, rng_of(0)), x)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -144,11 +144,11 @@ def test_none_is_identity():
 def test_shape_dtype_device_kept_and_input_untouched(name, device):
     x = mri_like(2 * 16, size=16, seed=8).view(2, 16, 1, 16, 16).to(device)  # replicates x batch
     before = x.clone()
-    y = augment_batch(name, x, gen(9))
+    y = augment_batch(name, x, rng_of(9))
     assert y.shape == x.shape and y.dtype == torch.uint8 and y.device == x.device
     assert torch.equal(x, before)
-    again = augment_batch(name, x, gen(9))
-    assert torch.equal(y, again), "same generator seed must give the same batch"
+    again = augment_batch(name, x, rng_of(9))
+    assert torch.equal(y, again), "same RNG seed must give the same batch"
 
 
 @pytest.mark.gpu
@@ -156,17 +156,17 @@ def test_shape_dtype_device_kept_and_input_untouched(name, device):
 def test_cuda_gives_the_cpu_pixels_for_the_same_draw():
     policy = get_policy("autoaugment")
     x = mri_like(300, size=32, seed=10)
-    draws = policy.draw(len(x), gen(11))
+    draws = policy.draw(len(x), rng_of(11))
     torch.testing.assert_close(policy.apply(x.cuda(), draws).cpu(), policy.apply(x, draws),
                                rtol=0, atol=1)
 
 
 def test_unknown_policy_and_bad_input_are_refused():
     with pytest.raises(ValueError, match="unknown augmentation policy 'mixup'.*none, hflip, autoaugment"):
-        augment_batch("mixup", mri_like(2), gen(0))
+        augment_batch("mixup", mri_like(2), rng_of(0))
     with pytest.raises(ValueError, match="unknown AutoAugment policy 'mnist'"):
         AutoAugment("mnist")
     with pytest.raises(TypeError, match="uint8"):
-        augment_batch("hflip", mri_like(2).float(), gen(0))
+        augment_batch("hflip", mri_like(2).float(), rng_of(0))
     with pytest.raises(ValueError, match="hflip probability"):
         get_policy("hflip", hflip_p=1.5)

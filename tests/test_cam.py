@@ -418,7 +418,7 @@ def cli(argv, monkeypatch):
 
 
 def saved_model(tmp_path, name: str, size: int, config_name: str | None = None) -> str:
-    from mrilib.train import save_checkpoint
+    from mrilib.checkpoints import save_checkpoint
 
     model = tiny_model(name, size=size)
     path = tmp_path / f"{name}-{size}.pt"

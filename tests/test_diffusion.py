@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mrilib.cli as cli
 import mrilib.synthetic.cache as cache_mod
 import mrilib.synthetic.diffusion as diffusion
+import mrilib.synthetic.diffusion_training as diffusion_training
 from mrilib.data import CLASSES, MRIData, split_mri
+from mrilib.device import device_name
 from mrilib.synthetic.diffusion import (LeakageError, LocalDiffusion, assert_no_leakage,
-                                        generator_dir, repeat_generator, train_for_sample,
-                                        train_generator, trained_generator)
+                                        generator_dir, generator_path, train_for_sample,
+                                        train_generator)
 from mrilib.synthetic.mixing import mixed_training_set, real_sample
 
 
@@ -122,7 +125,7 @@ def test_loaded_optimizer_state_takes_its_weights_layout():
     saved = torch.randn(4, 3, 2, 2)
     opt.state[w] = {"step": torch.tensor(3.0), "exp_avg": saved.clone(),
                     "exp_avg_sq": saved.abs()}
-    diffusion._match_layouts(opt)
+    diffusion_training._match_layouts(opt)
     for key in ("exp_avg", "exp_avg_sq"):
         assert opt.state[w][key].stride() == w.stride()
     assert torch.equal(opt.state[w]["exp_avg"], saved)
@@ -133,7 +136,7 @@ def test_interrupt_saves_and_resumes(tmp_path, monkeypatch):
     images, labels, ids = tiny_images(12, seed=1)
     whole = state_of(train_generator(images, labels, 3, tmp_path / "a", steps=4, ids=ids,
                                      progress=False))
-    real_loss, calls = diffusion.F.mse_loss, []
+    real_loss, calls = F.mse_loss, []
 
     def interrupted_third_step(*args, **kwargs):
         calls.append(1)
@@ -141,10 +144,10 @@ def test_interrupt_saves_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM in the CLI) inside step 3
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(diffusion.F, "mse_loss", interrupted_third_step)
+    monkeypatch.setattr(F, "mse_loss", interrupted_third_step)
     with pytest.raises(KeyboardInterrupt):
         train_generator(images, labels, 3, tmp_path / "b", steps=4, ids=ids, progress=False)
-    monkeypatch.setattr(diffusion.F, "mse_loss", real_loss)
+    monkeypatch.setattr(F, "mse_loss", real_loss)
     assert state_of(tmp_path / "b" / "checkpoint.pt")["step"] == 2
     resumed = state_of(train_generator(images, labels, 3, tmp_path / "b", steps=4, ids=ids,
                                        progress=False))
@@ -440,11 +443,9 @@ def test_generators_learn_from_their_sample_only(mri):
     assert set(record["train_ids"]) == pool and record["leaky"]
     assert leaky.parent.name.startswith("leaky-pool")
 
-    # repeat r uses generator r mod G, and the mixed set of that repeat passes the check
-    n_gen = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["n_generators"]
-    assert repeat_generator(n_gen + 1) == 1
-    backend = LocalDiffusion.for_repeat(data, split, 0.5, n_gen + 1)
-    _, _, _, info = mixed_training_set(data, split, 0.5, 0.1, seed=n_gen + 1, backend=backend,
+    # a repeat given generator 1 draws sample 1, and its mixed set passes the check
+    backend = LocalDiffusion(generator_path(data, split, 0.5, 1), sample_seed=1)
+    _, _, _, info = mixed_training_set(data, split, 0.5, 0.1, seed=3, backend=backend,
                                        progress=False)
     assert info["sample_seed"] == 1 and info["leaky"] is False
     assert info["generator_checkpoint"] == str(path.parent / "generator.pt")
@@ -453,7 +454,9 @@ def test_generators_learn_from_their_sample_only(mri):
         mixed_training_set(data, split, 0.5, 0.1, seed=0, backend=backend, sample_seed=0,
                            progress=False)
     with pytest.raises(FileNotFoundError, match="synth train"):
-        trained_generator(data, split, 0.5, 0)
+        generator_path(data, split, 0.5, 0)
+    with pytest.raises(ValueError, match="numbered from 0"):
+        generator_path(data, split, 0.5, -1)
 
 
 def test_a_cell_missing_one_generator_stops_before_sampling_any(mri, monkeypatch):
@@ -547,7 +550,9 @@ def test_strength_sweep_trades_fidelity_for_distance_and_resumes(mri, monkeypatc
     assert again["strengths"][0]["fidelity"] == low["fidelity"]
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         strength_sweep(data, split, 0.5, 0, [0.0, 0.5], **kw)
-    with pytest.raises(ValueError, match="generators are numbered"):
+    with pytest.raises(ValueError, match="numbered from 0"):
+        strength_sweep(data, split, 0.5, -1, [0.5], **kw)
+    with pytest.raises(FileNotFoundError, match="no generator 7"):
         strength_sweep(data, split, 0.5, 7, [0.5], **kw)
     with pytest.raises(ValueError, match="one source per class"):
         strength_sweep(data, split, 0.5, 0, [0.5], **{**kw, "max_sources": 2})
@@ -593,17 +598,17 @@ def test_a_generator_counts_as_trained_for_the_steps_in_force_only(mri, monkeypa
     data, split = mri
     train_for_sample(data, split, 0.5, 0, progress=False)
     steps = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["steps"]
-    assert trained_generator(data, split, 0.5, 0).exists()
+    assert generator_path(data, split, 0.5, 0).exists()
     # more steps in force: the same folder (steps is not in its key), to be extended
     monkeypatch.setitem(diffusion.PRESETS["quick"], "steps", steps + 2)
     with pytest.raises(FileNotFoundError, match=f"trained for {steps} steps .* ask for {steps + 2}"):
-        trained_generator(data, split, 0.5, 0)
-    assert trained_generator(data, split, 0.5, 0, allow_unfinished=True).exists()
+        generator_path(data, split, 0.5, 0)
+    assert generator_path(data, split, 0.5, 0, allow_unfinished=True).exists()
     path = train_for_sample(data, split, 0.5, 0, progress=False)  # resumes and extends it
-    assert state_of(path)["step"] == steps + 2 and trained_generator(data, split, 0.5, 0)
+    assert state_of(path)["step"] == steps + 2 and generator_path(data, split, 0.5, 0)
     monkeypatch.setitem(diffusion.PRESETS["quick"], "steps", steps)  # fewer in force now
     with pytest.raises(ValueError, match=f"more than the {steps} in force"):
-        trained_generator(data, split, 0.5, 0)
+        generator_path(data, split, 0.5, 0)
 
 
 def test_generator_dir_key(mri):
@@ -644,12 +649,13 @@ def test_cli_train_then_generate(folder, run_cli):
     assert trained_info["all_done"] and trained_info["generators"][0]["generator"] == 1
 
     args = ("synth", "generate", "--backend", "local", "--real-frac", "0.5", "--per-image", "2",
-            "--seed", "3", "--limit-sources", "3", "--source", folder, "--json")
+            "--generator", "1", "--seed", "3", "--limit-sources", "3", "--source", folder,
+            "--json")
     code, out, _ = run_cli(*args)
     assert code == 0
     first = json.loads(out)
     assert first["generated"] == 6 and first["cached"] == 0 and first["refused"] == 0
-    assert first["sample_seed"] == 1  # repeat 3 uses generator 3 mod 2
+    assert first["sample_seed"] == 1  # generator 1's own sample
     assert {"seconds", "dir", "params"} <= set(first)
     second = json.loads(run_cli(*args)[1])
     assert second["generated"] == 0 and second["cached"] == 6
@@ -685,9 +691,15 @@ def test_cli_errors_are_clear(folder, run_cli):
     code, _, err = run_cli("synth", "generate", "--backend", "local", "--real-frac", "0.5",
                            "--per-image", "1", "--max-cost", "3", "--source", folder)
     assert code == 2 and "--max-cost" in err and "openai only" in err
-    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "9",
+    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "-1",
                            "--source", folder)
-    assert code == 2 and "--seed 9" in err
+    assert code == 2 and "--seed -1" in err
+    code, _, err = run_cli("synth", "generate", "--backend", "openai", "--real-frac", "0.5",
+                           "--per-image", "1", "--generator", "1", "--source", folder)
+    assert code == 2 and "--generator" in err and "local only" in err
+    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "0",
+                           "--device", "gpu", "--source", folder)
+    assert code == 2 and "not a device torch knows" in err and "Traceback" not in err
 
 
 def test_cli_generate_openai(folder, run_cli, monkeypatch):
@@ -707,7 +719,7 @@ def test_cli_generate_openai(folder, run_cli, monkeypatch):
 @pytest.mark.parametrize("speed", [{}, {"channels_last": True, "cudnn_benchmark": True}])
 def test_benchmark_reports_speeds(speed):
     result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4, **speed)
-    assert result["device"] == "cpu"
+    assert result["device"] == device_name("cpu")
     assert result["train_images_per_s"] > 0 and result["variations_per_s"] > 0
     assert result["training_speed_settings"] == {"channels_last": bool(speed),
                                                  "cudnn_benchmark": bool(speed)}

@@ -14,11 +14,11 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mrilib import train
+from mrilib import stacked, train
 from mrilib.augment import POLICIES, augment_batch
+from mrilib.checkpoints import load_checkpoint, save_checkpoint
 from mrilib.models import MODELS, normalize
-from mrilib.train import (load_checkpoint, model_settings, real_fraction_index,
-                          save_checkpoint, train_replicates)
+from mrilib.train import model_settings, real_fraction_index, train_replicates
 
 SIZE = 32  # pixels: divisible by 16 (ViT patches) and 4 (basic CNN pools); big enough for ResNet
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,9 +37,9 @@ def one_cpu_thread():
 
 def tiny_bank(n: int = 48, size: int = SIZE, seed: int = 0):
     """uint8 images whose mean brightness tells the class, so the losses move."""
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 4
-    noise = torch.randint(0, 96, (n, 1, size, size), generator=g)
+    noise = torch.randint(0, 96, (n, 1, size, size), generator=rng)
     images = (noise + labels.view(-1, 1, 1, 1) * 50).to(torch.uint8)
     return images, labels
 
@@ -47,8 +47,8 @@ def tiny_bank(n: int = 48, size: int = SIZE, seed: int = 0):
 def tiny_problem(k: int = 3, n_train: int = 16, seed: int = 0):
     """(bank images, labels, train_index [k, n_train], val, test) over one tiny bank."""
     images, labels = tiny_bank(seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    index = torch.stack([torch.randperm(32, generator=g)[:n_train] for _ in range(k)])
+    rng = torch.Generator().manual_seed(seed + 1)
+    index = torch.stack([torch.randperm(32, generator=rng)[:n_train] for _ in range(k)])
     val, test = (images[32:40], labels[32:40]), (images[40:48], labels[40:48])
     return images, labels, index, val, test
 
@@ -57,17 +57,17 @@ def reference_run(name, images, labels, rows, val, seed, aug, cfg):
     """One replicate the textbook way: an nn.Module, torch.optim.Adam, loss.backward().
 
     Same seed protocol as mrilib.train: initial weights from the replicate's init
-    stream, batch order and augmentation draws from its data generator.
+    stream, batch order and augmentation draws from its data RNG.
     """
     model = train._initial_model(name, seed, cfg, SIZE)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    g = torch.Generator().manual_seed(train._stream_seed(seed, 1))
+    rng = torch.Generator().manual_seed(train._stream_seed(seed, 1))
     history = []
     for _ in range(cfg["epochs"]):
-        order = rows[torch.randperm(len(rows), generator=g)]
+        order = rows[torch.randperm(len(rows), generator=rng)]
         x_all, y_all = images[order], labels[order]
         if aug != "none":
-            x_all = augment_batch(aug, x_all, g)
+            x_all = augment_batch(aug, x_all, rng)
         model.train()
         total = 0.0
         for s in range(0, len(order), cfg["batch_size"]):
@@ -87,20 +87,20 @@ def reference_run(name, images, labels, rows, val, seed, aug, cfg):
 # ----------------------------------------------------------------------------- equivalence
 
 def test_adam_over_stacked_tensors_is_independent_adams():
-    g = torch.Generator().manual_seed(0)
-    stacked = torch.randn(3, 5, 4, generator=g).requires_grad_()
-    singles = [stacked[k].detach().clone().requires_grad_() for k in range(3)]
-    opt_stacked = torch.optim.Adam([stacked], lr=1e-2)
+    rng = torch.Generator().manual_seed(0)
+    together = torch.randn(3, 5, 4, generator=rng).requires_grad_()
+    singles = [together[k].detach().clone().requires_grad_() for k in range(3)]
+    opt_together = torch.optim.Adam([together], lr=1e-2)
     opts = [torch.optim.Adam([p], lr=1e-2) for p in singles]
     for step in range(5):
-        grads = torch.randn(3, 5, 4, generator=g) * (10.0 ** torch.arange(3)).view(3, 1, 1)
-        stacked.grad = grads.clone()
-        opt_stacked.step()
+        grads = torch.randn(3, 5, 4, generator=rng) * (10.0 ** torch.arange(3)).view(3, 1, 1)
+        together.grad = grads.clone()
+        opt_together.step()
         for k, (p, opt) in enumerate(zip(singles, opts)):
             p.grad = grads[k].clone()
             opt.step()
     for k in range(3):
-        torch.testing.assert_close(stacked[k].detach(), singles[k].detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(together[k].detach(), singles[k].detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name,k,aug,epochs", [("basic_cnn", 3, "hflip", 2),
@@ -158,8 +158,8 @@ def test_im2col_stems_train_as_the_convolutions_do(name):
 def test_im2col_conv_matches_conv2d_and_its_weight_gradient(conv):
     torch.manual_seed(0)
     plain = nn.Conv2d(1, 6, **conv)
-    stem = train._im2col_stems(copy.deepcopy(plain))
-    assert type(stem) is train._Im2colConv2d
+    stem = stacked.im2col_stems(copy.deepcopy(plain))
+    assert type(stem) is stacked.Im2colConv2d
     x = torch.randn(3, 1, 24, 20)
     out, ref = stem(x), plain(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -174,8 +174,8 @@ def test_im2col_conv_matches_conv2d_and_its_weight_gradient(conv):
 def test_im2col_leaves_other_convolutions_alone():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(1, 4, 3, padding="same"),
                         nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"))
-    kinds = [type(m) for m in train._im2col_stems(net)]
-    assert kinds == [train._Im2colConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+    kinds = [type(m) for m in stacked.im2col_stems(net)]
+    assert kinds == [stacked.Im2colConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
 
 
 @pytest.mark.parametrize("key", ["im2col_stem", "test_every_epoch", "deterministic"])
@@ -239,7 +239,7 @@ def test_best_epoch_is_chosen_by_validation_loss_only():
                "val_acc": 1 - val_loss, "test_acc": 1 - test_loss,
                "val_confusion": torch.zeros(3, 2, 4, 4, dtype=torch.long),
                "test_confusion": torch.arange(3).view(3, 1, 1, 1).expand(3, 2, 4, 4)}
-    first, second = train._records(metrics, [7, 8], 10, {"model": "m"})
+    first, second = stacked.replicate_records(metrics, [7, 8], 10, {"model": "m"})
     assert (first["best"]["epoch"], second["best"]["epoch"]) == (2, 1)
     assert first["best"]["test_loss"] == pytest.approx(0.8)
     assert first["best"]["test_confusion"] == [[1] * 4] * 4
@@ -285,7 +285,7 @@ def test_stacked_batchnorm_gets_fp32_whatever_autocast_made_its_input():
     torch.manual_seed(0)
     models = [nn.BatchNorm2d(3) for _ in range(2)]
     params, buffers = stack_module_state(models)
-    template = train._vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
+    template = stacked.vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
     step = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, 0))
     x = torch.randn(2, 4, 3, 5, 5).bfloat16()
     x[1] = x[1] * 3 + 2
@@ -311,7 +311,7 @@ def test_stacked_vit_uses_explicit_attention_with_matching_softmax_dtypes():
     # op is dispatched, and each softmax backward gets a gradient of its input's dtype.
     cfg = model_settings("vit_tiny")
     models = [train._initial_model("vit_tiny", s, cfg, SIZE) for s in (0, 1)]
-    stack = train._Stack(models, torch.device("cpu"))
+    stack = stacked.Stack(models, torch.device("cpu"))
     x = normalize(tiny_bank(n=8)[0]).view(2, 4, 1, SIZE, SIZE)
     with AtenLog() as log:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -691,7 +691,7 @@ def test_best_weights_pick_the_epoch_argmin_picks_nan_included():
                            [0.2, 0.3, 0.1, 0.2]])  # [E, K]; the last replicate ties at 0.2
     weights = torch.zeros(4)
     stack = SimpleNamespace(params={"w": weights}, buffers={})
-    keeper = train._BestWeights(stack)
+    keeper = stacked.BestWeights(stack)
     for e, loss in enumerate(losses):
         weights.fill_(float(e))  # replicate j's weights at epoch e hold e
         keeper.update(e, loss)
@@ -706,10 +706,10 @@ def test_the_cached_classifier_is_the_one_asked_for(tmp_path, monkeypatch):
     from mrilib.train import trained_classifier
 
     monkeypatch.setattr(paths, "CACHE", tmp_path)
-    g = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
 
     def data_at(size):
-        images = torch.randint(0, 256, (48, 1, size, size), dtype=torch.uint8, generator=g)
+        images = torch.randint(0, 256, (48, 1, size, size), dtype=torch.uint8, generator=rng)
         return MRIData(images, torch.arange(48) % 4, tuple(CLASSES),
                        [f"img{i:02d}" for i in range(48)], "tiny", "fp")
 

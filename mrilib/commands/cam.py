@@ -11,8 +11,8 @@ def add_parser(sub) -> None:
                    help="the scan: a grayscale or RGB image file of any size (padded to "
                         "square and resized to the model's image size)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a classifier written by mrilib.train.save_checkpoint (it holds the "
-                        "model name and image size)")
+                   help="a classifier written by mrilib.checkpoints.save_checkpoint (it holds "
+                        "the model name and image size)")
     p.add_argument("--target", default=None, metavar="CLASS",
                    help="class to explain: a name (Moderate_Demented, ModerateDemented...) "
                         "or an index 0-3 (default: the predicted class)")
@@ -28,7 +28,7 @@ def explain_scan(image, checkpoint, target=None, layer=None) -> dict:
     from ..cam import (class_index, class_probabilities, gradcam_maps, layer_name, read_scan,
                        target_layer)
     from ..data import CLASSES
-    from ..train import load_checkpoint
+    from ..checkpoints import load_checkpoint
 
     model, config = load_checkpoint(checkpoint)
     classes = tuple(config.get("classes", CLASSES))

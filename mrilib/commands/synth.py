@@ -1,13 +1,14 @@
 """``python -m mrilib synth``: train the local generators, make and cache variations, time them.
 
-    synth train --real-frac 0.3 [--seed G] --minutes 9 --device cuda   (rerun until "done")
-    synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--seed r] [--json]
+    synth train --real-frac 0.3 [--seed g] --minutes 9 --device cuda   (rerun until "done")
+    synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--generator g]
+                   [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
 
-``train`` without ``--seed`` trains the G generators of X one after another within the
-time budget, so one command, repeated, trains them all on a machine that runs a command
-for at most 10 minutes.
+``train`` without ``--seed`` trains the grid's generators of X (one per real sample,
+``samples`` of :mod:`mrilib.experiment`) one after another within the time budget, so
+one command, repeated, trains them all in time-limited jobs.
 """
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ import sys
 def add_parser(sub) -> None:
     p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for add in (_add_train, _add_generate, _add_bench, _add_sweep):
+        add(actions)
 
+
+def _add_train(actions) -> None:
     t = actions.add_parser("train", help="train or resume the local diffusion generator(s) of a "
                                          "real fraction; prints each checkpoint path")
     t.add_argument("--real-frac", type=float, required=True,
                    help="X: the stratified share of the training pool the generator learns from")
     t.add_argument("--seed", type=int, default=None,
-                   help="generator g (its sample seed and training seed), 0..G-1; repeat r uses "
-                        "g = r mod G. Default: every generator in turn")
+                   help="generator g (its sample seed and training seed), from 0. Default: "
+                        "each of the grid's generators in turn")
     t.add_argument("--minutes", type=float, default=None,
                    help="minutes of training in this command, then checkpoint and stop; a rerun "
                         "resumes (use 9 where a command may run 10)")
@@ -38,14 +43,17 @@ def add_parser(sub) -> None:
     _common(t)
     t.set_defaults(func=run_train)
 
+
+def _add_generate(actions) -> None:
     g = actions.add_parser("generate", help="make (or find in the cache) variations of the "
                                             "real sample's images")
     g.add_argument("--backend", choices=("local", "openai"), default="local")
     g.add_argument("--real-frac", type=float, required=True, help="X: the real sample's share")
     g.add_argument("--per-image", type=int, required=True, help="variations per source image")
     g.add_argument("--seed", type=int, default=0,
-                   help="repeat r: seeds the variations; the sources are the sample of "
-                        "generator r mod G (local) or the sample drawn with r (openai)")
+                   help="seeds the variations; openai: also the real sample drawn")
+    g.add_argument("--generator", type=int, default=0, metavar="G",
+                   help="local: generator g, whose own sample gives the sources (default 0)")
     g.add_argument("--strength", type=float, default=None,
                    help="local: SDEdit noise level, 0 = the source .. 1 = a fresh sample")
     g.add_argument("--guidance", type=float, default=None,
@@ -71,6 +79,8 @@ def add_parser(sub) -> None:
     _common(g)
     g.set_defaults(func=run_generate)
 
+
+def _add_bench(actions) -> None:
     b = actions.add_parser("bench", help="training images/s and variations/s of the local "
                                          "generator at 128x128")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -87,6 +97,8 @@ def add_parser(sub) -> None:
     b.add_argument("--out", default=None, help="also write the JSON to this file")
     b.set_defaults(func=run_bench)
 
+
+def _add_sweep(actions) -> None:
     w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
                                          "source of variations at several strengths")
     w.add_argument("--real-frac", type=float, required=True,
@@ -125,19 +137,19 @@ def run_train(args) -> int:
     import time
 
     from ..data import load_mri, split_mri
-    from ..synthetic.diffusion import DEFAULTS, PRESETS, train_for_sample
-    from ..config import settings
+    from ..synthetic.diffusion import train_for_sample
 
     _sigterm_as_interrupt()
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: generators are numbered from 0")
     data = load_mri(args.source)
     split = split_mri(data)
-    n_gen = settings(DEFAULTS, PRESETS)["n_generators"]
-    if args.seed is not None and not 0 <= args.seed < n_gen:
-        raise ValueError(f"--seed {args.seed}: generators are numbered 0..{n_gen - 1} "
-                         f"(repeat r uses r mod {n_gen})")
-    todo = [args.seed] if args.seed is not None else list(range(n_gen))
-    if args.leaky and args.seed is None:
+    if args.seed is not None:
+        todo = [args.seed]
+    elif args.leaky:
         todo = [0]  # one pool generator is the ablation; --seed picks another
+    else:
+        todo = list(range(_grid_samples()))
     deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
     results = []
     for g in todo:
@@ -160,6 +172,13 @@ def run_train(args) -> int:
     elif not all_done:
         print("time budget used up; rerun the same command to continue", file=sys.stderr)
     return 0
+
+
+def _grid_samples() -> int:
+    """How many real samples (and so generators) per fraction the grid uses."""
+    from ..experiment import grid_settings
+
+    return grid_settings()["samples"]
 
 
 def run_generate(args) -> int:
@@ -204,16 +223,17 @@ def _backend(args, data, split):
                  if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to --backend openai only")
-        from ..synthetic.diffusion import LocalDiffusion
+        from ..synthetic.diffusion import LocalDiffusion, generator_path
 
-        return LocalDiffusion.for_repeat(data, split, args.real_frac, args.seed,
-                                         leaky=args.leaky, strength=args.strength,
-                                         guidance_scale=args.guidance, device=args.device,
-                                         allow_unfinished=args.allow_unfinished)
+        path = generator_path(data, split, args.real_frac, args.generator, leaky=args.leaky,
+                              allow_unfinished=args.allow_unfinished)
+        return LocalDiffusion(path, strength=args.strength, guidance_scale=args.guidance,
+                              device=args.device, allow_unfinished=args.allow_unfinished,
+                              sample_seed=args.generator)
     if args.strength is not None or args.guidance is not None or args.leaky \
-            or args.allow_unfinished:
-        raise ValueError("--strength, --guidance, --leaky and --allow-unfinished apply to "
-                         "--backend local only")
+            or args.allow_unfinished or args.generator != 0:
+        raise ValueError("--strength, --guidance, --generator, --leaky and --allow-unfinished "
+                         "apply to --backend local only")
     from ..synthetic.base import get_backend
 
     overrides = {k: getattr(args, k) for k in ("model", "route", "max_images", "max_cost",

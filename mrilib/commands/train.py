@@ -97,7 +97,7 @@ def run(args) -> int:
 
 def save_all(directory: str, checkpoints) -> list[Path]:
     """One checkpoint file per replicate under ``directory``."""
-    from ..train import save_checkpoint
+    from ..checkpoints import save_checkpoint
 
     out = []
     for state, config in checkpoints:

@@ -7,9 +7,11 @@ Layout, one folder per backend setting and run seed::
     cache/synthetic/<key>/manifest.jsonl   one row per outcome, appended and fsync'd
 
 ``key`` hashes the backend name, its ``params()`` (model, prompt, checkpoint
-fingerprint, ...), the run seed and :data:`CACHE_FORMAT`. It leaves out the package
-version on purpose: a new release must not throw away images already paid for; bump
-:data:`CACHE_FORMAT` (or a backend's params) when outputs would change.
+fingerprint, ...; never a backend's ``RUN_ONLY`` settings such as timeouts, budgets or
+batch sizes, so changing those reuses the images), the run seed and
+:data:`CACHE_FORMAT`. It leaves out the package version on purpose: a new release must
+not throw away images already paid for; bump :data:`CACHE_FORMAT` (or a backend's
+params) when outputs would change.
 
 Each image is written atomically and then its manifest row appended, so after any
 interruption (Ctrl-C, kill -9, a failed API call) a rerun finds every finished image:
@@ -49,9 +51,8 @@ MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 DEFAULTS = {
-    # Images per generate() call for a backend that declares no max_batch; one that does
-    # (the local model: 256 on a GPU, 4 on a CPU; OpenAI: 1) is called with that many
-    # unless batch_size is given, and caps any batch_size given.
+    # Images per generate() call for a backend without max_batch; a backend's max_batch
+    # (local: 256 GPU, 4 CPU; OpenAI: 1) is the default and caps any batch_size given.
     "batch_size": 32,
     "retry_refused": False,  # ask again for images the backend refused (costs money)
 }

@@ -19,9 +19,8 @@ from .base import Backend
 from .cache import generate_cached
 
 DEFAULTS = {
-    # Rounds of asking a refusing backend (OpenAI's content filter) for further variations
-    # of the same sources, so a refused image is replaced rather than leaving the set short;
-    # a refusal is rare, and one that persists three rounds is reported as an error.
+    # Rounds of asking a refusing backend (a content filter) for more variations of the same
+    # sources, so a refused image is replaced; one refused three rounds running is an error.
     "topup_rounds": 3,
 }
 PRESETS: dict = {}
@@ -102,9 +101,9 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
     ``allow_leaky=True``), against the pool's.
 
     ``seed`` seeds the variations (and the round-robin extras); ``sample_seed`` the real
-    sample, by default the backend's own (``backend.sample_seed``: generator r mod G of
-    the local model learned from sample r mod G) or else ``seed``. Each repeat therefore
-    gets new variations, and a new sample unless its generator is shared (see
+    sample, by default the backend's own (``backend.sample_seed``: generator g of the
+    local model learned from sample g) or else ``seed``. Each repeat therefore gets new
+    variations, and a new sample unless its generator is shared (see
     :mod:`mrilib.synthetic.diffusion`). Variations come from the resumable cache
     (:func:`~mrilib.synthetic.cache.generate_cached`).
 
@@ -122,7 +121,8 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
     n_synth = int(round(synthetic_fraction * len(split.train)))
     if n_synth and backend is None:
         raise ValueError(f"synthetic_fraction={synthetic_fraction} needs a backend; pass one "
-                         f"(e.g. LocalDiffusion.for_repeat(...) or get_backend('openai'))")
+                         f"(e.g. LocalDiffusion(generator_path(data, split, X, g), sample_seed=g) "
+                         f"or get_backend('openai'))")
     own = getattr(backend, "sample_seed", None)
     asked = sample_seed
     if sample_seed is None:
@@ -135,7 +135,7 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
         # No leak (checked above: at 100% real the generator's sample always lies inside
         # this one), but the run would record generator `own` as sample `asked`'s.
         raise ValueError(f"sample_seed={asked}, but the backend's generator belongs to "
-                         f"sample {own}; build it for this sample (LocalDiffusion.for_repeat) "
+                         f"sample {own}; use generator {asked} for this sample "
                          f"or leave sample_seed out to use the generator's own")
 
     sources, per_source = synthetic_plan(data, split, real, chosen, n_synth, seed)

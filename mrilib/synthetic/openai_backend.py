@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..config import settings
+from ..config import design_view, settings
 from .base import SIZE, Backend, BudgetExceeded, Refused, check_batch, to_gray128
 
 log = logging.getLogger(__name__)
@@ -66,28 +66,21 @@ DEFAULTS = {
     "upload_size": 1024,          # pixels per side the 128-px source is upscaled to (edit)
     "timeout_s": 180.0,           # per request; GPT Image edits take tens of seconds
     "max_attempts": 6,            # per image, counting the first try
-    # Retries of a request that went unanswered (timed out, or its connection dropped after
-    # it was sent): the server may have made (and billed) the image although no answer
-    # arrived, so each one can double what the image costs. One, then the run stops
-    # (finished images are kept; rerunning resumes). A connection that never opened sent
-    # nothing: it is retried with backoff once this run has had an answer (a blip), and
-    # stops at once before that (a wrong base_url or no network).
+    # Retries of a request sent but unanswered (timed out, dropped): each may be billed, so
+    # one, then the run stops (docs/decisions.md#openai-backend; a rerun resumes).
     "max_unanswered_retries": 1,
     "backoff_s": 2.0,             # first wait before a retry (5xx, 429 without Retry-After,
                                   # unanswered, unreachable); doubles each attempt
     "backoff_max_s": 60.0,        # cap on one backoff wait
     "max_retry_after_s": 300.0,   # a Retry-After longer than this stops the run instead
     "malformed_retries": 2,       # extra tries after an answer we cannot read
-    # Budgets count the requests of this run (this process) that may be billed: answered
-    # ones and timed-out ones. A rerun resumes from the cache, pays only for what is
-    # missing, and gets the same budget again.
+    # Budgets count this run's requests that may be billed (answered or timed out); a rerun
+    # pays only for what the cache lacks, and gets the same budget again.
     "max_images": None,           # budget: requests that may be billed in this run (None: none)
     "max_cost": None,             # budget: USD in this run by usd_per_image (None = no limit)
     "usd_per_image": None,        # overrides the estimate below (USD per request)
-    # Estimates (USD per request) as of 2026-11-25, from OpenAI's published examples:
-    # gpt-image-2 1024x1024 output $0.006 low / $0.053 medium / $0.211 high (2026-04-21)
-    # plus an allowance of ~$0.014 for the uploaded image (image input $8 / 1M tokens);
-    # dall-e-2 256x256 $0.016 (its price until retirement). Check the live pricing page.
+    # Estimated USD per request, answer plus upload (docs/decisions.md#openai-backend);
+    # check the live pricing page.
     "price_table": {
         "gpt-image-2": {"low": 0.02, "medium": 0.07, "high": 0.23},
         "dall-e-2": {"standard": 0.016},
@@ -95,6 +88,16 @@ DEFAULTS = {
 }
 # Quick preset = seminars and tests: a run pays for at most 20 images unless told otherwise.
 PRESETS = {"quick": {"max_images": 20}}
+# How a run waits, retries and what it may spend, not which images it asks for: left out of
+# the cache key and of the grid's design (the rest is route, model, prompt and sizes).
+RUN_ONLY = ("timeout_s", "max_attempts", "max_unanswered_retries", "backoff_s",
+            "backoff_max_s", "max_retry_after_s", "malformed_retries", "max_images",
+            "max_cost", "usd_per_image", "price_table")
+
+
+def design_settings(**overrides: Any) -> dict:
+    """What this backend's images depend on, as in force now: the settings less RUN_ONLY."""
+    return design_view(settings(DEFAULTS, PRESETS, **overrides), RUN_ONLY)
 
 
 class APIFailure(RuntimeError):
@@ -135,10 +138,9 @@ class OpenAIBackend(Backend):
     def params(self) -> dict:
         cfg = self.cfg
         out = {"route": cfg["route"], "endpoint": _public_url(str(self._client.base_url))}
-        if cfg["route"] == "variation":
+        if cfg["route"] == "variation":  # the retired call fixed its model and size
             return {**out, "model": "dall-e-2", "size": "256x256"}
-        return {**out, "model": cfg["model"], "prompt": cfg["prompt"], "size": cfg["size"],
-                "quality": cfg["quality"], "upload_size": cfg["upload_size"]}
+        return {**out, **design_view(cfg, RUN_ONLY)}
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.params()!r})"
@@ -223,9 +225,8 @@ class OpenAIBackend(Backend):
             try:
                 body = self._request(image)
             except openai.OpenAIError as err:
-                # Only a redacted snapshot leaves this block: the error object holds the
-                # request (its Authorization header) and the server's text, which may echo
-                # the key; an exception raised in here would keep it as __context__.
+                # Only a redacted snapshot leaves this block: the error holds the request
+                # and the server's text (both may carry the key), and __context__ would too.
                 failure = _Failure.of(err)
             if failure is not None:
                 sent = failure.kind in ("timeout", "dropped")  # the server may have worked
@@ -370,9 +371,8 @@ class _Failure:
         return f"HTTP {self.status}" if self.status else f"the request ({self.kind})"
 
 
-# The transport's errors that mean nothing reached the API: no connection (refused, or
-# not made in time), no free connection in the pool, a URL it cannot use, a refusing
-# proxy. By name: openai 1.x raises httpx's, 3.x httpx2's.
+# The transport's errors that mean nothing reached the API (no connection, no free one in
+# the pool, an unusable URL, a refusing proxy); by name: openai 1.x raises httpx's, 3.x httpx2's.
 NEVER_SENT = {"ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol",
               "ProxyError"}
 

@@ -12,8 +12,8 @@ features (the property the thesis reads off Grad-CAM by eye).
 Background: real slices are skull-stripped on black. A generator that paints the
 background grey hands a classifier a cue that says "synthetic", not "this class"; where
 synthetic images go to one class only (the thesis's "20% synthetic, ModerateDemented
-only"), that cue predicts the class. The first full generator did this (13 of 255 where
-the sources are black, 2026-11-26), so the check sits beside the other two.
+only"), that cue predicts the class. The first full generator did this
+(docs/decisions.md#local-generator), so the check sits beside the other two.
 """
 from __future__ import annotations
 
@@ -101,14 +101,14 @@ def _balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: in
         return index
     classes = labels[index].unique()
     per_class = max(1, max_sources // len(classes))
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     picked = [index[labels[index] == c][torch.randperm(int((labels[index] == c).sum()),
-                                                       generator=g)[:per_class]]
+                                                       generator=rng)[:per_class]]
               for c in classes]
     return torch.cat(picked).sort().values
 
 
-def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
+def strength_sweep(data, split, real_fraction: float, g: int, strengths,
                    max_sources: int | None = None, seed: int = 0, device=None,
                    classifier: torch.nn.Module | None = None, progress: bool = True,
                    guidance_scales=None) -> dict:
@@ -116,7 +116,7 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     distance from the source.
 
     One variation per source at each strength, drawn (and cached, so a rerun or a cut-off
-    run resumes) from generator ``generator`` of ``real_fraction``, for the images of its
+    run resumes) from generator g of ``real_fraction``, for the images of its
     own training sample (all of them, or ``max_sources`` in equal shares per class). Per
     strength: the per-class accuracy of a real-only classifier on the variations
     (``fidelity``; ``balanced_fidelity`` is their mean, chance 1/C), the grey level where
@@ -129,33 +129,18 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     generator trained with ``class_dropout``; default: the preset's ``guidance_scale``),
     strengths varying fastest.
     """
-    from ..config import settings
-    from ..train import resolve_device, trained_classifier
+    from ..device import resolve_device
+    from ..train import trained_classifier
     from .cache import generate_cached
-    from .diffusion import DEFAULTS, PRESETS, LocalDiffusion, trained_generator
+    from .diffusion import LocalDiffusion, generator_path
     from .mixing import real_sample
 
-    strengths = [float(s) for s in strengths]
-    bad = [s for s in strengths if not 0.0 < s <= 1.0]
-    if bad or not strengths:
-        raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
-    if guidance_scales is None:
-        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
-    scales = [float(w) for w in guidance_scales]
-    if not scales or any(not w >= 1.0 for w in scales):
-        raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
-                         f"(1 = the conditional model alone)")
-    n_gen = settings(DEFAULTS, PRESETS)["n_generators"]
-    if not 0 <= generator < n_gen:
-        raise ValueError(f"generator {generator}: generators are numbered 0..{n_gen - 1}")
-    if max_sources is not None and max_sources < len(data.classes):
-        raise ValueError(f"max_sources={max_sources}: give at least one source per class "
-                         f"({len(data.classes)}), or None for the whole sample")
+    strengths, scales = _checked_sweep(strengths, guidance_scales, max_sources, data.classes)
     device = resolve_device(device)
-    path = trained_generator(data, split, real_fraction, generator)
+    path = generator_path(data, split, real_fraction, g)
     if max(scales) > 1:  # a generator without a class-free output says so now, not after w=1
         LocalDiffusion(path, guidance_scale=max(scales), device="cpu")
-    sample = real_sample(data, split, real_fraction, generator)  # what generator g learned from
+    sample = real_sample(data, split, real_fraction, g)  # what generator g learned from
     sources = _balanced_sources(data.labels, sample, max_sources, seed)
     src, lab = data.images[sources], data.labels[sources]
     ids = [data.ids[i] for i in sources.tolist()]
@@ -167,7 +152,7 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
     rows = []
     for w, s in ((w, s) for w in scales for s in strengths):
         backend = LocalDiffusion(path, strength=s, guidance_scale=w, device=device,
-                                 sample_seed=generator)
+                                 sample_seed=g)
         made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
                                        progress=progress, batch_size=backend.max_batch)
         variations = made[:, 0]
@@ -183,19 +168,18 @@ def strength_sweep(data, split, real_fraction: float, generator: int, strengths,
             "generated": report["generated"], "cached": report["cached"],
             "seconds": report["seconds"], "cache_dir": str(report["dir"])})
     return {"generator": str(path), "real_fraction": real_fraction,
-            "generator_index": generator, "seed": seed, "n_sources": len(sources),
+            "generator_index": g, "seed": seed, "n_sources": len(sources),
             "sources_per_class": {name: int((lab == c).sum()) for c, name in enumerate(data.classes)},
             "classifier_real_test": real, "classifier_real_test_balanced": _mean(real.values()),
             "chance": 1 / len(data.classes), "strengths": rows}
 
 
-def saved_sweeps(data, split, real_fraction: float, generator: int,
-                 directory=None) -> list[dict]:
+def saved_sweeps(data, split, real_fraction: float, g: int, directory=None) -> list[dict]:
     """The sweeps ``synth sweep --out`` saved for this generator (e.g. a GPU run's, committed
     under ``results/`` as ``strength_sweep_x<X>_g<g>*.json``), oldest name first.
 
-    Only sweeps of the generator the current code finds for ``real_fraction`` and
-    ``generator`` (same folder key: same training images, recipe and seed) are returned;
+    Only sweeps of the generator the current code finds for ``real_fraction`` and g
+    (same folder key: same training images, recipe and seed) are returned;
     a sweep of an earlier recipe is left out, and none at all when that generator is not
     trained here. ``directory`` defaults to the repository's ``results/``.
     """
@@ -203,19 +187,40 @@ def saved_sweeps(data, split, real_fraction: float, generator: int,
     from pathlib import Path
 
     from ..paths import ROOT
-    from .diffusion import trained_generator
+    from .diffusion import generator_path
 
     try:
-        key = trained_generator(data, split, real_fraction, generator).parent.name
+        key = generator_path(data, split, real_fraction, g).parent.name
     except (FileNotFoundError, ValueError):
         return []
     folder = Path(directory) if directory is not None else ROOT / "results"
     found = []
-    for path in sorted(folder.glob(f"strength_sweep_x{real_fraction:g}_g{generator}*.json")):
+    for path in sorted(folder.glob(f"strength_sweep_x{real_fraction:g}_g{g}*.json")):
         sweep = json.loads(path.read_text())
         if Path(sweep.get("generator", "")).parent.name == key:
             found.append(sweep | {"file": str(path)})
     return found
+
+
+def _checked_sweep(strengths, guidance_scales, max_sources, classes) -> tuple[list, list]:
+    """(strengths, guidance weights) of a sweep as floats, the weight in force by default."""
+    from ..config import settings
+    from .diffusion import DEFAULTS, PRESETS
+
+    strengths = [float(s) for s in strengths]
+    bad = [s for s in strengths if not 0.0 < s <= 1.0]
+    if bad or not strengths:
+        raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
+    if guidance_scales is None:
+        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
+    scales = [float(w) for w in guidance_scales]
+    if not scales or any(not w >= 1.0 for w in scales):
+        raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
+                         f"(1 = the conditional model alone)")
+    if max_sources is not None and max_sources < len(classes):
+        raise ValueError(f"max_sources={max_sources}: give at least one source per class "
+                         f"({len(classes)}), or None for the whole sample")
+    return strengths, scales
 
 
 def _mean(values) -> float:

@@ -1,0 +1,86 @@
+"""A trained classifier on disk: its weights and the config that rebuilds and describes it."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .paths import atomic_write_bytes
+
+CHECKPOINT_FORMAT = "mrilib-checkpoint-v1"
+
+
+def checkpoint_config(record: dict) -> dict:
+    """What a checkpoint must carry to be rebuilt and to say how it was trained."""
+    keep = ("model", "aug", "init", "weights", "img_size", "num_classes", "seed", "replicate",
+            "epochs", "batch_size", "lr", "schedule", "warmup_epochs", "weight_decay",
+            "n_train", "torch")
+    return {**{key: record[key] for key in keep}, "final": {
+        key: record["final"][key] for key in ("epoch", "val_loss", "val_acc", "test_loss",
+                                              "test_acc")}}
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict) -> Path:
+    """Write ``state_dict`` and its ``config`` (model, img_size, num_classes...) atomically."""
+    missing = [k for k in ("model", "img_size", "num_classes") if k not in config]
+    if missing:
+        raise ValueError(f"checkpoint config lacks {missing}; load_checkpoint needs them to "
+                         f"rebuild the model")
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "config": dict(config),
+                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, buf)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, model: str | nn.Module | None = None):
+    """``(model, config)`` from :func:`save_checkpoint`'s file, in eval mode on the CPU.
+
+    ``model`` may be None (rebuilt from the config), a model name, or a module to load
+    into; a checkpoint that does not fit it raises ``ValueError`` saying how.
+    """
+    from .models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; write one with "
+                                f"`python -m mrilib train ... --save DIR`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, pickled objects...
+        raise ValueError(f"{str(path)!r} is not a readable mrilib checkpoint: "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an mrilib checkpoint (format "
+                         f"{CHECKPOINT_FORMAT}); write one with save_checkpoint")
+    config, state = blob["config"], blob["state_dict"]
+    if model is None or isinstance(model, str):
+        name = config["model"] if model is None else model
+        model = build_model(name, num_classes=config["num_classes"], img_size=config["img_size"])
+    problem = _state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ValueError(f"checkpoint {str(path)!r} ({config['model']}, img_size "
+                         f"{config['img_size']}, {config['num_classes']} classes) does not fit "
+                         f"the model given: {problem}. Load it with the model and image size "
+                         f"it was trained with, or leave model=None to rebuild it.")
+    model.load_state_dict(state)
+    model.mrilib_init = config.get("init", "scratch")  # the run's start, not the rebuild's
+    return model.eval(), config
+
+
+def _state_mismatch(expected: dict, found: dict) -> str:
+    """A short description of how ``found`` differs from ``expected``; '' when it fits."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]}")
+    return "; ".join(parts)

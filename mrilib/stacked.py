@@ -1,0 +1,224 @@
+"""K replicates of one architecture as stacked tensors, run, scored and kept with ``vmap``.
+
+:class:`Stack` holds the replicates' weights stacked (``torch.func.stack_module_state``)
+and one template module that ``functional_call`` runs for all of them, so one kernel
+launch serves K replicates. The template swaps two module types for versions that vmap
+and bf16 accept together (:func:`vmap_amp_safe`) and, on request, computes one-channel
+stem convolutions as unfold + matmul (:func:`im2col_stems`). Weights are untouched by
+either swap. :func:`evaluate` scores every replicate on one shared batch;
+:class:`BestWeights` keeps each replicate's lowest-validation-loss weights on the device;
+:func:`replicate_records` turns the stacked metrics into one record per replicate.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.profiler import record_function
+
+from .device import autocast
+
+# The profiler range around one evaluation pass, read by mrilib.bench.profile_parallel.
+PROFILE_EVAL = "mrilib: evaluate"
+
+
+class Fp32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes in fp32 whatever autocast made its input; same state."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def vmap_amp_safe(template: nn.Module) -> nn.Module:
+    """Route two ops of ``template`` around CUDA kernels that reject what vmap + bf16 give them.
+
+    BatchNorm normalizes in fp32 (:class:`Fp32BatchNorm2d`): under CUDA autocast vmap's
+    batch rule hands its kernel a bf16 weight beside fp32 running statistics. Attention
+    uses timm's explicit form (q @ k^T, softmax, @ v; the same arithmetic as SDPA's math
+    backend), whose softmax backward gets matching dtypes. Neither failure happens on a
+    CPU; what was seen is in docs/decisions.md#training-engine. Weights are untouched.
+    """
+    for module in template.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = Fp32BatchNorm2d
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return template
+
+
+class Im2colConv2d(nn.Conv2d):
+    """A one-input-channel Conv2d computed as unfold + matmul; same parameters, same sums.
+
+    Under vmap, K stacked one-channel convolutions become one grouped convolution with a
+    single input channel per group, which PyTorch runs with its slow native depthwise
+    kernel rather than cuDNN; unfolded, they are one batched matmul.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # cast the image, not its 49x unfold
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        out = self.weight.flatten(1) @ cols  # [out, k*k] @ [N, k*k, L] -> [N, out, L]
+        if self.bias is not None:
+            out = out + self.bias[:, None].to(out.dtype)  # as autocast's conv: bf16 out
+        return out.reshape(n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                           (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def im2col_stems(template: nn.Module) -> nn.Module:
+    """Run ``template``'s one-input-channel convolutions as :class:`Im2colConv2d`."""
+    for module in template.modules():
+        if (type(module) is nn.Conv2d and module.in_channels == 1 and module.groups == 1
+                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+            module.__class__ = Im2colConv2d
+    return template
+
+
+class Stack:
+    """K replicates of one architecture as stacked tensors, run with ``vmap``."""
+
+    def __init__(self, models: list[nn.Module], device: torch.device, im2col: bool = False):
+        self.template = vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
+        if im2col:
+            self.template = im2col_stems(self.template)
+        self.params, self.buffers = stack_module_state([m.to(device) for m in models])
+        self.persistent = list(self.template.state_dict().keys())
+        # randomness="error": a model that draws random numbers in forward (dropout)
+        # would break per-replicate determinism, so it must fail loudly, not vary quietly.
+        self._train = vmap(self._call, in_dims=(0, 0, 0), randomness="error")
+        self._eval = vmap(self._call, in_dims=(0, 0, None), randomness="error")
+
+    def _call(self, params, buffers, x):
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[K, B, C]`` logits for per-replicate batches ``x`` ``[K, B, 1, H, W]``."""
+        self.template.train()
+        return self._train(self.params, self.buffers, x)
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[K, B, C]`` logits of every replicate for one shared batch ``[B, 1, H, W]``."""
+        self.template.eval()
+        return self._eval(self.params, self.buffers, x)
+
+    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Replicate ``k``'s weights as an ordinary ``state_dict`` on the CPU."""
+        flat = {**self.params, **self.buffers}
+        return {name: flat[name][k].detach().cpu().clone() for name in self.persistent}
+
+
+@torch.no_grad()
+def evaluate(stack: Stack, images, labels, cfg, device):
+    """Per replicate: mean cross-entropy [K], accuracy [K], confusion [K, C, C] (true x pred)."""
+    from .models import normalize
+
+    c = cfg["num_classes"]
+    k = stack.params[next(iter(stack.params))].shape[0]
+    loss = torch.zeros(k, device=device)
+    confusion = torch.zeros(k * c * c, dtype=torch.long, device=device)
+    offsets = torch.arange(k, device=device)[:, None] * c * c
+    for s in range(0, len(labels), cfg["eval_batch_size"]):
+        x, y = images[s:s + cfg["eval_batch_size"]], labels[s:s + cfg["eval_batch_size"]]
+        with autocast(device, cfg["amp"]):
+            logits = stack.eval_logits(normalize(x)).float()
+        per_image = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
+        loss += per_image.view(k, -1).sum(1)
+        cells = offsets + y[None] * c + logits.argmax(-1)
+        confusion += torch.bincount(cells.flatten(), minlength=k * c * c)
+    confusion = confusion.view(k, c, c)
+    acc = confusion.diagonal(dim1=1, dim2=2).sum(1).float() / len(labels)
+    return loss / len(labels), acc, confusion
+
+
+class BestWeights:
+    """Each replicate's weights at its lowest validation loss so far, kept on the device."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self.loss = None
+        self.epoch = None
+        self.state = None
+
+    def update(self, epoch: int, val_loss: torch.Tensor) -> None:
+        # argmin's rule, which replicate_records applies to the history: strictly lower wins
+        # (the first such epoch on ties), and a NaN (a diverged run) beats any number.
+        better = (torch.ones_like(val_loss, dtype=torch.bool) if self.loss is None
+                  else (val_loss < self.loss) | (val_loss.isnan() & ~self.loss.isnan()))
+        current = {**self.stack.params, **self.stack.buffers}
+        if self.state is None:
+            self.state = {name: t.detach().clone() for name, t in current.items()}
+            self.loss, self.epoch = val_loss.clone(), torch.zeros_like(val_loss, dtype=torch.long)
+            return
+        for name, t in current.items():
+            mask = better.view(-1, *[1] * (t.dim() - 1))
+            self.state[name] = torch.where(mask, t.detach(), self.state[name])
+        self.loss = torch.where(better, val_loss, self.loss)
+        self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
+
+
+def fill_test_metrics(stack: Stack, keeper: BestWeights, test, cfg, device, metrics) -> None:
+    """Test metrics at the final and each replicate's best epoch only, into ``metrics``;
+    NaN elsewhere (confusions: -1, which :func:`replicate_records` reads as "not tested")."""
+    epochs = len(metrics["val_loss"])
+    with record_function(PROFILE_EVAL):
+        final = evaluate(stack, *test, cfg, device)
+    if bool((keeper.epoch == epochs - 1).all()):
+        best = final  # every replicate's best weights are its final ones
+    else:
+        params, buffers = stack.params, stack.buffers
+        stack.params = {name: keeper.state[name] for name in params}
+        stack.buffers = {name: keeper.state[name] for name in buffers}
+        try:
+            with record_function(PROFILE_EVAL):
+                best = evaluate(stack, *test, cfg, device)
+        finally:
+            stack.params, stack.buffers = params, buffers
+    k = final[0].shape[0]
+    rows = torch.arange(k, device=final[0].device)
+    for key, at_final, at_best in zip(("test_loss", "test_acc", "test_confusion"), final, best):
+        fill = -1 if key == "test_confusion" else float("nan")
+        out = torch.full((epochs, *at_final.shape), fill, dtype=at_final.dtype,
+                         device=at_final.device)
+        out[keeper.epoch.to(out.device), rows] = at_best
+        out[-1] = at_final  # the final weights are the best ones where the last epoch won
+        metrics[key] = list(out)
+
+
+def _at_epoch(metrics, e: int, j: int) -> dict:
+    """Replicate ``j``'s evaluation at epoch index ``e``, confusion matrices included."""
+    out = {"epoch": e + 1}
+    for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+        out[key] = float(metrics[key][e, j])
+    for key in ("test_confusion", "val_confusion"):
+        out[key] = metrics[key][e, j].tolist()
+    return out
+
+
+def _tested(metrics, key: str, e: int, j: int) -> float | None:
+    """A test metric of the history; None at an epoch the test split was not evaluated."""
+    if int(metrics["test_confusion"][e, j].sum()) < 0:  # test_every_epoch=False's filler
+        return None
+    return float(metrics[key][e, j])
+
+
+def replicate_records(metrics, seeds, first, base_record):
+    """One record per replicate from stacked per-epoch metrics ``[epochs, K, ...]``."""
+    records = []
+    epochs = metrics["train_loss"].shape[0]
+    for j, seed in enumerate(seeds):
+        history = [{"epoch": e + 1, "train_loss": float(metrics["train_loss"][e, j]),
+                    **{key: float(metrics[key][e, j]) for key in ("val_loss", "val_acc")},
+                    **{key: _tested(metrics, key, e, j) for key in ("test_loss", "test_acc")}}
+                   for e in range(epochs)]
+        # Selection by validation loss only; the first such epoch on ties (argmin's rule).
+        best = int(torch.argmin(metrics["val_loss"][:, j]))
+        records.append({**base_record, "replicate": first + j, "seed": int(seed),
+                        "history": history, "final": _at_epoch(metrics, epochs - 1, j),
+                        "best": _at_epoch(metrics, best, j)})
+    return records
