@@ -30,8 +30,8 @@ test: env
 	MRILIB_PRESET=quick $(PY) -m pytest -ra tests --nbval-lax notebooks
 
 # The grid runs first (resumable: a rerun after an interruption continues it) unless
-# mrilib.experiment.needs_grid says the committed results/ already hold what chapter 7 reads;
-# notebook 05 and the report read the runs by the same rule (mrilib.experiment.chapter_results).
+# mrilib.grid.needs_grid says the committed results/ already hold what chapter 7 reads;
+# notebook 05 and the report read the runs by the same rule (mrilib.grid.chapter_results).
 reproduce: env
 	mkdir -p build/notebooks
 	@preset=$${MRILIB_PRESET:-thesis}; \

@@ -382,7 +382,7 @@ def check_nested(class_sizes, fractions, classes: Sequence[str] | None = None) -
     exactly when no n_c falls as the fraction grows. Largest-remainder rounding does not
     promise that for every set of class sizes (sizes 4, 7, 34 give 2, 2, 10 images at
     30% but 1, 3, 14 at 40%); for this dataset's pool it holds at the grid's fractions.
-    Generators that serve larger fractions rely on it (see :mod:`mrilib.experiment`).
+    Generators that serve larger fractions rely on it (see :mod:`mrilib.grid`).
     """
     sizes = np.asarray(class_sizes, dtype=int)
     names = list(classes) if classes is not None else [str(c) for c in range(len(sizes))]

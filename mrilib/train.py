@@ -433,7 +433,7 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     bank_images, bank_labels, index, parts = _checked_inputs(
         cfg, aug, bank_images, bank_labels, train_index, (val, test), seeds)
     device = resolve_device(device)
-    group_size = _group_size(cfg["max_parallel"], device)
+    per_group = group_size(cfg["max_parallel"], device)
 
     # Everything the loop touches goes to the device once, as uint8 (a quarter of fp32).
     bank_x, bank_y = bank_images.to(device), bank_labels.to(device)
@@ -441,8 +441,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     index = index.to(device)
     records, checkpoints = [], []
     with _deterministic_kernels(cfg["deterministic"]):
-        for first in range(0, len(seeds), group_size):
-            group = seeds[first:first + group_size]
+        for first in range(0, len(seeds), per_group):
+            group = seeds[first:first + per_group]
             label = f"{model}/{aug} replicates {first}-{first + len(group) - 1}"
             report = None if on_epoch is None else _epoch_reporter(
                 on_epoch, range(first, first + len(group)), group, cfg["epochs"])
@@ -495,7 +495,7 @@ def _record_settings(cfg: dict) -> dict:
             "weights": None if cfg["weights"] is None else str(cfg["weights"])}
 
 
-def _group_size(max_parallel: int | dict, device: torch.device) -> int:
+def group_size(max_parallel: int | dict, device: torch.device) -> int:
     """Replicates per vmap group on ``device`` (``max_parallel`` may be keyed by device type)."""
     if isinstance(max_parallel, dict):
         return max_parallel.get(device.type, max_parallel["cpu"])

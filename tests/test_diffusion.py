@@ -462,7 +462,7 @@ def test_generators_learn_from_their_sample_only(mri):
 def test_a_cell_missing_one_generator_stops_before_sampling_any(mri, monkeypatch):
     # Repeats 0 and 1 use generators 0 and 1; only 0 is trained. The cell must stop at
     # once, naming generator 1, rather than sample repeat 0's variations first.
-    import mrilib.experiment as ex
+    import mrilib.grid as ex
 
     data, split = mri
     cfg = ex.grid_settings("quick", generator_fraction=0.5)

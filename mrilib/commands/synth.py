@@ -7,7 +7,7 @@
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
 
 ``train`` without ``--seed`` trains the grid's generators of X (one per real sample,
-``samples`` of :mod:`mrilib.experiment`) one after another within the time budget, so
+``samples`` of :mod:`mrilib.grid`) one after another within the time budget, so
 one command, repeated, trains them all in time-limited jobs.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ def run_train(args) -> int:
 
 def _grid_samples() -> int:
     """How many real samples (and so generators) per fraction the grid uses."""
-    from ..experiment import grid_settings
+    from ..grid import grid_settings
 
     return grid_settings()["samples"]
 
@@ -244,7 +244,7 @@ def _backend(args, data, split):
 def run_bench(args) -> int:
     from pathlib import Path
 
-    from ..experiment import provenance
+    from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.diffusion import benchmark
 
@@ -265,7 +265,7 @@ def run_sweep(args) -> int:
     from pathlib import Path
 
     from ..data import load_mri, split_mri
-    from ..experiment import provenance
+    from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
 

@@ -176,8 +176,9 @@ def _group_sizes(cfg: dict, device) -> Callable[[str], int]:
     """Replicates per vmap group of each model, as :func:`mrilib.train.train_replicates`
     forms them on ``device``."""
     def size(model: str) -> int:
-        from ..train import _group_size, model_settings, resolve_device
+        from ..device import resolve_device
+        from ..train import group_size, model_settings
 
-        return _group_size(model_settings(model, **train_overrides(cfg, model))["max_parallel"],
-                           resolve_device(device))
+        return group_size(model_settings(model, **train_overrides(cfg, model))["max_parallel"],
+                          resolve_device(device))
     return size

@@ -19,7 +19,7 @@ Generator g. Training one generator per repeat would cost hours of GPU time, so
 generators are trained per real sample: generator g of real fraction X learns from the
 stratified sample of X drawn with ``sample_seed = g`` (training seed g as well). Which
 samples there are and which repeat uses which is the grid's to decide
-(:mod:`mrilib.experiment`); here generator g is trained by :func:`train_for_sample` and
+(:mod:`mrilib.grid`); here generator g is trained by :func:`train_for_sample` and
 found by :func:`generator_path`.
 
 Ablation ("leaky"): ``leaky=True`` trains one generator per seed on the whole training

@@ -5,7 +5,7 @@
 # with nothing applied), then unpacks benchmarks into benchmarks/ (the CUDA tests' log
 # into benchmarks/logs/), figures into figures/, generators into cache/generators/, and
 # appends the runs this checkout lacks to results/ with their epoch rows
-# (mrilib.experiment.merge_results), then rewrites the CSV exports, the report and its
+# (mrilib.grid.merge_results), then rewrites the CSV exports, the report and its
 # figures. Review `git diff` and commit.
 set -euo pipefail
 src=${1:?usage: collect.sh FILES_AT}
@@ -16,7 +16,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar xzf "$src/session.tgz" -C "$tmp"
 # The results first, before anything is copied: a run both sides hold must be the same
-# row on both (mrilib.experiment.merge_results), else nothing of this call is applied.
+# row on both (mrilib.grid.merge_results), else nothing of this call is applied.
 runs=$(cd "$tmp" && find . -name runs.jsonl | head -1)
 if [ -n "$runs" ]; then
   dir=$(dirname "${runs#./}")   # results (thesis) or cache/<preset>/results

@@ -51,10 +51,10 @@ carry=(.gpudata .whl)
 import os
 import mrilib
 from mrilib.grid import grid_settings
-from mrilib.synthetic.diffusion import trained_generator
+from mrilib.synthetic.diffusion import generator_path
 data = mrilib.load_mri()
 try:
-    path = trained_generator(data, mrilib.split_mri(data), grid_settings()["generator_fraction"], 0)
+    path = generator_path(data, mrilib.split_mri(data), grid_settings()["generator_fraction"], 0)
     print(os.path.relpath(path))
 except FileNotFoundError:
     pass
