@@ -10,6 +10,9 @@ thesis judged by eye: do a scan and its synthetic variation make the model look 
 same places, more than two different scans of the same class do?
 
 Every map is float32 ``[B, H, W]`` in [0, 1], scaled as pytorch-grad-cam scales it.
+
+Kept as one module (646 lines): the maps, their drawing and their agreement statistics
+are one chapter of the thesis and are read together; splitting would scatter chapter 3.
 """
 from __future__ import annotations
 

@@ -37,6 +37,9 @@ A difference is called *distinguishable from noise* when its interval excludes 0
 it rests on at least ``min_clusters`` independent units (clusters): with G = 5
 real samples (and generators), a cell below 100% real or with synthetic images has 5
 independent units, not 20 (a 100% real-only cell has 20: every repeat sees the pool).
+
+Kept as one module (over 500 lines): the bootstrap primitives and the cell comparisons
+built on them share their resampling rules and are read together.
 """
 from __future__ import annotations
 
