@@ -65,7 +65,7 @@ PRESETS = {
 }
 
 # The columns that identify one cell of the grid (see mrilib.grid.Cell).
-CELL_COLUMNS = ("model", "aug", "synthetic", "real_fraction", "generator")
+CELL_COLUMNS = ("model", "aug", "synthetic", "real_fraction", "leakage")
 
 
 class Interval(NamedTuple):
@@ -500,14 +500,14 @@ def _init_of(cell: pd.DataFrame) -> str:
 def select_cell(runs: pd.DataFrame, **cell) -> pd.DataFrame:
     """The runs of one cell, e.g. ``select_cell(runs, model="basic_cnn", aug="none", ...)``.
 
-    Cell columns left out match anything; ``generator`` defaults to ``"none"`` for
+    Cell columns left out match anything; ``leakage`` defaults to ``"none"`` for
     real-only cells and ``"sample"`` otherwise (the leak-free generator).
     """
     unknown = set(cell) - set(CELL_COLUMNS)
     if unknown:
         raise ValueError(f"unknown cell field(s) {sorted(unknown)}; use {CELL_COLUMNS}")
-    if "generator" not in cell and "synthetic" in cell:
-        cell["generator"] = "none" if cell["synthetic"] == "none" else "sample"
+    if "leakage" not in cell and "synthetic" in cell:
+        cell["leakage"] = "none" if cell["synthetic"] == "none" else "sample"
     mask = np.ones(len(runs), dtype=bool)
     for col, value in cell.items():
         if col == "real_fraction":
@@ -595,7 +595,7 @@ def synthetic_effects(runs: pd.DataFrame, metric: str | None = None,
     """
     rows = []
     synthetic = runs[runs["synthetic"] != "none"]
-    keys = ["model", "aug", "synthetic", "real_fraction", "generator"]
+    keys = ["model", "aug", "synthetic", "real_fraction", "leakage"]
     for key, _ in synthetic.groupby(keys, sort=True):
         cell = dict(zip(keys, key))
         twin = {"model": cell["model"], "aug": cell["aug"], "synthetic": "none",

@@ -108,7 +108,7 @@ def test_quick_grid_touches_every_policy_and_generator_mode():
     cells = ex.grid_cells("quick")
     assert len(cells) == len(set(cells)) == 6
     assert {c.synthetic for c in cells} == {"none", "fill", "100+20mod"}
-    assert {c.generator for c in cells} == {"none", "sample", "leaky"}
+    assert {c.leakage for c in cells} == {"none", "sample", "leaky"}
     assert {c.aug for c in cells} == {"none", "hflip"}
 
 
@@ -145,7 +145,7 @@ def test_80_20_is_the_fill_cell_at_80_percent():
     (dict(model="basic_cnn", aug="cutout"), "unknown augmentation"),
     (dict(model="basic_cnn", synthetic="fill"), "needs a real_fraction"),
     (dict(model="basic_cnn", synthetic="fill", real_fraction=1.0), "adds no synthetic"),
-    (dict(model="basic_cnn", synthetic="none", real_fraction=0.3, generator="leaky"), "does not fit"),
+    (dict(model="basic_cnn", synthetic="none", real_fraction=0.3, leakage="leaky"), "does not fit"),
     (dict(model="basic_cnn", synthetic="100+20mod", real_fraction=0.5), "implies"),
     (dict(model="basic_cnn", synthetic="none", real_fraction=1.5), r"\(0, 1\]"),
 ])
@@ -212,7 +212,7 @@ def test_rows_are_streamed_with_full_metadata(tiny, tmp_path):
     assert progress.runs_written == len(runs) == 6 * 2 and not progress.remaining
     assert len(epochs) == len(runs) * EPOCHS
     assert len(trainer.calls) == 6 and all(len(seeds) == 2 for *_, seeds, _ in trainer.calls)
-    for col in ("run_key", "cell_key", "model", "aug", "synthetic", "real_fraction", "generator",
+    for col in ("run_key", "cell_key", "model", "aug", "synthetic", "real_fraction", "leakage",
                 "repeat", "sample_index", "sample_seed", "train_seed", "synth_seed", "init",
                 "final_val_loss", "best_val_loss", "final_test_confusion", "seconds",
                 "git_commit", "git_dirty", "torch", "timm", "diffusers", "numpy", "python",
@@ -230,7 +230,7 @@ def test_synthetic_cells_get_more_images_and_pair_with_real_only(tiny, tmp_path)
     run(tiny, tmp_path, trainer)
     runs, _ = ex.load_results(tmp_path)
     real = runs[(runs.synthetic == "none") & (runs.real_fraction == 0.3) & (runs.aug == "none")]
-    syn = runs[(runs.synthetic == "fill") & (runs.generator == "sample")]
+    syn = runs[(runs.synthetic == "fill") & (runs.leakage == "sample")]
     assert list(real["sample_seed"]) == list(syn["sample_seed"])
     assert list(real["train_seed"]) == list(syn["train_seed"])
     assert syn["n_train"].min() > real["n_train"].max()
@@ -502,7 +502,7 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.5},
              {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
              {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
-              "generator": "leaky"},
+              "leakage": "leaky"},
              {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"}]
     kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
                   cells=cells, train={"epochs": 2, "batch_size": 16}, progress=False)
@@ -528,7 +528,7 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     # the mixing drew the same real sample the runner says the repeat used
     assert (info.loc[synthetic, "sample_seed"].to_numpy() == runs.loc[synthetic, "sample_seed"]).all()
     assert (info.loc[synthetic, "n_synthetic"] > 0).all()
-    assert list(info.loc[runs["generator"] == "leaky", "leaky"]) == [True, True]
+    assert list(info.loc[runs["leakage"] == "leaky", "leaky"]) == [True, True]
     real_n = runs.loc[runs["synthetic"] == "none", "n_train"].iloc[0]
     assert (runs.loc[synthetic, "n_train"] > real_n).all()
 
@@ -540,7 +540,7 @@ REPORT_CELLS = [
     {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
     {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
     {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
-     "generator": "leaky"},
+     "leakage": "leaky"},
     {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.8},
     {"model": "basic_cnn", "aug": "none", "synthetic": "80+20"},
     {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
@@ -736,7 +736,7 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     data, split = tiny
     cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
              {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
-              "generator": "leaky"}]
+              "leakage": "leaky"}]
     kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
                   cells=cells, train={"epochs": 1, "batch_size": 16}, progress=False)
     cfg = ex.grid_settings("quick")
@@ -748,7 +748,7 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     assert progress.blocked[fill].startswith("1 repeat(s) wait: ") and "generator 1" in \
         progress.blocked[fill]
     runs, _ = ex.load_results(tmp_path / "results")
-    assert list(runs["repeat"]) == [0] and list(runs["generator"]) == ["sample"]
+    assert list(runs["repeat"]) == [0] and list(runs["leakage"]) == ["sample"]
     train_for_sample(data, split, cfg["generator_fraction"], 1, progress=False)
     progress = ex.run_grid("quick", available_generators=True, **kwargs)
     assert progress.runs_written == 1 and progress.remaining == [leaky]
@@ -981,5 +981,16 @@ def test_generator_needs_says_per_repeat_which_generator_and_whether_it_is_there
     needs = ex.generator_needs(data, split, fill, [0, 1, 2, 3], cfg)
     assert [needs[r].path is not None for r in range(4)] == [True, False, True, False]
     assert needs[1].why is not None and "generator 1" in needs[1].why
-    leaky = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5, generator="leaky")
+    leaky = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5, leakage="leaky")
     assert all(n.path is None for n in ex.generator_needs(data, split, leaky, [0], cfg).values())
+
+
+def test_rows_that_named_the_leakage_mode_generator_read_as_leakage(tmp_path):
+    row = {"run_key": "k", "cell_key": "basic_cnn/none/fill/0.3/leaky", "model": "basic_cnn",
+           "synthetic": "fill", "generator": "leaky", "design": "d", "generator_design": "x"}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "epochs.jsonl").write_text(json.dumps({"run_key": "k", "generator": "leaky",
+                                                       "epoch": 1}) + "\n")
+    runs, epochs = ex.load_results(tmp_path, design=None)
+    assert list(runs["leakage"]) == ["leaky"] and "generator" not in runs
+    assert list(epochs["leakage"]) == ["leaky"]

@@ -33,9 +33,9 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
     directory.mkdir(parents=True, exist_ok=True)
     runs, curves = [], []
     for key in cell_keys:
-        model, aug, synthetic, fraction, generator = key.split("/")
+        model, aug, synthetic, fraction, leakage = key.split("/")
         cell = {"model": model, "aug": aug, "synthetic": synthetic,
-                "real_fraction": float(fraction), "generator": generator}
+                "real_fraction": float(fraction), "leakage": leakage}
         with paths.preset_env(preset):
             hashed = (ex.cell_design(ex.grid_settings(preset), preset, ex.make_cell(**cell))
                       if design == "current" else design)

@@ -136,7 +136,7 @@ def test_compare_cells_does_not_depend_on_which_cell_is_first():
     # repeats share 5 generators: the pairs are clustered by generator either way.
     runs = _runs(0.0)
     full = runs[runs["real_fraction"] == 1.0]
-    synth = full.assign(synthetic="100+20mod", generator="sample",
+    synth = full.assign(synthetic="100+20mod", leakage="sample",
                         final_val_loss=full["final_val_loss"] - 0.01)
     both = pd.concat([runs, synth], ignore_index=True)
     a = {"synthetic": "100+20mod", "real_fraction": 1.0}
@@ -179,7 +179,7 @@ def _runs(shift: float, n: int = 20, groups: int = 5, seed: int = 0) -> pd.DataF
                                           ("none", 1.0, 0.176 + rng.normal(0, 0.003))):
             rows.append(dict(model="basic_cnn", aug="none", synthetic=synthetic,
                              real_fraction=fraction,
-                             generator="none" if synthetic == "none" else "sample",
+                             leakage="none" if synthetic == "none" else "sample",
                              repeat=r, sample_index=g, sample_seed=1000 + g, init="scratch",
                              final_val_loss=loss, final_test_confusion=conf.tolist()))
     return pd.DataFrame(rows)

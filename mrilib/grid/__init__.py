@@ -24,7 +24,7 @@ Sampling design (what makes comparisons between cells paired):
 Each run has a stable key (:mod:`.design`), so an interrupted or time-boxed run resumes
 with no lost or duplicated rows.
 """
-from .cells import (AUGS, FRACTIONS, GENERATORS, MODELS, SYNTHETIC, Cell, grid_cells,
+from .cells import (AUGS, FRACTIONS, LEAKAGE, MODELS, SYNTHETIC, Cell, grid_cells,
                     make_cell)
 from .chapter import (ChapterResults, chapter_results, committed_results_dir, folder_line,
                       needs_grid, preset_note)
@@ -37,7 +37,7 @@ from .sets import (GeneratorNeed, TrainingSets, generator_fraction, generator_ne
 from .store import EPOCHS_FILE, RUNS_FILE, ResultsWriter, epoch_rows, merge_results, run_row
 
 __all__ = [
-    "AUGS", "FRACTIONS", "GENERATORS", "MODELS", "SYNTHETIC", "Cell", "ChapterResults",
+    "AUGS", "FRACTIONS", "LEAKAGE", "MODELS", "SYNTHETIC", "Cell", "ChapterResults",
     "EPOCHS_FILE", "GeneratorNeed", "GridProgress", "MixedDesignsWarning", "RUNS_FILE",
     "RepeatSeeds", "ResultsWriter", "TrainingSets", "Unpaced", "cell_design",
     "chapter_results", "committed_results_dir", "design_hash", "epoch_rows", "export_csv",

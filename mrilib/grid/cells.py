@@ -1,14 +1,14 @@
 """The cells of the chapter-7 grid: which configurations a preset trains, in which order.
 
 A **cell** is one training configuration: (model, augmentation policy, synthetic policy,
-real fraction, generator mode). Synthetic policies (``X`` = real fraction of the pool):
+real fraction, leakage mode). Synthetic policies (``X`` = real fraction of the pool):
 
 * ``none``       X real, no synthetic images.
 * ``fill``       X real + synthetic up to the full pool size (the thesis's "30% real + 70%
   synthetic"; at X = 0.8 it is the table's "80% real / 20% synthetic" row, ``"80+20"``).
 * ``100+20mod``  the whole pool + 20% synthetic images of Moderate_Demented only.
 
-Generator modes: ``sample`` (leak-free: repeat r's generator learned only from the real
+Leakage modes (``leakage``): ``none`` for real-only cells, ``sample`` (leak-free: repeat r's generator learned only from the real
 images repeat r's classifier sees) and ``leaky`` (the ablation: generators trained on the
 whole pool). The sampling design is described in :mod:`mrilib.grid`.
 """
@@ -22,7 +22,7 @@ from ..config import settings
 
 MODELS = ("basic_cnn", "resnet18", "vit_tiny")       # thesis ch. 5
 AUGS = ("none", "hflip", "autoaugment")               # thesis ch. 6.1, 6.2
-GENERATORS = ("none", "sample", "leaky")
+LEAKAGE = ("none", "sample", "leaky")  # what a cell's generators learned from
 FRACTIONS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0, thesis 7.2
 MODERATE = "Moderate_Demented"
 
@@ -84,7 +84,7 @@ RUN_ONLY = ("models", "augs", "sweep_augs", "fractions", "leakage", "moderate_on
             "repeats")
 IMAGENET_RESULTS = "imagenet"
 PRESETS = {
-    # A few cells touching every code path (both generator modes, every synthetic
+    # A few cells touching every code path (both leakage modes, every synthetic
     # policy, two augmentations); tiny epochs come from mrilib.train's quick preset.
     "quick": {
         "cells": [
@@ -92,7 +92,7 @@ PRESETS = {
             {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
-             "generator": "leaky"},
+             "leakage": "leaky"},
             {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
             {"model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
         ],
@@ -121,11 +121,11 @@ class Cell:
     aug: str
     synthetic: str
     real_fraction: float
-    generator: str
+    leakage: str
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.aug}/{self.synthetic}/{self.real_fraction:g}/{self.generator}"
+        return f"{self.model}/{self.aug}/{self.synthetic}/{self.real_fraction:g}/{self.leakage}"
 
     @property
     def synthetic_fraction(self) -> float:
@@ -137,7 +137,7 @@ class Cell:
 
 
 def make_cell(model: str, aug: str = "none", synthetic: str = "none",
-              real_fraction: float | None = None, generator: str | None = None) -> Cell:
+              real_fraction: float | None = None, leakage: str | None = None) -> Cell:
     """A validated :class:`Cell`; names and fractions are checked, aliases resolved."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; the grid has {', '.join(MODELS)}")
@@ -152,11 +152,11 @@ def make_cell(model: str, aug: str = "none", synthetic: str = "none",
         raise ValueError(f"unknown synthetic policy {synthetic!r}; choose one of "
                          f"{', '.join([*SYNTHETIC, *ALIASES])}")
     real_fraction = _checked_fraction(synthetic, real_fraction)
-    generator = generator or ("none" if synthetic == "none" else "sample")
-    if generator not in GENERATORS or (generator == "none") != (synthetic == "none"):
-        raise ValueError(f"generator={generator!r} does not fit synthetic={synthetic!r}: "
+    leakage = leakage or ("none" if synthetic == "none" else "sample")
+    if leakage not in LEAKAGE or (leakage == "none") != (synthetic == "none"):
+        raise ValueError(f"leakage={leakage!r} does not fit synthetic={synthetic!r}: "
                          f"real-only cells take 'none', synthetic ones 'sample' or 'leaky'")
-    return Cell(model, aug, synthetic, real_fraction, generator)
+    return Cell(model, aug, synthetic, real_fraction, leakage)
 
 
 def _checked_fraction(synthetic: str, real_fraction: float | None) -> float:

@@ -67,9 +67,9 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
         raise FileNotFoundError(f"no results at {runs_path}; run the grid first "
                                 f"(python -m mrilib grid --preset ...) or point at the "
                                 f"folder that holds {RUNS_FILE}")
-    runs, _ = read_jsonl(runs_path)
+    runs = [_current_names(r) for r in read_jsonl(runs_path)[0]]
     runs, aside = _one_design(runs, design, directory)
-    epochs, _ = read_jsonl(directory / EPOCHS_FILE)
+    epochs = [_current_names(e) for e in read_jsonl(directory / EPOCHS_FILE)[0]]
     done = {r["run_key"] for r in runs}
     epochs = [e for e in epochs if e["run_key"] in done]
     if aside is not None:
@@ -77,6 +77,14 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
     runs = pd.DataFrame(runs)
     runs.attrs["set_aside"] = aside
     return runs, pd.DataFrame(epochs)
+
+
+def _current_names(row: dict) -> dict:
+    """``row`` with today's column names: rows written before 2026-12 named a cell's
+    leakage mode ``generator``."""
+    if "generator" in row and "leakage" not in row:
+        row["leakage"] = row.pop("generator")
+    return row
 
 
 def _one_design(rows: list[dict], design: str | None, directory: Path
@@ -167,30 +175,6 @@ def _full_design(row: dict) -> str:
     """A row's design with its generator's (:func:`cell_design`'s form)."""
     generator = _generator_of(row)
     return row.get("design") if generator is None else f"{row.get('design')}+{generator}"
-
-
-def _current_design(preset, model) -> str | None:
-    """The design the current code gives ``model``'s runs under ``preset``'s own settings."""
-    if preset is None or model is None:
-        return None
-    try:
-        cfg = grid_settings(preset)
-        with paths.preset_env(preset):
-            return design_hash(cfg, preset, model)
-    except (ValueError, TypeError, KeyError):  # a preset or model this code no longer has
-        return None
-
-
-def _current_generator(preset) -> str | None:
-    """The generator design the current code gives ``preset``'s synthetic cells."""
-    if preset is None:
-        return None
-    try:
-        cfg = grid_settings(preset)
-        with paths.preset_env(preset):
-            return generator_hash(cfg)
-    except (ValueError, TypeError, KeyError):
-        return None
 
 
 def _current_design(preset, model) -> str | None:

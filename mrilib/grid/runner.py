@@ -206,7 +206,7 @@ class _Session:
             if minutes is not None and minutes <= 0:
                 return  # the next chunk resumes it
             train_for_sample(self.data, self.split, generator_fraction(cell, self.cfg), g,
-                             leaky=cell.generator == "leaky", minutes=minutes,
+                             leaky=cell.leakage == "leaky", minutes=minutes,
                              device=self.device, progress=self.progress)
 
     def run_cell(self, cell: Cell, repeats: list[int], generators: dict[int, Path]) -> int:

@@ -64,7 +64,7 @@ def generator_needs(data, split, cell: Cell, repeats: Sequence[int], cfg: dict
 
     if cell.synthetic == "none" or cfg["backend"] != "local":
         return {}
-    fraction, leaky = generator_fraction(cell, cfg), cell.generator == "leaky"
+    fraction, leaky = generator_fraction(cell, cfg), cell.leakage == "leaky"
     found: dict[int, GeneratorNeed] = {}
     for g in sorted({repeat_seeds(r, cfg).sample_index for r in repeats}):
         try:
@@ -100,7 +100,7 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
     sets = [mixed_training_set(data, split, cell.real_fraction, cell.synthetic_fraction,
                                classes=cell.synthetic_classes, seed=s.synth_seed,
                                backend=_backend(cfg["backend"], cell, s, generators, device),
-                               sample_seed=s.sample_seed, allow_leaky=cell.generator == "leaky",
+                               sample_seed=s.sample_seed, allow_leaky=cell.leakage == "leaky",
                                progress=False)
             for s in seeds]
     bank_images, bank_labels, index, infos = stack_repeats(sets)
@@ -113,7 +113,7 @@ def _backend(name: str, cell: Cell, seeds: RepeatSeeds, generators: dict, device
 
         g = seeds.sample_index
         return LocalDiffusion(generators[g], sample_seed=g, device=device)
-    if cell.generator == "leaky":
+    if cell.leakage == "leaky":
         raise ValueError(f"the leaky ablation needs a generator trained on the pool; backend "
                          f"{name!r} learns nothing from our data. Use backend='local'")
     from ..synthetic import get_backend

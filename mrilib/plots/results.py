@@ -172,7 +172,7 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     thesis's claim that synthetic images beat classical augmentation can be read off.
     """
     at = stats.select_cell(runs, model=model, real_fraction=real_fraction)
-    at = at[at["generator"].isin(["none", "sample"])]
+    at = at[at["leakage"].isin(["none", "sample"])]
     if at.empty:
         raise MissingCells(f"augmentation_figure: no runs for {model} at {real_fraction:.0%} "
                            f"real yet")
@@ -270,7 +270,7 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
     """
     from ..report.tables import THESIS_NUMBERS
 
-    drawn = runs[(runs["aug"] == aug) & runs["generator"].isin(["none", "sample"])
+    drawn = runs[(runs["aug"] == aug) & runs["leakage"].isin(["none", "sample"])
                  & runs["synthetic"].isin(["none", "fill"])]
     models = [m for m in (models or ("basic_cnn", "resnet18", "vit_tiny"))
               if (drawn["model"] == m).any()]
@@ -350,14 +350,14 @@ def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: i
     """The leakage ablation: real only, leak-free and leaky generator, median and interval."""
     from ..report.tables import cell_interval
 
-    keys = runs[runs["generator"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
+    keys = runs[runs["leakage"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
     if keys.empty:
         raise MissingCells("leakage_figure: no leaky-generator runs in the results yet")
     fig, ax = plt.subplots(figsize=(10, 1.8 + 1.1 * len(keys)))
     specs = (("real only", {"synthetic": "none"}, "C0"),
-             ("leak-free generator", {"synthetic": "fill", "generator": "sample"}, "C3"),
+             ("leak-free generator", {"synthetic": "fill", "leakage": "sample"}, "C3"),
              ("leaky generator (trained on the whole pool)",
-              {"synthetic": "fill", "generator": "leaky"}, "C1"))
+              {"synthetic": "fill", "leakage": "leaky"}, "C1"))
     ticks = []
     for i, (_, key) in enumerate(keys.iterrows()):
         cell = {"model": key["model"], "aug": key["aug"], "real_fraction": key["real_fraction"]}

@@ -81,7 +81,7 @@ def leak_free_effects(runs: pd.DataFrame, metric: str = "final_val_loss",
                       n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """:func:`mrilib.stats.synthetic_effects` of the cells whose generator is leak-free."""
     effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
-    return effects[effects["generator"] == "sample"].copy() if len(effects) else effects
+    return effects[effects["leakage"] == "sample"].copy() if len(effects) else effects
 
 
 # ----------------------------------------------------------------------------- the thesis's
@@ -204,9 +204,9 @@ def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: in
 def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
                   seed: int | None = None) -> pd.DataFrame:
     """Each leaky-generator cell beside its leak-free twin and its real-only twin."""
-    if not (runs["generator"] == "leaky").any():
+    if not (runs["leakage"] == "leaky").any():
         raise MissingCells("leakage_table: no leaky-generator runs in the results yet")
-    keys = runs[runs["generator"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
+    keys = runs[runs["leakage"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
     return pd.DataFrame([_leakage_row(runs, key, metric, n_boot, seed)
                          for _, key in keys.iterrows()])
 
@@ -216,13 +216,13 @@ def _leakage_row(runs, key, metric, n_boot, seed) -> dict:
     row = {"model": model_label(runs, cell["model"]), "aug": cell["aug"],
            "real": f"{cell['real_fraction']:.0%}"}
     for name, spec in (("real only", {"synthetic": "none"}),
-                       ("leak-free generator", {"synthetic": "fill", "generator": "sample"}),
-                       ("leaky generator", {"synthetic": "fill", "generator": "leaky"})):
+                       ("leak-free generator", {"synthetic": "fill", "leakage": "sample"}),
+                       ("leaky generator", {"synthetic": "fill", "leakage": "leaky"})):
         found = cell_interval(runs, metric, n_boot, seed, **cell, **spec)
         row[name] = format_interval(*found) if found else "-"
-    twin = {**cell, "synthetic": "fill", "generator": "sample"}
+    twin = {**cell, "synthetic": "fill", "leakage": "sample"}
     if not stats.select_cell(runs, **twin).empty:
-        diff = stats.compare_cells(runs, {**cell, "synthetic": "fill", "generator": "leaky"},
+        diff = stats.compare_cells(runs, {**cell, "synthetic": "fill", "leakage": "leaky"},
                                    twin, metric, n_boot=n_boot, seed=seed)
         row["leaky - leak-free"] = format_interval(diff["difference"], diff["low"], diff["high"])
         row["distinguishable"] = diff["distinguishable"]
@@ -250,7 +250,7 @@ def classification_table(runs: pd.DataFrame, split: str = "test", stage: str = "
     out = pd.DataFrame({"architecture": [model_label(runs, m) for m in summary["model"]],
                         "aug": summary["aug"], "synthetic": summary["synthetic"],
                         "real": [f"{x:.0%}" for x in summary["real_fraction"]],
-                        "generator": summary["generator"], "n": summary["n"]})
+                        "leakage": summary["leakage"], "n": summary["n"]})
     for metric in metrics:
         name = metric[len(prefix):].replace("recall_", "recall ").replace("_", " ")
         out[name] = ["-" if e != e else format_interval(e, lo, hi, digits=3) for e, lo, hi in
