@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from ._lazy import lazy_names
 from .config import settings
-from .data import (CLASSES, DataError, MRIData, Split, duplicate_report, load_mri,
-                   resolve_source, split_counts, split_mri, stratified_sample)
+from .data import (CLASSES, DataError, MRIData, Split, load_mri, pool_class_sizes,
+                   pool_sample, resolve_source, split_counts, split_mri, stratified_sample)
 from .paths import ROOT, figures_dir, preset_name, results_dir
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "subjects": ["SubjectRecovery", "recover_subjects", "subject_recovery", "subject_ids",
+                 "subject_counts", "split_note", "check_disjoint", "duplicate_report",
+                 "random_subject_labels", "random_label_check", "slice_order"],
     "augment": ["POLICIES", "augment_batch", "get_policy", "policy_draws"],
     "models": ["MODELS", "BasicCNN", "build_model", "init_of", "model_label", "normalize"],
     "synthetic": ["BACKENDS", "Backend", "BudgetExceeded", "Refused", "generate_cached",
@@ -37,7 +40,7 @@ _LAZY = {
 __getattr__, _LAZY_NAMES = lazy_names(__name__, _LAZY, globals())
 
 __all__ = sorted([
-    "CLASSES", "DataError", "MRIData", "ROOT", "Split", "duplicate_report", "figures_dir",
-    "load_mri", "preset_name", "resolve_source", "results_dir", "settings", "split_counts",
-    "split_mri", "stratified_sample", *_LAZY_NAMES,
+    "CLASSES", "DataError", "MRIData", "ROOT", "Split", "figures_dir",
+    "load_mri", "pool_class_sizes", "pool_sample", "preset_name", "resolve_source",
+    "results_dir", "settings", "split_counts", "split_mri", "stratified_sample", *_LAZY_NAMES,
 ])

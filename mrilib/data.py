@@ -12,9 +12,10 @@ Whatever the source, :func:`load_mri` returns an :class:`MRIData` with uint8 ima
 are drawn over images sorted by that hash, so the same seed gives the same split on
 every machine and whatever order the source lists its files in.
 
-Note for every accuracy reported from these splits: the dataset holds about 32 axial
-slices per subject and no subject ids, so a slice-level split puts slices of one brain
-on both sides and is optimistic compared with a subject-level split.
+The dataset holds 32 axial slices of each of 200 brains and no subject ids. A slice-level
+split (``split="slice"``, the thesis's) puts slices of one brain on both sides and is
+optimistic; ``split="subject"`` keeps every brain on one side, with the brains recovered
+from the images by :mod:`mrilib.subjects`.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ DEFAULTS = {
     "test_frac": 0.2,     # of all images: 1,280 of 6,400, fixed for every experiment
     "val_frac": 0.1,      # of the rest: 512 images for early stopping / model selection
     "split_seed": 2024,   # one fixed split; repeats vary the training sample, not the test set
+    "split": "slice",     # "slice" (the thesis's) or "subject" (whole brains on one side)
 }
+SPLIT_KINDS = ("slice", "subject")
 PRESETS: dict = {}
 
 
@@ -72,6 +75,7 @@ class MRIData:
     source: str
     fingerprint: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    subjects: torch.Tensor | None = None  # int64 [N] subject of every image, when known
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,7 +91,8 @@ class MRIData:
         index = torch.as_tensor(index, dtype=torch.long)
         return MRIData(self.images[index], self.labels[index], self.classes,
                        [self.ids[i] for i in index.tolist()], self.source,
-                       self.fingerprint, list(self.skipped))
+                       self.fingerprint, list(self.skipped),
+                       None if self.subjects is None else self.subjects[index])
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class Split:
     val: torch.Tensor
     test: torch.Tensor
     seed: int
+    kind: str = "slice"                  # "slice" or "subject"
+    groups: torch.Tensor | None = None   # subject of every image (subject splits only)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -399,13 +406,31 @@ def check_nested(class_sizes, fractions, classes: Sequence[str] | None = None) -
                              f"generator_fraction=None (one generator set per fraction)")
 
 
+def _units(labels: np.ndarray, pool: np.ndarray, groups: torch.Tensor | None):
+    """(sampling units in pool order, their labels): images, or groups by first member."""
+    if groups is None:
+        return pool, labels[pool]
+    g = groups.numpy()[pool]
+    units, first = np.unique(g, return_index=True)
+    units = units[np.argsort(first, kind="stable")]
+    unit_label = np.full(int(g.max()) + 1, -1)
+    unit_label[g] = labels[pool]
+    if np.any(unit_label[g] != labels[pool]):
+        raise DataError("groups holds a group whose images have several classes; sample "
+                        "whole groups only when each group has one class.")
+    return units, unit_label[units]
+
+
 def stratified_sample(labels: torch.Tensor, fraction: float, seed: int,
-                      pool: torch.Tensor | None = None,
-                      ids: Sequence[str] | None = None) -> torch.Tensor:
+                      pool: torch.Tensor | None = None, ids: Sequence[str] | None = None,
+                      groups: torch.Tensor | None = None, keep: int = 0) -> torch.Tensor:
     """Indices of a stratified random ``fraction`` of ``pool`` (all indices when None).
 
-    Every class keeps its share (rounded by largest remainder, at least one image per
+    Every class keeps its share (rounded by largest remainder, at least one unit per
     class). Pass ``ids`` to make the draw independent of the order images were loaded in.
+    With ``groups`` (a group per image) the units are whole groups, ordered by their
+    smallest id, and the indices are their images in ``pool``. ``keep`` units of every
+    class stay out of the sample (a split keeps one subject per class for the next part).
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction}: give a fraction in (0, 1], e.g. 0.3 for 30%.")
@@ -413,23 +438,49 @@ def stratified_sample(labels: torch.Tensor, fraction: float, seed: int,
     pool_np = np.arange(len(labels_np)) if pool is None else np.asarray(pool, dtype=np.int64)
     if ids is not None:
         pool_np = _order_by_id(ids, pool_np)
+    units, unit_labels = _units(labels_np, pool_np, groups)
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels_np[pool_np])
-    members = [pool_np[labels_np[pool_np] == c] for c in classes]
-    counts = _per_class_counts(np.array([len(m) for m in members]), fraction)
-    chosen = [rng.permutation(m)[:k] for m, k in zip(members, counts)]
-    return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
+    members = [units[unit_labels == c] for c in np.unique(unit_labels)]
+    sizes = np.array([len(m) for m in members])
+    counts = np.minimum(_per_class_counts(sizes, fraction), np.maximum(sizes - keep, 0))
+    chosen = np.concatenate([rng.permutation(m)[:k] for m, k in zip(members, counts)])
+    if groups is not None:
+        chosen = pool_np[np.isin(groups.numpy()[pool_np], chosen)]
+    return torch.from_numpy(np.sort(chosen)).long()
 
 
-def split_mri(data: MRIData, test_frac: float | None = None, val_frac: float | None = None,
-              seed: int | None = None) -> Split:
+def pool_sample(data: MRIData, split: Split, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of the stratified ``fraction`` of ``split``'s training pool: whole subjects
+    for a subject split, slices for a slice split (nested across fractions for one seed)."""
+    return stratified_sample(data.labels, fraction, seed, pool=split.train, ids=data.ids,
+                             groups=split.groups)
+
+
+def pool_class_sizes(data: MRIData, split: Split) -> np.ndarray:
+    """Sampling units (subjects, or slices) per class in the training pool, for
+    :func:`check_nested`."""
+    index = split.train
+    if split.groups is not None:  # one image per subject
+        index = index[np.unique(split.groups[index].numpy(), return_index=True)[1]]
+    return np.array(list(data.counts(index).values()))
+
+
+def split_mri(data: MRIData, kind: str | None = None, test_frac: float | None = None,
+              val_frac: float | None = None, seed: int | None = None) -> Split:
     """The fixed stratified test split, a validation split from the rest, and the pool.
 
-    Defaults come from :data:`DEFAULTS` (20% test, 10% of the rest for validation).
+    Defaults come from :data:`DEFAULTS` (slice-level; 20% test, 10% of the rest for
+    validation). ``kind="subject"`` draws whole subjects (:mod:`mrilib.subjects`).
     """
     cfg = settings(DEFAULTS, PRESETS, **{k: v for k, v in
                                          dict(test_frac=test_frac, val_frac=val_frac,
-                                              split_seed=seed).items() if v is not None})
+                                              split_seed=seed, split=kind).items()
+                                         if v is not None})
+    if cfg["split"] not in SPLIT_KINDS:
+        raise ValueError(f"split kind {cfg['split']!r}; use one of {', '.join(SPLIT_KINDS)}")
+    if cfg["split"] == "subject":
+        from .subjects import split_by_subject
+        return split_by_subject(data, cfg["test_frac"], cfg["val_frac"], cfg["split_seed"])
     everything = torch.arange(len(data))
     test = stratified_sample(data.labels, cfg["test_frac"], cfg["split_seed"], ids=data.ids)
     rest = everything[~torch.isin(everything, test)]
@@ -444,10 +495,7 @@ def split_counts(data: MRIData, split: Split) -> dict[str, dict[str, int]]:
     return {name: data.counts(getattr(split, name)) for name in ("train", "val", "test")}
 
 
-# ----------------------------------------------------------------------------- duplicates
-
-NEAR_DUPLICATE_RMS = 2.0  # gray levels on 32x32 thumbnails; the closest distinct slices here are ~4.5
-
+# ----------------------------------------------------------------------------- neighbours
 
 def _thumbnails(images: torch.Tensor) -> torch.Tensor:
     """[N, 1024] float thumbnails (4x4 mean-pooled to 32x32) for cheap near-duplicate search."""
@@ -473,38 +521,3 @@ def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, same: bool 
         dists.append(best.values)
         idx.append(best.indices)
     return torch.cat(dists), torch.cat(idx)
-
-
-def duplicate_report(data: MRIData, split: Split, threshold: float = NEAR_DUPLICATE_RMS) -> dict:
-    """Exact (same content id) and near (thumbnail RMS < ``threshold``) duplicates.
-
-    Within the training pool and between the test/validation splits and the training
-    pool, plus the nearest-neighbour distances that show how close held-out slices sit
-    to training slices (adjacent slices of one subject are the usual reason).
-    """
-    part_of = {}
-    for name in ("train", "val", "test"):
-        for i in getattr(split, name).tolist():
-            part_of[i] = name
-    by_id: dict[str, list[int]] = {}
-    for i, uid in enumerate(data.ids):
-        by_id.setdefault(uid, []).append(i)
-    exact = [sorted(ix) for ix in by_id.values() if len(ix) > 1]
-    exact_across = [g for g in exact if len({part_of[i] for i in g}) > 1]
-
-    train_imgs = data.images[split.train]
-    within_d, within_i = nearest_neighbours(train_imgs, train_imgs, same=True)
-    held = torch.cat([split.val, split.test])
-    across_d, across_i = nearest_neighbours(data.images[held], train_imgs)
-    return {
-        "threshold": threshold,
-        "exact_groups": exact,
-        "exact_across_splits": exact_across,
-        "near_within_train": int((within_d < threshold).sum()),
-        "near_heldout_to_train": int((across_d < threshold).sum()),
-        "nn_within_train": within_d,
-        "nn_heldout_to_train": across_d,
-        # closest held-out/train pairs as global indices, nearest first
-        "closest_pairs": [(int(held[j]), int(split.train[across_i[j]]), float(across_d[j]))
-                          for j in torch.argsort(across_d)[:8].tolist()],
-    }

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mrilib import cli
-from mrilib.data import (CLASSES, DataError, duplicate_report, load_mri, resolve_source,
-                         split_mri, stratified_sample)
+from mrilib.data import CLASSES, DataError, load_mri, resolve_source, split_mri, stratified_sample
+from mrilib.subjects import duplicate_report
 
 TINY = {"Mild_Demented": 6, "Moderate_Demented": 3, "Non_Demented": 10, "Very_Mild_Demented": 8}
 
@@ -42,6 +42,20 @@ def test_real_cli_json(mri_path, capsys):
     assert out["size"] == 128 and sum(out["counts"].values()) == 6400
     assert [out["counts"][c] for c in CLASSES] == [896, 64, 3200, 2240]
     assert sum(out["test_counts"].values()) == 1280
+    subjects = out["subjects"]  # the bar: 200 groups of 32 slices, all label-pure
+    assert subjects["found"] and subjects["n_groups"] == 200 and subjects["sizes"] == {"32": 200}
+    assert subjects["pure_groups"] == 200 and subjects["purity"] == 1.0
+    assert out["subject_split"]["subjects"]["test"]["Moderate_Demented"] == 1
+    assert "Moderate_Demented is 2 brains" in out["subject_split"]["note"]
+
+
+def test_cli_table_names_both_splits(image_folder, capsys, monkeypatch, tmp_path):
+    import mrilib.subjects as subjects_mod
+    monkeypatch.setattr(subjects_mod, "CACHE", tmp_path / "cache")
+    assert cli.main(["data", "--source", str(image_folder())]) == 0
+    out = capsys.readouterr().out
+    assert "slice-level split" in out and "no subject structure" in out
+    assert "Only the slice-level split is available" in out
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -73,6 +73,20 @@ def intensity_histogram_figure(data, save: str | None = None):
     return _maybe_save(fig, save)
 
 
+def subject_table(data, recovery) -> pd.DataFrame:
+    """Recovered brains and slices per class beside OASIS-1's subjects of that rating."""
+    from ..subjects import OASIS1_SUBJECTS
+
+    table = pd.DataFrame({
+        "brains recovered": recovery.by_class(data.classes),
+        "slices": data.counts(),
+        "OASIS-1 rating": {c: OASIS1_SUBJECTS.get(c, ("?", None))[0] for c in data.classes},
+        "OASIS-1 subjects": {c: OASIS1_SUBJECTS.get(c, ("?", None))[1] for c in data.classes},
+    })
+    table["slices per brain"] = table["slices"] / table["brains recovered"]
+    return table
+
+
 def nearest_neighbour_figure(data, report: dict, save: str | None = None):
     """Nearest-neighbour distances (within train, held-out to train) and the closest pairs."""
     pairs = report["closest_pairs"][:4]
@@ -94,5 +108,28 @@ def nearest_neighbour_figure(data, report: dict, save: str | None = None):
             a.set_xticks([]), a.set_yticks([])
             a.set_title(("held-out" if row == 0 else "train") + (f"\nd={dist:.1f}" if row == 0 else ""),
                         fontsize=7)
+    fig.tight_layout()
+    return _maybe_save(fig, save)
+
+
+def subject_slices_figure(data, subject: int, groups=None, save: str | None = None):
+    """Every slice of one recovered subject, in stack order (see
+    :func:`mrilib.subjects.slice_order`); ``groups`` defaults to ``data.subjects``."""
+    from ..subjects import slice_order
+
+    groups = data.subjects if groups is None else groups
+    members = torch.nonzero(groups == subject).flatten()
+    if len(members) == 0:
+        raise ValueError(f"subject {subject} has no images; give one of 0..{int(groups.max())}")
+    members = members[slice_order(data.images[members])]
+    cols = 8
+    rows = -(-len(members) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.35 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, members.tolist()):
+        ax.imshow(data.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=255)
+    name = data.classes[int(data.labels[members[0]])].replace("_", " ")
+    fig.suptitle(f"Subject {subject}: {len(members)} slices recovered as one brain ({name})")
     fig.tight_layout()
     return _maybe_save(fig, save)
