@@ -58,6 +58,8 @@ DEFAULTS = {
 }
 SPLIT_KINDS = ("slice", "subject")
 PRESETS: dict = {}
+# The default split kind only: a grid cell names its own, so it is outside a run's design.
+RUN_ONLY = ("split",)
 
 
 class DataError(ValueError):
@@ -108,6 +110,15 @@ class Split:
 
 
 # ----------------------------------------------------------------------------- sources
+
+def design_settings(**overrides) -> dict:
+    """What the splits of a run depend on: the split settings and the subject recovery's."""
+    from .config import design_view
+    from .subjects import recovery_settings
+
+    return {**design_view(settings(DEFAULTS, PRESETS, **overrides), RUN_ONLY),
+            "subjects": recovery_settings()}
+
 
 def _how_to_provide(reason: str) -> DataError:
     return DataError(

@@ -65,7 +65,7 @@ PRESETS = {
 }
 
 # The columns that identify one cell of the grid (see mrilib.grid.Cell).
-CELL_COLUMNS = ("model", "aug", "synthetic", "real_fraction", "leakage")
+CELL_COLUMNS = ("split", "model", "aug", "synthetic", "real_fraction", "leakage")
 
 
 class Interval(NamedTuple):
@@ -595,7 +595,7 @@ def synthetic_effects(runs: pd.DataFrame, metric: str | None = None,
     """
     rows = []
     synthetic = runs[runs["synthetic"] != "none"]
-    keys = ["model", "aug", "synthetic", "real_fraction", "leakage"]
+    keys = ["split", "model", "aug", "synthetic", "real_fraction", "leakage"]
     for key, _ in synthetic.groupby(keys, sort=True):
         cell = dict(zip(keys, key))
         twin = {"model": cell["model"], "aug": cell["aug"], "synthetic": "none",

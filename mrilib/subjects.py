@@ -133,7 +133,7 @@ def _majority(groups: torch.Tensor, labels: torch.Tensor, n_groups: int) -> torc
     return table.view(n_groups, n_classes).argmax(dim=1)
 
 
-def _recovery_settings(**overrides) -> dict:
+def recovery_settings(**overrides) -> dict:
     """The recovery's settings in force (the cache key), without the random-label check's."""
     cfg = settings(DEFAULTS, PRESETS, **overrides)
     cfg.pop("random_labels")
@@ -169,7 +169,7 @@ def recover_subjects(images: torch.Tensor, labels: torch.Tensor | None = None,
     images are compared in id order and groups numbered by their first member in it.
     ``overrides`` are :data:`DEFAULTS` keys.
     """
-    cfg = _recovery_settings(**overrides)
+    cfg = recovery_settings(**overrides)
     if images.ndim != 4 or len(images) < 2:
         raise DataError(f"images of shape {tuple(images.shape)}: give [N, 1, H, W] with N >= 2")
     order = (torch.arange(len(images)) if ids is None else
@@ -212,7 +212,7 @@ def _cache_key(data: MRIData, cfg: dict) -> str:
 
 def subject_recovery(data: MRIData, **overrides) -> SubjectRecovery:
     """:func:`recover_subjects` of ``data``, cached under ``cache/subjects/``."""
-    cfg = _recovery_settings(**overrides)
+    cfg = recovery_settings(**overrides)
     path = CACHE / "subjects" / f"{_cache_key(data, cfg)}.pt"
     order = torch.from_numpy(np.argsort(np.asarray(data.ids), kind="stable"))
     if path.exists():

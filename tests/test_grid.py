@@ -16,6 +16,8 @@ from mrilib.grid.cells import DEFAULTS as GRID_DEFAULTS, PRESETS as GRID_PRESETS
 from mrilib.data import CLASSES, MRIData, split_mri, stratified_sample
 
 EPOCHS = 3
+QUICK = 8        # cells of the quick grid: 6 on the slice split, 2 on the subject split
+SYNTHETIC = 4    # of them with synthetic images (3 slice, 1 subject)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -28,7 +30,8 @@ def tiny():
     images = torch.randint(0, 256, (len(labels), 1, 128, 128), generator=g, dtype=torch.uint8)
     images[:, :, :4, :4] = (labels * 60).to(torch.uint8)[:, None, None, None]
     data = MRIData(images, labels, CLASSES, [f"{i:04d}" for i in range(len(labels))],
-                   "constructed", "tinyfingerprint")
+                   "constructed", "tinyfingerprint",
+                   subjects=torch.arange(len(labels)) // 6)  # 10 "brains" of 6, one class each
     return data, split_mri(data)
 
 
@@ -106,30 +109,42 @@ def paced(max_minutes, path, clock, **kw):
 
 def test_quick_grid_touches_every_policy_and_generator_mode():
     cells = ex.grid_cells("quick")
-    assert len(cells) == len(set(cells)) == 6
+    assert len(cells) == len(set(cells)) == 8
+    assert {c.split for c in cells} == {"slice", "subject"}
     assert {c.synthetic for c in cells} == {"none", "fill", "100+20mod"}
     assert {c.leakage for c in cells} == {"none", "sample", "leaky"}
     assert {c.aug for c in cells} == {"none", "hflip"}
 
 
-def test_thesis_grid_is_the_full_factorial_headline_first():
-    cells = ex.grid_cells("thesis")
-    assert len(cells) == len(set(cells))
+def test_thesis_grid_is_the_full_factorial_in_tiers_headline_first():
+    tiers = ex.cell_tiers("thesis")
+    cells = list(tiers)
     keys = {c.key for c in cells}
-    for model in ex.MODELS:
-        for aug in ex.AUGS:
-            for x in ex.FRACTIONS:
-                assert f"{model}/{aug}/none/{x:g}/none" in keys
-                if x < 1:
-                    assert f"{model}/{aug}/fill/{x:g}/sample" in keys
-            assert f"{model}/{aug}/100+20mod/1/sample" in keys
-        assert f"{model}/none/fill/0.3/leaky" in keys
+    for split in ex.SPLITS:
+        for model in ex.MODELS:
+            for aug in ex.AUGS:
+                for x in ex.FRACTIONS:
+                    assert f"{split}/{model}/{aug}/none/{x:g}/none" in keys
+                    if x < 1:
+                        assert f"{split}/{model}/{aug}/fill/{x:g}/sample" in keys
+                assert f"{split}/{model}/{aug}/100+20mod/1/sample" in keys
+            assert f"{split}/{model}/none/fill/0.3/leaky" in keys
     per_model = 3 * (8 + 7 + 1) + 1  # augs x (sweep none + sweep fill + Moderate-only) + leaky
-    assert len(cells) == 3 * per_model
-    assert [c.key for c in cells[:4]] == ["basic_cnn/none/none/0.3/none", "basic_cnn/none/none/1/none",
-                                          "basic_cnn/none/fill/0.3/sample",
-                                          "basic_cnn/none/fill/0.3/leaky"]
-    assert all(c.model == "basic_cnn" for c in cells[:per_model - 2 * 15])
+    assert len(cells) == len(keys) == 2 * 3 * per_model
+    assert [c.key for c in cells[:4]] == ["slice/basic_cnn/none/none/0.3/none",
+                                          "slice/basic_cnn/none/none/1/none",
+                                          "slice/basic_cnn/none/fill/0.3/sample",
+                                          "slice/basic_cnn/none/fill/0.3/leaky"]
+    # tier 1: the basic CNN's thesis cells, slice split then subject split (27 each)
+    tier1 = [c for c in cells if tiers[c] == 1]
+    assert cells[:54] == tier1 and {c.model for c in tier1} == {"basic_cnn"}
+    assert [c.split for c in tier1] == ["slice"] * 27 + ["subject"] * 27
+    assert sum(c.aug != "none" for c in tier1) == 2 * 10  # Figure 7.2 and the table's rows
+    # tier 2: ResNet-18 and ViT-Tiny on subjects, headline cells and the results table
+    tier2 = [c for c in cells if tiers[c] == 2]
+    assert cells[54:54 + len(tier2)] == tier2 and len(tier2) == 2 * 11
+    assert {(c.model, c.split) for c in tier2} == {("resnet18", "subject"), ("vit_tiny", "subject")}
+    assert ex.grid_cells("thesis", tier=2) == cells[:54 + 22]
 
 
 def test_80_20_is_the_fill_cell_at_80_percent():
@@ -161,7 +176,15 @@ def test_repeats_share_samples_modulo_g_so_cells_pair():
     assert [s.sample_index for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
     # sample g is drawn with seed g, the seed generator g learned from
     assert [s.sample_seed for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
-    assert len({s.train_seed for s in seeds}) == len({s.synth_seed for s in seeds}) == 20
+    assert len({s.train_seed for s in seeds}) == 20
+    # one variation draw per generator: repeats r, r + G, ... share sample, generator and
+    # variations, and differ in initial weights, batch order and augmentation
+    assert [s.synth_seed for s in seeds[:7]] == [0, 1, 2, 3, 4, 0, 1]
+    apart = ex.grid_settings("thesis", variations="per_repeat")
+    assert len({ex.repeat_seeds(r, apart).synth_seed for r in range(20)}) == 20
+    with paths.preset_env("thesis"):
+        assert ex.design_hash(cfg, "thesis", "basic_cnn") != ex.design_hash(apart, "thesis",
+                                                                            "basic_cnn")
 
 
 def test_one_generator_set_serves_every_fraction_at_or_above_its_own():
@@ -209,11 +232,11 @@ def test_rows_are_streamed_with_full_metadata(tiny, tmp_path):
     trainer = FakeTrainer()
     progress = run(tiny, tmp_path, trainer)
     runs, epochs = ex.load_results(tmp_path)
-    assert progress.runs_written == len(runs) == 6 * 2 and not progress.remaining
+    assert progress.runs_written == len(runs) == QUICK * 2 and not progress.remaining
     assert len(epochs) == len(runs) * EPOCHS
-    assert len(trainer.calls) == 6 and all(len(seeds) == 2 for *_, seeds, _ in trainer.calls)
-    for col in ("run_key", "cell_key", "model", "aug", "synthetic", "real_fraction", "leakage",
-                "repeat", "sample_index", "sample_seed", "train_seed", "synth_seed", "init",
+    assert len(trainer.calls) == QUICK and all(len(seeds) == 2 for *_, seeds, _ in trainer.calls)
+    for col in ("run_key", "cell_key", "split", "model", "aug", "synthetic", "real_fraction",
+                "leakage", "repeat", "split_seed", "sample_index", "sample_seed", "train_seed", "synth_seed", "init",
                 "final_val_loss", "best_val_loss", "final_test_confusion", "seconds",
                 "git_commit", "git_dirty", "torch", "timm", "diffusers", "numpy", "python",
                 "device", "device_name", "config", "preset", "data_fingerprint", "classes"):
@@ -229,6 +252,7 @@ def test_synthetic_cells_get_more_images_and_pair_with_real_only(tiny, tmp_path)
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer)
     runs, _ = ex.load_results(tmp_path)
+    runs = runs[runs.split == "slice"]
     real = runs[(runs.synthetic == "none") & (runs.real_fraction == 0.3) & (runs.aug == "none")]
     syn = runs[(runs.synthetic == "fill") & (runs.leakage == "sample")]
     assert list(real["sample_seed"]) == list(syn["sample_seed"])
@@ -244,7 +268,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny, tmp_path):
     assert len(partial) == 3 * 2
     second = FakeTrainer()
     run(tiny, tmp_path / "chunked", second)
-    assert len(second.calls) == 3  # only the cells that were missing
+    assert len(second.calls) == QUICK - 3  # only the cells that were missing
     run(tiny, tmp_path / "straight", FakeTrainer())
     chunked, chunked_epochs = ex.load_results(tmp_path / "chunked")
     straight, _ = ex.load_results(tmp_path / "straight")
@@ -268,14 +292,14 @@ def test_a_row_torn_by_a_kill_is_dropped_and_rerun(tiny, tmp_path):
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer)
     runs, epochs = ex.load_results(tmp_path)
-    assert len(runs) == 12 and runs["run_key"].is_unique and torn_key in set(runs["run_key"])
+    assert len(runs) == 2 * QUICK and runs["run_key"].is_unique and torn_key in set(runs["run_key"])
     assert trainer.calls[0][2] == [1001]  # only the torn repeat of that cell was retrained
     raw_epochs = [json.loads(x) for x in epochs_file.read_text().splitlines()]
-    assert len(raw_epochs) == 12 * EPOCHS and "ghost" not in {e["run_key"] for e in raw_epochs}
+    assert len(raw_epochs) == 2 * QUICK * EPOCHS and "ghost" not in {e["run_key"] for e in raw_epochs}
 
 
 def test_max_minutes_stops_between_cells_by_the_expected_cell_time(tiny, tmp_path):
-    cells = [{"model": "basic_cnn", "aug": a, "synthetic": "none", "real_fraction": f}
+    cells = [{"split": "slice", "model": "basic_cnn", "aug": a, "synthetic": "none", "real_fraction": f}
              for f in (0.3, 1.0) for a in ("none", "hflip", "autoaugment")]
     clock = FakeClock()
     trainer = FakeTrainer(clock, seconds_per_cell=10.0)
@@ -364,11 +388,14 @@ def test_cells_without_a_trained_generator_are_skipped_and_listed(tiny, tmp_path
     progress = ex.run_grid("quick", results_path=tmp_path / "results", train_fn=trainer,
                            data=data, split=split, progress=False)
     assert set(progress.blocked) == {c.key for c in ex.grid_cells("quick") if c.synthetic != "none"}
-    assert progress.runs_written == 3 * 2 and set(progress.remaining) == set(progress.blocked)
+    real_only = QUICK - SYNTHETIC
+    assert progress.runs_written == real_only * 2
+    assert set(progress.remaining) == set(progress.blocked)
     assert all("synth train" in why for why in progress.blocked.values())
-    assert len(trainer.calls) == 3  # the blocked cells built nothing
+    assert len(trainer.calls) == real_only  # the blocked cells built nothing
     progress = run(tiny, tmp_path / "results", FakeTrainer())  # a builder with its own images
-    assert not progress.blocked and not progress.remaining and progress.runs_written == 3 * 2
+    assert not progress.blocked and not progress.remaining
+    assert progress.runs_written == SYNTHETIC * 2
 
 
 def test_refuses_to_overwrite_without_resume(tiny, tmp_path):
@@ -387,9 +414,9 @@ def test_a_changed_design_is_a_different_run(tiny, tmp_path):
     assert (ex.grid_status("quick", tmp_path, seeds=other_seeds)["done"] == 0).all()
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer, seeds=other_seeds)
-    assert len(trainer.calls) == 6
+    assert len(trainer.calls) == QUICK
     runs, _ = ex.load_results(tmp_path, design=None)  # every row; the default keeps one design
-    assert len(runs) == 24 and runs["design"].nunique() == 2
+    assert len(runs) == 4 * QUICK and runs["design"].nunique() == 2
 
 
 def test_the_run_key_follows_the_training_protocol_not_its_batching():
@@ -444,18 +471,18 @@ def test_a_new_generator_sets_the_old_synthetic_runs_aside_but_no_real_run(tiny,
     monkeypatch.setitem(diffusion.PRESETS["quick"], "guidance_scale", 2.0)  # a new recipe
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer)
-    assert len(trainer.calls) == 3  # the three synthetic cells; the real-only ones are done
+    assert len(trainer.calls) == SYNTHETIC  # the synthetic cells; the real-only ones are done
     with pytest.warns(ex.MixedDesignsWarning, match="two generators") as caught:
         runs, epochs = ex.load_results(tmp_path)
     assert "kept generator" in str(caught[-1].message)
-    assert len(runs) == 12 and old[0] not in set(runs["generator_design"])
-    assert runs.attrs["set_aside"]["set_aside"] == {f"{runs['design'][0]}+{old[0]}": 6}
+    assert len(runs) == 2 * QUICK and old[0] not in set(runs["generator_design"])
+    assert runs.attrs["set_aside"]["set_aside"] == {f"{runs['design'][0]}+{old[0]}": 2 * SYNTHETIC}
     assert set(epochs["run_key"]) == set(runs["run_key"])
-    assert len(ex.load_results(tmp_path, design=None)[0]) == 18
+    assert len(ex.load_results(tmp_path, design=None)[0]) == 2 * (QUICK + SYNTHETIC)
     exact, _ = ex.load_results(tmp_path, design=f"{runs['design'][0]}+{old[0]}")
     # that generator's synthetic runs, and the real-only runs they are compared with
-    assert len(exact) == 12 and set(exact["generator_design"].dropna()) == {old[0]}
-    assert (exact["synthetic"] == "none").sum() == 6
+    assert len(exact) == 2 * QUICK and set(exact["generator_design"].dropna()) == {old[0]}
+    assert (exact["synthetic"] == "none").sum() == 2 * (QUICK - SYNTHETIC)
     assert (ex.grid_status("quick", tmp_path)["done"] == 2).all()
 
 
@@ -472,21 +499,21 @@ def test_synthetic_rows_written_before_generators_were_named_are_set_aside(tiny,
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer)
-    assert len(trainer.calls) == 3
+    assert len(trainer.calls) == SYNTHETIC
     with pytest.warns(ex.MixedDesignsWarning, match="unrecorded"):
         runs, _ = ex.load_results(tmp_path)
-    assert len(runs) == 12 and runs.groupby("cell_key").size().eq(2).all()
+    assert len(runs) == 2 * QUICK and runs.groupby("cell_key").size().eq(2).all()
     assert runs.loc[runs["synthetic"] != "none", "generator_design"].notna().all()
     design = runs["design"].iloc[0]
     older, _ = ex.load_results(tmp_path, design=f"{design}+unrecorded")
-    assert len(older) == 12 and "generator_design" not in older  # all in the old format
+    assert len(older) == 2 * QUICK and "generator_design" not in older  # all in the old format
 
 
 def test_grid_status_counts_finished_repeats(tiny, tmp_path):
     with pytest.raises(RuntimeError):
         run(tiny, tmp_path, FakeTrainer(fail_after=4))
     status = ex.grid_status("quick", tmp_path)
-    assert list(status["done"]) == [2, 2, 2, 2, 0, 0]
+    assert list(status["done"]) == [2, 2, 2, 2, 0, 0, 0, 0]
 
 
 # ----------------------------------------------------------------------------- the real engine
@@ -499,18 +526,18 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
     data, split = tiny
-    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.5},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
+    cells = [{"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.5},
+             {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
+             {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
               "leakage": "leaky"},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"}]
+             {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"}]
     kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
                   cells=cells, train={"epochs": 2, "batch_size": 16}, progress=False)
     progress = ex.run_grid("quick", **kwargs)
-    assert set(progress.blocked) == {"basic_cnn/none/fill/0.5/sample",
-                                     "basic_cnn/none/fill/0.5/leaky",
-                                     "basic_cnn/none/100+20mod/1/sample"}
-    assert "synth train --real-frac 0.3" in progress.blocked["basic_cnn/none/fill/0.5/sample"]
+    assert set(progress.blocked) == {"slice/basic_cnn/none/fill/0.5/sample",
+                                     "slice/basic_cnn/none/fill/0.5/leaky",
+                                     "slice/basic_cnn/none/100+20mod/1/sample"}
+    assert "synth train --real-frac 0.3" in progress.blocked["slice/basic_cnn/none/fill/0.5/sample"]
     # the runner trains the G = 2 generators per mode itself, then the cells; the leak-free
     # ones learn from the 30% samples and serve the 50% and 100% cells (nested samples;
     # mixed_training_set checks each generator's training ids against the cell's sample)
@@ -536,18 +563,18 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
 # ----------------------------------------------------------------------------- the report
 
 REPORT_CELLS = [
-    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 1.0},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.3,
      "leakage": "leaky"},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.8},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "80+20"},
-    {"model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
-    {"model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
-    {"model": "basic_cnn", "aug": "hflip", "synthetic": "fill", "real_fraction": 0.3},
-    {"model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
-    {"model": "resnet18", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "none", "real_fraction": 0.8},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "80+20"},
+    {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "100+20mod"},
+    {"split": "slice", "model": "basic_cnn", "aug": "hflip", "synthetic": "none", "real_fraction": 0.3},
+    {"split": "slice", "model": "basic_cnn", "aug": "hflip", "synthetic": "fill", "real_fraction": 0.3},
+    {"split": "slice", "model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3},
+    {"split": "slice", "model": "resnet18", "aug": "none", "synthetic": "fill", "real_fraction": 0.3},
 ]
 
 
@@ -658,7 +685,7 @@ def test_a_changed_default_sets_the_old_design_aside_when_read(tiny, tmp_path, m
 
     import mrilib.train as train
 
-    resnet = {"model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
+    resnet = {"split": "slice", "model": "resnet18", "aug": "none", "synthetic": "none", "real_fraction": 0.3}
     cells = [*GRID_PRESETS["quick"]["cells"][:3], resnet]
     run(tiny, tmp_path, FakeTrainer(), cells=cells)
     old = ex.design_hash(ex.grid_settings("quick"), "quick", "basic_cnn")
@@ -700,13 +727,13 @@ def test_rows_made_with_explicit_settings_are_kept_newest_first(tiny, tmp_path):
         warnings.simplefilter("error")
         run(tiny, tmp_path, FakeTrainer(), train={"lr": 1e-4})
         runs, _ = ex.load_results(tmp_path)
-    assert len(runs) == 12 and runs.attrs["set_aside"] is None
+    assert len(runs) == 2 * QUICK and runs.attrs["set_aside"] is None
     first = runs["design"].iloc[0]
     run(tiny, tmp_path, FakeTrainer(), train={"lr": 3e-4})  # same cells, another protocol
     with pytest.warns(ex.MixedDesignsWarning, match="the newest"):
         runs, _ = ex.load_results(tmp_path)
-    assert len(runs) == 12 and first not in set(runs["design"])
-    assert len(ex.load_results(tmp_path, design=first)[0]) == 12
+    assert len(runs) == 2 * QUICK and first not in set(runs["design"])
+    assert len(ex.load_results(tmp_path, design=first)[0]) == 2 * QUICK
 
 
 def test_provenance_without_git_uses_the_recorded_checkout(monkeypatch):
@@ -734,8 +761,8 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     monkeypatch.setattr(diffusion, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(cache_mod, "CACHE", tmp_path / "cache")
     data, split = tiny
-    cells = [{"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
-             {"model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
+    cells = [{"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5},
+             {"split": "slice", "model": "basic_cnn", "aug": "none", "synthetic": "fill", "real_fraction": 0.5,
               "leakage": "leaky"}]
     kwargs = dict(results_path=tmp_path / "results", data=data, split=split, device="cpu",
                   cells=cells, train={"epochs": 1, "batch_size": 16}, progress=False)
@@ -743,7 +770,7 @@ def test_available_generators_run_the_repeats_that_have_theirs(tiny, tmp_path, m
     train_for_sample(data, split, cfg["generator_fraction"], 0, progress=False)
     assert ex.run_grid("quick", **kwargs).runs_written == 0  # all or nothing by default
     progress = ex.run_grid("quick", available_generators=True, **kwargs)
-    fill, leaky = "basic_cnn/none/fill/0.5/sample", "basic_cnn/none/fill/0.5/leaky"
+    fill, leaky = "slice/basic_cnn/none/fill/0.5/sample", "slice/basic_cnn/none/fill/0.5/leaky"
     assert progress.runs_written == 1 and set(progress.remaining) == {fill, leaky}
     assert progress.blocked[fill].startswith("1 repeat(s) wait: ") and "generator 1" in \
         progress.blocked[fill]
@@ -818,8 +845,8 @@ def test_bad_imagenet_starts_are_named(imagenet, match):
 
 
 def test_grid_passes_each_model_its_imagenet_start(tiny, tmp_path, weights_file):
-    cells = [{"model": "basic_cnn", "real_fraction": 0.3},
-             {"model": "resnet18", "real_fraction": 0.3}]
+    cells = [{"split": "slice", "model": "basic_cnn", "real_fraction": 0.3},
+             {"split": "slice", "model": "resnet18", "real_fraction": 0.3}]
     starts = {"resnet18": str(weights_file)}
     trainer = FakeTrainer()
     run(tiny, tmp_path, trainer, cells=cells, imagenet=starts)
@@ -830,8 +857,8 @@ def test_grid_passes_each_model_its_imagenet_start(tiny, tmp_path, weights_file)
     done = ex.grid_status("quick", tmp_path, cells=cells, imagenet=starts)
     assert (done["done"] == done["repeats"]).all()
     scratch = ex.grid_status("quick", tmp_path, cells=cells).set_index("cell")["done"]
-    assert scratch.to_dict() == {"basic_cnn/none/none/0.3/none": 2,
-                                 "resnet18/none/none/0.3/none": 0}
+    assert scratch.to_dict() == {"slice/basic_cnn/none/none/0.3/none": 2,
+                                 "slice/resnet18/none/none/0.3/none": 0}
 
 
 def test_grid_trains_resnet18_from_a_weights_file(tiny, tmp_path):
@@ -846,7 +873,7 @@ def test_grid_trains_resnet18_from_a_weights_file(tiny, tmp_path):
     data, split = tiny
     ex.run_grid("quick", results_path=tmp_path / "results", synth_fn=fake_sets, data=data,
                 split=split, progress=False, device="cpu",
-                cells=[{"model": "resnet18", "real_fraction": 0.3}],
+                cells=[{"split": "slice", "model": "resnet18", "real_fraction": 0.3}],
                 imagenet={"resnet18": str(path)})
     runs, _ = ex.load_results(tmp_path / "results")
     assert len(runs) == 2 and set(runs["init"]) == {"imagenet"}
@@ -876,7 +903,8 @@ def test_a_timed_chunk_is_not_stopped_by_cells_it_would_skip(tiny, tmp_path, mon
     clock = FakeClock()
     trainer = FakeTrainer(clock=clock, seconds_per_cell=10.0)
     # 25 s: the 30% cell takes 10; 100% real is judged 10 / 0.3 = 33 s and waits; the
-    # synthetic cells have no generator; hflip at 30% is judged 10 s and fits.
+    # synthetic cells have no generator; hflip at 30% is judged 10 s and fits; the subject
+    # split's 30% cell, judged 10 s at 20 s gone, does not.
     progress = ex.run_grid("quick", results_path=tmp_path / "results", train_fn=trainer,
                            data=data, split=split, clock=clock, progress=False,
                            pacer=paced(25 / 60, tmp_path / "results", clock))
@@ -886,7 +914,8 @@ def test_a_timed_chunk_is_not_stopped_by_cells_it_would_skip(tiny, tmp_path, mon
     synthetic = {c.key for c in ex.grid_cells("quick") if c.synthetic != "none"}
     assert set(progress.blocked) == synthetic
     assert all("synth train" in why for why in progress.blocked.values())
-    assert set(progress.remaining) == synthetic | {"basic_cnn/none/none/1/none"}
+    assert set(progress.remaining) == synthetic | {"slice/basic_cnn/none/none/1/none",
+                                                   "subject/basic_cnn/none/none/0.3/none"}
 
 
 def test_after_a_skip_a_cell_whose_time_cannot_be_judged_waits(tiny, tmp_path):
@@ -894,9 +923,9 @@ def test_after_a_skip_a_cell_whose_time_cannot_be_judged_waits(tiny, tmp_path):
     left, and the hard stop would lose it; once a cell was skipped for time, it waits."""
     clock = FakeClock()
     trainer = FakeTrainer(clock=clock, seconds_per_cell=10.0)
-    cells = [{"model": "basic_cnn", "real_fraction": 0.3},
-             {"model": "basic_cnn", "real_fraction": 1.0},   # judged 33 s: skipped
-             {"model": "resnet18", "real_fraction": 0.3}]    # not judged: waits too
+    cells = [{"split": "slice", "model": "basic_cnn", "real_fraction": 0.3},
+             {"split": "slice", "model": "basic_cnn", "real_fraction": 1.0},   # judged 33 s: skipped
+             {"split": "slice", "model": "resnet18", "real_fraction": 0.3}]    # not judged: waits too
     progress = run(tiny, tmp_path, trainer, clock=clock, cells=cells, max_minutes=25 / 60)
     assert [call[0] for call in trainer.calls] == ["basic_cnn"]
     assert progress.stopped_for_time and len(progress.remaining) == 2
@@ -986,7 +1015,7 @@ def test_generator_needs_says_per_repeat_which_generator_and_whether_it_is_there
 
 
 def test_rows_that_named_the_leakage_mode_generator_read_as_leakage(tmp_path):
-    row = {"run_key": "k", "cell_key": "basic_cnn/none/fill/0.3/leaky", "model": "basic_cnn",
+    row = {"run_key": "k", "cell_key": "slice/basic_cnn/none/fill/0.3/leaky", "model": "basic_cnn",
            "synthetic": "fill", "generator": "leaky", "design": "d", "generator_design": "x"}
     (tmp_path / "runs.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "epochs.jsonl").write_text(json.dumps({"run_key": "k", "generator": "leaky",

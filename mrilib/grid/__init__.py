@@ -24,8 +24,8 @@ Sampling design (what makes comparisons between cells paired):
 Each run has a stable key (:mod:`.design`), so an interrupted or time-boxed run resumes
 with no lost or duplicated rows.
 """
-from .cells import (AUGS, FRACTIONS, LEAKAGE, MODELS, SYNTHETIC, Cell, grid_cells,
-                    make_cell)
+from .cells import (AUGS, FRACTIONS, LEAKAGE, MODELS, SPLITS, SYNTHETIC, Cell, cell_tiers,
+                    grid_cells, make_cell)
 from .chapter import (ChapterResults, chapter_results, committed_results_dir, folder_line,
                       needs_grid, preset_note)
 from .design import (RepeatSeeds, cell_design, design_hash, generator_hash, grid_settings,
@@ -37,7 +37,8 @@ from .sets import (GeneratorNeed, TrainingSets, generator_fraction, generator_ne
 from .store import EPOCHS_FILE, RUNS_FILE, ResultsWriter, epoch_rows, merge_results, run_row
 
 __all__ = [
-    "AUGS", "FRACTIONS", "LEAKAGE", "MODELS", "SYNTHETIC", "Cell", "ChapterResults",
+    "AUGS", "FRACTIONS", "LEAKAGE", "MODELS", "SPLITS", "SYNTHETIC", "Cell", "ChapterResults",
+    "cell_tiers",
     "EPOCHS_FILE", "GeneratorNeed", "GridProgress", "MixedDesignsWarning", "RUNS_FILE",
     "RepeatSeeds", "ResultsWriter", "TrainingSets", "Unpaced", "cell_design",
     "chapter_results", "committed_results_dir", "design_hash", "epoch_rows", "export_csv",

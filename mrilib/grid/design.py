@@ -32,12 +32,16 @@ def repeat_seeds(repeat: int, cfg: dict) -> RepeatSeeds:
     """Seeds of one repeat under the sampling design of :mod:`mrilib.grid`."""
     g = repeat % cfg["samples"]
     s = cfg["seeds"]
-    return RepeatSeeds(repeat, g, g, s["train"] + repeat, s["synthetic"] + repeat)
+    draw = g if cfg["variations"] == "per_generator" else repeat
+    return RepeatSeeds(repeat, g, g, s["train"] + repeat, s["synthetic"] + draw)
 
 
 def grid_settings(preset: str | None = None, **overrides) -> dict:
     """The grid settings in force for ``preset``, checked."""
     cfg = settings(DEFAULTS, PRESETS, preset or paths.preset_name(), **overrides)
+    if cfg["variations"] not in ("per_generator", "per_repeat"):
+        raise ValueError(f"variations={cfg['variations']!r}: give 'per_generator' (one draw "
+                         f"per generator, shared by its repeats) or 'per_repeat'")
     if isinstance(cfg["samples"], bool) or not isinstance(cfg["samples"], int) \
             or cfg["samples"] < 1:
         raise ValueError(f"samples={cfg['samples']!r}: give a positive whole number of real "
@@ -86,15 +90,17 @@ def train_overrides(cfg: dict, model: str) -> dict:
 def design_hash(cfg: dict, preset: str, model: str) -> str:
     """8 hex digits over everything that changes what a run of ``model`` trains.
 
-    The grid settings outside its ``RUN_ONLY``, the preset, and the training settings of
-    ``model`` (:func:`mrilib.train.design_settings`). Call it under
-    :func:`mrilib.paths.preset_env`, as the training engine reads the preset too.
+    The grid settings outside its ``RUN_ONLY``, the preset, the splits' settings
+    (:func:`mrilib.data.design_settings`) and the training settings of ``model``
+    (:func:`mrilib.train.design_settings`). Call it under :func:`mrilib.paths.preset_env`,
+    as the training engine reads the preset too.
     """
     from ..config import design_view, hash8
+    from ..data import design_settings as data_design
     from ..train import design_settings
 
     relevant = design_view(cfg, RUN_ONLY + ("train", "imagenet"))
-    relevant.update(preset=preset,
+    relevant.update(preset=preset, data=data_design(),
                     training=design_settings(model, **train_overrides(cfg, model)))
     return hash8(relevant)
 

@@ -80,10 +80,11 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
 
 
 def _current_names(row: dict) -> dict:
-    """``row`` with today's column names: rows written before 2026-12 named a cell's
-    leakage mode ``generator``."""
+    """``row`` with today's columns: rows written before 2026-12 named a cell's leakage
+    mode ``generator`` and had no ``split`` (they were all slice-level)."""
     if "generator" in row and "leakage" not in row:
         row["leakage"] = row.pop("generator")
+    row.setdefault("split", "slice")
     return row
 
 

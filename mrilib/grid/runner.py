@@ -65,7 +65,8 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     rest. ``pacer`` (:class:`Unpaced` by default; :func:`mrilib.grid.schedule.time_budget`)
     may skip cells that would not fit a time limit. ``resume=False`` refuses a folder
     that already holds runs. ``data`` defaults to ``load_mri(source)`` (its
-    ``data_fraction``) and ``split`` to its fixed split; data passed in is used as given.
+    ``data_fraction``); each split kind is ``split_mri(data, kind)``, except ``split``'s
+    kind when a split is passed. Data passed in is used as given.
     """
     preset = preset or paths.preset_name()
     cfg = grid_settings(preset, **overrides)
@@ -79,7 +80,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
         session = _Session(cfg, preset, writer, device, train_fn or _train_replicates,
                            synth_fn or training_sets, pacer or Unpaced(), clock,
                            train_generators, available_generators, progress, source, data,
-                           split)
+                           {} if split is None else {split.kind: split})
         try:
             return session.run(grid_cells(preset, **overrides))
         finally:
@@ -135,7 +136,7 @@ class _Session:
     progress: bool = True
     source: object = None
     data: object = None
-    split: object = None
+    splits: dict = field(default_factory=dict)  # split kind -> Split
     base: dict | None = None
     designs: dict = field(default_factory=dict)
 
@@ -154,7 +155,7 @@ class _Session:
         with tqdm(total=len(cells), initial=sum(not t for t in todo.values()), unit="cell",
                   desc=f"grid ({self.preset})", disable=not self.progress) as bar:
             for cell in [c for c in cells if todo[c]]:
-                self.ensure_data()
+                self.ensure_data(cells)
                 ready, generators, waiting = self.ready_repeats(cell, todo[cell])
                 if waiting:  # listed before any time is judged: a wait is no time spent
                     blocked[cell.key] = waiting
@@ -195,7 +196,7 @@ class _Session:
         """:func:`generator_needs`, for the default builder (another brings its own images)."""
         if self.synth_fn is not training_sets:
             return {}
-        return generator_needs(self.data, self.split, cell, repeats, self.cfg)
+        return generator_needs(self.data, self.split(cell), cell, repeats, self.cfg)
 
     def train_missing(self, cell: Cell, needs: dict, repeats: int) -> None:
         """Train or resume the missing generators of ``needs``, inside the pacer's minutes."""
@@ -205,7 +206,7 @@ class _Session:
             minutes = self.pacer.generator_minutes(cell, repeats)
             if minutes is not None and minutes <= 0:
                 return  # the next chunk resumes it
-            train_for_sample(self.data, self.split, generator_fraction(cell, self.cfg), g,
+            train_for_sample(self.data, self.split(cell), generator_fraction(cell, self.cfg), g,
                              leaky=cell.leakage == "leaky", minutes=minutes,
                              device=self.device, progress=self.progress)
 
@@ -213,10 +214,10 @@ class _Session:
         """Train ``repeats`` of ``cell`` in one call and append their rows; runs written."""
         start = self.clock()
         seeds = [repeat_seeds(r, self.cfg) for r in repeats]
-        sets = self.synth_fn(self.data, self.split, cell, seeds, self.cfg, self.device,
-                             generators)
-        val = (self.data.images[self.split.val], self.data.labels[self.split.val])
-        test = (self.data.images[self.split.test], self.data.labels[self.split.test])
+        split = self.split(cell)
+        sets = self.synth_fn(self.data, split, cell, seeds, self.cfg, self.device, generators)
+        val = (self.data.images[split.val], self.data.labels[split.val])
+        test = (self.data.images[split.test], self.data.labels[split.test])
         records = self.train_fn(cell.model, sets.bank_images, sets.bank_labels, sets.index,
                                 val, test, [s.train_seed for s in seeds], aug=cell.aug,
                                 device=self.device, **train_overrides(self.cfg, cell.model))
@@ -227,31 +228,35 @@ class _Session:
         self.pacer.record(cell, seconds, len(seeds))
         design = self.design(cell)
         for s, record, info in zip(seeds, records, sets.info):
-            self.writer.append(run_row(cell, s, record, self.base, design, info,
-                                       int(sets.index.shape[1]), seconds),
+            self.writer.append(run_row(cell, s, record, {**self.base, "split_seed": split.seed},
+                                       design, info, int(sets.index.shape[1]), seconds),
                                epoch_rows(cell, s, record, design))
         return len(seeds)
 
-    def ensure_data(self) -> None:
-        """Data, split and the shared columns, loaded once a cell needs training."""
-        import torch
-
-        from ..data import check_nested, load_mri, split_mri
+    def ensure_data(self, cells: list[Cell]) -> None:
+        """Data and the rows' shared columns, loaded once a cell needs training."""
+        from ..data import load_mri
         from ..provenance import provenance
 
         if self.data is None:
-            self.data = grid_data(load_mri(self.source), self.cfg)
-        if self.split is None:
-            self.split = split_mri(self.data)
-            if self.cfg.get("generator_fraction") is not None:  # generators serve larger X
-                sizes = torch.bincount(self.data.labels[self.split.train],
-                                       minlength=len(self.data.classes))
-                check_nested(sizes.numpy(), {*self.cfg["fractions"],
-                                             self.cfg["generator_fraction"]}, self.data.classes)
+            by_subject = any(c.split == "subject" for c in cells)
+            self.data = grid_data(load_mri(self.source), self.cfg, by_subject)
         if self.base is None:
             self.base = {"preset": self.preset,
                          **provenance(self.device), "data_fingerprint": self.data.fingerprint,
-                         "n_images": len(self.data),
-                         "split_seed": self.split.seed, "classes": list(self.data.classes),
+                         "n_images": len(self.data), "classes": list(self.data.classes),
                          "samples": self.cfg["samples"], "backend": self.cfg["backend"],
                          "config": self.cfg}
+
+    def split(self, cell: Cell):
+        """The split of ``cell``'s kind, made once; nested samples checked before use."""
+        from ..data import check_nested, pool_class_sizes, split_mri
+
+        if cell.split not in self.splits:
+            split = split_mri(self.data, cell.split)
+            if self.cfg.get("generator_fraction") is not None:  # generators serve larger X
+                check_nested(pool_class_sizes(self.data, split),
+                             {*self.cfg["fractions"], self.cfg["generator_fraction"]},
+                             self.data.classes)
+            self.splits[cell.split] = split
+        return self.splits[cell.split]

@@ -83,10 +83,10 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
     FileNotFoundError saying how to train it.
     """
     if cell.synthetic == "none":
-        from ..train import real_fraction_index
+        from ..synthetic.mixing import real_sample
 
-        index = real_fraction_index(data.labels, split.train, cell.real_fraction,
-                                    [s.sample_seed for s in seeds], data.ids)
+        index = _stacked([real_sample(data, split, cell.real_fraction, s.sample_seed)
+                          for s in seeds], cell)
         info = [{"n_real": int(index.shape[1]), "n_synthetic": 0} for _ in seeds]
         return TrainingSets(data.images, data.labels, index, info)
     from ..synthetic.mixing import mixed_training_set, stack_repeats
@@ -107,6 +107,18 @@ def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: di
     return TrainingSets(bank_images, bank_labels, index, [brief(i) for i in infos])
 
 
+def _stacked(samples: list, cell: Cell):
+    """``samples`` as one ``[K, n]`` index; samples of whole subjects must have one size."""
+    import torch
+
+    sizes = sorted({len(s) for s in samples})
+    if len(sizes) > 1:
+        raise ValueError(f"{cell.key}: the repeats' real samples hold {sizes} images; the "
+                         f"training engine needs one size for a cell's repeats, which whole "
+                         f"subjects of unequal slice counts do not give")
+    return torch.stack(samples)
+
+
 def _backend(name: str, cell: Cell, seeds: RepeatSeeds, generators: dict, device):
     if name == "local":
         from ..synthetic.diffusion import LocalDiffusion
@@ -120,12 +132,19 @@ def _backend(name: str, cell: Cell, seeds: RepeatSeeds, generators: dict, device
     return get_backend(name)
 
 
-def grid_data(data, cfg: dict):
-    """``data``, or its stratified ``data_fraction`` subset (the quick preset's 10%)."""
+def grid_data(data, cfg: dict, by_subject: bool = False):
+    """``data``, or its stratified ``data_fraction`` subset (the quick preset's 10%): of whole
+    subjects when ``by_subject`` (a grid with subject-split cells), else of slices."""
     if cfg["data_fraction"] >= 1.0:
         return data
     from ..data import stratified_sample
 
+    if by_subject:  # the subset keeps each image's subject: its fragments are not recoverable
+        from dataclasses import replace
+
+        from ..subjects import subject_ids
+
+        data = replace(data, subjects=subject_ids(data))
     keep = stratified_sample(data.labels, cfg["data_fraction"], cfg["seeds"]["data"],
-                             ids=data.ids)
+                             ids=data.ids, groups=data.subjects if by_subject else None)
     return data.subset(keep)
