@@ -68,6 +68,11 @@ PRESETS = {
 CELL_COLUMNS = ("split", "model", "aug", "synthetic", "real_fraction", "leakage")
 
 
+def cell_columns(runs: pd.DataFrame) -> list[str]:
+    """The cell columns ``runs`` has (a table made by hand may leave some out)."""
+    return [c for c in CELL_COLUMNS if c in runs.columns]
+
+
 class Interval(NamedTuple):
     """A point estimate with its bootstrap interval ``[low, high]``."""
 
@@ -105,6 +110,11 @@ def class_recall(confusion) -> np.ndarray:
     support = conf.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.diagonal(conf, axis1=-2, axis2=-1) / support
+
+
+def balanced_accuracy(confusion) -> np.ndarray:
+    """Mean recall over the classes present in the true labels (chance: 1 / classes)."""
+    return np.nanmean(class_recall(confusion), axis=-1)
 
 
 def macro_f1(confusion) -> np.ndarray:
@@ -346,9 +356,10 @@ def _given(**kwargs):
 def with_confusion_metrics(runs: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
     """``runs`` plus accuracy, macro-F1 and per-class recall columns from each confusion.
 
-    For every ``<stage>_<split>_confusion`` column (e.g. ``final_test_confusion``) adds
-    ``<stage>_<split>_macro_f1`` and ``<stage>_<split>_recall_<class>``; accuracy is
-    recomputed from the matrix as ``<stage>_<split>_accuracy``.
+    For every ``<stage>_<split>_confusion`` column (e.g. ``best_test_confusion``) adds
+    ``<stage>_<split>_macro_f1``, ``<stage>_<split>_balanced_accuracy`` and
+    ``<stage>_<split>_recall_<class>``; accuracy is recomputed from the matrix as
+    ``<stage>_<split>_accuracy``.
     """
     out = runs.copy()
     classes = list(classes or _classes_of(runs))
@@ -359,6 +370,7 @@ def with_confusion_metrics(runs: pd.DataFrame, classes: Sequence[str] | None = N
             raise ValueError(f"{col} holds {conf.shape[-1]}x{conf.shape[-1]} matrices but "
                              f"{len(classes)} class names were given: {classes}")
         out[f"{stem}_accuracy"] = accuracy(conf)
+        out[f"{stem}_balanced_accuracy"] = balanced_accuracy(conf)
         out[f"{stem}_macro_f1"] = macro_f1(conf)
         for name, recall in zip(classes, class_recall(conf).T):
             out[f"{stem}_recall_{name}"] = recall
@@ -418,6 +430,13 @@ def _default_classes() -> tuple[str, ...]:
     return tuple(CLASSES)
 
 
+def sample_count(runs: pd.DataFrame) -> int:
+    """Distinct real samples among ``runs`` (one cell's): 1 at 100% real without synthetic
+    images, where every repeat trains on the one pool and differs by its seed only."""
+    shared = (runs["real_fraction"] < 1.0) | (runs["synthetic"] != "none")
+    return int(runs.loc[shared, "sample_index"].nunique() + (~shared).any())
+
+
 def cluster_ids(runs: pd.DataFrame) -> np.ndarray:
     """The bootstrap cluster of each run: its sample index where repeats share samples.
 
@@ -446,9 +465,11 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
                  seed: int | None = None) -> pd.DataFrame:
     """One row per cell: runs, and for each metric its median with bootstrap interval.
 
-    Columns: the cell columns, ``n``, ``clusters`` (the independent units the bootstrap
-    resamples: real samples where repeats share them; a cell run one generator at a
-    time can hold one, and its interval then misses the variation between samples),
+    Columns: the cell columns, ``n``, ``samples`` (distinct real samples:
+    :func:`sample_count`), ``clusters`` (the independent units the bootstrap resamples:
+    real samples where repeats share them, single runs at 100% real without synthetic
+    images; a cell run one generator at a time can hold one, and its interval then misses
+    the variation between samples),
     ``init``, ``diverged`` (runs whose final validation loss is missing or infinite),
     and ``<metric>``, ``<metric>_low``, ``<metric>_high`` for each metric (default:
     final and best validation and test cross-entropy, test accuracy and macro-F1, and
@@ -461,10 +482,11 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
         raise ValueError(f"metric(s) {missing} are not columns of the runs table; "
                          f"available: {sorted(runs.columns)}")
     rows = []
-    for key, cell in runs.groupby(list(CELL_COLUMNS), sort=True, dropna=False):
+    columns = cell_columns(runs)
+    for key, cell in runs.groupby(columns, sort=True, dropna=False):
         groups = cluster_ids(cell)
-        row = dict(zip(CELL_COLUMNS, key), n=len(cell), clusters=len(np.unique(groups)),
-                   init=_init_of(cell))
+        row = dict(zip(columns, key), n=len(cell), samples=sample_count(cell),
+                   clusters=len(np.unique(groups)), init=_init_of(cell))
         if "final_val_loss" in cell:
             row["diverged"] = int((~np.isfinite(metric_values(cell, "final_val_loss"))).sum())
         for metric in metrics:
@@ -480,9 +502,8 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] | None = None,
 
 def default_metrics(runs: pd.DataFrame) -> list[str]:
     """The metrics the report shows, those of them that ``runs`` has."""
-    wanted = ["final_val_loss", "best_val_loss", "final_test_loss", "best_test_loss",
-              "final_test_accuracy", "final_test_macro_f1",
-              "final_test_recall_Moderate_Demented"]
+    wanted = ["best_test_loss", "best_test_accuracy", "best_test_balanced_accuracy",
+              "best_test_macro_f1", "best_test_recall_Moderate_Demented", "final_val_loss"]
     return [m for m in wanted if m in runs.columns]
 
 
@@ -595,11 +616,11 @@ def synthetic_effects(runs: pd.DataFrame, metric: str | None = None,
     """
     rows = []
     synthetic = runs[runs["synthetic"] != "none"]
-    keys = ["split", "model", "aug", "synthetic", "real_fraction", "leakage"]
+    keys = cell_columns(runs)
     for key, _ in synthetic.groupby(keys, sort=True):
         cell = dict(zip(keys, key))
-        twin = {"model": cell["model"], "aug": cell["aug"], "synthetic": "none",
-                "real_fraction": cell["real_fraction"]}
+        twin = {**{k: cell[k] for k in ("split", "model", "aug") if k in cell},
+                "synthetic": "none", "real_fraction": cell["real_fraction"]}
         if select_cell(runs, **twin).empty:
             continue
         result = compare_cells(runs, cell, twin, metric, n_boot, level, seed)

@@ -592,6 +592,7 @@ class SyntheticHelps(FakeTrainer):
         for record, s in zip(records, share.tolist()):
             for part in (record["final"], record["best"], *record["history"]):
                 part["val_loss"] -= 0.05 * s
+                part["test_loss"] -= 0.05 * s
         return records
 
 
@@ -618,16 +619,16 @@ def test_report_writes_every_figure_and_a_summary(results_with_a_known_gain):
     assert path == results / "summary.md"  # a folder of its own keeps its report
     figures = results / "figures"
     summary = path.read_text()
-    assert {p.stem for p in figures.glob("*.png")} == {
+    assert {p.stem for p in figures.glob("*.png")} == {f"{name}_slice" for name in (
         "fig7_1_loss_curves", "fig7_2_augmentation", "fraction_sweep", "synthetic_effect",
-        "fraction_sweep_hflip", "synthetic_effect_hflip", "thesis_comparison", "leakage"}
-    for phrase in ("ResNet-18 (from scratch)", "slice-level", "Beside the thesis", "0.1760",
+        "fraction_sweep_hflip", "synthetic_effect_hflip", "thesis_comparison", "leakage")}
+    for phrase in ("ResNet-18 (from scratch)", "Slice split", "Beside the thesis", "0.1760",
                    "Did synthetic images help?", "Leakage ablation", "80% real / 20% synthetic",
                    "Moderate_Demented has 1 of the 13 test images", "git commit"):
         assert phrase in summary, phrase
     verdicts = [line for line in summary.splitlines() if "| 30 |" in line and "| fill |" in line]
     assert len(verdicts) == 3 and all("helped (lower loss)" in v for v in verdicts)
-    assert "fig7_1_loss_curves.png" in summary
+    assert "fig7_1_loss_curves_slice.png" in summary
 
 
 def test_results_table_and_thesis_comparison_have_intervals(results_with_a_known_gain):

@@ -33,8 +33,8 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
     directory.mkdir(parents=True, exist_ok=True)
     runs, curves = [], []
     for key in cell_keys:
-        model, aug, synthetic, fraction, leakage = key.split("/")
-        cell = {"model": model, "aug": aug, "synthetic": synthetic,
+        split, model, aug, synthetic, fraction, leakage = key.split("/")
+        cell = {"split": split, "model": model, "aug": aug, "synthetic": synthetic,
                 "real_fraction": float(fraction), "leakage": leakage}
         with paths.preset_env(preset):
             hashed = (ex.cell_design(ex.grid_settings(preset), preset, ex.make_cell(**cell))
@@ -48,7 +48,8 @@ def write_runs(directory: Path, cell_keys, repeats: int = 2, preset: str = "quic
                          "repeat": r, "sample_index": r % 2, "sample_seed": r % 2,
                          "init": "scratch", "final_val_loss": loss, "best_val_loss": loss,
                          "final_test_loss": loss, "best_test_loss": loss,
-                         "final_test_confusion": CONFUSION, "classes": list(CLASSES),
+                         "final_test_confusion": CONFUSION, "best_test_confusion": CONFUSION,
+                         "classes": list(CLASSES),
                          "preset": preset, "n_images": 640, "seconds": 1.0,
                          "train_settings": {"epochs": epochs}, "device_name": "fake cpu",
                          "git_commit": "0123456789abcdef"})
@@ -104,7 +105,7 @@ def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatc
     assert first.directory == second.directory == repo / "cache" / "quick" / "results"
     assert not first.committed and len(second.runs) == 2 * len(QUICK_CELLS)
     assert "Quick CPU grid" in first.description
-    assert "6 of 6 cells complete" in first.description
+    assert "8 of 8 cells complete" in first.description
     assert "numbers test the code only" in first.description
     assert "1-epoch models on 640 of the 6,400 slices" in first.note
 
@@ -146,11 +147,11 @@ def test_needs_grid_follows_what_chapter_results_would_read(repo):
 PARTIAL_GRIDS = {
     "quick grid": QUICK_CELLS,
     "headline cells only": QUICK_CELLS[:3],
-    "one real-only cell": ["basic_cnn/none/none/1/none"],
+    "one real-only cell": ["slice/basic_cnn/none/none/1/none"],
     "Moderate-only cells alone for an augmentation": QUICK_CELLS[:2] + [
-        "basic_cnn/hflip/100+20mod/1/sample"],
-    "another architecture without the basic CNN": ["resnet18/none/none/0.3/none",
-                                                   "resnet18/none/fill/0.3/sample"],
+        "slice/basic_cnn/hflip/100+20mod/1/sample"],
+    "another architecture without the basic CNN": ["subject/resnet18/none/none/0.3/none",
+                                                   "subject/resnet18/none/fill/0.3/sample"],
 }
 
 
@@ -164,19 +165,26 @@ def test_every_figure_is_drawn_or_skipped_with_a_note(tmp_path, capsys, cells):
             plt.close(fig)
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not shown")]
     assert all("yet" in line for line in skipped)
-    for table in (report.effects_table, report.leakage_table):
-        plots.if_available(table, runs, n_boot=50)
-    for model in dict.fromkeys(runs["model"]):
-        assert report.results_table(runs, model, n_boot=50).shape == (3, 3)
-    assert len(report.classification_table(runs, n_boot=50)) == len(cells)
-    assert len(report.thesis_comparison(runs, n_boot=50)) == 3
+    assert {name.rsplit("_", 1)[1] for name in makers} == set(runs["split"])
+    for split, at in runs.groupby("split"):  # one split, one protocol, per table
+        for table in (report.effects_table, report.leakage_table):
+            plots.if_available(table, at, n_boot=50)
+        for model in dict.fromkeys(at["model"]):
+            assert report.results_table(at, model, n_boot=50).shape == (3, 3)
+        assert len(report.classification_table(at, n_boot=50)) == at["cell_key"].nunique()
+        assert len(report.thesis_comparison(at, n_boot=50)) == 3
+    if runs["split"].nunique() > 1:
+        with pytest.raises(ValueError, match="two protocols"):
+            report.results_table(runs, "basic_cnn", n_boot=50)
 
 
 @pytest.mark.parametrize("cells", PARTIAL_GRIDS.values(), ids=PARTIAL_GRIDS.keys())
 def test_the_report_lists_what_it_could_not_draw(repo, cells):
     results = write_runs(repo / "results", cells)
     summary = write_report(results, n_boot=50).read_text()
-    assert "Chapter 7 results" in summary and "slice-level" in summary
+    assert "Chapter 7 results" in summary
+    for split in {key.split("/")[0] for key in cells}:
+        assert {"slice": "## Slice split", "subject": "## Subject split"}[split] in summary
     assert "Moderate_Demented has 1 of the 16 test images" in summary
     drawn = {p.stem for p in (results / "figures").glob("*.png")}
     for name in figure_makers(*ex.load_results(results)):
@@ -185,8 +193,8 @@ def test_the_report_lists_what_it_could_not_draw(repo, cells):
 
 def test_the_quick_grid_report_skips_the_missing_cells_by_name(repo):
     summary = write_report(write_runs(repo / "results", QUICK_CELLS), n_boot=50).read_text()
-    assert "- synthetic_effect_hflip: not drawn: synthetic_effect_figure: no synthetic cell" \
-        in summary
+    assert "- synthetic_effect_hflip_slice: not drawn: synthetic_effect_figure: no synthetic " \
+           "cell" in summary
     assert "Leakage ablation" in summary and "| recall Moderate Demented |" in summary
 
 
@@ -210,7 +218,7 @@ def test_an_empty_results_file_is_refused_not_drawn(repo):
 
 def test_one_epoch_curves_show_their_epoch_and_band(tmp_path):
     runs, epochs = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS, epochs=1))
-    fig = plots.loss_curves_figure(epochs, note="quick preset: test")
+    fig = plots.loss_curves_figure(epochs[epochs["split"] == "slice"], note="quick preset: test")
     ax = fig.axes[0]
     assert list(ax.get_xticks()) == [1]
     assert all(line.get_marker() == "o" for line in ax.get_lines())
@@ -232,6 +240,7 @@ def test_the_red_note_starts_below_the_wrapped_split_note():
 def test_classification_table_has_every_class_with_intervals(tmp_path):
     runs, _ = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS[:2]))
     table = report.classification_table(runs, n_boot=50)
+    assert "balanced accuracy" in table.columns
     assert {f"recall {c.replace('_', ' ')}" for c in CLASSES} <= set(table.columns)
     assert table.loc[0, "accuracy"] == "0.812 [0.812, 0.812]"  # 13 of 16 on the diagonal
     assert (table["n"] == 2).all()
@@ -265,11 +274,12 @@ def two_designs(directory: Path, first: str, second: str) -> Path:
 
 def test_the_report_reads_one_design_of_a_folder_that_holds_two(repo):
     results = two_designs(repo / "results", "0ld0ld00", "5eed5eed")
-    with pytest.warns(ex.MixedDesignsWarning, match="12 of 24 runs set aside"):
+    n = 2 * len(QUICK_CELLS)
+    with pytest.warns(ex.MixedDesignsWarning, match=f"{n} of {2 * n} runs set aside"):
         summary = write_report(results, n_boot=50).read_text()
     assert "design hash(es): 5eed5eed;" in summary and "0ld0ld00;" not in summary
-    assert "12 runs of another design (0ld0ld00) set aside" in summary
-    assert f"from 12 runs in {len(QUICK_CELLS)} cells" in summary
+    assert f"{n} runs of another design (0ld0ld00) set aside" in summary
+    assert f"from {n} runs in {len(QUICK_CELLS)} cells" in summary
 
 
 def test_the_current_design_wins_over_a_newer_one(repo):
@@ -288,10 +298,11 @@ def test_chapter_results_says_what_it_set_aside(repo, monkeypatch):
     two_designs(repo / "repo" / "results", "0ld0ld00", "5eed5eed")
     with pytest.warns(ex.MixedDesignsWarning):
         chapter = ex.chapter_results("thesis")
-    assert set(chapter.runs["design"]) == {"5eed5eed"} and len(chapter.runs) == 12
-    assert len(chapter.epochs) == 12
+    n = 2 * len(QUICK_CELLS)
+    assert set(chapter.runs["design"]) == {"5eed5eed"} and len(chapter.runs) == n
+    assert len(chapter.epochs) == n
     assert chapter.description.startswith("Committed full run (results/")
-    assert "12 runs of another design (0ld0ld00) set aside" in chapter.description
+    assert f"{n} runs of another design (0ld0ld00) set aside" in chapter.description
 
 
 def test_report_cli_writes_figures_and_summary_where_told(repo, monkeypatch):
@@ -301,41 +312,40 @@ def test_report_cli_writes_figures_and_summary_where_told(repo, monkeypatch):
     monkeypatch.setenv("MRILIB_PRESET", "thesis")
     results = write_runs(repo / "repo" / "results" / "imagenet", QUICK_CELLS, preset="thesis")
     assert cli.main(["report", "--results", str(results), "--n-boot", "50"]) == 0
-    assert (results / "figures" / "fig7_2_augmentation.png").is_file()
+    assert (results / "figures" / "fig7_2_augmentation_slice.png").is_file()
     assert not (repo / "repo" / "figures").exists()  # the committed figures stay as they are
     summary = (results / "summary.md").read_text()
-    assert "](figures/fig7_2_augmentation.png)" in summary
-    assert "Runs read from results/imagenet/: 12 runs, 0 of 49 cells of the thesis grid's " \
-           "basic_cnn complete, 6 started." in summary
+    assert "](figures/fig7_2_augmentation_slice.png)" in summary
+    assert f"Runs read from results/imagenet/: {2 * len(QUICK_CELLS)} runs" in summary
     # told where: there
     figures = repo / "elsewhere"
     assert cli.main(["report", "--results", str(results), "--figures", str(figures),
                      "--n-boot", "50"]) == 0
-    assert (figures / "fig7_2_augmentation.png").is_file()
+    assert (figures / "fig7_2_augmentation_slice.png").is_file()
 
 
 def test_a_figure_no_longer_drawn_is_removed(repo):
     """A partial grid's summary never stands beside a stale figure of other runs."""
     results = write_runs(repo / "results", QUICK_CELLS)
-    stale = results / "figures" / "synthetic_effect_hflip.png"
+    stale = results / "figures" / "synthetic_effect_hflip_slice.png"
     stale.parent.mkdir()
     stale.write_bytes(b"an old figure")
     summary = write_report(results, n_boot=50).read_text()
-    assert "- synthetic_effect_hflip: not drawn" in summary and not stale.exists()
+    assert "- synthetic_effect_hflip_slice: not drawn" in summary and not stale.exists()
 
 
-SWEEP_CELLS = ["basic_cnn/none/none/0.3/none", "basic_cnn/none/none/0.5/none",
-               "basic_cnn/none/none/1/none", "basic_cnn/none/fill/0.3/sample",
-               "basic_cnn/none/fill/0.8/sample"]
+SWEEP_CELLS = ["slice/basic_cnn/none/none/0.3/none", "slice/basic_cnn/none/none/0.5/none",
+               "slice/basic_cnn/none/none/1/none", "slice/basic_cnn/none/fill/0.3/sample",
+               "slice/basic_cnn/none/fill/0.8/sample"]
 
 
 def test_a_cell_on_few_samples_gets_no_verdict(repo):
     runs, _ = ex.load_results(write_runs(repo / "results", SWEEP_CELLS, repeats=6))
     table = report.thesis_comparison(runs, n_boot=50)
-    # write_runs draws two real samples; at 100% real every repeat is its own unit
-    assert table["samples"].tolist() == [2, 6, 2]
-    assert table["thesis inside our interval"].tolist() == [
-        "too few samples (2)", "no", "too few samples (2)"]
+    # write_runs draws two real samples; at 100% real one sample, every repeat its own unit
+    assert table["samples"].tolist() == [2, 1, 2]
+    assert table["units"].tolist() == [2, 6, 2]
+    assert "thesis inside our interval" not in table  # a side-by-side, not a test
     # the thesis's measure, whatever metric is asked for
     runs["final_test_loss"] += 1.0
     assert report.thesis_comparison(runs, "final_test_loss", n_boot=50).equals(table)

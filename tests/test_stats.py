@@ -208,13 +208,15 @@ def test_compare_cells_names_a_missing_cell():
 
 
 def test_cell_summary_has_intervals_and_confusion_metrics():
-    summary = stats.cell_summary(_runs(-0.04), n_boot=300)
+    metrics = ["final_val_loss", "final_test_macro_f1", "final_test_recall_Moderate_Demented"]
+    summary = stats.cell_summary(_runs(-0.04), metrics=metrics, n_boot=300)
     assert len(summary) == 3 and (summary["n"] == 20).all()
     # 30% cells: 5 shared real samples; 100% real: every repeat is its own unit
     assert sorted(summary["clusters"]) == [5, 5, 20]
+    assert sorted(summary["samples"]) == [1, 5, 5]  # 100% real: one sample, 20 seeds
     one_sample = _runs(-0.04).query("sample_index == 0")  # a cell run one generator at a time
-    assert set(stats.cell_summary(one_sample, n_boot=100)["clusters"]) == {1, 4}
-    for metric in ("final_val_loss", "final_test_macro_f1", "final_test_recall_Moderate_Demented"):
+    assert set(stats.cell_summary(one_sample, metrics, n_boot=100)["clusters"]) == {1, 4}
+    for metric in metrics:
         assert (summary[f"{metric}_low"] <= summary[metric]).all()
         assert (summary[metric] <= summary[f"{metric}_high"]).all()
     assert summary["final_test_recall_Moderate_Demented"].iloc[0] == pytest.approx(11 / 14)
@@ -251,7 +253,8 @@ def test_two_samples_are_too_few_to_call_any_difference():
 def test_a_class_missing_from_the_split_leaves_its_recall_empty_not_an_error():
     runs = _runs(0.0)
     runs["final_test_confusion"] = [np.diag([170, 0, 600, 420]).tolist()] * len(runs)
-    summary = stats.cell_summary(runs, n_boot=100)
+    summary = stats.cell_summary(runs, ["final_test_recall_Moderate_Demented",
+                                        "final_test_macro_f1"], n_boot=100)
     assert summary["final_test_recall_Moderate_Demented"].isna().all()
     assert summary["final_test_macro_f1"].notna().all()
 

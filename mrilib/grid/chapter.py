@@ -151,6 +151,11 @@ def folder_line(runs, directory: Path) -> str:
     presets = sorted({str(p) for p in runs["preset"].dropna()}) if "preset" in runs else []
     line = f"Runs read from {shown(directory)}/: {len(runs)} runs"
     models = [m for m in MODELS if "model" in runs and (runs["model"] == m).any()]
+    if _superseded(runs):
+        designs = ", ".join(sorted({str(d) for d in runs["design"].dropna()}))
+        return _with_set_aside(f"{line} of a protocol this code no longer trains (design "
+                               f"{designs}): read as they are, not as cells of today's grid.",
+                               runs)
     if len(presets) == 1 and models:
         try:
             complete, started = _complete_cells(runs.to_dict("records"), presets[0],
@@ -160,6 +165,16 @@ def folder_line(runs, directory: Path) -> str:
         except (KeyError, ValueError):  # a preset this code no longer has
             pass
     return _with_set_aside(line + ".", runs)
+
+
+def _superseded(runs) -> bool:
+    """Whether no row has the design today's code gives its (preset, model): an archive."""
+    from .load import current_design
+
+    if "design" not in runs or "preset" not in runs:
+        return False
+    pairs = runs[["preset", "model", "design"]].drop_duplicates().itertuples(index=False)
+    return not any(current_design(p, m) == d for p, m, d in pairs)
 
 
 def _local_line(runs, preset: str, directory: Path) -> str:

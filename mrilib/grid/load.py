@@ -112,7 +112,7 @@ def _one_design(rows: list[dict], design: str | None, directory: Path
             return [r for r in rows if _generator_of(r) in (None, generator)], None
         keep, parts = [True] * len(rows), []
     else:
-        keep, parts = _choose(rows, lambda r: r.get("design"), _current_design, "design")
+        keep, parts = _choose(rows, lambda r: r.get("design"), current_design, "design")
     trained = [r for r, k in zip(rows, keep) if k]
     synthetic = [r for r in trained if _generator_of(r) is not None]
     keep_gen, gen_parts = _choose(synthetic, _generator_of,
@@ -178,7 +178,7 @@ def _full_design(row: dict) -> str:
     return row.get("design") if generator is None else f"{row.get('design')}+{generator}"
 
 
-def _current_design(preset, model) -> str | None:
+def current_design(preset, model) -> str | None:
     """The design the current code gives ``model``'s runs under ``preset``'s own settings."""
     if preset is None or model is None:
         return None

@@ -137,6 +137,7 @@ class _Session:
     source: object = None
     data: object = None
     splits: dict = field(default_factory=dict)  # split kind -> Split
+    notes: dict = field(default_factory=dict)   # split kind -> what its tables must say
     base: dict | None = None
     designs: dict = field(default_factory=dict)
 
@@ -228,8 +229,9 @@ class _Session:
         self.pacer.record(cell, seconds, len(seeds))
         design = self.design(cell)
         for s, record, info in zip(seeds, records, sets.info):
-            self.writer.append(run_row(cell, s, record, {**self.base, "split_seed": split.seed},
-                                       design, info, int(sets.index.shape[1]), seconds),
+            base = {**self.base, "split_seed": split.seed, "split_note": self.notes[cell.split]}
+            self.writer.append(run_row(cell, s, record, base, design, info,
+                                       int(sets.index.shape[1]), seconds),
                                epoch_rows(cell, s, record, design))
         return len(seeds)
 
@@ -251,6 +253,7 @@ class _Session:
     def split(self, cell: Cell):
         """The split of ``cell``'s kind, made once; nested samples checked before use."""
         from ..data import check_nested, pool_class_sizes, split_mri
+        from ..subjects import split_note
 
         if cell.split not in self.splits:
             split = split_mri(self.data, cell.split)
@@ -259,4 +262,6 @@ class _Session:
                              {*self.cfg["fractions"], self.cfg["generator_fraction"]},
                              self.data.classes)
             self.splits[cell.split] = split
+        if cell.split not in self.notes:
+            self.notes[cell.split] = split_note(self.data, self.splits[cell.split])
         return self.splits[cell.split]

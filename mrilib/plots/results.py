@@ -12,8 +12,8 @@ printed note, so a notebook or the report over a partial grid draws what it can.
 
 Two labels are never left out: ResNet-18 and the ViT say "from scratch" when their
 runs started from random weights (``init == "scratch"``, the thesis fine-tuned ImageNet
-weights), and every figure notes that the splits are slice-level, so its losses are
-optimistic compared with a subject-level split.
+weights), and every figure names its split (a slice-level split's numbers are
+optimistic). A figure draws runs of one split: give it ``runs[runs["split"] == ...]``.
 """
 from __future__ import annotations
 
@@ -25,15 +25,18 @@ import pandas as pd
 
 from .. import stats
 
-SPLIT_NOTE = ("Slice-level split: slices of one brain can fall on both sides, so losses "
-              "and accuracies are optimistic compared with a subject-level split.")
+SPLIT_NOTES = {
+    "slice": "Slice-level split (the thesis's): slices of one brain fall on both sides, so "
+             "losses and accuracies are optimistic, the more so the more real slices train.",
+    "subject": "Subject-level split: every brain on one side; test scores are of unseen brains.",
+}
 AUG_LABELS = {"none": "No augmentation", "hflip": "Random horizontal flip",
               "autoaugment": "AutoAugment"}
+PRIMARY = "best_test_loss"  # the primary measure: test cross-entropy at the selected epoch
 METRIC_LABELS = {
-    "final_val_loss": "validation cross-entropy (last epoch)",
-    "best_val_loss": "validation cross-entropy (best epoch)",
+    "best_test_loss": "test cross-entropy (epoch selected on validation)",
+    "final_val_loss": "validation cross-entropy (last epoch; the thesis's measure)",
     "final_test_loss": "test cross-entropy (last epoch)",
-    "best_test_loss": "test cross-entropy (best epoch by validation loss)",
 }
 # Figure 7.1's three training sets.
 CURVE_CELLS = (("fill", 0.3, "30% real + 70% synthetic"), ("none", 0.3, "30% real"),
@@ -87,7 +90,17 @@ def model_label(runs: pd.DataFrame, model: str) -> str:
     return f"{label} ({' + '.join(names.get(i, i) for i in sorted(inits)) or 'init unknown'})"
 
 
-def _note(fig, extra: str = "", note: str | None = None) -> None:
+def split_of(frame: pd.DataFrame) -> str:
+    """The one split of ``frame``'s runs (rows without one are the slice split's)."""
+    splits = set(frame["split"].dropna()) if "split" in frame else set()
+    if len(splits) > 1:
+        raise ValueError(f"these runs hold the {' and '.join(sorted(splits))} splits, which "
+                         f"are two protocols: draw one at a time, e.g. "
+                         f"runs[runs['split'] == 'subject']")
+    return next(iter(splits), "slice")
+
+
+def _note(fig, extra: str = "", note: str | None = None, split: str = "slice") -> None:
     """The split caveat under every figure; ``note`` (e.g. quick-preset numbers) in red below.
 
     Wrapped here, not by matplotlib, so the red line starts below the last grey one.
@@ -96,7 +109,7 @@ def _note(fig, extra: str = "", note: str | None = None) -> None:
 
     width_in, height_in = fig.get_size_inches()
     y = -0.01
-    for text, size, color in (((extra + " " if extra else "") + SPLIT_NOTE, 7, "0.3"),
+    for text, size, color in (((extra + " " if extra else "") + SPLIT_NOTES[split], 7, "0.3"),
                               (note, 8, "firebrick")):
         if not text:
             continue
@@ -120,6 +133,7 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
     30% real + 70% synthetic against 30% and 100% real; the band spans the ``band``
     quantiles of the repeats at each epoch.
     """
+    split = split_of(epochs)  # one protocol per figure
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     shown = 0
     few = epochs["epoch"].nunique() <= 12 if "epoch" in epochs else True  # dots show each epoch
@@ -157,20 +171,21 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
     fig.suptitle(f"Figure 7.1 - {model_label(epochs, model)}, {AUG_LABELS[aug].lower()}: median and "
                  f"{band[0]:.0%}-{band[1]:.0%} band over repeats")
     fig.tight_layout()
-    _note(fig, note=note)
+    _note(fig, note=note, split=split)
     return _maybe_save(fig, save)
 
 
 # ----------------------------------------------------------------------------- Figure 7.2
 
 def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fraction: float = 0.3,
-                        metric: str = "final_val_loss", save: str | None = None,
+                        metric: str = PRIMARY, save: str | None = None,
                         note: str | None = None):
     """Figure 7.2: the distribution of the loss over repeats for each augmentation policy.
 
     At ``real_fraction`` real images, without and with synthetic images (fill), so the
     thesis's claim that synthetic images beat classical augmentation can be read off.
     """
+    split = split_of(runs)  # one protocol per figure
     at = stats.select_cell(runs, model=model, real_fraction=real_fraction)
     at = at[at["leakage"].isin(["none", "sample"])]
     if at.empty:
@@ -203,7 +218,7 @@ def augmentation_figure(runs: pd.DataFrame, model: str = "basic_cnn", real_fract
     ax.set_title(f"Figure 7.2 - {model_label(runs, model)}, {real_fraction:.0%} real: "
                  f"loss over repeats by augmentation policy")
     fig.tight_layout()
-    _note(fig, "Boxes: quartiles and median; dots: single runs.", note)
+    _note(fig, "Boxes: quartiles and median; dots: single runs.", note, split)
     return _maybe_save(fig, save)
 
 
@@ -214,6 +229,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
                              save: str | None = None, note: str | None = None):
     """Our medians with intervals beside the thesis's numbers (basic CNN, no augmentation);
     hollow where a cell rests on fewer than ``min_clusters`` real samples."""
+    split = split_of(runs)  # one protocol per figure
     from ..report.tables import min_clusters, thesis_comparison, thesis_metric
 
     metric = thesis_metric(metric)
@@ -225,7 +241,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     y = np.arange(len(table))
     ours = table["ours"].to_numpy()
     err = np.vstack([ours - table["low"].to_numpy(), table["high"].to_numpy() - ours])
-    few = table["samples"].to_numpy() < min_clusters()
+    few = table["units"].to_numpy() < min_clusters()
     for mask, face, label in ((~few, "C0", "ours: median, 95% interval"),
                               (few, "none", f"ours, fewer than {min_clusters()} real samples")):
         if mask.any():
@@ -239,7 +255,7 @@ def thesis_comparison_figure(runs: pd.DataFrame, metric: str = "final_val_loss",
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Basic CNN, no augmentation: the thesis's numbers and ours")
     fig.tight_layout()
-    _note(fig, note=note)
+    _note(fig, note=note, split=split)
     return _maybe_save(fig, save)
 
 
@@ -259,7 +275,7 @@ def _with_gaps(line: pd.DataFrame, synthetic: str) -> pd.DataFrame:
     return pd.concat([line, gaps], ignore_index=True).sort_values("real_fraction")
 
 
-def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
+def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = PRIMARY,
                           models: Sequence[str] | None = None, n_boot: int | None = None,
                           seed: int | None = None, save: str | None = None,
                           note: str | None = None):
@@ -268,6 +284,7 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
     Points are medians over repeats with 95% intervals; the basic-CNN panel also shows
     the thesis's three numbers.
     """
+    split = split_of(runs)  # one protocol per figure
     from ..report.tables import THESIS_NUMBERS
 
     drawn = runs[(runs["aug"] == aug) & runs["leakage"].isin(["none", "sample"])
@@ -302,11 +319,11 @@ def fraction_sweep_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "
     axes[0][0].set_ylabel(f"median {metric_label(metric)}")
     fig.suptitle(f"Loss against real fraction ({AUG_LABELS[aug].lower()}), median and 95% interval")
     fig.tight_layout()
-    _note(fig, note=note)
+    _note(fig, note=note, split=split)
     return _maybe_save(fig, save)
 
 
-def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str = "final_val_loss",
+def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str = PRIMARY,
                             n_boot: int | None = None, seed: int | None = None,
                             save: str | None = None, note: str | None = None):
     """Did synthetic images help? Paired median differences (synthetic - real only), per model.
@@ -314,6 +331,7 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     Below zero the synthetic images lowered the loss; an interval that crosses zero is
     not distinguishable from noise.
     """
+    split = split_of(runs)  # one protocol per figure
     from ..report.tables import leak_free_effects
 
     effects = leak_free_effects(runs[runs["aug"] == aug], metric, n_boot, seed)
@@ -339,15 +357,16 @@ def synthetic_effect_figure(runs: pd.DataFrame, aug: str = "none", metric: str =
     ax.set_title(f"Synthetic minus real only ({AUG_LABELS[aug].lower()}): paired, 95% intervals")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _note(fig, "Below 0: the synthetic images lowered the loss.", note)
+    _note(fig, "Below 0: the synthetic images lowered the loss.", note, split)
     return _maybe_save(fig, save)
 
 
 # ----------------------------------------------------------------------------- leakage
 
-def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+def leakage_figure(runs: pd.DataFrame, metric: str = PRIMARY, n_boot: int | None = None,
                    seed: int | None = None, save: str | None = None, note: str | None = None):
     """The leakage ablation: real only, leak-free and leaky generator, median and interval."""
+    split = split_of(runs)  # one protocol per figure
     from ..report.tables import cell_interval
 
     keys = runs[runs["leakage"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
@@ -377,5 +396,5 @@ def leakage_figure(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: i
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Leakage ablation: does a generator that saw the whole pool flatter the result?")
     fig.tight_layout()
-    _note(fig, note=note)
+    _note(fig, note=note, split=split)
     return _maybe_save(fig, save)

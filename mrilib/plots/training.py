@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .data import _maybe_save
-from .results import SPLIT_NOTE
+from .results import SPLIT_NOTES
 
 # Legend entries beyond this many replicates would hide the curves (and colours repeat).
 MAX_LEGEND = 10
@@ -46,14 +46,14 @@ class LiveLossPlot:
     """
 
     def __init__(self, title: str = "Training", note: str | None = None,
-                 save: str | None = None):
+                 save: str | None = None, split: str = "slice"):
         self.title, self.save = title, save
         self.history: dict[int, dict[str, list]] = {}  # replicate -> epoch, train, val lists
         self.seeds: dict[int, int] = {}
         self.epochs: int | None = None
         self.fig = Figure(figsize=(10, 3.8))
         self.axes = self.fig.subplots(1, 2, sharey=True)
-        _notes(self.fig, note)
+        _notes(self.fig, note, split)
         self._display = _notebook_display()
         self._handle = None
 
@@ -104,10 +104,10 @@ class LiveLossPlot:
         return self.fig
 
 
-def _notes(fig, note: str | None, split: bool = True) -> None:
-    """Under the figure: the slice-level split caveat, and ``note`` (e.g. quick preset) in red."""
+def _notes(fig, note: str | None, split: str | None = "slice") -> None:
+    """Under the figure: the split's caveat, and ``note`` (e.g. quick preset) in red."""
     if split:
-        fig.text(0.01, -0.01, SPLIT_NOTE, fontsize=7, ha="left", va="top", wrap=True,
+        fig.text(0.01, -0.01, SPLIT_NOTES[split], fontsize=7, ha="left", va="top", wrap=True,
                  color="0.3")
     if note:
         fig.text(0.01, -0.07 if split else -0.01, note, fontsize=8, ha="left", va="top",
@@ -144,7 +144,7 @@ def training_set_figure(sets, classes: Sequence[str], repeat: int = 0, per_class
         axes[c, 0].set_ylabel(name.replace("_", " "), fontsize=8)
     fig.suptitle(f"Training set of repeat {repeat}: real (left) and synthetic (right)")
     fig.tight_layout()
-    _notes(fig, note, split=False)
+    _notes(fig, note, split=None)
     return _maybe_save(fig, save)
 
 

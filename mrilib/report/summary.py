@@ -3,7 +3,8 @@
 :func:`write_report` is what ``python -m mrilib report`` runs: it draws the figures of
 :func:`figure_makers` (:mod:`mrilib.plots.results`), skipping with a note those whose
 cells are not run yet, and writes :func:`summary_markdown`, whose tables come from
-:mod:`mrilib.report.tables`.
+:mod:`mrilib.report.tables`. Each split is its own protocol: its own section, tables
+and figures (``<figure>_<split>.png``), never mixed with the other's.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from .tables import (cells_table, classification_table, effects_table, leakage_t
                      min_clusters, results_table, thesis_comparison, thesis_differences,
                      thesis_metric)
 
+PRIMARY = plots.PRIMARY
+# Report order and headings: the honest split first, then the thesis's.
+SPLIT_TITLES = {"subject": "Subject split: whole brains on one side",
+                "slice": "Slice split: the thesis's protocol (optimistic)"}
+
 
 class _Source(NamedTuple):
     directory: Path       # the folder holding runs.jsonl
@@ -30,7 +36,7 @@ class _Source(NamedTuple):
     figures: Path | None  # the figures' folder (None: the preset's figures folder)
 
 
-def write_report(results=None, metric: str = "final_val_loss", n_boot: int | None = None,
+def write_report(results=None, metric: str = PRIMARY, n_boot: int | None = None,
                  seed: int | None = None, out=None, figures=None) -> Path:
     """Draw every figure and write ``summary.md``; the path of the summary.
 
@@ -101,19 +107,30 @@ def _drawn_figures(makers: dict, directory=None) -> dict:
     return drawn
 
 
-def figure_makers(runs, epochs, metric: str = "final_val_loss", n_boot: int | None = None,
+def figure_makers(runs, epochs, metric: str = PRIMARY, n_boot: int | None = None,
                   seed: int | None = None, note: str | None = None) -> dict:
     """File name under figures/ -> a call that draws it, for every chapter-7 figure.
 
-    Figures 7.1 and 7.2 for the basic CNN (the thesis's), the sweep and the synthetic
-    effect once per augmentation policy; ``note`` goes under each
-    (:func:`mrilib.grid.preset_note`).
+    Per split (``<name>_<split>``): Figures 7.1 and 7.2 for the basic CNN (the thesis's),
+    the sweep and the synthetic effect once per augmentation policy; ``note`` goes under
+    each (:func:`mrilib.grid.preset_note`).
     """
+    makers = {}
+    for split in splits_of(runs):
+        at = runs[runs["split"] == split]
+        curves = epochs[epochs["split"] == split] if "split" in epochs else epochs
+        makers.update({f"{name}_{split}": make
+                       for name, make in _split_makers(at, curves, metric, n_boot, seed,
+                                                       note).items()})
+    return makers
+
+
+def _split_makers(runs, epochs, metric, n_boot, seed, note) -> dict:
     boot = {"n_boot": n_boot, "seed": seed, "note": note}
     makers = {
         "fig7_1_loss_curves": partial(plots.loss_curves_figure, epochs, note=note),
         "fig7_2_augmentation": partial(plots.augmentation_figure, runs, metric=metric, note=note),
-        "thesis_comparison": partial(plots.thesis_comparison_figure, runs, metric, **boot),
+        "thesis_comparison": partial(plots.thesis_comparison_figure, runs, **boot),
         "leakage": partial(plots.leakage_figure, runs, metric, **boot),
     }
     for aug in [a for a in plots.AUG_LABELS if (runs["aug"] == a).any()]:
@@ -123,6 +140,19 @@ def figure_makers(runs, epochs, metric: str = "final_val_loss", n_boot: int | No
         makers[f"synthetic_effect{suffix}"] = partial(plots.synthetic_effect_figure, runs, aug,
                                                       metric, **boot)
     return makers
+
+
+def splits_of(runs) -> list[str]:
+    """The splits ``runs`` holds, in report order (subject first)."""
+    held = set(runs["split"]) if "split" in runs else {"slice"}
+    return [s for s in SPLIT_TITLES if s in held]
+
+
+def by_split(frame):
+    """``(split, rows of that split)`` for each split of ``frame`` (runs or epochs), in
+    report order: every table and figure shows one split, one protocol."""
+    for split in splits_of(frame):
+        yield split, frame[frame["split"] == split] if "split" in frame else frame
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -144,24 +174,34 @@ def _cell(value) -> str:
 
 
 def moderate_note(runs: pd.DataFrame) -> str:
-    """How many Moderate_Demented slices the test split holds, and what that does to recall."""
-    support = stats.split_support(runs)
+    """What the test split holds of Moderate_Demented (one split's runs), and what that does
+    to its recall."""
+    notes = sorted({str(n) for n in runs.get("split_note", pd.Series(dtype=object)).dropna()})
+    support = stats.split_support(runs, _confusion_column(runs))
     k = int(support.get("Moderate_Demented", 0))
     if not k:
-        return ("The test split holds no Moderate_Demented slice (the dataset has 64 in all): "
-                "its recall cannot be measured here.")
+        return " ".join(notes) or ("The test split holds no Moderate_Demented slice (the "
+                                   "dataset has 64 in all): its recall cannot be measured here.")
     # Clopper-Pearson for k of k: the lower bound solves p^k = 0.025.
-    return (f"Moderate_Demented has {k} of the {int(support.sum())} test images (the full "
+    return (" ".join(n + "." for n in notes) + (" " if notes else "")
+            + f"Moderate_Demented has {k} of the {int(support.sum())} test images (the full "
             f"dataset has 64 in all): its recall moves in steps of 1/{k}, and its intervals "
             f"below cover the variation between runs only, not these {k} slices' own "
             f"uncertainty: even {k} of {k} correct leaves an exact binomial 95% interval of "
             f"[{0.025 ** (1 / k):.2f}, 1].")
 
 
+def _confusion_column(runs) -> str:
+    """The test confusion of the selected epoch; the last epoch's for older rows."""
+    column = "best_test_confusion"
+    return column if column in runs and runs[column].notna().all() else "final_test_confusion"
+
+
 def summary_markdown(runs, directory: Path, out: Path, figures: dict,
-                     metric: str = "final_val_loss", n_boot: int | None = None,
+                     metric: str = PRIMARY, n_boot: int | None = None,
                      seed: int | None = None, origin: str | None = None) -> str:
-    """The report: provenance, caveats, the thesis comparison, every table, the figures.
+    """The report: provenance, caveats, then per split the synthetic effect, the thesis's
+    table and numbers, the leakage ablation, the classification metrics and the figures.
 
     ``origin`` is :attr:`mrilib.grid.ChapterResults.description`, shown first.
     """
@@ -174,16 +214,21 @@ def summary_markdown(runs, directory: Path, out: Path, figures: dict,
              f"{len(runs)} runs in {runs['cell_key'].nunique()} cells "
              f"(`{source}`). Measure: median "
              f"{plots.METRIC_LABELS.get(metric, metric)} over repeats, with percentile-"
-             f"bootstrap 95% intervals (hierarchical over shared real samples/generators)."
+             f"bootstrap 95% intervals (hierarchical over shared real samples/generators); "
+             f"beside the thesis's numbers, the thesis's own measure."
              + (f"\n\n**{origin}**" if origin else ""),
-             _provenance(runs), _caveats(runs),
-             _thesis_section(runs, metric, n_boot, seed),
-             _effects_section(runs, metric, n_boot, seed),
-             _tables_section(runs, metric, n_boot, seed),
-             _leakage_section(runs, metric, n_boot, seed),
-             _classification_section(runs, n_boot, seed),
-             _figures_section(out, figures),
-             _cells_section(runs, n_boot, seed)]
+             _provenance(runs), _caveats(runs)]
+    for split in splits_of(runs):
+        at = runs[runs["split"] == split]
+        shown = {k[:-len(split) - 1]: v for k, v in figures.items() if k.endswith(f"_{split}")}
+        parts += [f"## {SPLIT_TITLES[split]}", _split_caveats(at, split),
+                  _effects_section(at, metric, n_boot, seed),
+                  _tables_section(at, metric, n_boot, seed),
+                  _thesis_section(at, n_boot, seed),
+                  _leakage_section(at, metric, n_boot, seed),
+                  _classification_section(at, n_boot, seed),
+                  _figures_section(out, {f"{k}_{split}": v for k, v in shown.items()}),
+                  _cells_section(at, n_boot, seed)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -213,33 +258,72 @@ def _caveats(runs) -> str:
         lines.append(f"- {names} were trained **from scratch** (ImageNet weights "
                      f"were not available where they were trained); the thesis fine-tuned "
                      f"ImageNet weights, so their numbers are not the thesis's setting.")
-    lines.append("- Splits are **slice-level**: the dataset has about 32 axial slices per "
-                 "subject (6,400 slices: likely about 200 OASIS subjects) and no subject ids, "
-                 "so slices of one brain sit on both sides of every split; all losses and "
-                 "accuracies are optimistic compared with a subject-level split.")
-    lines.append("- " + moderate_note(runs))
-    lines.append("- Synthetic images come from a class-conditional DDPM trained here on the "
-                 "30% real sample that lies inside each repeat's own sample at every fraction "
-                 "(SDEdit variations), not from Dall-E 2 as in the "
-                 "thesis; epochs, learning rates and batch sizes, which the thesis does not "
-                 "state, are mrilib.train's documented choices. Either can move the numbers.")
-    lines.append("- Intervals cover the variation between training runs (real samples, "
-                 "generators, initial weights) on one fixed split, not the finite test and "
-                 "validation sets; with 5 independent real samples per cell (20 in a 100% "
-                 "real-only cell) they cover "
-                 "somewhat less than 95% (about 90-93% in simulation).")
-    lines.append("- Many comparisons are made below at 95% each: a few intervals excluding 0 "
-                 "are expected by chance alone; a consistent pattern across fractions or "
-                 "architectures is stronger evidence than any single cell.")
+    lines += [
+        "- **Two splits, two protocols.** The 6,400 slices are 200 brains of 32 slices "
+        "(recovered from the images, chapter 1). The *slice* split is the thesis's: slices "
+        "of one brain sit in training and test, so its numbers are optimistic. The *subject* "
+        "split keeps every brain on one side. Each has its own section; no table mixes them.",
+        _measure_line(runs),
+        "- **Smaller pool than the thesis.** After a 20% test and a 10% validation split the "
+        "training pool is 4,608 slices (slice split; 4,576 on the subject split), where the "
+        "thesis trained on 5,120: a '100% real' cell here has about 10% fewer images.",
+        "- Synthetic images come from a class-conditional DDPM trained here on the 30% real "
+        "sample that lies inside each repeat's own sample at every fraction (SDEdit "
+        "variations), one draw of variations per generator shared by the repeats that use "
+        "it, not from Dall-E 2 as in the thesis; epochs, learning rates and batch sizes, "
+        "which the thesis does not state, are mrilib.train's documented choices. Either can "
+        "move the numbers.",
+        "- Intervals cover the variation between training runs (real samples, generators, "
+        "initial weights) on one fixed split, not the finite test and validation sets; with "
+        "5 independent real samples per cell they cover somewhat less than 95% (about "
+        "90-93% in simulation). A 100% real-only cell is **one** sample, the whole pool, "
+        "trained with 20 seeds (its `samples` column says 1): its interval covers seed "
+        "variation only.",
+        "- Many comparisons are made below at 95% each: a few intervals excluding 0 are "
+        "expected by chance alone; a consistent pattern across fractions or architectures "
+        "is stronger evidence than any single cell."]
     return "\n".join(lines)
 
 
-def _thesis_section(runs, metric, n_boot, seed) -> str:
-    metric = thesis_metric(metric)  # the thesis's measure, whatever --metric
-    lines = ["## Beside the thesis (basic CNN, no augmentation)",
-             f"Median {plots.METRIC_LABELS[metric]}, the thesis's measure; whether its number "
-             f"lies inside our interval is judged only for cells of at least "
-             f"{min_clusters()} real samples.",
+def _measure_line(runs) -> str:
+    """How the runs chose the epoch they are scored at: early stopping, or a fixed budget."""
+    settings = [t for t in runs.get("train_settings", []) if isinstance(t, dict)]
+    stopped = any(t.get("patience") is not None for t in settings)
+    epochs = "/".join(str(e) for e in sorted({t["epochs"] for t in settings if "epochs" in t}))
+    how = (f"trains up to its maximum epochs ({epochs}) and stops when its validation loss has "
+           f"not improved for a set patience" if stopped else
+           f"trained a fixed {epochs or '?'} epochs, with no early stopping (an earlier "
+           f"protocol)")
+    return ("- **The measure.** Each run " + how + "; its weights at the epoch with the "
+            "lowest validation loss are scored on the test split. The primary measure is that "
+            "test cross-entropy, with accuracy, balanced accuracy and macro-F1 at the same "
+            "epoch. The thesis's measure (last-epoch validation cross-entropy) appears beside "
+            "the thesis's numbers only; the validation loss at the selected epoch is no "
+            "result, since it chose the epoch.")
+
+
+def _split_caveats(runs, split: str) -> str:
+    if split == "slice":
+        first = ("- Slices of one brain sit on both sides of this split: losses and "
+                 "accuracies are optimistic. Comparisons between policies at one real "
+                 "fraction share the split; comparisons **across fractions are not fair** "
+                 "here, since the share of held-out slices with a near-copy in training "
+                 "grows with the real fraction.")
+    else:
+        first = ("- Every brain is on one side of this split: test scores are of brains "
+                 "no run has seen, and the test split holds few of them, so its numbers "
+                 "move more between splits than the intervals say.")
+    return "\n".join([first, "- " + moderate_note(runs)])
+
+
+def _thesis_section(runs, n_boot, seed) -> str:
+    metric = thesis_metric()
+    lines = ["### Beside the thesis (basic CNN, no augmentation)",
+             f"Median {plots.METRIC_LABELS[metric]} beside the thesis's numbers. A side-by-"
+             f"side, not a test of agreement: our intervals cover run-to-run variation "
+             f"under our protocol, so a number from another protocol falls outside them "
+             f"whether or not the claims agree; the thesis's claims are the differences "
+             f"below.",
              markdown_table(thesis_comparison(runs, metric, n_boot, seed))]
     differences = thesis_differences(runs, metric, n_boot, seed)
     if len(differences):
@@ -259,9 +343,9 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
     try:
         effects = effects_table(runs, metric, n_boot, seed)
     except plots.MissingCells:
-        return ("## Did synthetic images help?\n\nNo synthetic cell with a leak-free generator "
+        return ("### Did synthetic images help?\n\nNo synthetic cell with a leak-free generator "
                 "has its real-only twin in the results yet.")
-    return "\n\n".join(["## Did synthetic images help?",
+    return "\n\n".join(["### Did synthetic images help?",
                         "Each synthetic cell against the real-only cell with the same "
                         "architecture, augmentation and real fraction (leak-free generator; "
                         "paired by real sample: the difference is the median of the "
@@ -272,8 +356,6 @@ def _effects_section(runs, metric, n_boot, seed) -> str:
                         "the two cells share, so \"real only\" can differ from the real-only "
                         "cell's median over all its repeats in the tables below.",
                         _helped_line(effects)])
-
-
 def _helped_line(effects) -> str:
     """How many comparisons the synthetic images won, against how many chance would give."""
     helped = effects[effects["verdict"].str.startswith("helped")]
@@ -293,7 +375,7 @@ def _tables_section(runs, metric, n_boot, seed) -> str:
     from ..grid import MODELS
     from ..models import MODELS as SPECS
 
-    lines = ["## The thesis's results table, per architecture",
+    lines = ["### The thesis's results table, per architecture",
              "Median [95% interval] n=repeats; '-' where a cell has not been run; "
              "', k samples' where its repeats rest on fewer real samples than an interval "
              "needs (a partly run cell)."]
@@ -310,7 +392,7 @@ def _leakage_section(runs, metric, n_boot, seed) -> str:
         table = leakage_table(runs, metric, n_boot, seed)
     except plots.MissingCells:
         return ""
-    return "\n\n".join(["## Leakage ablation",
+    return "\n\n".join(["### Leakage ablation",
                         "A generator trained on the whole training pool (leaky) against one "
                         "trained only on the repeat's own sample (leak-free). A leaky gain that "
                         "the leak-free generator does not reproduce is information from real "
@@ -319,14 +401,20 @@ def _leakage_section(runs, metric, n_boot, seed) -> str:
 
 
 def _classification_section(runs, n_boot, seed) -> str:
-    return "\n\n".join(["## Accuracy, macro-F1 and recall per class (test split, last epoch)",
-                        moderate_note(runs) + " " + plots.SPLIT_NOTE,
-                        markdown_table(classification_table(runs, n_boot=n_boot, seed=seed),
+    return "\n\n".join(["### Accuracy, balanced accuracy, macro-F1 and recall per class "
+                        "(test split, epoch selected on validation)",
+                        markdown_table(classification_table(runs, stage=_stage(runs),
+                                                            n_boot=n_boot, seed=seed),
                                        index=False)])
 
 
+def _stage(runs) -> str:
+    """``best`` (the epoch selected on validation); ``final`` for rows without it."""
+    return "best" if _confusion_column(runs).startswith("best") else "final"
+
+
 def _figures_section(directory: Path, figures: dict) -> str:
-    lines = ["## Figures"]
+    lines = ["### Figures"]
     for name, where in figures.items():
         if isinstance(where, Path):
             lines.append(f"![{name}]({os.path.relpath(where, directory)})")
@@ -336,11 +424,11 @@ def _figures_section(directory: Path, figures: dict) -> str:
 
 
 def _cells_section(runs, n_boot, seed) -> str:
-    return "\n\n".join(["## Every cell", "Medians [95% interval] over repeats; accuracy, "
-                        "macro-F1 and recall from the test confusion matrices. `clusters`: "
-                        "the independent units the bootstrap resamples (repeats that share "
+    return "\n\n".join(["### Every cell", "Medians [95% interval] over repeats; accuracy, "
+                        "balanced accuracy, macro-F1 and recall from the test confusion "
+                        "matrices at the selected epoch. `samples`: distinct real samples; "
+                        "`clusters`: the units the bootstrap resamples (repeats that share "
                         "a real sample count once); an interval over few of them is "
                         "optimistic. `diverged`: runs whose final validation loss is "
-                        "missing or infinite (counted as +inf in the medians). "
-                        + plots.SPLIT_NOTE,
+                        "missing or infinite (counted as +inf in the medians).",
                         markdown_table(cells_table(runs, n_boot, seed), index=False)])

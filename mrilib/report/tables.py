@@ -1,7 +1,7 @@
 """Chapter 7's tables: DataFrames of medians with percentile-bootstrap 95% intervals.
 
-Every function takes the runs table of :func:`mrilib.grid.load_results` (one row
-per training run). Intervals are of the median over repeats (:mod:`mrilib.stats`),
+Every function takes the runs of one split from :func:`mrilib.grid.load_results` (one
+row per training run; two splits are two protocols and are never mixed in one table). Intervals are of the median over repeats (:mod:`mrilib.stats`),
 hierarchical where repeats share a real sample or generator. A table whose cells are
 not in the results yet raises :class:`mrilib.plots.results.MissingCells` naming them.
 The figures that show these numbers (:mod:`mrilib.plots.results`) call these functions.
@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from .. import stats
-from ..plots.results import AUG_LABELS, MissingCells, metric_label, model_label
+from ..plots.results import (AUG_LABELS, PRIMARY, MissingCells, metric_label, model_label,
+                             split_of)
 
 # Kwon (2024) ch. 7.2: basic CNN, median validation cross-entropy over repeats.
 THESIS_NUMBERS = pd.DataFrame([
@@ -47,9 +48,10 @@ def min_clusters() -> int:
     return settings(stats.DEFAULTS, stats.PRESETS)["min_clusters"]
 
 
-def thesis_metric(metric: str) -> str:
-    """The thesis reports validation cross-entropy: a test metric is not set beside it."""
-    return metric if metric in ("final_val_loss", "best_val_loss") else "final_val_loss"
+def thesis_metric(metric: str | None = None) -> str:
+    """The thesis's measure, the last epoch's validation cross-entropy, whatever else a
+    report leads with: a test metric is not set beside the thesis's numbers."""
+    return "final_val_loss"
 
 
 def format_interval(estimate: float, low: float, high: float, n: int | None = None,
@@ -77,7 +79,7 @@ def cell_interval(runs, metric, n_boot, seed, **cell) -> tuple[float, float, flo
     return found[0] if found else None
 
 
-def leak_free_effects(runs: pd.DataFrame, metric: str = "final_val_loss",
+def leak_free_effects(runs: pd.DataFrame, metric: str = PRIMARY,
                       n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """:func:`mrilib.stats.synthetic_effects` of the cells whose generator is leak-free."""
     effects = stats.synthetic_effects(runs, metric, n_boot=n_boot, seed=seed)
@@ -86,7 +88,7 @@ def leak_free_effects(runs: pd.DataFrame, metric: str = "final_val_loss",
 
 # ----------------------------------------------------------------------------- the thesis's
 
-def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "final_val_loss",
+def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = PRIMARY,
                   n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """The thesis's results table for one architecture: median [95% interval] n per cell.
 
@@ -95,6 +97,7 @@ def results_table(runs: pd.DataFrame, model: str = "basic_cnn", metric: str = "f
     ", k samples" where a cell's repeats rest on fewer than ``min_clusters`` real samples
     (a partly run cell), whose interval then misses the variation between samples.
     """
+    split_of(runs)
     table = {row: {label: _table_cell(runs, metric, n_boot, seed, model=model, aug=aug,
                                       synthetic=synthetic, real_fraction=fraction)
                    for aug, label in AUG_LABELS.items()}
@@ -115,39 +118,39 @@ def _table_cell(runs, metric, n_boot, seed, **cell) -> str:
     return text
 
 
-def thesis_comparison(runs: pd.DataFrame, metric: str = "final_val_loss",
+def thesis_comparison(runs: pd.DataFrame, metric: str = PRIMARY,
                       n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """The thesis's three basic-CNN numbers beside ours (median, interval, n, ratio).
+    """The thesis's three basic-CNN numbers beside ours: median, interval, runs (``n``),
+    distinct real samples (``samples``: 1 at 100% real, where runs differ by seed only),
+    the units the interval rests on (``units``), and the ratio.
 
-    Always a validation cross-entropy, the thesis's measure (``metric`` if it is one,
-    else the last epoch's). Whether the thesis's number lies inside our interval is
-    judged only for a cell resting on at least ``min_clusters`` real samples: a partly
-    run cell's interval misses the variation between samples ("too few samples").
+    Always the thesis's measure, the last epoch's validation cross-entropy. A side-by-side,
+    not a test of agreement: our interval covers run-to-run variation under our protocol,
+    so another protocol's number falls outside it whether or not the claims agree.
     """
+    split_of(runs)
     metric = thesis_metric(metric)
     rows = []
     for _, ref in THESIS_NUMBERS.iterrows():
         cell = dict(model="basic_cnn", aug="none", synthetic=ref["synthetic"],
                     real_fraction=ref["real_fraction"])
         found = cell_estimate(runs, metric, n_boot, seed, **cell)
-        (median, low, high, n), clusters = found if found else ((np.nan, np.nan, np.nan, 0), 0)
-        verdict = ("-" if not n else f"too few samples ({clusters})"
-                   if clusters < min_clusters() else
-                   "yes" if low <= ref["thesis"] <= high else "no")
+        (median, low, high, n), units = found if found else ((np.nan, np.nan, np.nan, 0), 0)
+        samples = stats.sample_count(stats.select_cell(runs, **cell)) if n else 0
         rows.append({"setting": ref["setting"], "thesis": ref["thesis"], "ours": median,
-                     "low": low, "high": high, "n": n, "samples": clusters,
-                     "ours / thesis": median / ref["thesis"],
-                     "thesis inside our interval": verdict})
+                     "low": low, "high": high, "n": n, "samples": samples, "units": units,
+                     "ours / thesis": median / ref["thesis"]})
     return pd.DataFrame(rows).set_index("setting")
 
 
-def thesis_differences(runs: pd.DataFrame, metric: str = "final_val_loss",
+def thesis_differences(runs: pd.DataFrame, metric: str = PRIMARY,
                        n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """The thesis's three claims as differences with 95% intervals (basic CNN, no augmentation).
 
     First minus second: the median of the per-repeat differences where the cells are
     paired, else the difference of their medians; a pair not run yet is left out.
     """
+    split_of(runs)
     metric = thesis_metric(metric)
     headline = {"model": "basic_cnn", "aug": "none"}
     rows = []
@@ -175,7 +178,7 @@ def verdict(row) -> str:
     return "helped (lower loss)" if row["difference"] < 0 else "hurt (higher loss)"
 
 
-def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+def effects_table(runs: pd.DataFrame, metric: str = PRIMARY, n_boot: int | None = None,
                   seed: int | None = None) -> pd.DataFrame:
     """Did synthetic images help? One row per synthetic cell against its real-only twin.
 
@@ -185,6 +188,7 @@ def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: in
     independent samples (:mod:`mrilib.stats`). "real only" and "with synthetic" are the
     medians of the same repeats.
     """
+    split_of(runs)
     effects = leak_free_effects(runs, metric, n_boot, seed)
     if effects.empty:
         raise MissingCells("effects_table: no synthetic cell with a leak-free generator has "
@@ -201,9 +205,10 @@ def effects_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: in
         columns={"median_b": "real only", "median_a": "with synthetic"}).reset_index(drop=True)
 
 
-def leakage_table(runs: pd.DataFrame, metric: str = "final_val_loss", n_boot: int | None = None,
+def leakage_table(runs: pd.DataFrame, metric: str = PRIMARY, n_boot: int | None = None,
                   seed: int | None = None) -> pd.DataFrame:
     """Each leaky-generator cell beside its leak-free twin and its real-only twin."""
+    split_of(runs)
     if not (runs["leakage"] == "leaky").any():
         raise MissingCells("leakage_table: no leaky-generator runs in the results yet")
     keys = runs[runs["leakage"] == "leaky"].drop_duplicates(["model", "aug", "real_fraction"])
@@ -231,20 +236,22 @@ def _leakage_row(runs, key, metric, n_boot, seed) -> dict:
 
 # ----------------------------------------------------------------------------- every cell
 
-def classification_table(runs: pd.DataFrame, split: str = "test", stage: str = "final",
+def classification_table(runs: pd.DataFrame, split: str = "test", stage: str = "best",
                          n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
-    """Accuracy, macro-F1 and recall of every class per cell: median [95% interval].
+    """Accuracy, balanced accuracy, macro-F1 and recall of every class per cell: median
+    [95% interval].
 
-    From the ``<stage>_<split>_confusion`` matrices of the runs (last epoch on the test
-    split by default); one row per cell, ``n`` runs each.
+    From the ``<stage>_<split>_confusion`` matrices of the runs (the test split at each
+    run's epoch selected on validation, by default); one row per cell, ``n`` runs each.
     """
+    split_of(runs)
     column = f"{stage}_{split}_confusion"
     if column not in runs:
         raise ValueError(f"classification_table: the runs carry no {column} column; "
                          f"choose split='test' or 'val' and stage='final' or 'best'")
     runs = stats.with_confusion_metrics(runs) if f"{stage}_{split}_macro_f1" not in runs else runs
     prefix = f"{stage}_{split}_"
-    metrics = [prefix + "accuracy", prefix + "macro_f1",
+    metrics = [prefix + "accuracy", prefix + "balanced_accuracy", prefix + "macro_f1",
                *[c for c in runs.columns if c.startswith(prefix + "recall_")]]
     summary = stats.cell_summary(runs, metrics=metrics, n_boot=n_boot, seed=seed)
     out = pd.DataFrame({"architecture": [model_label(runs, m) for m in summary["model"]],
@@ -262,8 +269,10 @@ def cells_table(runs: pd.DataFrame, n_boot: int | None = None,
                 seed: int | None = None) -> pd.DataFrame:
     """Every cell: its repeats, independent samples, diverged runs, and each metric's
     median [95% interval] (:func:`mrilib.stats.cell_summary`)."""
+    split_of(runs)
     summary = stats.cell_summary(runs, n_boot=n_boot, seed=seed)
-    shown = summary[[*stats.CELL_COLUMNS, "n", "clusters", "diverged", "init"]].copy()
+    shown = summary[[*stats.cell_columns(summary), "n", "samples", "clusters", "diverged",
+                     "init"]].copy()
     shown["real_fraction"] = [f"{x:.0%}" for x in shown["real_fraction"]]
     for metric in stats.default_metrics(runs):
         shown[metric] = [format_interval(e, lo, hi, digits=3) for e, lo, hi in
