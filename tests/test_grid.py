@@ -1024,3 +1024,13 @@ def test_rows_that_named_the_leakage_mode_generator_read_as_leakage(tmp_path):
     runs, epochs = ex.load_results(tmp_path, design=None)
     assert list(runs["leakage"]) == ["leaky"] and "generator" not in runs
     assert list(epochs["leakage"]) == ["leaky"]
+
+
+def test_grid_cli_lists_a_tier_and_a_split(tmp_path, capsys):
+    from mrilib import cli
+
+    assert cli.main(["grid", "--preset", "thesis", "--tier", "1", "--split", "subject", "--list",
+                     "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 27 cells complete; 0 of 540 runs" in out
+    assert "subject/basic_cnn/none/fill/0.3/sample" in out and "slice/" not in out

@@ -9,6 +9,12 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", choices=KNOWN_PRESETS, default=None,
                    help="thesis: the full grid; quick: a few cells on a CPU; cell: one cell "
                         "(default: $MRILIB_PRESET, else thesis)")
+    p.add_argument("--tier", type=int, choices=(1, 2, 3), default=None,
+                   help="train the cells of tiers 1..N only: 1, the basic CNN's thesis cells on "
+                        "both splits; 2, + ResNet-18's and ViT-Tiny's core cells on the subject "
+                        "split; 3, everything (default)")
+    p.add_argument("--split", choices=("slice", "subject"), default=None,
+                   help="train the cells of one split only (default: both)")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs already in the results folder (needed once it "
                         "holds any)")
@@ -54,6 +60,10 @@ def run(args) -> int:
     from ..grid import grid_status, run_grid
 
     overrides = {}
+    if args.tier is not None:
+        overrides["tier"] = args.tier
+    if args.split is not None:
+        overrides["splits"] = [args.split]
     if args.imagenet is not None:
         starts = imagenet_starts(args.imagenet)
         overrides.update(imagenet=starts, models=list(starts))
