@@ -5,6 +5,7 @@
                    [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
+    synth shortcut --real-frac 0.3 [--generator g] [--max-sources N] [--out FILE]
 
 ``train`` without ``--seed`` trains the grid's generators of X (one per real sample,
 ``samples`` of :mod:`mrilib.grid`) one after another within the time budget, so
@@ -18,9 +19,10 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark")
+    p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark, "
+                                       "sweep (and choose the guidance weight), shortcut check")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for add in (_add_train, _add_generate, _add_bench, _add_sweep):
+    for add in (_add_train, _add_generate, _add_bench, _add_sweep, _add_shortcut):
         add(actions)
 
 
@@ -100,7 +102,8 @@ def _add_bench(actions) -> None:
 
 def _add_sweep(actions) -> None:
     w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
-                                         "source of variations at several strengths")
+                                         "source of variations at several strengths and "
+                                         "guidance weights; chooses the weight on validation")
     w.add_argument("--real-frac", type=float, required=True,
                    help="X: the real fraction whose generator is swept")
     w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
@@ -117,6 +120,26 @@ def _add_sweep(actions) -> None:
     w.add_argument("--out", default=None, help="also write the JSON to this file")
     _common(w)
     w.set_defaults(func=run_sweep)
+
+
+def _add_shortcut(actions) -> None:
+    s = actions.add_parser("shortcut", help="can a basic CNN tell a generator's variations from "
+                                            "real slices it never saw? (chapter 2's shortcut "
+                                            "check)")
+    s.add_argument("--real-frac", type=float, required=True,
+                   help="X: the real fraction whose generator is checked")
+    s.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
+    s.add_argument("--max-sources", type=int, default=None,
+                   help="at most N sources, in equal shares per class (default: the preset's; "
+                        "thesis: the whole sample)")
+    s.add_argument("--folds", type=int, default=None,
+                   help="folds of sources, each held out once (default: the preset's)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seeds the variations, the folds and the classifiers (default 0)")
+    s.add_argument("--out", default=None,
+                   help="also write the JSON to this file, e.g. results/shortcut_x0.3_g0.json")
+    _common(s)
+    s.set_defaults(func=run_shortcut)
 
 
 def _common(p) -> None:
@@ -281,19 +304,54 @@ def run_sweep(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    names = list(result["classifier_real_test"])
+    names = list(result["classifier_real_val"])
     print(f"generator {result['generator']}: {result['n_sources']} sources "
           f"{result['sources_per_class']}; chance {result['chance']:.2f}")
     print(f"{'guidance':>8} {'strength':>8} {'balanced':>9} "
           + " ".join(f"{n[:12]:>12}" for n in names) + f" {'grey bg':>8} {'rms to src':>10}")
-    print(f"{'':>8} {'real':>8} {result['classifier_real_test_balanced']:>9.3f} "
-          + " ".join(f"{result['classifier_real_test'][n]:>12.3f}" for n in names)
-          + f" {'':>8} {'':>10}   (the classifier on real test slices)")
+    for split, note in (("val", "the classifier on real validation slices: the ceiling"),
+                        ("test", "real test slices, information only: chooses nothing")):
+        print(f"{'real':>8} {split:>8} "
+              f"{result[f'classifier_real_{split}_balanced']:>9.3f} "
+              + " ".join(f"{result[f'classifier_real_{split}'][n]:>12.3f}" for n in names)
+              + f" {'':>8} {'':>10}   ({note})")
     for row in result["strengths"]:
         print(f"{row['guidance_scale']:>8g} {row['strength']:>8.2f} "
               f"{row['balanced_fidelity']:>9.3f} "
               + " ".join(f"{row['fidelity'][n]:>12.3f}" for n in names)
               + f" {row['background_grey']:>8.1f} {row['rms_to_source']:>10.1f}")
+    print(result["guidance_note"])
+    return 0
+
+
+def run_shortcut(args) -> int:
+    from pathlib import Path
+
+    from ..data import load_mri, split_mri
+    from ..provenance import provenance
+    from ..paths import atomic_write_bytes, preset_name
+    from ..synthetic.quality import generator_shortcut_check
+
+    overrides = {k: getattr(args, k) for k in ("max_sources", "folds")
+                 if getattr(args, k) is not None}
+    data = load_mri(args.source)
+    result = generator_shortcut_check(data, split_mri(data), args.real_frac, args.generator,
+                                      seed=args.seed, device=args.device,
+                                      progress=not args.json, **overrides)
+    result.update(preset=preset_name(), provenance=provenance(args.device))
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"generator {result['generator']}: {result['n_sources']} sources, "
+          f"{result['folds']} folds by {result['folds_by']}, {result['epochs']} epochs")
+    print(f"{'':>20} {'balanced':>9} {'real':>6} {'synthetic':>9} {'coin <':>7} {'sources':>7}")
+    for name, row in {"all": result, **result["per_class"]}.items():
+        print(f"{name:>20} {row['accuracy']:>9.3f} {row['real']:>6.3f} "
+              f"{row['synthetic']:>9.3f} {row['chance_upper']:>7.3f} "
+              f"{row['n_sources']:>7}  {row['verdict']}")
+    print(result["reading"])
     return 0
 
 

@@ -89,10 +89,21 @@ def class_fidelity_figure(fidelity: dict[str, dict[str, float]], note: str | Non
     return _maybe_save(fig, save)
 
 
+def _ceiling(sweep: dict) -> tuple[dict, float, str]:
+    """(per class, balanced, which slices) the classifier scored on real slices: validation,
+    or the test split for sweeps made before the validation ceiling."""
+    split = "val" if "classifier_real_val" in sweep else "test"
+    return (sweep[f"classifier_real_{split}"], sweep.get(f"classifier_real_{split}_balanced",
+                                                         float("nan")),
+            "real validation slices" if split == "val" else "real test slices (an old sweep)")
+
+
 def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None = None):
     """Class fidelity per class against SDEdit strength (one panel per guidance weight),
     and distance from the source and background (last panel), from
-    :func:`mrilib.synthetic.quality.strength_sweep`."""
+    :func:`mrilib.synthetic.quality.strength_sweep`. Dotted: the classifier on real
+    validation slices (test slices in sweeps made before that), per class and balanced."""
+    ceiling, balanced, where = _ceiling(sweep)
     by_scale: dict[float, list] = {}
     for r in sweep["strengths"]:  # sweeps made before guidance existed ran at 1
         by_scale.setdefault(r.get("guidance_scale", 1.0), []).append(r)
@@ -102,20 +113,20 @@ def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None
                              squeeze=False)
     for left, (w, rows) in zip(axes[0], by_scale.items()):
         s = [r["strength"] for r in rows]
-        for name in sweep["classifier_real_test"]:
+        for name in ceiling:
             line, = left.plot(s, [r["fidelity"][name] for r in rows], "o-",
                               label=name.replace("_", " "))
-            # the classifier's accuracy on real test slices of the class: the ceiling
-            left.axhline(sweep["classifier_real_test"][name], color=line.get_color(), ls=":",
-                         lw=1)
+            # the classifier's accuracy on real slices of the class: the ceiling
+            left.axhline(ceiling[name], color=line.get_color(), ls=":", lw=1)
         left.plot(s, [r["balanced_fidelity"] for r in rows], "k.-", lw=2,
                   label="balanced (mean)")
+        left.axhline(balanced, color="k", ls=":", lw=1.5)
         left.axhline(sweep["chance"], color="k", ls="--", lw=1, label="chance")
         guidance = "no guidance" if w == 1 else f"guidance {w:g}"
         left.set(xlabel="strength (0 = the source, 1 = a fresh sample)", ylim=(0, 1.05),
                  ylabel="real-only classifier's accuracy",
                  title=f"Class fidelity, {guidance}\n({sweep['n_sources']} sources; "
-                       f"dotted: real test slices)")
+                       f"dotted: {where})")
         left.legend(fontsize=7)
     right = axes[0, -1]
     for w, rows in by_scale.items():
@@ -134,20 +145,26 @@ def strength_sweep_figure(sweep: dict, note: str | None = None, save: str | None
 
 
 def _guidance_figure(sweep: dict, note: str | None, save: str | None):
-    """Class fidelity, distance and background against the guidance weight, one strength."""
+    """Class fidelity, distance and background against the guidance weight, one strength;
+    the weight the sweep chose (on validation) marked, where it chose one."""
+    ceiling, balanced, where = _ceiling(sweep)
     rows = sorted(sweep["strengths"], key=lambda r: r.get("guidance_scale", 1.0))
     w = [r.get("guidance_scale", 1.0) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in sweep["classifier_real_test"]:
+    for name in ceiling:
         line, = left.plot(w, [r["fidelity"][name] for r in rows], "o-",
                           label=name.replace("_", " "))
-        left.axhline(sweep["classifier_real_test"][name], color=line.get_color(), ls=":", lw=1)
+        left.axhline(ceiling[name], color=line.get_color(), ls=":", lw=1)
     left.plot(w, [r["balanced_fidelity"] for r in rows], "k.-", lw=2, label="balanced (mean)")
+    left.axhline(balanced, color="k", ls=":", lw=1.5)
     left.axhline(sweep["chance"], color="k", ls="--", lw=1, label="chance")
+    if sweep.get("chosen_guidance") is not None:
+        left.axvline(sweep["chosen_guidance"], color="0.5", lw=4, alpha=0.3,
+                     label=f"chosen on validation: {sweep['chosen_guidance']:g}")
     left.set(xlabel="guidance weight (1 = none)", ylim=(0, 1.05), xticks=w,
              ylabel="real-only classifier's accuracy",
              title=f"Class fidelity at strength {rows[0]['strength']:g}\n"
-                   f"({sweep['n_sources']} sources; dotted: real test slices)")
+                   f"({sweep['n_sources']} sources; dotted: {where})")
     left.legend(fontsize=7)
     right.plot(w, [r["rms_to_source"] for r in rows], "o-", label="median RMS to its source")
     right.plot(w, [r["background_grey"] for r in rows], "s-",
@@ -155,6 +172,36 @@ def _guidance_figure(sweep: dict, note: str | None, save: str | None):
     right.set(xlabel="guidance weight", ylabel="gray levels (0-255)", xticks=w,
               title="How far variations move from their source")
     right.legend(fontsize=7)
+    fig.tight_layout()
+    _note(fig, note)
+    return _maybe_save(fig, save)
+
+
+def shortcut_figure(check: dict, note: str | None = None, save: str | None = None):
+    """Held-out accuracy of a basic CNN telling variations from real slices, overall and
+    per class, against chance and a coin's 97.5% point, from
+    :func:`mrilib.synthetic.quality.shortcut_check`."""
+    rows = {"all classes": check, **check["per_class"]}
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8.5, 3.4))
+    ax.bar(x, [r["accuracy"] for r in rows.values()], 0.6, color="0.75",
+           label="balanced (real and synthetic alike)")
+    for j, r in enumerate(rows.values()):  # inside the bar's foot, clear of the markers
+        ax.text(j, 0.03, f"{r['accuracy']:.2f}\n{r['n_sources']} sources", ha="center",
+                va="bottom", fontsize=7)
+    ax.plot(x, [r["real"] for r in rows.values()], "o", color="tab:blue", label="real called real")
+    ax.plot(x, [r["synthetic"] for r in rows.values()], "s", color="tab:orange",
+            label="variation called synthetic")
+    ax.plot(x, [r["chance_upper"] for r in rows.values()], "k_", ms=22, mew=1.5,
+            label="a coin stays under (97.5%)")
+    ax.axhline(check["chance"], color="k", ls="--", lw=1, label="chance")
+    ax.axhline(check["high"], color="firebrick", ls=":", lw=1, label="high")
+    ax.set_xticks(x, [n.replace("_", "\n") for n in rows], fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"Shortcut check: real or synthetic? ({check['verdict']}; "
+                 f"{check['folds']} folds by {check['folds_by']})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     _note(fig, note)
     return _maybe_save(fig, save)

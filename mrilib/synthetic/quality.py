@@ -14,12 +14,30 @@ background grey hands a classifier a cue that says "synthetic", not "this class"
 synthetic images go to one class only (the thesis's "20% synthetic, ModerateDemented
 only"), that cue predicts the class. The first full generator did this
 (docs/decisions.md#local-generator), so the check sits beside the other two.
+
+Shortcut: a basic CNN trained to tell variations from real slices, on sources it never
+saw (docs/decisions.md#shortcut-check). High held-out accuracy says "synthetic" is a
+feature a classifier can learn, whatever the cue (background, texture, blur).
+
+The guidance weight is chosen from a sweep against the classifier's accuracy on real
+*validation* slices (:func:`chosen_guidance`); the test split chooses nothing.
 """
 from __future__ import annotations
 
 import torch
 
+from ..config import settings
 from ..data import nearest_neighbours
+
+DEFAULTS = {
+    # --- shortcut check (shortcut_check) ---
+    "folds": 5,           # every source held out once, by a model that never saw it (or its brain)
+    "high": 0.75,         # held-out balanced accuracy (chance 0.5) from which a cue counts as easy
+    "max_sources": None,  # sources checked, equal shares per class; None: all of them
+}
+PRESETS = {
+    "quick": {"folds": 3, "max_sources": 48},  # seconds on a CPU: the pipeline, not an answer
+}
 
 
 def memorization_distances(synthetic: torch.Tensor, real_train: torch.Tensor) -> dict:
@@ -123,8 +141,11 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
     the sources are black (``background_grey``), and the median RMS gray-level distance
     of a variation from its own source (``rms_to_source``: 0 at strength 0, the spread
     the variations add). ``classifier`` defaults to the thesis protocol's basic CNN
-    trained on the same sample (seed 0), whose per-class accuracy on the real test split
-    is reported beside them as the ceiling to read fidelity against. One row per strength
+    trained on the same sample (seed 0), whose per-class accuracy on the real
+    *validation* split (``classifier_real_val``) is the ceiling to read fidelity against
+    and to choose the guidance weight by (``chosen_guidance``, ``guidance_note``: see
+    :func:`chosen_guidance`); its accuracy on real test slices (``classifier_real_test``)
+    is there for information only and chooses nothing. One row per strength
     and classifier-free guidance weight in ``guidance_scales`` (1 = none; > 1 needs a
     generator trained with ``class_dropout``; default: the preset's ``guidance_scale``),
     strengths varying fastest.
@@ -147,8 +168,10 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
     if classifier is None:  # trained once, then found in cache/classifiers/
         classifier, _ = trained_classifier(data, split, sample, device=device)
     classifier = classifier.to(device)
-    real = class_fidelity(classifier, data.images[split.test], data.labels[split.test],
-                          data.classes)
+    val = class_fidelity(classifier, data.images[split.val], data.labels[split.val],
+                         data.classes)
+    test = class_fidelity(classifier, data.images[split.test], data.labels[split.test],
+                          data.classes)  # information only: chooses nothing
     rows = []
     for w, s in ((w, s) for w in scales for s in strengths):
         backend = LocalDiffusion(path, strength=s, guidance_scale=w, device=device,
@@ -167,11 +190,74 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
                                    .flatten(1).mean(1).sqrt().median()),
             "generated": report["generated"], "cached": report["cached"],
             "seconds": report["seconds"], "cache_dir": str(report["dir"])})
-    return {"generator": str(path), "real_fraction": real_fraction,
-            "generator_index": g, "seed": seed, "n_sources": len(sources),
-            "sources_per_class": {name: int((lab == c).sum()) for c, name in enumerate(data.classes)},
-            "classifier_real_test": real, "classifier_real_test_balanced": _mean(real.values()),
-            "chance": 1 / len(data.classes), "strengths": rows}
+    sweep = {"generator": str(path), "real_fraction": real_fraction,
+             "generator_index": g, "seed": seed, "n_sources": len(sources),
+             "sources_per_class": {name: int((lab == c).sum()) for c, name in enumerate(data.classes)},
+             "classifier_real_val": val, "classifier_real_val_balanced": _mean(val.values()),
+             "classifier_real_test": test, "classifier_real_test_balanced": _mean(test.values()),
+             "chance": 1 / len(data.classes), "strengths": rows}
+    return sweep | _guidance_choice(sweep)
+
+
+def chosen_guidance(sweep: dict, strength: float | None = None) -> float | None:
+    """The guidance weight a sweep chooses: the smallest one measured at ``strength``
+    (default: the preset's) whose balanced fidelity reaches the classifier's balanced
+    accuracy on real validation slices; None when none reaches it (measure larger ones).
+
+    A sweep with no validation ceiling (those made before it, which read the test split)
+    raises ValueError: the test split chooses nothing.
+    """
+    if "classifier_real_val_balanced" not in sweep:
+        raise ValueError("this sweep has no validation ceiling (it predates it and read the "
+                         "test split, which must choose nothing); rerun `synth sweep` to "
+                         "choose a guidance weight")
+    strength = float(_generator_settings()["strength"]) if strength is None else float(strength)
+    rows = _rows_at(sweep, strength)
+    if not rows:
+        raise ValueError(f"the sweep has no rows at strength {strength:g} (it has "
+                         f"{sorted({r['strength'] for r in sweep['strengths']})}); pass one "
+                         f"of those or sweep that strength")
+    ceiling = sweep["classifier_real_val_balanced"]
+    reached = [w for w, r in rows.items() if r["balanced_fidelity"] >= ceiling]
+    return min(reached) if reached else None
+
+
+def _guidance_choice(sweep: dict) -> dict:
+    """``chosen_guidance`` (None where the rule chooses nothing) and a line saying why."""
+    strength = float(_generator_settings()["strength"])
+    rows = _rows_at(sweep, strength)
+    if not rows:
+        return {"chosen_guidance": None,
+                "guidance_note": f"no guidance weight chosen: no rows at the default strength "
+                                 f"{strength:g}"}
+    w = chosen_guidance(sweep, strength)
+    ceiling = sweep["classifier_real_val_balanced"]
+    measured = ", ".join(f"{v:g}" for v in sorted(rows))
+    if w is not None:
+        note = (f"guidance {w:g} chosen: the smallest weight measured at strength {strength:g} "
+                f"({measured}) whose balanced fidelity ({rows[w]['balanced_fidelity']:.2f}) "
+                f"reaches the classifier's balanced accuracy on real validation slices "
+                f"({ceiling:.2f})")
+    else:
+        best = max(rows, key=lambda v: rows[v]["balanced_fidelity"])
+        note = (f"no guidance weight chosen: none measured at strength {strength:g} "
+                f"({measured}) reaches the classifier's balanced accuracy on real validation "
+                f"slices ({ceiling:.2f}; best {rows[best]['balanced_fidelity']:.2f} at "
+                f"{best:g}); sweep larger weights before changing the default")
+    return {"chosen_guidance": w, "guidance_note": note}
+
+
+def _rows_at(sweep: dict, strength: float) -> dict[float, dict]:
+    """The sweep's rows at ``strength``, by guidance weight (1 for sweeps made before it)."""
+    return {float(r.get("guidance_scale", 1.0)): r for r in sweep["strengths"]
+            if abs(r["strength"] - strength) < 1e-9}
+
+
+def _generator_settings() -> dict:
+    """The generator's settings in force (its default strength and guidance weight)."""
+    from . import diffusion
+
+    return settings(diffusion.DEFAULTS, diffusion.PRESETS)
 
 
 def saved_sweeps(data, split, real_fraction: float, g: int, directory=None) -> list[dict]:
@@ -202,17 +288,204 @@ def saved_sweeps(data, split, real_fraction: float, g: int, directory=None) -> l
     return found
 
 
+def shortcut_check(real: torch.Tensor, variations: torch.Tensor, labels: torch.Tensor, classes,
+                   seed: int = 0, groups: torch.Tensor | None = None, device=None,
+                   train: dict | None = None, **overrides) -> dict:
+    """Can a basic CNN tell ``variations`` (1) from their ``real`` sources (0) on sources
+    it never saw? Held-out accuracy, overall and per diagnosis class, and a reading.
+
+    ``real`` uint8 [N, 1, H, W] with diagnosis ``labels`` [N]; ``variations`` [N, 1, H, W]
+    or [N, V, 1, H, W], V per source. The sources are dealt into ``folds`` by class (whole
+    ``groups``, e.g. brains, where given, so no neighbouring slice is trained on either);
+    fold k's sources and their variations are held out from the model that scores them,
+    the engine's basic CNN with its defaults (``train``: overrides of
+    :data:`mrilib.train.DEFAULTS`) trained on the other folds with seed ``seed + k``. Its
+    final epoch scores them: the engine's validation slot holds the held-out fold too, and
+    nothing is chosen on it. ``accuracy`` is balanced (real and synthetic weigh alike,
+    chance 0.5); ``chance_upper`` is what a coin stays under 97.5% of the time on as many
+    held-out images; ``verdict`` is "near chance", "above chance" or "high" (at or above
+    ``high``). ``overrides``: :data:`DEFAULTS` keys.
+    """
+    cfg = _shortcut_settings(**overrides)
+    folds_by = "source" if groups is None else "group"
+    real, variations, labels, groups = _checked_shortcut_inputs(real, variations, labels,
+                                                                groups)
+    keep = _balanced_sources(labels, torch.arange(len(labels)), cfg["max_sources"], seed)
+    real, variations, labels, groups = real[keep], variations[keep], labels[keep], groups[keep]
+    fold = _source_folds(labels, groups, cfg["folds"], seed)
+    v = variations.shape[1]
+    bank = torch.cat([real, variations.flatten(0, 1)])
+    synthetic = torch.cat([torch.zeros(len(real)), torch.ones(len(real) * v)]).long()
+    row_fold, row_class = torch.cat([fold, fold.repeat_interleave(v)]), \
+        torch.cat([labels, labels.repeat_interleave(v)])
+    said, epochs = _held_out_predictions(bank, synthetic, row_fold, cfg["folds"], seed,
+                                         device, train or {})
+    right = said == synthetic
+    overall = _split_accuracy(right, synthetic)
+    per_class = {name: {**_split_accuracy(right[row_class == c], synthetic[row_class == c]),
+                        "n_sources": int((labels == c).sum())}
+                 for c, name in enumerate(classes) if (labels == c).any()}
+    result = {**overall, "chance": 0.5, "high": cfg["high"], "per_class": per_class,
+              "n_sources": len(real), "variations_per_source": v, "folds": cfg["folds"],
+              "folds_by": folds_by,
+              "seeds": [seed + k for k in range(cfg["folds"])], "model": "basic_cnn",
+              "epochs": epochs, "img_size": int(real.shape[-1])}
+    result["verdict"] = _shortcut_verdict(result)
+    for row in per_class.values():
+        row["verdict"] = _shortcut_verdict({**row, "high": cfg["high"]})
+    return result | {"reading": shortcut_reading(result)}
+
+
+def shortcut_reading(check: dict) -> str:
+    """What :func:`shortcut_check`'s numbers say, in a few plain sentences."""
+    acc, upper = check["accuracy"], check["chance_upper"]
+    said = (f"On sources it never saw, a basic CNN tells variations from real slices "
+            f"{acc:.0%} of the time (balanced; chance 50%, a coin stays under {upper:.0%} on "
+            f"as many images).")
+    if check["verdict"] == "near chance":
+        return (said + " That is within chance: this basic CNN found no cue that says "
+                "'synthetic', so the ModerateDemented-only row is not explained by one "
+                "(a larger model might still find one).")
+    strength = "easily" if check["verdict"] == "high" else "partly"
+    return (said + f" 'Synthetic' is a feature a classifier can {strength} learn. Where "
+            "synthetic images go to one class only (the thesis's ModerateDemented-only row), "
+            "'synthetic' then predicts 'Moderate': that row may measure the shortcut rather "
+            "than better Moderate features.")
+
+
+def generator_shortcut_check(data, split, real_fraction: float, g: int, seed: int = 0,
+                             device=None, progress: bool = True, **overrides) -> dict:
+    """:func:`shortcut_check` of generator g's variations of its own training sample, drawn
+    (and cached) at the preset's strength and guidance weight, as the grid draws them.
+
+    Folds hold whole recovered brains where the data reveals them (else single slices);
+    ``max_sources`` (a :data:`DEFAULTS` key) picks that many in equal shares per class.
+    """
+    from ..data import DataError
+    from ..subjects import subject_ids
+    from .cache import generate_cached
+    from .diffusion import LocalDiffusion, generator_path
+    from .mixing import real_sample
+
+    cfg = _shortcut_settings(**overrides)  # bad settings fail before any sampling
+    path = generator_path(data, split, real_fraction, g)
+    backend = LocalDiffusion(path, device=device, sample_seed=g)
+    sources = _balanced_sources(data.labels, real_sample(data, split, real_fraction, g),
+                                cfg["max_sources"], seed)
+    made, report = generate_cached(backend, data.images[sources], data.labels[sources],
+                                   [data.ids[i] for i in sources.tolist()], per_image=1,
+                                   seed=seed, progress=progress, batch_size=backend.max_batch)
+    try:
+        brains = data.subjects if data.subjects is not None else subject_ids(data)
+        groups = torch.as_tensor(brains)[sources]
+    except DataError:  # no brains to recover: folds of single slices
+        groups = None
+    check = shortcut_check(data.images[sources], made, data.labels[sources], data.classes,
+                           seed=seed, groups=groups, device=device,
+                           **{**overrides, "max_sources": None})
+    return {"generator": str(path), "real_fraction": real_fraction, "generator_index": g,
+            "seed": seed, "strength": backend.strength, "guidance_scale": backend.guidance_scale,
+            "generated": report["generated"], "cached": report["cached"], **check,
+            "folds_by": "source" if groups is None else "brain"}
+
+
+def _shortcut_settings(**overrides) -> dict:
+    """The shortcut check's settings in force; ValueError for a count it cannot use."""
+    cfg = settings(DEFAULTS, PRESETS, **overrides)
+    if cfg["folds"] < 2:
+        raise ValueError(f"folds={cfg['folds']}: give at least 2 (each fold is held out once)")
+    if cfg["max_sources"] is not None and cfg["max_sources"] < cfg["folds"]:
+        raise ValueError(f"max_sources={cfg['max_sources']}: give at least one source per "
+                         f"fold ({cfg['folds']}), or None for all of them")
+    return cfg
+
+
+def _checked_shortcut_inputs(real, variations, labels, groups):
+    """(real, variations [N, V, 1, H, W], labels, groups) checked; ValueError saying what is off."""
+    if variations.dim() == real.dim():
+        variations = variations[:, None]
+    if real.dim() != 4 or variations.shape[0] != len(real) or variations.shape[2:] != real.shape[1:]:
+        raise ValueError(f"variations {tuple(variations.shape)} do not line up with real "
+                         f"{tuple(real.shape)}; give [N, 1, H, W] sources and one (or V) "
+                         f"variations per source of the same size")
+    if len(labels) != len(real):
+        raise ValueError(f"{len(labels)} labels for {len(real)} sources; give one per source")
+    groups = torch.arange(len(real)) if groups is None else torch.as_tensor(groups).long()
+    if len(groups) != len(real):
+        raise ValueError(f"{len(groups)} groups for {len(real)} sources; give one per source")
+    return real, variations, labels, groups
+
+
+def _source_folds(labels: torch.Tensor, groups: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """[N] the fold of each source: whole groups, each class's spread evenly over the folds.
+
+    Groups are dealt in a seeded order, class by class, each to the fold that holds fewest
+    of its class (then fewest sources): a held-out fold never shares a group with training.
+    """
+    units = groups.unique()
+    if len(units) < folds:
+        raise ValueError(f"{len(units)} sources (or groups) for {folds} folds: give at least "
+                         f"one per fold, or fewer folds")
+    rng = torch.Generator().manual_seed(seed)
+    unit_class = torch.stack([labels[groups == u].min() for u in units])
+    fold = torch.empty(len(labels), dtype=torch.long)
+    size = [0] * folds
+    for c in unit_class.unique().tolist():
+        mine, of_class = units[unit_class == c], [0] * folds
+        for u in mine[torch.randperm(len(mine), generator=rng)].tolist():
+            k = min(range(folds), key=lambda j: (of_class[j], size[j], j))
+            members = groups == u
+            fold[members] = k
+            of_class[k] += int(members.sum())
+            size[k] += int(members.sum())
+    return fold
+
+
+def _held_out_predictions(bank, synthetic, row_fold, folds, seed, device, train) -> tuple:
+    """(what each row's held-out model says, 0 real / 1 synthetic; the epochs trained)."""
+    from ..device import resolve_device
+    from ..models import build_model
+    from ..train import train_replicates
+
+    said = torch.empty_like(synthetic)
+    for k in range(folds):
+        out = row_fold == k
+        held = (bank[out], synthetic[out])
+        (record,), ((state, _),) = train_replicates(
+            "basic_cnn", bank, synthetic, (~out).nonzero()[:, 0][None], held, held,
+            seeds=[seed + k], device=device, return_models=True,
+            **{"num_classes": 2, "test_every_epoch": False, **train})
+        model = build_model("basic_cnn", num_classes=2, img_size=int(bank.shape[-1]))
+        model.load_state_dict(state)
+        said[out] = predictions(model.to(resolve_device(device)), bank[out]).argmax(1)
+    return said, record["epochs"]
+
+
+def _split_accuracy(right: torch.Tensor, synthetic: torch.Tensor) -> dict:
+    """Accuracy on real rows, on synthetic rows, their mean (balanced) and a coin's 97.5% point."""
+    n_real, n_syn = int((synthetic == 0).sum()), int((synthetic == 1).sum())
+    real = float(right[synthetic == 0].float().mean()) if n_real else float("nan")
+    syn = float(right[synthetic == 1].float().mean()) if n_syn else float("nan")
+    # a coin scores each half with variance 1/4n: the balanced mean's sd is half their root sum
+    upper = 0.5 + 1.96 * 0.5 * (0.25 / max(n_real, 1) + 0.25 / max(n_syn, 1)) ** 0.5
+    return {"accuracy": _mean([real, syn]), "real": real, "synthetic": syn,
+            "n_real": n_real, "n_synthetic": n_syn, "chance_upper": min(upper, 1.0)}
+
+
+def _shortcut_verdict(check: dict) -> str:
+    if not check["accuracy"] > check["chance_upper"]:  # NaN reads as near chance
+        return "near chance"
+    return "high" if check["accuracy"] >= check["high"] else "above chance"
+
+
 def _checked_sweep(strengths, guidance_scales, max_sources, classes) -> tuple[list, list]:
     """(strengths, guidance weights) of a sweep as floats, the weight in force by default."""
-    from ..config import settings
-    from .diffusion import DEFAULTS, PRESETS
-
     strengths = [float(s) for s in strengths]
     bad = [s for s in strengths if not 0.0 < s <= 1.0]
     if bad or not strengths:
         raise ValueError(f"strengths {strengths}: give noise levels in (0, 1], e.g. 0.4,0.6,0.8")
     if guidance_scales is None:
-        guidance_scales = [settings(DEFAULTS, PRESETS)["guidance_scale"]]
+        guidance_scales = [_generator_settings()["guidance_scale"]]
     scales = [float(w) for w in guidance_scales]
     if not scales or any(not w >= 1.0 for w in scales):
         raise ValueError(f"guidance scales {scales}: give weights >= 1, e.g. 1,2,4 "
