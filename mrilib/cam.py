@@ -383,6 +383,18 @@ def _scaled_like_library(cam: torch.Tensor, size) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- overlays
 
+def no_evidence(cams) -> np.ndarray:
+    """bool ``[B]`` (or a bool for one map): True where a map is all zero, i.e. the model
+    finds no positive evidence for the class at that layer, and there is nothing to show."""
+    arr = _numpy(cams)
+    flat = arr.reshape(-1) if arr.ndim == 2 else arr.reshape(len(arr), -1)
+    out = ~np.any(flat > 0, axis=-1)
+    return bool(out) if arr.ndim == 2 else out
+
+
+NO_EVIDENCE = "all zero: no positive evidence for {target} at this layer"
+
+
 def overlay(scan_uint8, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]``: the jet-coloured CAM blended over a grayscale scan.
 

@@ -11,6 +11,8 @@ from torch import nn
 from .paths import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "mrilib-checkpoint-v1"
+WRITE_ONE = ("write one with `python -m mrilib train ... --save DIR` on the command line, "
+             "save_checkpoint in Python")
 
 
 def checkpoint_config(record: dict) -> dict:
@@ -45,17 +47,19 @@ def load_checkpoint(path: str | os.PathLike, model: str | nn.Module | None = Non
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; write one with "
-                                f"`python -m mrilib train ... --save DIR`")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; {WRITE_ONE}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, truncated, pickled objects...
-        raise ValueError(f"{str(path)!r} is not a readable mrilib checkpoint: "
-                         f"{type(err).__name__}: {err}") from err
+        first = (str(err).splitlines() or [""])[0]  # one line: the CLI prints one
+        raise ValueError(f"{str(path)!r} is not a readable mrilib checkpoint "
+                         f"({type(err).__name__}: {first}), e.g. cut short by a copy; copy "
+                         f"it again, or {WRITE_ONE}") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an mrilib checkpoint (format "
-                         f"{CHECKPOINT_FORMAT}); write one with save_checkpoint")
+                         f"{CHECKPOINT_FORMAT}); {WRITE_ONE}")
     config, state = blob["config"], blob["state_dict"]
+    given = model is not None
     if model is None or isinstance(model, str):
         name = config["model"] if model is None else model
         model = build_model(name, num_classes=config["num_classes"], img_size=config["img_size"])
@@ -63,11 +67,20 @@ def load_checkpoint(path: str | os.PathLike, model: str | nn.Module | None = Non
     if problem:
         raise ValueError(f"checkpoint {str(path)!r} ({config['model']}, img_size "
                          f"{config['img_size']}, {config['num_classes']} classes) does not fit "
-                         f"the model given: {problem}. Load it with the model and image size "
-                         f"it was trained with, or leave model=None to rebuild it.")
+                         f"{'the model given' if given else 'the model its config names'}: "
+                         f"{problem}. {_mismatch_fix(given)}")
     model.load_state_dict(state)
     model.mrilib_init = config.get("init", "scratch")  # the run's start, not the rebuild's
     return model.eval(), config
+
+
+def _mismatch_fix(given: bool) -> str:
+    """What to do when the weights do not fit: a model passed in Python, or the config's own."""
+    if given:
+        return ("Load it with the model and image size it was trained with, or leave "
+                "model=None to rebuild the model its config names.")
+    return ("Its config and its weights disagree, so the file was not written by one "
+            f"training run: {WRITE_ONE}.")
 
 
 def _state_mismatch(expected: dict, found: dict) -> str:

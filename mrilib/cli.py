@@ -9,10 +9,29 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .data import DataError
 
 COMMANDS = ("data", "train", "bench", "synth", "cam", "grid", "report")
+
+# What Ctrl-C leaves behind, per command: only grid and synth resume.
+INTERRUPTED = {
+    "data": "nothing was kept (the decoded images are cached only once all are read)",
+    "train": "nothing was kept: train writes its results and checkpoints (--save) only at "
+             "the end, so a rerun starts over",
+    "bench": "nothing was kept but the files of models already timed (--out); a rerun "
+             "times everything again",
+    "cam": "nothing was written",
+    "report": "summary.md was not written; a rerun reads the results again and writes it all",
+    "grid": "every finished run is saved in the results folder; rerun with --resume to "
+            "continue from them",
+    "synth train": "the generator was checkpointed; rerun the same command to resume",
+    "synth generate": "every image made is cached; rerun the same command to resume "
+                      "(nothing is asked for twice)",
+    "synth sweep": "the variations made are cached; a rerun reuses them",
+    "synth bench": "nothing was kept; a rerun times everything again",
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -29,10 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning meant for the user reads like an error line, without the source location.
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def interrupted_note(args) -> str:
+    """What an interrupted command keeps, in a line."""
+    name = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+    return f"interrupted; {INTERRUPTED.get(name, 'nothing was kept')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise
@@ -40,5 +72,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a rerun resumes from it", file=sys.stderr)
+        print(interrupted_note(args), file=sys.stderr)
         return 130

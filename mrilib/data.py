@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,11 @@ CLASSES = ("Mild_Demented", "Moderate_Demented", "Non_Demented", "Very_Mild_Deme
 SIZES = (128, 256)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 CACHE_FORMAT = 1  # bump when the cached tensor layout changes
+# Files an operating system leaves in folders: skipped with a warning, never fatal.
+CLUTTER = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+CLUTTER_REASON = "system file, not an image"
+# How to skip unreadable files, wherever the error is read.
+SKIP_HINT = "--skip-unreadable on the command line, on_error='skip' in Python"
 
 DEFAULTS = {
     "size": 128,          # pixels per side; the thesis used 128 (CNN) or 256
@@ -206,8 +213,36 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray, str]:
             img.load()
             return as_gray_square(img, size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"cannot read image {path}: {err}. Replace or remove the file, "
-                        f"or load with on_error='skip' to skip unreadable files.") from err
+        raise DataError(f"cannot read image {path}: {err}. Replace or remove the "
+                        f"file.") from err
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name).lower()
+
+
+def class_order(names: Sequence[str], where) -> list[int]:
+    """The :data:`CLASSES` index of each of ``names`` (case, '_', '-' and spaces aside, so
+    the Kaggle spelling MildDemented is Mild_Demented), or a DataError naming them all.
+
+    The thesis's four classes, each once: a fifth folder, or one missing, is refused here
+    rather than by the training code later.
+    """
+    known = {_squash(c): i for i, c in enumerate(CLASSES)}
+    order = [known.get(_squash(n)) for n in names]
+    if None not in order and sorted(order) == list(range(len(CLASSES))):
+        return order
+    unknown = [n for n, i in zip(names, order) if i is None]
+    missing = [c for i, c in enumerate(CLASSES) if i not in order]
+    twice = sorted({CLASSES[i] for i in order if i is not None and order.count(i) > 1})
+    problems = "; ".join(p for p in (
+        f"not one of them: {', '.join(unknown)}" if unknown else "",
+        f"missing: {', '.join(missing)}" if missing else "",
+        f"named twice: {', '.join(twice)}" if twice else "") if p)
+    raise DataError(f"{where} has the classes {', '.join(names)}, but mrilib needs the "
+                    f"thesis's four: {', '.join(CLASSES)} (case, '_', '-' and spaces aside, "
+                    f"e.g. MildDemented); {problems}. Move other folders out of it, and name "
+                    f"a folder after the class its images belong to.")
 
 
 def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[str, str]]]:
@@ -216,21 +251,20 @@ def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[t
     if not class_dirs:
         raise DataError(f"{root} has no class sub-folders; an image folder needs one "
                         f"sub-folder per class (Mild_Demented/, Non_Demented/, ...).")
-    if len(class_dirs) == 1:
-        raise DataError(f"{root} has a single class folder ({class_dirs[0].name}); a "
-                        f"classifier needs at least two. Point at the folder that holds "
-                        f"all the class folders.")
+    order = class_order([d.name for d in class_dirs], root)
     stray = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    files, non_images = [], [(str(p), "file beside the class folders") for p in stray]
-    for label, cdir in enumerate(class_dirs):
+    files, non_images = [], [(p, "file beside the class folders") for p in stray]
+    for cdir, label in zip(class_dirs, order):
         found = sorted(p for p in cdir.rglob("*") if p.is_file() and not p.name.startswith("."))
         images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-        non_images += [(str(p), "not an image file") for p in found if p not in images]
+        non_images += [(p, "not an image file") for p in found if p not in images]
         if not images:
             raise DataError(f"class folder {cdir} holds no images; add its images or "
                             f"remove the folder.")
         files += [(p, label) for p in images]
-    return [d.name for d in class_dirs], files, non_images
+    non_images = [(str(p), CLUTTER_REASON if p.name.lower() in CLUTTER else why)
+                  for p, why in non_images]
+    return list(CLASSES), files, non_images
 
 
 def _fingerprint_files(paths: Iterable[Path], root: Path) -> str:
@@ -243,10 +277,11 @@ def _fingerprint_files(paths: Iterable[Path], root: Path) -> str:
 
 def _load_folder(root: Path, size: int, on_error: str):
     classes, files, non_images = _folder_files(root)
-    if non_images and on_error == "raise":
-        listed = "\n  ".join(f"{p} ({why})" for p, why in non_images[:10])
-        raise DataError(f"{root} holds {len(non_images)} file(s) that are not images:\n  "
-                        f"{listed}\nMove them out, or load with on_error='skip'.")
+    foreign = [(p, why) for p, why in non_images if why != CLUTTER_REASON]
+    if foreign and on_error == "raise":
+        listed = "\n  ".join(f"{p} ({why})" for p, why in foreign[:10])
+        raise DataError(f"{root} holds {len(foreign)} file(s) that are not images:\n  "
+                        f"{listed}\nMove them out, or skip them ({SKIP_HINT}).")
 
     def decode(item):
         path, label = item
@@ -255,7 +290,7 @@ def _load_folder(root: Path, size: int, on_error: str):
             return arr, uid, label, None
         except DataError as err:
             if on_error == "raise":
-                raise
+                raise DataError(f"{err} Or skip unreadable files ({SKIP_HINT}).") from err
             return None, None, label, (str(path), str(err.__cause__ or err))
 
     # PIL releases the GIL while decoding, so threads use every core.
@@ -294,7 +329,7 @@ def _load_hf(source: str, kind: str, size: int, on_error: str):
     if img_col is None or lab_col is None:
         raise DataError(f"{source} needs an Image column and a ClassLabel column; "
                         f"it has {dict(feats)}.")
-    classes = list(feats[lab_col].names)
+    order = class_order(list(feats[lab_col].names), source)
     kept, skipped = [], []
     for split in splits:
         for i, row in enumerate(split.cast_column(img_col, datasets.Image(decode=False))):
@@ -305,13 +340,13 @@ def _load_hf(source: str, kind: str, size: int, on_error: str):
                 with Image.open(io.BytesIO(raw)) as img:
                     img.load()
                     arr, uid = as_gray_square(img, size)
-                kept.append((arr, uid, int(row[lab_col])))
+                kept.append((arr, uid, order[int(row[lab_col])]))
             except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
                 if on_error == "raise":
-                    raise DataError(f"cannot read image at {where}: {err}. Load with "
-                                    f"on_error='skip' to skip unreadable rows.") from err
+                    raise DataError(f"cannot read image at {where}: {err}. Skip unreadable "
+                                    f"rows with {SKIP_HINT}.") from err
                 skipped.append((where, str(err)))
-    return classes, kept, skipped
+    return list(CLASSES), kept, skipped
 
 
 # ----------------------------------------------------------------------------- public API
@@ -338,7 +373,10 @@ def load_mri(source: str | os.PathLike | None = None, size: int = DEFAULTS["size
     """Decode every slice of ``source`` to uint8 ``[N, 1, size, size]`` (cached in ``cache/``).
 
     ``on_error='skip'`` skips unreadable and non-image files and lists them in
-    ``MRIData.skipped``; the default raises on the first one, naming it.
+    ``MRIData.skipped``; the default raises on the first one, naming it. Files an
+    operating system leaves behind (``Thumbs.db``, ``desktop.ini``; hidden files such as
+    ``.DS_Store`` are never read) are skipped either way, with a warning. The classes
+    must be the thesis's four (:func:`class_order`); labels follow :data:`CLASSES`.
     """
     if size not in SIZES:
         raise DataError(f"size={size} is not supported; use one of {SIZES} (the thesis's sizes).")
@@ -348,11 +386,45 @@ def load_mri(source: str | os.PathLike | None = None, size: int = DEFAULTS["size
     kind = "hub" if not Path(source).exists() else _source_kind(Path(source))
     key = f"{_source_key(source, kind)}-{size}-{on_error}-v{CACHE_FORMAT}"
     cache_file = CACHE / "data" / f"{key}.pt"
-    if cache and cache_file.exists():
-        blob = torch.load(cache_file, weights_only=True)
-        return MRIData(blob["images"], blob["labels"], tuple(blob["classes"]), blob["ids"],
-                       source, blob["fingerprint"], [tuple(s) for s in blob["skipped"]])
+    data = _cached(cache_file, source) if cache else None
+    if data is None:
+        data = _decoded(source, kind, size, on_error)
+        if cache:
+            _write_cache(cache_file, data)
+    _warn_clutter(data.skipped)
+    return data
 
+
+def _cached(cache_file: Path, source: str) -> MRIData | None:
+    """The decoded data stored in ``cache_file``; None when there is none to use.
+
+    The entry is derived, so an unreadable one (cut short by a full disk or a killed copy)
+    is rebuilt with a warning, and one written before class names were checked is rebuilt
+    under the check.
+    """
+    if not cache_file.exists():
+        return None
+    try:
+        blob = torch.load(cache_file, weights_only=True)
+        data = MRIData(blob["images"], blob["labels"], tuple(blob["classes"]), blob["ids"],
+                       source, blob["fingerprint"], [tuple(s) for s in blob["skipped"]])
+    except Exception as err:  # truncated, not a torch file, keys missing: all mean rebuild
+        warnings.warn(f"decoded-data cache entry {cache_file} is unreadable "
+                      f"({type(err).__name__}); rebuilding it from {source}", stacklevel=3)
+        return None
+    return data if data.classes == CLASSES else None
+
+
+def _warn_clutter(skipped: Sequence[tuple[str, str]]) -> None:
+    clutter = [p for p, why in skipped if why == CLUTTER_REASON]
+    if clutter:
+        warnings.warn(f"skipped {len(clutter)} system file(s) that are not images: "
+                      f"{', '.join(clutter[:5])}{' ...' if len(clutter) > 5 else ''}",
+                      stacklevel=3)
+
+
+def _decoded(source: str, kind: str, size: int, on_error: str) -> MRIData:
+    """Every readable slice of ``source``, decoded (no cache)."""
     if kind == "folder":
         classes, kept, skipped = _load_folder(Path(source), size, on_error)
     else:
@@ -364,15 +436,16 @@ def load_mri(source: str | os.PathLike | None = None, size: int = DEFAULTS["size
         raise DataError(f"{source} has images of a single class only; a classifier needs two.")
     images = torch.from_numpy(np.stack([a for a, *_ in kept]))[:, None]
     ids = [u for _, u, _ in kept]
-    data = MRIData(images, torch.tensor(labels, dtype=torch.long), tuple(classes), ids,
+    return MRIData(images, torch.tensor(labels, dtype=torch.long), tuple(classes), ids,
                    source, content_fingerprint(ids, labels, classes), skipped)
-    if cache:
-        buf = io.BytesIO()
-        torch.save({"images": data.images, "labels": data.labels, "classes": list(classes),
-                    "ids": ids, "fingerprint": data.fingerprint,
-                    "skipped": [list(s) for s in skipped]}, buf)
-        atomic_write_bytes(cache_file, buf.getvalue())
-    return data
+
+
+def _write_cache(cache_file: Path, data: MRIData) -> None:
+    buf = io.BytesIO()
+    torch.save({"images": data.images, "labels": data.labels, "classes": list(data.classes),
+                "ids": data.ids, "fingerprint": data.fingerprint,
+                "skipped": [list(s) for s in data.skipped]}, buf)
+    atomic_write_bytes(cache_file, buf.getvalue())
 
 
 def _order_by_id(ids: Sequence[str], index: np.ndarray) -> np.ndarray:

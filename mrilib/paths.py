@@ -50,11 +50,16 @@ def results_dir() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new, never half."""
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new, never half.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes 0600 files; a seminar's shared server must be able to read ours.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -64,6 +69,45 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then restore
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | os.PathLike, flag: str, kind: str = "folder") -> Path:
+    """``path`` if a ``kind`` ("folder" or "file") can be written there, else a ValueError
+    naming ``flag``: checked before a long run, so its results are not lost at the end.
+
+    Nothing is created: the nearest existing folder on the way must accept a new file.
+    """
+    path = Path(path).expanduser()
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; give a folder "
+                         f"(it is created if missing)")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name inside it")
+    start = path if kind == "folder" else path.parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(existing)!r} is a file, so nothing can "
+                         f"be written below it; give another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {str(path)!r}: cannot write in {str(existing)!r} "
+                         f"({err.strerror or err}); give a path you can write to") from None
     return path
 
 

@@ -409,6 +409,67 @@ def test_cam_agreement_figure_has_a_panel_per_metric_and_class():
     plt.close(fig)
 
 
+def blind_to(model: nn.Module, cls: int) -> nn.Module:
+    """``model`` with no weight into class ``cls``'s score: its Grad-CAM is all zero."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight[cls] = 0
+    return model
+
+
+def test_an_all_zero_map_is_said_to_be_one_not_drawn_flat_blue():
+    from mrilib.plots.cam import real_vs_synthetic_cam_figure, scan_cam_figure
+
+    model, scans = blind_to(tiny_model("basic_cnn"), 1), brain_like(2, 32)
+    cam = C.gradcam_maps(model, scans, 1)
+    assert C.no_evidence(cam).tolist() == [True, True] and C.no_evidence(cam[0])
+    fig = scan_cam_figure(scans[0], cam[0], "Non_Demented", 0.5, "Moderate_Demented", "act2")
+    panel = fig.axes[1]
+    assert "all zero: no positive evidence for Moderate_Demented" in panel.get_title()
+    assert panel.images[0].get_array().ndim == 2  # the bare scan, not an RGB overlay
+    plt.close(fig)
+    blind = blind_to(model, 2)  # the contrast class is always an extreme: 1 or 2
+    fig = real_vs_synthetic_cam_figure(blind, scans[0], scans[1], "Moderate_Demented")
+    titles = " ".join(ax.get_title() for ax in fig.axes[:6])
+    assert re.search("no positive evidence for (Moderate|Non)_Demented", titles)
+    plt.close(fig)
+
+
+def test_agreement_of_all_zero_maps_is_undefined_on_the_panel_not_nan():
+    from mrilib.plots.cam import cam_agreement_figure
+
+    zero = np.zeros((4, 16, 16), np.float32)
+    result = C.agreement_vs_baseline(zero, [1, 1, 2, 2], zero, np.arange(4), seed=0, n_boot=20)
+    fig = cam_agreement_figure(result)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles and all("undefined: all-zero maps" in t for t in titles)
+    assert not any("nan" in t for t in titles)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("preset, stamped", [("quick", True), ("thesis", False)])
+def test_chapter_3_figures_carry_the_preset_stamp_even_unsaved(models, preset, stamped,
+                                                                monkeypatch):
+    from mrilib.plots import PRESET_STAMPS, stamp
+    from mrilib.plots.cam import cam_agreement_figure, real_vs_synthetic_cam_figure
+
+    monkeypatch.setenv("MRILIB_PRESET", preset)
+    scans = brain_like(2, 32)
+    real = smooth_maps(8, seed=0)
+    result = C.agreement_vs_baseline(real, np.repeat([1, 2], 4), real, np.arange(8),
+                                     seed=0, n_boot=20)
+    for fig in (real_vs_synthetic_cam_figure(models["basic_cnn"], scans[0], scans[1], 1),
+                cam_agreement_figure(result)):
+        texts = [t.get_text().replace("\n", " ") for t in fig.texts]
+        assert (PRESET_STAMPS["quick"] in texts) == stamped
+        assert len(stamp(fig).texts) == len(fig.texts)  # once per figure
+        plt.close(fig)
+    fig = real_vs_synthetic_cam_figure(models["basic_cnn"], scans[0], scans[1], 1,
+                                       note="quick preset: this notebook's own words")
+    assert "quick preset: this notebook's own words" in [t.get_text() for t in fig.texts]
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def cli(argv, monkeypatch):
@@ -443,6 +504,19 @@ def test_cli_writes_overlay_for_a_real_scan(name, size, real_scan, tmp_path, mon
     assert "Grad-CAM for Non_Demented" in printed and "predicted " in printed
     with Image.open(out) as png:
         assert png.format == "PNG" and png.width > 300
+
+
+def test_cli_says_when_the_map_is_all_zero(real_scan, tmp_path, capsys):
+    import mrilib.cli
+    from mrilib.checkpoints import save_checkpoint
+
+    model = blind_to(tiny_model("basic_cnn", size=64), 1)
+    path = save_checkpoint(tmp_path / "blind.pt", model.state_dict(),
+                           {"model": "basic_cnn", "img_size": 64, "num_classes": 4})
+    assert mrilib.cli.main(["cam", "--image", str(real_scan), "--checkpoint", str(path),
+                            "--target", "1", "--out", str(tmp_path / "cam.png")]) == 0
+    out = capsys.readouterr().out
+    assert "the map is all zero: no positive evidence for Moderate_Demented" in out
 
 
 def test_cli_errors_name_the_bad_value(real_scan, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch
 from PIL import Image
 
 from mrilib import cli
-from mrilib.data import CLASSES, DataError, load_mri, resolve_source, split_mri, stratified_sample
+from mrilib.data import (CLASSES, SKIP_HINT, DataError, load_mri, resolve_source, split_mri,
+                         stratified_sample)
 from mrilib.subjects import duplicate_report
 
 TINY = {"Mild_Demented": 6, "Moderate_Demented": 3, "Non_Demented": 10, "Very_Mild_Demented": 8}
+ONE_EACH = {c: 1 for c in CLASSES}
 
 
 # ----------------------------------------------------------------------------- real data
@@ -74,7 +77,7 @@ def test_tiny_folder_any_mode_format_and_size(image_folder, mode, fmt, image_siz
 
 
 def test_non_square_images_are_padded_not_stretched(image_folder):
-    root = image_folder({"A": 1, "B": 1}, size=(64, 32))
+    root = image_folder(ONE_EACH, size=(64, 32))
     for f in root.rglob("*.png"):
         Image.fromarray(np.full((32, 64), 200, np.uint8)).save(f)
     img = load_mri(root, size=128).images[0, 0]
@@ -82,7 +85,7 @@ def test_non_square_images_are_padded_not_stretched(image_folder):
 
 
 def test_sixteen_bit_images_are_stretched_not_clipped(image_folder):
-    root = image_folder({"A": 1, "B": 1})
+    root = image_folder(ONE_EACH)
     arr = np.linspace(0, 4000, 40 * 40).reshape(40, 40).astype(np.uint16)
     for f in root.rglob("*.png"):
         Image.fromarray(arr).save(f)
@@ -201,8 +204,9 @@ def test_corrupt_image_is_named_then_skippable(image_folder):
     root = image_folder()
     bad = root / "Non_Demented" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg") as err:
         load_mri(root)
+    assert SKIP_HINT in str(err.value)  # the flag and the argument, wherever it is read
     data = load_mri(root, on_error="skip")
     assert len(data) == 27 and [p for p, _ in data.skipped] == [str(bad)]
 
@@ -211,16 +215,61 @@ def test_non_image_file_is_named_then_skippable(image_folder):
     root = image_folder()
     notes = root / "Mild_Demented" / "notes.txt"
     notes.write_text("scanner settings")
-    with pytest.raises(DataError, match="notes.txt"):
+    with pytest.raises(DataError, match="notes.txt") as err:
         load_mri(root)
+    assert "--skip-unreadable on the command line, on_error='skip' in Python" in str(err.value)
     data = load_mri(root, on_error="skip")
     assert len(data) == 27 and str(notes) in [p for p, _ in data.skipped]
 
 
-def test_single_class_and_no_class_folders(image_folder, tmp_path):
-    root = image_folder({"Non_Demented": 4})
-    with pytest.raises(DataError, match="single class"):
-        load_mri(root)
+def test_files_an_os_leaves_behind_are_skipped_with_a_warning(image_folder):
+    root = image_folder()
+    litter = [root / "Non_Demented" / "Thumbs.db", root / "desktop.ini",
+              root / "Mild_Demented" / ".DS_Store"]
+    for f in litter:
+        f.write_bytes(b"\x00\x01 not an image")
+    with pytest.warns(UserWarning, match="skipped 2 system file"):
+        data = load_mri(root)
+    assert len(data) == 27
+    assert sorted(p for p, _ in data.skipped) == sorted(str(f) for f in litter[:2])
+
+
+def test_a_corrupt_cache_entry_is_rebuilt_with_a_warning(image_folder, tmp_path):
+    root = image_folder()
+    first = load_mri(root)
+    [entry] = (tmp_path / "cache" / "data").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.warns(UserWarning, match=f"cache entry {re.escape(str(entry))} is unreadable "
+                                         f".*rebuilding it"):
+        again = load_mri(root)
+    assert torch.equal(again.images, first.images) and again.ids == first.ids
+    assert torch.load(entry, weights_only=True)["ids"] == first.ids  # rewritten whole
+
+
+@pytest.mark.parametrize("folders, problem", [
+    ({**TINY, "Unsure": 2}, "not one of them: Unsure$"),
+    ({"Non_Demented": 4}, "missing: Mild_Demented, Moderate_Demented, Very_Mild_Demented$"),
+    ({**TINY, "NonDemented": 2}, "named twice: Non_Demented$"),
+    ({"CN": 2, "EMCI": 2, "LMCI": 2, "AD": 2}, "not one of them: AD, CN, EMCI, LMCI; missing"),
+])
+def test_class_folders_other_than_the_four_are_refused_at_load_time(image_folder, folders,
+                                                                    problem):
+    with pytest.raises(DataError) as err:
+        load_mri(image_folder(folders))
+    message = str(err.value)
+    found = ", ".join(sorted(folders))
+    assert f"has the classes {found}, but mrilib needs the thesis's four: " \
+           f"{', '.join(CLASSES)}" in message
+    assert re.search(problem, message.split(". Move")[0])
+
+
+def test_the_kaggle_spelling_of_the_class_folders_is_the_same_classes(image_folder):
+    kaggle = {"MildDemented": 6, "ModerateDemented": 3, "NonDemented": 10, "VeryMildDemented": 8}
+    data = load_mri(image_folder(kaggle))
+    assert data.classes == CLASSES and data.counts() == TINY
+
+
+def test_no_class_folders(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / "a.png")

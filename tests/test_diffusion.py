@@ -710,9 +710,10 @@ def test_cli_generate_openai(folder, run_cli, monkeypatch):
         code, out, err = run_cli("synth", "generate", "--backend", "openai", "--real-frac", "0.5",
                                  "--per-image", "1", "--limit-sources", "4", "--max-images", "2",
                                  "--base-url", server.base_url, "--source", folder, "--json")
-    assert code == 0
+    assert code == 3  # the budget left images to make: a script must not read it as done
     report = json.loads(out)
     assert report["generated"] == 2 and report["missing"] == 2 and report["stopped"]
+    assert report["not_made"] == 2 and "2 of 4 images not made" in err
     assert "sk-test" not in out + err
 
 

@@ -122,3 +122,50 @@ def test_live_plot_leaves_the_legend_out_for_many_replicates():
     live({"epoch": 1, "epochs": 1, "replicates": list(range(n)), "seeds": list(range(n)),
           "train_loss": [1.0] * n, "val_loss": [1.0] * n, "val_acc": [0.5] * n})
     assert live.axes[1].get_legend() is None and len(live.axes[0].get_lines()) == n
+
+
+# ----------------------------------------------------------------------------- the preset stamp
+
+def _bare_figure():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [1, 0])
+    return fig
+
+
+def _own_red_note(fig):
+    fig.text(0.01, -0.01, "quick preset: this figure's own note", color="firebrick")
+    return fig
+
+
+def _shows_the_full_run(fig):
+    from mrilib.plots import stamp
+
+    return stamp(fig, None)  # e.g. the committed results, drawn under the quick preset
+
+
+@pytest.mark.parametrize("preset, make, stamp_expected", [
+    ("quick", _bare_figure, True),
+    ("cell", _bare_figure, True),
+    ("thesis", _bare_figure, False),
+    ("quick", lambda: _own_red_note(_bare_figure()), False),  # it says so already
+    ("quick", lambda: _shows_the_full_run(_bare_figure()), False),
+])
+def test_save_figure_stamps_every_figure_of_a_reduced_preset(preset, make, stamp_expected,
+                                                            tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from mrilib.plots import PRESET_STAMPS, save_figure
+
+    monkeypatch.setenv("MRILIB_PRESET", preset)
+    fig = make()
+    before = len(fig.texts)
+    path = save_figure(fig, "stamped", directory=tmp_path)
+    texts = [t.get_text().replace("\n", " ") for t in fig.texts]
+    assert (PRESET_STAMPS.get(preset) in texts) == stamp_expected
+    assert len(texts) == before + stamp_expected
+    save_figure(fig, "again", directory=tmp_path)
+    assert len(fig.texts) == len(texts)  # once per figure, however often it is saved
+    assert path.stat().st_size > 1000
+    plt.close(fig)

@@ -436,7 +436,7 @@ def test_checkpoint_mismatch_and_bad_files_say_what_is_wrong(tmp_path):
     _, [(state, config)] = train_replicates("basic_cnn", images, labels, index, val, test, [0],
                                             device="cpu", epochs=1, return_models=True)
     path = save_checkpoint(tmp_path / "cnn.pt", state, config)
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(ValueError, match="does not fit the model given.*leave model=None"):
         load_checkpoint(path, model="resnet18")
     with pytest.raises(ValueError, match="shape mismatch"):
         load_checkpoint(path, model=build_model("basic_cnn", img_size=64))

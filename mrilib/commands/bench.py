@@ -86,9 +86,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
 
 
+def _checked_start(args) -> None:
+    """Numbers, device and --out, checked before the timings: a late failure loses them."""
+    from ..device import resolve_device
+    from ..paths import check_writable
+    from .train import checked_fraction, checked_seed
+
+    checked_seed(args.seed)
+    checked_fraction(args.real_frac)
+    resolve_device(args.device)
+    if args.out:
+        check_writable(args.out, "--out")
+
+
 def run(args) -> int:
     from ..bench import bench_train, report
     from ..paths import atomic_write_bytes
+
+    _checked_start(args)
 
     def save(model, result):
         if args.out:

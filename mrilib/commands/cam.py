@@ -54,12 +54,14 @@ def explain_scan(image, checkpoint, target=None, layer=None) -> dict:
 def run(args) -> int:
     import matplotlib.pyplot as plt
 
-    from ..paths import atomic_write_bytes
+    from ..cam import NO_EVIDENCE, no_evidence
+    from ..paths import atomic_write_bytes, check_writable
     from ..plots.cam import scan_cam_figure
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {str(out)!r} must name a .png file")
+    check_writable(out, "--out", kind="file")
     info = explain_scan(args.image, args.checkpoint, args.target, args.layer)
     fig = scan_cam_figure(info["scan"], info["cam"], info["predicted"], info["probability"],
                           info["target"], f"{info['model']}.{info['layer']}")
@@ -69,4 +71,7 @@ def run(args) -> int:
     atomic_write_bytes(out, buf.getvalue())
     print(f"predicted {info['predicted']} (p = {info['probability']:.3f}); Grad-CAM for "
           f"{info['target']} at {info['model']}.{info['layer']} -> {out}")
+    if no_evidence(info["cam"]):
+        print(f"the map is {NO_EVIDENCE.format(target=info['target'])} (the panel shows the "
+              f"bare scan); try the predicted class or another --layer")
     return 0

@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                         "MODEL fetches timm's weights from the Hugging Face hub, MODEL=PATH "
                         "reads timm's state dict from a file, e.g. resnet18,vit_tiny; rows "
                         "go to <results>/imagenet unless --results is given")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip unreadable or non-image files (counted in a warning) instead of "
+                        "stopping; the grid then trains on the readable images")
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
     p.set_defaults(func=run)
@@ -56,9 +59,23 @@ def imagenet_starts(text: str) -> dict:
     return out
 
 
+def _readable_data(args, overrides: dict):
+    """The grid's data without unreadable files under --skip-unreadable, else None (the
+    runner loads the data itself, when a cell first needs it)."""
+    if not args.skip_unreadable:
+        return None
+    from ..grid import grid_data, grid_settings
+    from .train import loaded
+
+    return grid_data(loaded(args), grid_settings(args.preset, **overrides))
+
+
 def run(args) -> int:
     from ..grid import grid_status, run_grid
+    from ..paths import check_writable
 
+    if args.results is not None:  # before any work: a file there fails only at the first row
+        check_writable(args.results, "--results")
     overrides = {}
     if args.tier is not None:
         overrides["tier"] = args.tier
@@ -82,7 +99,7 @@ def run(args) -> int:
     progress = run_grid(args.preset, args.results, resume=args.resume, device=args.device,
                         train_generators=args.train_generators, source=args.source,
                         available_generators=args.available_generators, pacer=pacer,
-                        **overrides)
+                        data=_readable_data(args, overrides), **overrides)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")

@@ -35,10 +35,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..paths import preset_env
-    from ..paths import preset_name
+    from ..paths import check_writable, preset_env, preset_name
     from ..report import write_report
 
+    if args.n_boot is not None and args.n_boot < 1:
+        raise ValueError(f"--n-boot {args.n_boot}: give 1 or more bootstrap resamples "
+                         f"(the default is 10,000; quick 500)")
+    for flag, folder in (("--out", args.out), ("--figures", args.figures)):
+        if folder:
+            check_writable(folder, flag)
     with preset_env(args.preset or preset_name()):
         path = write_report(args.results, args.metric, args.n_boot, out=args.out,
                             figures=args.figures)

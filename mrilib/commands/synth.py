@@ -10,12 +10,19 @@
 ``train`` without ``--seed`` trains the grid's generators of X (one per real sample,
 ``samples`` of :mod:`mrilib.grid`) one after another within the time budget, so
 one command, repeated, trains them all in time-limited jobs.
+
+``generate`` exits with :data:`NOT_FULFILLED` when images it was asked for are neither
+made nor refused (a budget stopped the run): a rerun resumes.
 """
 from __future__ import annotations
 
 import json
 import signal
 import sys
+
+from .train import checked_fraction, checked_seed, loaded, warn_few_per_class
+
+NOT_FULFILLED = 3  # exit status of a generate run that left images to make
 
 
 def add_parser(sub) -> None:
@@ -62,7 +69,7 @@ def _add_generate(actions) -> None:
                    help="local: classifier-free guidance weight, 1 = none (default: the "
                         "preset's guidance_scale)")
     g.add_argument("--limit-sources", type=int, default=None,
-                   help="use only the first N images of the sample (a trial run)")
+                   help="use only the first N (1 or more) images of the sample (a trial run)")
     g.add_argument("--leaky", action="store_true", help="local: use the leaky ablation generator")
     g.add_argument("--allow-unfinished", action="store_true",
                    help="local: sample from a generator that has not finished training")
@@ -80,6 +87,9 @@ def _add_generate(actions) -> None:
                    help="openai: an OpenAI-compatible endpoint (default: the client's)")
     _common(g)
     g.set_defaults(func=run_generate)
+    g.epilog = (f"Exits with status {NOT_FULFILLED} when images asked for were not made "
+                f"(a budget stopped the run; refused images are counted apart): rerun to "
+                f"resume.")
 
 
 def _add_bench(actions) -> None:
@@ -96,7 +106,8 @@ def _add_bench(actions) -> None:
     b.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance weight of the timed variations (> 1 runs "
                         "the UNet twice per step); default: the preset's")
-    b.add_argument("--out", default=None, help="also write the JSON to this file")
+    b.add_argument("--out", default=None,
+                   help="also write the JSON to this file (checked before the timings)")
     b.set_defaults(func=run_bench)
 
 
@@ -117,7 +128,8 @@ def _add_sweep(actions) -> None:
                    help="at most N sources, in equal shares per class (default: the whole "
                         "sample; on a CPU a variation costs seconds)")
     w.add_argument("--seed", type=int, default=0, help="seeds the variations (default 0)")
-    w.add_argument("--out", default=None, help="also write the JSON to this file")
+    w.add_argument("--out", default=None,
+                   help="also write the JSON to this file (checked before the sweep)")
     _common(w)
     w.set_defaults(func=run_sweep)
 
@@ -146,7 +158,21 @@ def _common(p) -> None:
     p.add_argument("--source", default=None,
                    help="data source (default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip unreadable or non-image files (counted in a warning) instead of "
+                        "stopping; the samples, and so the generators, are then those of the "
+                        "readable images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _checked_start(args, out: str | None = None) -> None:
+    """Device and output file, checked before any work: a late failure loses the work."""
+    from ..device import resolve_device
+    from ..paths import check_writable
+
+    resolve_device(args.device)
+    if out:
+        check_writable(out, "--out", kind="file")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -159,13 +185,16 @@ def _sigterm_as_interrupt() -> None:
 def run_train(args) -> int:
     import time
 
-    from ..data import load_mri, split_mri
+    from ..data import split_mri
     from ..synthetic.diffusion import train_for_sample
+    from ..synthetic.mixing import real_sample
 
     _sigterm_as_interrupt()
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed {args.seed}: generators are numbered from 0")
-    data = load_mri(args.source)
+    checked_fraction(args.real_frac)
+    _checked_start(args)
+    data = loaded(args)
     split = split_mri(data)
     if args.seed is not None:
         todo = [args.seed]
@@ -173,6 +202,9 @@ def run_train(args) -> int:
         todo = [0]  # one pool generator is the ablation; --seed picks another
     else:
         todo = list(range(_grid_samples()))
+    if not args.leaky:
+        warn_few_per_class(data, real_sample(data, split, args.real_frac, todo[0]),
+                           f"--real-frac {args.real_frac:g}")
     deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
     results = []
     for g in todo:
@@ -204,37 +236,56 @@ def _grid_samples() -> int:
     return grid_settings()["samples"]
 
 
+def _checked_generate_args(args) -> None:
+    """Every number generate takes, named by its flag when it cannot be used."""
+    if args.per_image < 1:
+        raise ValueError(f"--per-image {args.per_image}: ask for at least one variation")
+    if args.limit_sources is not None and args.limit_sources < 1:
+        raise ValueError(f"--limit-sources {args.limit_sources}: give 1 or more source images "
+                         f"(leave it out to use the whole sample)")
+    if args.generator < 0:
+        raise ValueError(f"--generator {args.generator}: generators are numbered from 0")
+    checked_seed(args.seed)
+    checked_fraction(args.real_frac)
+
+
 def run_generate(args) -> int:
-    from ..data import load_mri, split_mri
+    from ..data import split_mri
     from ..synthetic.cache import generate_cached
     from ..synthetic.mixing import real_sample
 
-    if args.per_image < 1:
-        raise ValueError(f"--per-image {args.per_image}: ask for at least one variation")
-    data = load_mri(args.source)
+    _checked_generate_args(args)
+    _checked_start(args)
+    data = loaded(args)
     split = split_mri(data)
     backend = _backend(args, data, split)
     sample_seed = getattr(backend, "sample_seed", None)
     sample_seed = args.seed if sample_seed is None else sample_seed
     index = real_sample(data, split, args.real_frac, sample_seed)
+    warn_few_per_class(data, index, f"--real-frac {args.real_frac:g}")
     if args.limit_sources is not None:
-        index = index[:max(0, args.limit_sources)]
+        index = index[:args.limit_sources]
     _, report = generate_cached(backend, data.images[index], data.labels[index],
                                 [data.ids[i] for i in index.tolist()], args.per_image,
                                 args.seed, progress=not args.json,
                                 batch_size=getattr(backend, "max_batch", None))
     summary = {k: v for k, v in report.items() if k != "ok"}
+    # The cache counts a refusal as missing too; here what a rerun would still make is apart.
     summary.update(backend=backend.name, params=backend.params(), real_fraction=args.real_frac,
                    seed=args.seed, sample_seed=sample_seed, n_sources=len(index),
-                   per_image=args.per_image)
+                   per_image=args.per_image, requested=len(index) * args.per_image,
+                   not_made=report["missing"] - report["refused"])
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{summary['generated']} generated, {summary['cached']} from cache, "
-              f"{summary['refused']} refused, {summary['missing']} missing in "
-              f"{summary['seconds']:.1f} s -> {summary['dir']}")
-        if summary["stopped"]:
-            print(f"stopped: {summary['stopped']}", file=sys.stderr)
+              f"{summary['refused']} refused, {summary['not_made']} not made, of "
+              f"{summary['requested']} in {summary['seconds']:.1f} s -> {summary['dir']}")
+    if summary["not_made"]:
+        why = summary["stopped"] or "the run stopped early"
+        print(f"{summary['not_made']} of {summary['requested']} images not made: {why}",
+              file=sys.stderr)
+        return NOT_FULFILLED
     return 0
 
 
@@ -271,6 +322,7 @@ def run_bench(args) -> int:
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.diffusion import benchmark
 
+    _checked_start(args, args.out)
     speed = {k: True for k in ("channels_last", "cudnn_benchmark") if getattr(args, k)}
     if args.guidance is not None:
         speed["guidance_scale"] = args.guidance
@@ -287,14 +339,17 @@ def run_bench(args) -> int:
 def run_sweep(args) -> int:
     from pathlib import Path
 
-    from ..data import load_mri, split_mri
+    from ..data import split_mri
     from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
 
     strengths = _numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
     scales = None if args.guidance is None else _numbers(args.guidance, "--guidance", "1,2,4")
-    data = load_mri(args.source)
+    checked_seed(args.seed)
+    checked_fraction(args.real_frac)
+    _checked_start(args, args.out)
+    data = loaded(args)
     result = strength_sweep(data, split_mri(data), args.real_frac, args.generator, strengths,
                             max_sources=args.max_sources, seed=args.seed, device=args.device,
                             progress=not args.json, guidance_scales=scales)

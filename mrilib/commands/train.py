@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 SLICE_NOTE = ("Splits are slice-level (about 32 slices per subject, no subject ids): accuracy "
               "on them is optimistic compared with a subject-level split.")
+HANDFUL = 5  # fewer training images of a class than this: its numbers mean little
 
 
 def add_parser(sub) -> None:
@@ -17,7 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="ImageNet weights from the Hugging Face hub (needs the hub or its cache)")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="write each replicate's final checkpoint (with its config) to DIR")
+                   help="write each replicate's final checkpoint (with its config) to DIR "
+                        "(checked before training starts)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip unreadable or non-image files (counted in a warning) instead of "
+                        "stopping")
     p.add_argument("--json", action="store_true", help='print one JSON object {"runs": [...]}')
     p.set_defaults(func=run)
 
@@ -56,25 +62,75 @@ def overrides_from(args) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def checked_seed(value: int | None, flag: str = "--seed") -> int | None:
+    """``value`` unless it is negative (numpy's generators take no negative seed)."""
+    if value is not None and value < 0:
+        raise ValueError(f"{flag} {value}: give a seed of 0 or more")
+    return value
+
+
+def checked_fraction(value: float | None, flag: str = "--real-frac") -> float | None:
+    """``value`` unless it lies outside (0, 1]."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ValueError(f"{flag} {value:g}: give a fraction in (0, 1], e.g. 0.3 for 30% of "
+                         f"the training pool")
+    return value
+
+
+def warn_few_per_class(data, index, what: str) -> None:
+    """A warning when a class has fewer than :data:`HANDFUL` images in ``index`` (one
+    sample): a stratified sample keeps one image of each class however small the fraction."""
+    counts = data.counts(index)
+    few = {c: n for c, n in counts.items() if n < HANDFUL}
+    if few:
+        listed = ", ".join(f"{c} {n}" for c, n in few.items())
+        warnings.warn(f"{what} gives few images of some classes ({listed}; fewer than "
+                      f"{HANDFUL}): their numbers mean little; use a larger fraction",
+                      stacklevel=2)
+
+
+def loaded(args, size: int = 128):
+    """``load_mri`` of ``args.source``, skipping unreadable files under --skip-unreadable
+    with a warning that counts them (the data command lists them)."""
+    from ..data import CLUTTER_REASON, load_mri
+
+    skip = getattr(args, "skip_unreadable", False)
+    data = load_mri(args.source, size=size, on_error="skip" if skip else "raise")
+    bad = [p for p, why in data.skipped if why != CLUTTER_REASON]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable or non-image file(s), e.g. {bad[0]} "
+                      f"(`python -m mrilib data --skip-unreadable` lists them)", stacklevel=2)
+    return data
+
+
 def replicate_inputs(args):
     """``(data, train_index, val, test, seeds)`` for ``args``' protocol on the real split."""
-    from ..data import load_mri, split_mri
+    from ..data import split_mri
     from ..train import real_fraction_index
 
     if args.replicates < 1:
         raise ValueError(f"--replicates {args.replicates}: give at least 1")
-    data = load_mri(args.source, size=args.size)
+    checked_seed(args.seed)
+    checked_fraction(args.real_frac)
+    data = loaded(args, args.size)
     split = split_mri(data)
     seeds = [args.seed + k for k in range(args.replicates)]
     index = real_fraction_index(data.labels, split.train, args.real_frac, seeds, data.ids)
+    warn_few_per_class(data, index[0], f"--real-frac {args.real_frac:g}")
     val = (data.images[split.val], data.labels[split.val])
     test = (data.images[split.test], data.labels[split.test])
     return data, index, val, test, seeds
 
 
 def run(args) -> int:
+    from ..device import resolve_device
+    from ..paths import check_writable
     from ..train import train_replicates
 
+    # Checked before the work: a bad device or --save folder found after training loses it.
+    resolve_device(args.device)
+    if args.save:
+        check_writable(args.save, "--save")
     data, index, val, test, seeds = replicate_inputs(args)
     records, checkpoints = train_replicates(
         args.model, data.images, data.labels, index, val, test, seeds, aug=args.aug,

@@ -133,30 +133,38 @@ def generator_path(data, split, real_fraction: float, g: int, leaky: bool = Fals
     ids = [data.ids[i] for i in index.tolist()]
     path = generator_dir(ids, data.labels[index], real_fraction, g, leaky,
                          **overrides) / "generator.pt"
-    command = (f"python -m mrilib synth train --real-frac {real_fraction:g} --seed {g}"
-               + (" --leaky" if leaky else "") + " --device cuda")
+    command = _train_command(real_fraction, g, leaky)
     if not path.exists():
         raise FileNotFoundError(f"no generator {g} for real fraction {real_fraction:g} "
-                                f"{'(leaky) ' if leaky else ''}at {path.parent}; train it with "
-                                f"`{command}` (rerun until it says done)")
+                                f"{'(leaky) ' if leaky else ''}at {path.parent}; {command}")
     # generator.pt alone decides (not meta.json), so that it is the one file to ship.
     record = training_record(path)
     if allow_unfinished:
         return path
     if not record["done"]:
         raise FileNotFoundError(f"generator at {path.parent} has trained {record['step']} of "
-                                f"{record['target_steps']} steps; finish it with `{command}`")
+                                f"{record['target_steps']} steps; to finish it, {command}")
     steps = settings(DEFAULTS, PRESETS, **overrides)["steps"]
     if record["target_steps"] < steps:
         raise FileNotFoundError(f"generator at {path.parent} was trained for "
                                 f"{record['target_steps']} steps and the settings in force ask "
-                                f"for {steps}; extend it with `{command}`")
+                                f"for {steps}; to extend it, {command}")
     if record["target_steps"] > steps:
         raise ValueError(f"generator at {path.parent} was trained for {record['target_steps']} "
                          f"steps, more than the {steps} in force, which results would name; "
-                         f"set steps={record['target_steps']} (diffusion DEFAULTS or the "
-                         f"preset) to use it")
+                         f"to use it, run the preset it was trained under (MRILIB_PRESET), or "
+                         f"in Python set steps={record['target_steps']} (diffusion DEFAULTS "
+                         f"or the preset)")
     return path
+
+
+def _train_command(real_fraction: float, g: int, leaky: bool) -> str:
+    """How to train generator g of X, for a GPU and for a look on a CPU."""
+    command = (f"python -m mrilib synth train --real-frac {real_fraction:g} --seed {g}"
+               + (" --leaky" if leaky else ""))
+    return (f"train it on a GPU with `{command} --device cuda` (rerun until it says done), "
+            f"or, for a look on a CPU, train the quick preset's tiny generator with "
+            f"`MRILIB_PRESET=quick {command}`")
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -192,7 +200,8 @@ class LocalDiffusion(Backend):
         if not (blob["done"] or allow_unfinished):
             raise ValueError(f"the generator at {path.parent} has trained {blob['step']} of "
                              f"{blob['target_steps']} steps; finish it (rerun synth train) "
-                             f"or pass allow_unfinished=True for a look at a partial model")
+                             f"or, for a look at a partial model, pass --allow-unfinished on "
+                             f"the command line, allow_unfinished=True in Python")
         self.cfg = blob["config"]
         self.null_class = null_class(self.cfg)
         now = settings(DEFAULTS, PRESETS)

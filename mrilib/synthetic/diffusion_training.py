@@ -299,9 +299,27 @@ def _match_layouts(opt: torch.optim.Optimizer) -> None:
 # ----------------------------------------------------------------------------- files
 
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint.pt or generator.pt as saved (tensors and plain containers only)."""
-    # weights_only: a tampered file cannot run code
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint.pt or generator.pt as saved (tensors and plain containers only), or a
+    ValueError naming the file and what to do; an unreadable file is never deleted here:
+    it is GPU work that may still be whole where it was trained."""
+    try:
+        # weights_only: a tampered file cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated (OSError 22, zip or unpickling errors), not torch's
+        first = (str(err).splitlines() or [""])[0]  # one line: the CLI prints one
+        raise ValueError(f"generator file {path} is unreadable ({type(err).__name__}: "
+                         f"{first}), e.g. cut short by a copy or a full disk. "
+                         f"{_unreadable_fix(Path(path))}") from None
+
+
+def _unreadable_fix(path: Path) -> str:
+    """What to do about an unreadable generator file, which mrilib leaves in place."""
+    command = "`python -m mrilib synth train` (train_generator in Python)"
+    if path.name == "checkpoint.pt":
+        return (f"Copy it again from where it was trained, or delete it and train from step 0 "
+                f"with {command}, which overwrites generator.pt beside it.")
+    return (f"Copy it again from where it was trained, or delete the folder {path.parent} "
+            f"and train it again with {command}.")
 
 
 def _save(out_dir: Path, state: dict, sampling_weights: dict) -> Path:
