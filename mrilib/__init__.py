@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from ._lazy import lazy_names
 from .config import settings
-from .data import (CLASSES, DataError, MRIData, Split, load_mri, pool_class_sizes,
-                   pool_sample, resolve_source, split_counts, split_mri, stratified_sample)
+from .data import CLASSES, DataError, MRIData, load_mri, resolve_source
+from .splits import Split, pool_class_sizes, pool_sample, split_counts, split_mri, stratified_sample
 from .paths import ROOT, figures_dir, preset_name, results_dir
 
 __version__ = "0.1.0"

@@ -79,8 +79,8 @@ def naive_transform(aug: str, size: int):
 
 def naive_split(targets: list[int], real_frac: float, seed: int):
     """(train, val, test) indices of an ImageFolder with mrilib's split sizes and fractions."""
-    from .data import DEFAULTS as DATA
-    from .data import stratified_sample
+    from .splits import DEFAULTS as DATA
+    from .splits import stratified_sample
 
     labels = torch.tensor(targets)
     every = torch.arange(len(labels))
@@ -255,7 +255,8 @@ def bench_train(model: str, aug: str = "none", source=None, device=None, size: i
     if given, receives the timings before that profile runs (so a caller can save them
     first: a time-limited remote GPU job may be cut off before the profile ends).
     """
-    from .data import load_mri, split_mri
+    from .data import load_mri
+    from .splits import split_mri
     from .train import model_settings, real_fraction_index
 
     cfg, overrides = _bench_settings(overrides)

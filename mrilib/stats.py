@@ -7,7 +7,7 @@ difference between two such numbers:
 * **metrics from confusion matrices** (rows = true class, columns = predicted, as
   :func:`mrilib.train.train_replicates` records them): accuracy, macro-F1 and
   per-class recall. Moderate_Demented has 64 images in all; with the fixed split of
-  :func:`mrilib.data.split_mri` the test split holds 13 of its 1,280 images (and the
+  :func:`mrilib.splits.split_mri` the test split holds 13 of its 1,280 images (and the
   validation split 5 of 512), so its recall moves in steps of 1/13 and rests on 13
   slices whatever the number of repeats (see "what the intervals cover").
 * **percentile-bootstrap intervals** for medians and for differences between cells

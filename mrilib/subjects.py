@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from .config import settings
-from .data import (DataError, MRIData, Split, content_fingerprint, nearest_neighbours,
-                   stratified_sample)
+from .data import DataError, MRIData, content_fingerprint, nearest_neighbours
+from .splits import Split, stratified_sample
 from .paths import CACHE, atomic_write_bytes
 
 DEFAULTS = {
@@ -215,13 +216,9 @@ def subject_recovery(data: MRIData, **overrides) -> SubjectRecovery:
     cfg = recovery_settings(**overrides)
     path = CACHE / "subjects" / f"{_cache_key(data, cfg)}.pt"
     order = torch.from_numpy(np.argsort(np.asarray(data.ids), kind="stable"))
-    if path.exists():
-        blob = torch.load(path, weights_only=True)
-        groups = torch.empty_like(blob["groups"])
-        groups[order] = blob["groups"]  # stored in id order: any load order reads it back
-        return SubjectRecovery(groups, blob["sizes"], len(blob["sizes"]),
-                               tuple(blob["class_groups"]), blob["purity"],
-                               blob["pure_groups"], blob["found"], blob["reason"], cfg)
+    cached = _cached_recovery(path, order, cfg)
+    if cached is not None:
+        return cached
     rec = recover_subjects(data.images, data.labels, data.ids, **overrides)
     buf = io.BytesIO()
     torch.save({"groups": rec.groups[order], "sizes": rec.sizes,
@@ -229,6 +226,24 @@ def subject_recovery(data: MRIData, **overrides) -> SubjectRecovery:
                 "pure_groups": rec.pure_groups, "found": rec.found, "reason": rec.reason}, buf)
     atomic_write_bytes(path, buf.getvalue())
     return rec
+
+
+def _cached_recovery(path, order: torch.Tensor, cfg: dict) -> SubjectRecovery | None:
+    """The recovery stored at ``path``; None when there is none or it is unreadable (it is
+    derived: recomputed in seconds, with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        groups = torch.empty_like(blob["groups"])
+        groups[order] = blob["groups"]  # stored in id order: any load order reads it back
+        return SubjectRecovery(groups, blob["sizes"], len(blob["sizes"]),
+                               tuple(blob["class_groups"]), blob["purity"],
+                               blob["pure_groups"], blob["found"], blob["reason"], cfg)
+    except Exception as err:  # truncated, not a torch file, keys missing: all mean rebuild
+        warnings.warn(f"subject-recovery cache entry {path} is unreadable "
+                      f"({type(err).__name__}); recovering the subjects again", stacklevel=3)
+        return None
 
 
 def subject_ids(data: MRIData, **overrides) -> torch.Tensor:
@@ -379,7 +394,7 @@ def random_label_check(data: MRIData, kind: str, **overrides) -> dict:
     scores at chance; one that does not scores above it, because a test slice's brain was
     seen in training with that same random label.
     """
-    from .data import split_mri
+    from .splits import split_mri
     from .train import train_replicates
 
     unknown = set(overrides) - set(DEFAULTS["random_labels"])

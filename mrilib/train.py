@@ -192,7 +192,7 @@ def real_fraction_index(labels: torch.Tensor, pool: torch.Tensor, fraction: floa
     counts do not depend on the seed), so they stack into the ``train_index`` of
     :func:`train_replicates`.
     """
-    from .data import stratified_sample
+    from .splits import stratified_sample
 
     if len(seeds) == 0:
         raise ValueError("seeds is empty; give one seed per replicate, e.g. range(20)")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from mrilib import cli
-from mrilib.data import (CLASSES, SKIP_HINT, DataError, load_mri, resolve_source, split_mri,
-                         stratified_sample)
+from mrilib.data import CLASSES, SKIP_HINT, DataError, load_mri, resolve_source
+from mrilib.splits import split_mri, stratified_sample
 from mrilib.subjects import duplicate_report
 
 TINY = {"Mild_Demented": 6, "Moderate_Demented": 3, "Non_Demented": 10, "Very_Mild_Demented": 8}
@@ -356,7 +356,7 @@ def test_duplicate_report_finds_copies_across_splits(image_folder):
 
 
 def test_nesting_holds_for_this_pool_and_is_checked_where_rounding_breaks_it():
-    from mrilib.data import check_nested
+    from mrilib.splits import check_nested
     from mrilib.grid import FRACTIONS
 
     check_nested([645, 46, 2304, 1613], FRACTIONS)  # the training pool's classes

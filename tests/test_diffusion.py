@@ -16,7 +16,8 @@ import mrilib.cli as cli
 import mrilib.synthetic.cache as cache_mod
 import mrilib.synthetic.diffusion as diffusion
 import mrilib.synthetic.diffusion_training as diffusion_training
-from mrilib.data import CLASSES, MRIData, split_mri
+from mrilib.data import CLASSES, MRIData
+from mrilib.splits import split_mri
 from mrilib.device import device_name
 from mrilib.synthetic.diffusion import (LeakageError, LocalDiffusion, assert_no_leakage,
                                         generator_dir, generator_path, train_for_sample,

@@ -13,7 +13,8 @@ from mrilib import grid as ex
 from mrilib import paths, provenance
 from mrilib.grid import schedule
 from mrilib.grid.cells import DEFAULTS as GRID_DEFAULTS, PRESETS as GRID_PRESETS
-from mrilib.data import CLASSES, MRIData, split_mri, stratified_sample
+from mrilib.data import CLASSES, MRIData
+from mrilib.splits import split_mri, stratified_sample
 
 EPOCHS = 3
 QUICK = 8        # cells of the quick grid: 6 on the slice split, 2 on the subject split

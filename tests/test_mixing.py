@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrilib.data import CLASSES, MRIData, split_mri
+from mrilib.data import CLASSES, MRIData
+from mrilib.splits import split_mri
 from mrilib.synthetic.base import Backend, BudgetExceeded, Refused, variation_seed
 from mrilib.synthetic.mixing import (allocate, mixed_training_set, real_sample, round_robin,
                                      stack_repeats)

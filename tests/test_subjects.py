@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mrilib.subjects as subjects_mod
-from mrilib.data import (CLASSES, DataError, MRIData, check_nested, pool_class_sizes,
-                         pool_sample, split_mri, stratified_sample)
+from mrilib.data import CLASSES, DataError, MRIData
+from mrilib.splits import check_nested, pool_class_sizes, pool_sample, split_mri, stratified_sample
 from mrilib.subjects import (check_disjoint, random_label_check, recover_subjects,
                              split_note, subject_counts, subject_ids, subject_recovery)
 
@@ -253,3 +253,20 @@ def test_random_labels_score_above_chance_only_on_a_slice_split(mri):
     assert slice_acc > 0.5, by_slice
     # 8 test brains guessed at chance get 5 or more right with probability 3%
     assert subject_acc < 0.6 and slice_acc - subject_acc > 0.2, (by_slice, by_subject)
+
+
+def test_a_corrupt_recovery_cache_entry_is_recovered_again_with_a_warning(tmp_path, monkeypatch):
+    import mrilib.subjects as subjects
+    from mrilib.data import CLASSES, MRIData
+
+    monkeypatch.setattr(subjects, "CACHE", tmp_path)
+    images = torch.randint(0, 256, (24, 1, 128, 128), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    data = MRIData(images, torch.arange(24) % 4, CLASSES, [f"{i:03d}" for i in range(24)],
+                   "made", "fp")
+    first = subjects.subject_recovery(data)
+    (entry,) = (tmp_path / "subjects").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:40])  # cut short, as by a full disk
+    with pytest.warns(UserWarning, match="unreadable.*recovering the subjects again"):
+        again = subjects.subject_recovery(data)
+    assert torch.equal(again.groups, first.groups) and again.found == first.found

@@ -702,7 +702,8 @@ def test_best_weights_pick_the_epoch_argmin_picks_nan_included():
 
 def test_the_cached_classifier_is_the_one_asked_for(tmp_path, monkeypatch):
     import mrilib.paths as paths
-    from mrilib.data import CLASSES, MRIData, split_mri
+    from mrilib.data import CLASSES, MRIData
+    from mrilib.splits import split_mri
     from mrilib.train import trained_classifier
 
     monkeypatch.setattr(paths, "CACHE", tmp_path)

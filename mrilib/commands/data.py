@@ -27,7 +27,7 @@ def _recovery(rec, classes) -> dict:
 
 def _subject_split(data) -> dict | None:
     """Subjects and slices per class and part of the subject split; None without subjects."""
-    from ..data import split_counts, split_mri
+    from ..splits import split_counts, split_mri
     from ..subjects import split_note, subject_counts
 
     split = split_mri(data, kind="subject")
@@ -38,7 +38,8 @@ def _subject_split(data) -> dict | None:
 def summary(source=None, size: int = 128, on_error: str = "raise") -> dict:
     """Counts per class over all images and per split, the recovered subjects and the
     subject split, size, fingerprint, skipped files."""
-    from ..data import load_mri, split_mri
+    from ..data import load_mri
+    from ..splits import split_mri
     from ..subjects import subject_recovery
 
     data = load_mri(source, size=size, on_error=on_error)

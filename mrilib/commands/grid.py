@@ -59,17 +59,6 @@ def imagenet_starts(text: str) -> dict:
     return out
 
 
-def _readable_data(args, overrides: dict):
-    """The grid's data without unreadable files under --skip-unreadable, else None (the
-    runner loads the data itself, when a cell first needs it)."""
-    if not args.skip_unreadable:
-        return None
-    from ..grid import grid_data, grid_settings
-    from .train import loaded
-
-    return grid_data(loaded(args), grid_settings(args.preset, **overrides))
-
-
 def run(args) -> int:
     from ..grid import grid_status, run_grid
     from ..paths import check_writable
@@ -99,7 +88,7 @@ def run(args) -> int:
     progress = run_grid(args.preset, args.results, resume=args.resume, device=args.device,
                         train_generators=args.train_generators, source=args.source,
                         available_generators=args.available_generators, pacer=pacer,
-                        data=_readable_data(args, overrides), **overrides)
+                        on_error="skip" if args.skip_unreadable else "raise", **overrides)
     print(f"results  {progress.results}")
     print(f"cells    {progress.cells_done} of {progress.cells_total} complete; "
           f"{progress.runs_written} runs written by this call")

@@ -185,7 +185,7 @@ def _sigterm_as_interrupt() -> None:
 def run_train(args) -> int:
     import time
 
-    from ..data import split_mri
+    from ..splits import split_mri
     from ..synthetic.diffusion import train_for_sample
     from ..synthetic.mixing import real_sample
 
@@ -250,7 +250,7 @@ def _checked_generate_args(args) -> None:
 
 
 def run_generate(args) -> int:
-    from ..data import split_mri
+    from ..splits import split_mri
     from ..synthetic.cache import generate_cached
     from ..synthetic.mixing import real_sample
 
@@ -339,7 +339,7 @@ def run_bench(args) -> int:
 def run_sweep(args) -> int:
     from pathlib import Path
 
-    from ..data import split_mri
+    from ..splits import split_mri
     from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
@@ -382,7 +382,8 @@ def run_sweep(args) -> int:
 def run_shortcut(args) -> int:
     from pathlib import Path
 
-    from ..data import load_mri, split_mri
+    from ..data import load_mri
+    from ..splits import split_mri
     from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import generator_shortcut_check

@@ -105,7 +105,7 @@ def loaded(args, size: int = 128):
 
 def replicate_inputs(args):
     """``(data, train_index, val, test, seeds)`` for ``args``' protocol on the real split."""
-    from ..data import split_mri
+    from ..splits import split_mri
     from ..train import real_fraction_index
 
     if args.replicates < 1:

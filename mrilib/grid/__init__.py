@@ -16,7 +16,7 @@ Sampling design (what makes comparisons between cells paired):
 * Generator ``g`` learns from sample ``g`` at the grid's smallest fraction (30%,
   ``generator_fraction``) and serves every synthetic cell of repeat ``r = g mod G``. That
   is leak-free at every fraction because samples of one seed are nested (the 30% sample
-  lies inside the 40% one, ...; :func:`mrilib.data.check_nested` verifies it before a
+  lies inside the 40% one, ...; :func:`mrilib.splits.check_nested` verifies it before a
   grid trains, and mixing checks each generator's recorded training ids). It mirrors the
   thesis's one fixed DALL-E 2 and trains G generators instead of G per fraction.
 * Repeats sharing ``g`` are clustered: :mod:`mrilib.stats` resamples samples, then repeats.

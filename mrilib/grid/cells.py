@@ -26,7 +26,7 @@ from typing import Sequence
 from ..config import settings
 
 MODELS = ("basic_cnn", "resnet18", "vit_tiny")       # thesis ch. 5
-SPLITS = ("slice", "subject")                         # mrilib.data.split_mri kinds
+SPLITS = ("slice", "subject")                         # mrilib.splits.split_mri kinds
 AUGS = ("none", "hflip", "autoaugment")               # thesis ch. 6.1, 6.2
 LEAKAGE = ("none", "sample", "leaky")  # what a cell's generators learned from
 FRACTIONS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0, thesis 7.2

@@ -91,12 +91,12 @@ def design_hash(cfg: dict, preset: str, model: str) -> str:
     """8 hex digits over everything that changes what a run of ``model`` trains.
 
     The grid settings outside its ``RUN_ONLY``, the preset, the splits' settings
-    (:func:`mrilib.data.design_settings`) and the training settings of ``model``
+    (:func:`mrilib.splits.design_settings`) and the training settings of ``model``
     (:func:`mrilib.train.design_settings`). Call it under :func:`mrilib.paths.preset_env`,
     as the training engine reads the preset too.
     """
     from ..config import design_view, hash8
-    from ..data import design_settings as data_design
+    from ..splits import design_settings as data_design
     from ..train import design_settings
 
     relevant = design_view(cfg, RUN_ONLY + ("train", "imagenet"))

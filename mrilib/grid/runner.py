@@ -53,7 +53,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
              synth_fn: Callable | None = None, data=None, split=None,
              clock: Callable[[], float] = time.monotonic, progress: bool = True,
              train_generators: bool = False, source=None, available_generators: bool = False,
-             pacer=None, **overrides) -> GridProgress:
+             pacer=None, on_error: str = "raise", **overrides) -> GridProgress:
     """Train every missing run of ``preset``'s grid, one cell at a time, streaming rows.
 
     ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
@@ -66,8 +66,12 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     may skip cells that would not fit a time limit. ``resume=False`` refuses a folder
     that already holds runs. ``data`` defaults to ``load_mri(source)`` (its
     ``data_fraction``); each split kind is ``split_mri(data, kind)``, except ``split``'s
-    kind when a split is passed. Data passed in is used as given.
+    kind when a split is passed. Data passed in is used as given; ``on_error="skip"`` loads
+    past unreadable files (:func:`mrilib.data.load_mri`).
     """
+    from ..device import resolve_device
+
+    resolve_device(device)  # a bad device says so before any folder or data is touched
     preset = preset or paths.preset_name()
     cfg = grid_settings(preset, **overrides)
     with paths.preset_env(preset):
@@ -79,8 +83,8 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
                              f"results folder")
         session = _Session(cfg, preset, writer, device, train_fn or _train_replicates,
                            synth_fn or training_sets, pacer or Unpaced(), clock,
-                           train_generators, available_generators, progress, source, data,
-                           {} if split is None else {split.kind: split})
+                           train_generators, available_generators, progress, source, on_error,
+                           data, {} if split is None else {split.kind: split})
         try:
             return session.run(grid_cells(preset, **overrides))
         finally:
@@ -135,6 +139,7 @@ class _Session:
     available_generators: bool = False
     progress: bool = True
     source: object = None
+    on_error: str = "raise"
     data: object = None
     splits: dict = field(default_factory=dict)  # split kind -> Split
     notes: dict = field(default_factory=dict)   # split kind -> what its tables must say
@@ -242,7 +247,8 @@ class _Session:
 
         if self.data is None:
             by_subject = any(c.split == "subject" for c in cells)
-            self.data = grid_data(load_mri(self.source), self.cfg, by_subject)
+            self.data = grid_data(load_mri(self.source, on_error=self.on_error), self.cfg,
+                                  by_subject)
         if self.base is None:
             self.base = {"preset": self.preset,
                          **provenance(self.device), "data_fingerprint": self.data.fingerprint,
@@ -252,7 +258,7 @@ class _Session:
 
     def split(self, cell: Cell):
         """The split of ``cell``'s kind, made once; nested samples checked before use."""
-        from ..data import check_nested, pool_class_sizes, split_mri
+        from ..splits import check_nested, pool_class_sizes, split_mri
         from ..subjects import split_note
 
         if cell.split not in self.splits:

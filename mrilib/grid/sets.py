@@ -137,7 +137,7 @@ def grid_data(data, cfg: dict, by_subject: bool = False):
     subjects when ``by_subject`` (a grid with subject-split cells), else of slices."""
     if cfg["data_fraction"] >= 1.0:
         return data
-    from ..data import stratified_sample
+    from ..splits import stratified_sample
 
     if by_subject:  # the subset keeps each image's subject: its fragments are not recoverable
         from dataclasses import replace

@@ -107,6 +107,10 @@ def _note(fig, extra: str = "", note: str | None = None, split: str = "slice") -
     """
     import textwrap
 
+    from . import stamp
+
+    if note is None:  # results of the full protocol: nothing a reduced preset made
+        stamp(fig, None)
     width_in, height_in = fig.get_size_inches()
     y = -0.01
     for text, size, color in (((extra + " " if extra else "") + SPLIT_NOTES[split], 7, "0.3"),

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..config import settings
-from ..data import MRIData, Split, pool_sample
+from ..data import MRIData
+from ..splits import Split, pool_sample
 from .base import Backend
 from .cache import generate_cached
 
@@ -29,7 +30,7 @@ PRESETS: dict = {}
 def real_sample(data: MRIData, split: Split, real_fraction: float,
                 sample_seed: int) -> torch.Tensor:
     """Indices into ``data`` of the stratified ``real_fraction`` of the training pool
-    (whole subjects for a subject split: :func:`mrilib.data.pool_sample`).
+    (whole subjects for a subject split: :func:`mrilib.splits.pool_sample`).
 
     The same (data, split, X, sample_seed) gives the same sample on every machine (it is
     drawn over ids), so a generator trained on it and a classifier fed it agree.
