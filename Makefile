@@ -29,25 +29,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: env
 	MRILIB_PRESET=quick $(PY) -m pytest -ra tests --nbval-lax notebooks
 
-# The grid runs first (resumable: a rerun after an interruption continues it) unless
-# mrilib.grid.needs_grid says the committed results/ already hold what chapter 7 reads;
-# notebook 05 and the report read the runs by the same rule (mrilib.grid.chapter_results).
+# mrilib.reproduce decides: the grid where a GPU is (or TRAIN=1 asks), every notebook whose
+# generators and results are at hand, the report; what waits for a GPU is said, not run.
 reproduce: env
-	mkdir -p build/notebooks
-	@preset=$${MRILIB_PRESET:-thesis}; \
-	if $(PY) -c 'import sys; from mrilib.grid import needs_grid; sys.exit(not needs_grid(sys.argv[1]))' $$preset; then \
-	  echo "== chapter-7 grid (preset $$preset)"; \
-	  $(PY) -m mrilib grid --preset $$preset --train-generators --resume || exit 1; \
-	else \
-	  echo "== committed results/ cover the $$preset grid: not training"; \
-	fi
-	for nb in notebooks/[0-9]*.ipynb; do \
-	  echo "== $$nb (preset $${MRILIB_PRESET:-thesis})"; \
-	  $(PY) -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
-	    --output-dir build/notebooks "$$nb" || exit 1; \
-	done
-	$(PY) -m mrilib report --preset $${MRILIB_PRESET:-thesis}
-	@echo "Executed notebooks are in build/notebooks/; figures in figures/ (thesis preset) or cache/<preset>/figures/; summary.md beside the results read."
+	$(PY) -m mrilib reproduce $(if $(TRAIN),--train,)
 
 lab: env
 	$(PY) -m jupyter lab notebooks

@@ -13,7 +13,7 @@ import warnings
 
 from .data import DataError
 
-COMMANDS = ("data", "train", "bench", "synth", "cam", "grid", "report")
+COMMANDS = ("data", "train", "bench", "synth", "cam", "grid", "report", "reproduce")
 
 # What Ctrl-C leaves behind, per command: only grid and synth resume.
 INTERRUPTED = {
@@ -31,6 +31,8 @@ INTERRUPTED = {
                       "(nothing is asked for twice)",
     "synth sweep": "the variations made are cached; a rerun reuses them",
     "synth bench": "nothing was kept; a rerun times everything again",
+    "reproduce": "finished grid runs and executed notebooks are kept; a rerun resumes the "
+                 "grid and runs the notebooks again",
 }
 
 

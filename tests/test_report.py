@@ -76,16 +76,23 @@ def no_training(*args, **kwargs):
 
 # ----------------------------------------------------------------------------- chapter_results
 
-@pytest.mark.parametrize("preset", ["quick", "thesis"])
-def test_committed_results_are_read_whatever_the_preset(repo, monkeypatch, preset):
+def test_each_preset_reads_its_own_results_unless_told(repo, monkeypatch):
     write_runs(repo / "repo" / "results", QUICK_CELLS[:3], repeats=20, preset="thesis")
+    write_runs(repo / "cache" / "quick" / "results", QUICK_CELLS[:2])
     monkeypatch.setattr(grid_chapter, "run_grid", no_training)
-    chapter = ex.chapter_results(preset)
+    chapter = ex.chapter_results("thesis")
     assert chapter.committed and chapter.directory == repo / "repo" / "results"
     assert len(chapter.runs) == 60 and len(chapter.epochs) == 60
     assert chapter.description.startswith("Committed full run (results/, partial: 3 of")
     assert chapter.note is None  # the thesis protocol's numbers need no warning
-    assert ("read under the quick preset" in chapter.description) == (preset == "quick")
+    quick = ex.chapter_results("quick", train=False)  # its own grid, not the committed run
+    assert not quick.committed and len(quick.runs) == 4
+    assert quick.directory == repo / "cache" / "quick" / "results"
+    # told otherwise: the committed run under the quick preset, nothing trained
+    monkeypatch.setenv("MRILIB_RESULTS", str(repo / "repo" / "results"))
+    told = ex.chapter_results("quick")
+    assert told.committed and len(told.runs) == 60
+    assert "read under the quick preset" in told.description
 
 
 def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatch):
@@ -115,7 +122,7 @@ def test_the_thesis_preset_without_committed_results_says_what_to_run(repo, monk
     with pytest.raises(FileNotFoundError) as err:
         ex.chapter_results("thesis")
     message = str(err.value)
-    assert "results/ holds no runs yet" in message
+    assert "results/ holds no runs of the current protocol yet" in message
     assert "python -m mrilib grid --preset thesis --train-generators --resume" in message
     assert "MRILIB_PRESET=quick" in message
 
@@ -134,7 +141,10 @@ def test_needs_grid_follows_what_chapter_results_would_read(repo):
     every = [c.key for c in ex.grid_cells("thesis")]
     write_runs(committed, every[:5], repeats=20, preset="thesis", design="current")
     assert ex.needs_grid("thesis")      # a partial full run is resumed
-    assert not ex.needs_grid("quick")   # but the quick preset reads it as it is
+    assert ex.needs_grid("quick")       # the quick preset reads its own, still missing
+    write_runs(repo / "cache" / "quick" / "results", QUICK_CELLS, preset="quick",
+               design="current")
+    assert not ex.needs_grid("quick")
     # every cell, but under another training protocol: grid --resume would retrain them all
     write_runs(committed, every, repeats=20, preset="thesis", design="0ld0ld00")
     assert ex.needs_grid("thesis")
@@ -198,13 +208,28 @@ def test_the_quick_grid_report_skips_the_missing_cells_by_name(repo):
     assert "Leakage ablation" in summary and "| recall Moderate Demented |" in summary
 
 
-def test_the_report_reads_committed_results_by_default(repo, monkeypatch):
+def test_a_presets_report_reads_and_writes_its_own_results(repo, monkeypatch):
+    """After `grid --preset quick`, the quick report is of the quick runs, beside them."""
     monkeypatch.setenv("MRILIB_PRESET", "quick")
     monkeypatch.setattr(grid_chapter, "run_grid", no_training)
     write_runs(repo / "repo" / "results", QUICK_CELLS, repeats=3, preset="thesis")
+    write_runs(repo / "cache" / "quick" / "results", QUICK_CELLS[:2])
+    figures = repo / "cache" / "quick" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "fig7_2_augmentation.png").write_bytes(b"a figure of an earlier protocol")
+    (figures / "1_class_counts.png").write_bytes(b"chapter 1's")
     path = write_report(n_boot=50)
     assert path == repo / "cache" / "quick" / "results" / "summary.md"  # not over results/
+    assert "Quick CPU grid" in path.read_text() and "Committed" not in path.read_text()
+    assert not (figures / "fig7_2_augmentation.png").exists()  # stale: another name now
+    assert (figures / "1_class_counts.png").exists()            # not chapter 7's
+    # told otherwise: the committed run, reported in the quick preset's folders only
+    monkeypatch.setenv("MRILIB_RESULTS", str(repo / "repo" / "results"))
+    path = write_report(n_boot=50)
+    assert path == repo / "cache" / "quick" / "results" / "summary.md"
     assert "**Committed full run (results/" in path.read_text()
+    assert not (repo / "repo" / "results" / "summary.md").exists()
+    assert not (repo / "repo" / "figures").exists()
 
 
 def test_an_empty_results_file_is_refused_not_drawn(repo):

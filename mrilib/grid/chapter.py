@@ -2,6 +2,7 @@
 and the line that says where they came from."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -35,46 +36,48 @@ def committed_results_dir() -> Path:
 
 
 def chapter_results(preset: str | None = None, train: bool = True, progress: bool = True,
-                    **grid_kwargs) -> ChapterResults:
+                    results=None, **grid_kwargs) -> ChapterResults:
     """The runs chapter 7 reads, by one rule for notebooks, ``report`` and ``make reproduce``.
 
-    1. The committed ``results/`` holds runs: use them, whatever the preset (reading them
-       takes seconds; figures still go to the preset's :func:`mrilib.paths.figures_dir`).
-    2. Otherwise, in a preset of :data:`TRAIN_ON_DEMAND` (quick), run or resume that
-       preset's grid with its generators (:func:`run_grid`, ``grid_kwargs`` passed on)
-       into ``cache/<preset>/results`` and use it; ``train=False`` only reads it.
-    3. Otherwise use the preset's own results folder if it holds runs (e.g. ``cell``),
-       else raise FileNotFoundError with the commands that make them.
-
-    Either folder is read by :func:`load_results`, one design per (preset, model): runs
-    of a superseded design are set aside (with a :class:`MixedDesignsWarning`), and
-    ``description`` says how many.
+    A preset reads its own results: ``thesis`` the committed ``results/`` (the full GPU
+    run), ``quick`` and ``cell`` their folder under ``cache/<preset>/``. In a preset of
+    :data:`TRAIN_ON_DEMAND` (quick) a missing or partial grid is run or resumed first
+    (:func:`run_grid` with ``grid_kwargs``); ``train=False`` only reads. ``results`` (or
+    the ``MRILIB_RESULTS`` environment variable) names another folder to read instead,
+    e.g. ``results`` to show the committed full run under the quick preset; nothing is
+    trained for it. A folder without runs raises FileNotFoundError naming the commands
+    that make them. The folder is read by :func:`load_results`, one design per (preset,
+    model); ``description`` says what was set aside.
     """
     preset = preset or paths.preset_name()
-    committed = committed_results_dir()
-    if _run_count(committed):
-        runs, epochs = load_results(committed)
-        return ChapterResults(runs, epochs, committed,
-                              _with_set_aside(_committed_line(runs, preset), runs), True,
-                              preset_note(runs))
+    results = results or os.environ.get("MRILIB_RESULTS") or None
     with paths.preset_env(preset):
-        directory = paths.results_dir()
-    if train and preset in TRAIN_ON_DEMAND:
+        own = committed_results_dir() if preset == "thesis" else paths.results_dir()
+    directory = own if results is None else Path(results)
+    if results is None and train and preset in TRAIN_ON_DEMAND:
         run_grid(preset, train_generators=True, resume=True, progress=progress, **grid_kwargs)
     if not _run_count(directory):
-        also = "" if directory == committed else \
-            f", nor does {shown(directory)}/ for the {preset!r} preset"
-        raise FileNotFoundError(
-            f"{shown(committed)}/ holds no runs yet (the full GPU grid has not been run and "
-            f"committed){also}. On a GPU run "
-            f"`python -m mrilib grid --preset {preset} --train-generators --resume` (again "
-            f"after any interruption; --max-minutes M time-boxes a chunk) and rerun; or see "
-            f"the chapter on a small CPU grid with MRILIB_PRESET=quick (numbers test the "
-            f"code only)")
+        raise FileNotFoundError(_no_runs_message(directory, preset))
     runs, epochs = load_results(directory)
-    return ChapterResults(runs, epochs, directory,
-                          _with_set_aside(_local_line(runs, preset, directory), runs), False,
+    committed = directory.resolve() == committed_results_dir().resolve()
+    line = (_committed_line(runs, preset) if committed
+            else _local_line(runs, preset, directory) if directory == own
+            else folder_line(runs, directory))
+    return ChapterResults(runs, epochs, directory, _with_set_aside(line, runs), committed,
                           preset_note(runs))
+
+
+def _no_runs_message(directory: Path, preset: str) -> str:
+    if directory.resolve() == committed_results_dir().resolve():
+        return (f"{shown(directory)}/ holds no runs of the current protocol yet (the full "
+                f"GPU grid has not been run and committed; the first protocol's runs are in "
+                f"results/archive/). On a GPU run `python -m mrilib grid --preset {preset} "
+                f"--train-generators --resume` (again after any interruption; --tier 1 runs "
+                f"the basic CNN's cells first) and rerun; or see the chapter on a small CPU "
+                f"grid with MRILIB_PRESET=quick (numbers test the code only)")
+    return (f"{shown(directory)}/ holds no runs; make them with `python -m mrilib grid "
+            f"--preset {preset} --resume`, or point MRILIB_RESULTS (or --results) at a "
+            f"folder that holds runs.jsonl")
 
 
 def _with_set_aside(line: str, runs) -> str:
@@ -84,18 +87,13 @@ def _with_set_aside(line: str, runs) -> str:
 
 
 def needs_grid(preset: str | None = None) -> bool:
-    """Whether ``make reproduce`` must train ``preset``'s grid before the notebooks.
-
-    Not when :func:`chapter_results` would read the committed ``results/`` anyway: in
-    the thesis preset once they hold every run of the grid under the current training
-    protocol (counted by run key, as ``grid --resume`` counts them, so runs of an older
-    design do not count; a partial committed run is resumed), in the other presets once
-    they hold any runs.
-    """
+    """Whether ``preset``'s own results lack runs of its grid under the current protocol
+    (counted by run key, as ``grid --resume`` counts them: runs of an older design do not
+    count, and a partial grid is resumed)."""
     preset = preset or paths.preset_name()
-    if preset != "thesis":
-        return not read_jsonl(committed_results_dir() / RUNS_FILE)[0]
-    status = grid_status("thesis", committed_results_dir())
+    with paths.preset_env(preset):
+        own = committed_results_dir() if preset == "thesis" else paths.results_dir()
+    status = grid_status(preset, own)
     return bool((status["done"] < status["repeats"]).any())
 
 

@@ -40,15 +40,14 @@ def write_report(results=None, metric: str = PRIMARY, n_boot: int | None = None,
                  seed: int | None = None, out=None, figures=None) -> Path:
     """Draw every figure and write ``summary.md``; the path of the summary.
 
-    Reads ``results``, by default the runs :func:`mrilib.grid.chapter_results`
-    picks without training (the committed ``results/`` when it holds runs, else the
-    preset's results folder); figures go to ``figures`` (default :func:`figures_dir`) and
-    the summary to ``out`` (default :func:`results_dir`), both by the preset in force, so
-    reading the committed results under the quick preset writes nothing over them. A
-    ``results`` folder other than these two (e.g. ``results/imagenet``) keeps its report
-    to itself: ``summary.md`` in it and figures in its ``figures/``. Figures whose
-    cells are not run yet are listed in the summary with the reason (and an older file of
-    theirs is removed, so no stale figure stands beside the summary). Runs of a
+    Reads ``results``, by default the runs :func:`mrilib.grid.chapter_results` picks
+    without training (the preset's own: ``results/`` for thesis, ``cache/<preset>/``
+    otherwise); figures go to ``figures`` (default :func:`figures_dir`) and the summary to
+    ``out`` (default :func:`results_dir`), both the preset's. A ``results`` folder other
+    than the preset's own (e.g. ``results/imagenet``) keeps its report to itself:
+    ``summary.md`` in it and figures in its ``figures/``. Figures whose cells are not run
+    yet are listed in the summary with the reason, and a chapter-7 figure file this report
+    does not draw is removed, so no stale figure stands beside the summary. Runs of a
     superseded design are left out, as :func:`mrilib.grid.load_results` does by
     default, and the summary says how many.
     """
@@ -69,41 +68,51 @@ def write_report(results=None, metric: str = PRIMARY, n_boot: int | None = None,
 
 
 def _report_source(results, out, figures) -> _Source:
-    """The runs a report reads, the line that says where from, and where it writes."""
+    """The runs a report reads, the line that says where from, and where it writes: a
+    folder other than the preset's own keeps its report beside its runs, except the
+    committed ``results/``, which only the thesis preset writes."""
     from ..grid import chapter_results, committed_results_dir, folder_line, load_results
     from ..paths import results_dir
 
     if results is None:
         chapter = chapter_results(train=False)
-        return _Source(chapter.directory, chapter.runs, chapter.epochs, chapter.description,
-                       out, figures)
-    directory = Path(results)
-    runs, epochs = load_results(directory)  # one design per model; warns what it set aside
-    if directory.resolve() not in (results_dir().resolve(),
-                                   committed_results_dir().resolve()):
-        # another folder (results/imagenet, a copy): its report stays beside its runs
+        directory, runs, epochs = chapter.directory, chapter.runs, chapter.epochs
+        origin = chapter.description
+    else:
+        directory = Path(results)
+        runs, epochs = load_results(directory)  # one design per model; warns what it set aside
+        origin = folder_line(runs, directory)
+    if directory.resolve() not in (results_dir().resolve(), committed_results_dir().resolve()):
         out = directory if out is None else out
         figures = directory / "figures" if figures is None else figures
-    return _Source(directory, runs, epochs, folder_line(runs, directory), out, figures)
+    return _Source(directory, runs, epochs, origin, out, figures)
+
+
+CHAPTER7_FIGURES = ("fig7_", "thesis_comparison", "leakage", "fraction_sweep",
+                    "synthetic_effect")  # the names figure_makers gives, for stale files
 
 
 def _drawn_figures(makers: dict, directory=None) -> dict:
-    """Name -> the path of each figure drawn, or ``"not drawn: why"``."""
+    """Name -> the path of each figure drawn, or ``"not drawn: why"``; a chapter-7 figure
+    file of an earlier report that this one does not draw is removed."""
     import matplotlib.pyplot as plt
 
     from ..paths import figures_dir
     from ..plots import save_figure
 
+    folder = Path(directory or figures_dir())
     drawn = {}
     for name, make in makers.items():
         try:
             fig = make()
         except plots.MissingCells as err:  # the cells it needs are not in the table yet
             drawn[name] = f"not drawn: {err}"
-            (Path(directory or figures_dir()) / f"{name}.png").unlink(missing_ok=True)
             continue
         drawn[name] = save_figure(fig, name, directory=directory)
         plt.close(fig)
+    for stale in folder.glob("*.png"):
+        if stale.name.startswith(CHAPTER7_FIGURES) and not isinstance(drawn.get(stale.stem), Path):
+            stale.unlink()
     return drawn
 
 
