@@ -120,7 +120,7 @@ def _has_chapter_generator() -> bool:
 
     data = load_mri()
     try:
-        generator_path(data, split_mri(data), 0.3, 0)
+        generator_path(data, split_mri(data, "subject"), 0.3, 0)
     except (FileNotFoundError, ValueError):
         return False
     return True

@@ -62,10 +62,12 @@ BAD_INPUT = [
     ("synth generate --real-frac 0.5 --per-image 1 --source {src} --generator -1",
      "--generator -1: generators are numbered from 0"),
     ("synth generate --real-frac 0 --per-image 1 --source {src}", "--real-frac 0: give a fraction"),
-    ("synth generate --real-frac 0.5 --per-image 1 --source {src}",
-     "train it on a GPU with `python -m mrilib synth train --real-frac 0.5 --seed 0 --device "
+    ("synth generate --split slice --real-frac 0.5 --per-image 1 --source {src}",
+     "train it on a GPU with `python -m mrilib synth train --split slice --real-frac 0.5 --seed 0 "
+     "--device "
      "cuda` (rerun until it says done), or, for a look on a CPU, train the quick preset's tiny "
-     "generator with `MRILIB_PRESET=quick python -m mrilib synth train --real-frac 0.5 --seed 0`"),
+     "generator with `MRILIB_PRESET=quick python -m mrilib synth train --split slice "
+     "--real-frac 0.5 --seed 0`"),
     ("train --source {src} --seed -5", "--seed -5: give a seed of 0 or more"),
     ("train --source {src} --real-frac 1.5", "--real-frac 1.5: give a fraction in (0, 1]"),
     ("bench train --source {src} --seed -1", "--seed -1: give a seed of 0 or more"),
@@ -132,7 +134,8 @@ def test_a_truncated_generator_is_named_and_kept(tiny, tmp_path, capsys):
     path = train_for_sample(data, split_mri(data), 0.5, 0, steps=1, progress=False)
     generator = path.parent / "generator.pt"
     generator.write_bytes(generator.read_bytes()[:200])
-    code = cli.main(["synth", "generate", "--real-frac", "0.5", "--per-image", "1",
+    code = cli.main(["synth", "generate", "--split", "slice", "--real-frac", "0.5",
+                     "--per-image", "1",
                      "--source", tiny, "--allow-unfinished"])
     line = one_error_line(capsys)
     assert code == 2 and f"generator file {generator} is unreadable" in line
@@ -177,7 +180,8 @@ def test_openai_run_not_fulfilled_exits_non_zero_and_counts_refused_apart(
     with FakeOpenAI() as server:
         server.script = list(script)
         argv = ["synth", "generate", "--backend", "openai", "--base-url", server.base_url,
-                "--real-frac", "1.0", "--per-image", "1", "--limit-sources", "4",
+                "--split", "slice", "--real-frac", "1.0", "--per-image", "1",
+                "--limit-sources", "4",
                 "--source", tiny, "--json"]
         if budget is not None:
             argv += ["--max-images", str(budget)]

@@ -643,13 +643,15 @@ def folder(image_folder, tmp_path, monkeypatch):
 
 
 def test_cli_train_then_generate(folder, run_cli):
-    code, out, _ = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "1",
+    code, out, _ = run_cli("synth", "train",
+                           "--split", "slice", "--real-frac", "0.5", "--seed", "1",
                            "--source", folder, "--json")
     assert code == 0
     trained_info = json.loads(out)
     assert trained_info["all_done"] and trained_info["generators"][0]["generator"] == 1
 
-    args = ("synth", "generate", "--backend", "local", "--real-frac", "0.5", "--per-image", "2",
+    args = ("synth", "generate", "--backend", "local",
+            "--split", "slice", "--real-frac", "0.5", "--per-image", "2",
             "--generator", "1", "--seed", "3", "--limit-sources", "3", "--source", folder,
             "--json")
     code, out, _ = run_cli(*args)
@@ -666,10 +668,12 @@ def test_cli_sweep(folder, run_cli, tmp_path, monkeypatch):
     import mrilib.paths as paths
 
     monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")  # the real-only classifier
-    assert run_cli("synth", "train", "--real-frac", "0.5", "--seed", "0", "--source", folder,
+    assert run_cli("synth", "train",
+                   "--split", "slice", "--real-frac", "0.5", "--seed", "0", "--source", folder,
                    "--json")[0] == 0
     out_file = tmp_path / "sweep.json"
-    code, out, _ = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,0.9",
+    code, out, _ = run_cli("synth", "sweep",
+                           "--split", "slice", "--real-frac", "0.5", "--strengths", "0.3,0.9",
                            "--guidance", "1,2", "--max-sources", "4", "--source", folder,
                            "--out", str(out_file))
     assert code == 0 and "balanced" in out and "0.30" in out and "0.90" in out
@@ -677,28 +681,35 @@ def test_cli_sweep(folder, run_cli, tmp_path, monkeypatch):
     assert [(r["guidance_scale"], r["strength"]) for r in saved["strengths"]] == [
         (1.0, 0.3), (1.0, 0.9), (2.0, 0.3), (2.0, 0.9)]
     assert saved["n_sources"] == 4 and saved["provenance"]["device_name"]
-    code, _, err = run_cli("synth", "sweep", "--real-frac", "0.5", "--strengths", "0.3,x",
+    code, _, err = run_cli("synth", "sweep",
+                           "--split", "slice", "--real-frac", "0.5", "--strengths", "0.3,x",
                            "--source", folder)
     assert code == 2 and "--strengths" in err
-    code, _, err = run_cli("synth", "sweep", "--real-frac", "0.5", "--guidance", "two",
+    code, _, err = run_cli("synth", "sweep",
+                           "--split", "slice", "--real-frac", "0.5", "--guidance", "two",
                            "--source", folder)
     assert code == 2 and "--guidance" in err
 
 
 def test_cli_errors_are_clear(folder, run_cli):
-    code, _, err = run_cli("synth", "generate", "--backend", "local", "--real-frac", "0.5",
+    code, _, err = run_cli("synth", "generate", "--backend", "local",
+                           "--split", "slice", "--real-frac", "0.5",
                            "--per-image", "1", "--source", folder)
-    assert code == 2 and "synth train --real-frac 0.5 --seed 0" in err
-    code, _, err = run_cli("synth", "generate", "--backend", "local", "--real-frac", "0.5",
+    assert code == 2 and "synth train --split slice --real-frac 0.5 --seed 0" in err
+    code, _, err = run_cli("synth", "generate", "--backend", "local",
+                           "--split", "slice", "--real-frac", "0.5",
                            "--per-image", "1", "--max-cost", "3", "--source", folder)
     assert code == 2 and "--max-cost" in err and "openai only" in err
-    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "-1",
+    code, _, err = run_cli("synth", "train",
+                           "--split", "slice", "--real-frac", "0.5", "--seed", "-1",
                            "--source", folder)
     assert code == 2 and "--seed -1" in err
-    code, _, err = run_cli("synth", "generate", "--backend", "openai", "--real-frac", "0.5",
+    code, _, err = run_cli("synth", "generate", "--backend", "openai",
+                           "--split", "slice", "--real-frac", "0.5",
                            "--per-image", "1", "--generator", "1", "--source", folder)
     assert code == 2 and "--generator" in err and "local only" in err
-    code, _, err = run_cli("synth", "train", "--real-frac", "0.5", "--seed", "0",
+    code, _, err = run_cli("synth", "train",
+                           "--split", "slice", "--real-frac", "0.5", "--seed", "0",
                            "--device", "gpu", "--source", folder)
     assert code == 2 and "not a device torch knows" in err and "Traceback" not in err
 
@@ -708,7 +719,8 @@ def test_cli_generate_openai(folder, run_cli, monkeypatch):
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     with FakeOpenAI() as server:
-        code, out, err = run_cli("synth", "generate", "--backend", "openai", "--real-frac", "0.5",
+        code, out, err = run_cli("synth", "generate", "--backend", "openai",
+                                 "--split", "slice", "--real-frac", "0.5",
                                  "--per-image", "1", "--limit-sources", "4", "--max-images", "2",
                                  "--base-url", server.base_url, "--source", folder, "--json")
     assert code == 3  # the budget left images to make: a script must not read it as done

@@ -247,9 +247,10 @@ def test_cli_sweep_chooses_on_validation_and_shortcut_writes_its_json(image_fold
         out = capsys.readouterr()
         return code, out.out, out.err
 
-    assert run("train", "--real-frac", "0.5", "--seed", "0", "--json")[0] == 0
+    assert run("train", "--split", "slice", "--real-frac", "0.5", "--seed", "0", "--json")[0] == 0
     sweep_file = tmp_path / "sweep.json"
-    code, out, _ = run("sweep", "--real-frac", "0.5", "--strengths", "0.6", "--guidance", "1,2",
+    code, out, _ = run("sweep", "--split", "slice", "--real-frac", "0.5", "--strengths", "0.6",
+                       "--guidance", "1,2",
                        "--out", str(sweep_file))
     assert code == 0 and "validation slices: the ceiling" in out and "information only" in out
     sweep = json.loads(sweep_file.read_text())
@@ -258,7 +259,8 @@ def test_cli_sweep_chooses_on_validation_and_shortcut_writes_its_json(image_fold
     assert sweep["guidance_note"] in out and "validation" in sweep["guidance_note"]
 
     shortcut_file = tmp_path / "shortcut.json"
-    code, out, _ = run("shortcut", "--real-frac", "0.5", "--folds", "2", "--out",
+    code, out, _ = run("shortcut", "--split", "slice", "--real-frac", "0.5", "--folds", "2",
+                       "--out",
                        str(shortcut_file))
     assert code == 0 and "Moderate_Demented" in out
     check = json.loads(shortcut_file.read_text())
@@ -266,7 +268,8 @@ def test_cli_sweep_chooses_on_validation_and_shortcut_writes_its_json(image_fold
     assert check["n_real"] == check["n_synthetic"] == check["n_sources"] > 0
     assert check["verdict"] in ("near chance", "above chance", "high") and check["reading"] in out
     assert check["provenance"]["device_name"] and check["guidance_scale"] == 4.0
-    again = json.loads(run("shortcut", "--real-frac", "0.5", "--folds", "2", "--json")[1])
+    again = json.loads(run("shortcut", "--split", "slice", "--real-frac", "0.5", "--folds", "2",
+                           "--json")[1])
     assert again["cached"] == check["n_sources"] and again["accuracy"] == check["accuracy"]
-    code, _, err = run("shortcut", "--real-frac", "0.5", "--folds", "1")
+    code, _, err = run("shortcut", "--split", "slice", "--real-frac", "0.5", "--folds", "1")
     assert code == 2 and "folds=1" in err

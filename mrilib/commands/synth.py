@@ -38,6 +38,9 @@ def _add_train(actions) -> None:
                                          "real fraction; prints each checkpoint path")
     t.add_argument("--real-frac", type=float, required=True,
                    help="X: the stratified share of the training pool the generator learns from")
+    t.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample: the subject split's (whole brains, default) or the "
+                        "slice split's (the thesis's); each has its own generators")
     t.add_argument("--seed", type=int, default=None,
                    help="generator g (its sample seed and training seed), from 0. Default: "
                         "each of the grid's generators in turn")
@@ -58,6 +61,9 @@ def _add_generate(actions) -> None:
                                             "real sample's images")
     g.add_argument("--backend", choices=("local", "openai"), default="local")
     g.add_argument("--real-frac", type=float, required=True, help="X: the real sample's share")
+    g.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample: the subject split's (whole brains, default) or the "
+                        "slice split's (the thesis's); each has its own generators")
     g.add_argument("--per-image", type=int, required=True, help="variations per source image")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the variations; openai: also the real sample drawn")
@@ -117,6 +123,9 @@ def _add_sweep(actions) -> None:
                                          "guidance weights; chooses the weight on validation")
     w.add_argument("--real-frac", type=float, required=True,
                    help="X: the real fraction whose generator is swept")
+    w.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample: the subject split's (whole brains, default) or the "
+                        "slice split's (the thesis's); each has its own generators")
     w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
     w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
                    help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
@@ -140,6 +149,9 @@ def _add_shortcut(actions) -> None:
                                             "check)")
     s.add_argument("--real-frac", type=float, required=True,
                    help="X: the real fraction whose generator is checked")
+    s.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample: the subject split's (whole brains, default) or the "
+                        "slice split's (the thesis's); each has its own generators")
     s.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
     s.add_argument("--max-sources", type=int, default=None,
                    help="at most N sources, in equal shares per class (default: the preset's; "
@@ -195,7 +207,7 @@ def run_train(args) -> int:
     checked_fraction(args.real_frac)
     _checked_start(args)
     data = loaded(args)
-    split = split_mri(data)
+    split = split_mri(data, args.split)
     if args.seed is not None:
         todo = [args.seed]
     elif args.leaky:
@@ -257,7 +269,7 @@ def run_generate(args) -> int:
     _checked_generate_args(args)
     _checked_start(args)
     data = loaded(args)
-    split = split_mri(data)
+    split = split_mri(data, args.split)
     backend = _backend(args, data, split)
     sample_seed = getattr(backend, "sample_seed", None)
     sample_seed = args.seed if sample_seed is None else sample_seed
@@ -328,7 +340,7 @@ def run_bench(args) -> int:
         speed["guidance_scale"] = args.guidance
     result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations,
                        **speed)
-    result.update(preset=preset_name(), provenance=provenance(args.device))
+    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
     text = json.dumps(result, indent=2)
     if args.out:
         atomic_write_bytes(Path(args.out), text.encode() + b"\n")
@@ -350,10 +362,11 @@ def run_sweep(args) -> int:
     checked_fraction(args.real_frac)
     _checked_start(args, args.out)
     data = loaded(args)
-    result = strength_sweep(data, split_mri(data), args.real_frac, args.generator, strengths,
+    result = strength_sweep(data, split_mri(data, args.split), args.real_frac, args.generator,
+                            strengths,
                             max_sources=args.max_sources, seed=args.seed, device=args.device,
                             progress=not args.json, guidance_scales=scales)
-    result.update(preset=preset_name(), provenance=provenance(args.device))
+    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
     if args.json:
@@ -391,10 +404,11 @@ def run_shortcut(args) -> int:
     overrides = {k: getattr(args, k) for k in ("max_sources", "folds")
                  if getattr(args, k) is not None}
     data = load_mri(args.source)
-    result = generator_shortcut_check(data, split_mri(data), args.real_frac, args.generator,
+    result = generator_shortcut_check(data, split_mri(data, args.split), args.real_frac,
+                                      args.generator,
                                       seed=args.seed, device=args.device,
                                       progress=not args.json, **overrides)
-    result.update(preset=preset_name(), provenance=provenance(args.device))
+    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
     if args.json:

@@ -133,7 +133,7 @@ def generator_path(data, split, real_fraction: float, g: int, leaky: bool = Fals
     ids = [data.ids[i] for i in index.tolist()]
     path = generator_dir(ids, data.labels[index], real_fraction, g, leaky,
                          **overrides) / "generator.pt"
-    command = _train_command(real_fraction, g, leaky)
+    command = _train_command(real_fraction, g, leaky, split.kind)
     if not path.exists():
         raise FileNotFoundError(f"no generator {g} for real fraction {real_fraction:g} "
                                 f"{'(leaky) ' if leaky else ''}at {path.parent}; {command}")
@@ -158,10 +158,10 @@ def generator_path(data, split, real_fraction: float, g: int, leaky: bool = Fals
     return path
 
 
-def _train_command(real_fraction: float, g: int, leaky: bool) -> str:
-    """How to train generator g of X, for a GPU and for a look on a CPU."""
-    command = (f"python -m mrilib synth train --real-frac {real_fraction:g} --seed {g}"
-               + (" --leaky" if leaky else ""))
+def _train_command(real_fraction: float, g: int, leaky: bool, split: str = "subject") -> str:
+    """How to train generator g of X on ``split``, for a GPU and for a look on a CPU."""
+    command = (f"python -m mrilib synth train --split {split} --real-frac {real_fraction:g} "
+               f"--seed {g}" + (" --leaky" if leaky else ""))
     return (f"train it on a GPU with `{command} --device cuda` (rerun until it says done), "
             f"or, for a look on a CPU, train the quick preset's tiny generator with "
             f"`MRILIB_PRESET=quick {command}`")
