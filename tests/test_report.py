@@ -388,3 +388,18 @@ def test_gaps_break_the_sweep(repo):
     assert gaps["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     fill = plots._with_gaps(line[line["real_fraction"] < 0.6], "fill")
     assert fill["real_fraction"].round(1).tolist() == [0.3, 0.4, 0.5]
+
+
+def test_the_moderate_only_row_says_what_the_shortcut_check_found(tmp_path):
+    from mrilib.report.summary import shortcut_line
+
+    assert "has not been run" in shortcut_line("subject", tmp_path)
+    check = {"split": "subject", "generator_index": 0, "accuracy": 0.91, "verdict": "high",
+             "per_class": {"Moderate_Demented": {"accuracy": 0.95, "n_sources": 14}}}
+    (tmp_path / "shortcut_subject_x0.3_g0.json").write_text(json.dumps(check))
+    line = shortcut_line("subject", tmp_path)
+    assert "91% of the time" in line and "plainly stand for 'Moderate'" in line
+    assert "has not been run" in shortcut_line("slice", tmp_path)  # another split's generator
+    (tmp_path / "shortcut_subject_x0.3_g0.json").write_text(
+        json.dumps({**check, "accuracy": 0.52, "verdict": "near chance"}))
+    assert "no shortcut found" in shortcut_line("subject", tmp_path)

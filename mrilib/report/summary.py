@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import stats
 from ..plots import results as plots
+from ..plots.results import split_of
 from .tables import (cells_table, classification_table, effects_table, leakage_table,
                      min_clusters, results_table, thesis_comparison, thesis_differences,
                      thesis_metric)
@@ -393,7 +394,42 @@ def _tables_section(runs, metric, n_boot, seed) -> str:
     missing = [SPECS[m].label for m in MODELS if not (runs["model"] == m).any()]
     if missing:
         lines.append(f"No runs yet of {' and '.join(missing)}.")
+    if (runs["synthetic"] == "100+20mod").any():
+        lines.append(shortcut_line(split_of(runs)))
     return "\n\n".join(lines)
+
+
+def shortcut_line(split: str, directory=None) -> str:
+    """What the shortcut check (``synth shortcut``) says about the ModerateDemented-only row,
+    where every synthetic image is of that class: can "synthetic" stand for "Moderate"?"""
+    import json
+
+    from ..paths import ROOT
+
+    folder = Path(directory) if directory is not None else ROOT / "results"
+    checks = [json.loads(p.read_text()) for p in sorted(folder.glob("shortcut_*.json"))]
+    checks = [c for c in checks if c.get("split", "slice") == split]
+    if not checks:
+        return (f"**ModerateDemented-only row:** the shortcut check has not been run on this "
+                f"split's generators (`python -m mrilib synth shortcut --split {split} "
+                f"--real-frac 0.3 --out results/shortcut_{split}_x0.3_g0.json`): if a "
+                f"classifier can tell variations from real slices, 'looks synthetic' stands "
+                f"for 'Moderate' in this row, which may measure that shortcut rather than "
+                f"better Moderate features.")
+    check = checks[-1]
+    if check.get("verdict") == "near chance":
+        return (f"**ModerateDemented-only row:** on sources it never saw, a basic CNN tells "
+                f"generator {check.get('generator_index', 0)}'s variations from real slices "
+                f"{check['accuracy']:.0%} of the time (chance 50%): no shortcut found.")
+    moderate = check.get("per_class", {}).get("Moderate_Demented", {})
+    how = "partly" if check.get("verdict") == "above chance" else "plainly"
+    return (f"**ModerateDemented-only row:** on sources it never saw, a basic CNN tells "
+            f"generator {check.get('generator_index', 0)}'s variations from real slices "
+            f"{check['accuracy']:.0%} of the time (chance 50%; ModerateDemented alone "
+            f"{moderate.get('accuracy', float('nan')):.0%}, {moderate.get('n_sources', '?')} "
+            f"sources). Every synthetic image in this row is ModerateDemented, so 'looks "
+            f"synthetic' can {how} stand for 'Moderate': the row may measure that shortcut "
+            f"rather than better Moderate features.")
 
 
 def _leakage_section(runs, metric, n_boot, seed) -> str:
