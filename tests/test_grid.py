@@ -538,7 +538,7 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     assert set(progress.blocked) == {"slice/basic_cnn/none/fill/0.5/sample",
                                      "slice/basic_cnn/none/fill/0.5/leaky",
                                      "slice/basic_cnn/none/100+20mod/1/sample"}
-    assert "synth train --real-frac 0.3" in progress.blocked["slice/basic_cnn/none/fill/0.5/sample"]
+    assert "synth train --split slice --real-frac 0.3" in progress.blocked["slice/basic_cnn/none/fill/0.5/sample"]
     # the runner trains the G = 2 generators per mode itself, then the cells; the leak-free
     # ones learn from the 30% samples and serve the 50% and 100% cells (nested samples;
     # mixed_training_set checks each generator's training ids against the cell's sample)
@@ -1005,7 +1005,7 @@ def test_generator_needs_says_per_repeat_which_generator_and_whether_it_is_there
                         lambda *a, **k: looked_up.append(a[3]) or lookup(*a, **k))
     needs = ex.generator_needs(data, split, fill, [0, 1, 2, 3], cfg)
     assert [needs[r].g for r in range(4)] == [0, 1, 0, 1]  # repeat r: generator r mod G
-    assert all(n.path is None and "synth train --real-frac 0.5 --seed" in n.why
+    assert all(n.path is None and "synth train --split slice --real-frac 0.5 --seed" in n.why
                for n in needs.values())
     assert sorted(looked_up) == [0, 1]  # each generator looked up once
     train_for_sample(data, split, 0.5, 0, progress=False)

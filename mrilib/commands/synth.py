@@ -1,6 +1,6 @@
 """``python -m mrilib synth``: train the local generators, make and cache variations, time them.
 
-    synth train --real-frac 0.3 [--seed g] --minutes 9 --device cuda   (rerun until "done")
+    synth train --split subject --real-frac 0.3 [--seed g] --minutes 9 --device cuda   (rerun until "done")
     synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--generator g]
                    [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]

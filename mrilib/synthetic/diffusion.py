@@ -80,7 +80,7 @@ def assert_no_leakage(checkpoint: str | Path | Mapping, allowed_ids: Sequence[st
             f"{kind} trained on {record['n_images']} images, {len(outside)} of them outside the "
             f"{len(set(allowed_ids))} real images this classifier may see (e.g. "
             f"{', '.join(outside[:3])}). Use the generator trained on this repeat's own sample "
-            f"g (generator_path / `python -m mrilib synth train --real-frac X --seed g`)"
+            f"g (generator_path / `python -m mrilib synth train --split S --real-frac X --seed g`)"
             + ("; for the leakage ablation pass allow_leaky=True" if record.get("leaky") else ""))
 
 
