@@ -10,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MRILIB_CACHE", ROOT / "cache"))
 NOTEBOOKS = ROOT / "notebooks"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "alzheimer_mri"
+# Generators a GPU trained and the project keeps in git (the one chapters 2-3 use), so that a
+# checkout without a GPU runs those chapters from a real generator; the cache is looked at first.
+KEPT_GENERATORS = ROOT / "generators"
 
 
 def preset_name() -> str:

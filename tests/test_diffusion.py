@@ -5,6 +5,7 @@ All on CPU with the quick preset's tiny UNet (16x16 internally, a few steps).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -662,6 +663,32 @@ def test_cli_train_then_generate(folder, run_cli):
     assert {"seconds", "dir", "params"} <= set(first)
     second = json.loads(run_cli(*args)[1])
     assert second["generated"] == 0 and second["cached"] == 6
+
+
+def test_a_kept_generator_is_found_without_the_cache_and_never_retrained(
+        folder, run_cli, tmp_path, monkeypatch):
+    """`synth keep` copies generator g into generators/ (git); a fresh checkout uses that copy."""
+    from mrilib.data import load_mri
+
+    monkeypatch.setattr(diffusion, "KEPT_GENERATORS", tmp_path / "kept")
+    base = ("--split", "slice", "--real-frac", "0.5", "--seed", "1", "--source", folder)
+    code, _, err = run_cli("synth", "keep", *base)
+    assert code == 2 and "synth train --split slice --real-frac 0.5 --seed 1" in err
+    assert run_cli("synth", "train", *base, "--json")[0] == 0
+    code, out, _ = run_cli("synth", "keep", *base, "--json")
+    kept = Path(json.loads(out)["kept"])
+    assert code == 0 and kept.parent.parent == tmp_path / "kept"
+    cached = tmp_path / "cache" / "generators" / kept.parent.name
+    assert kept.read_bytes() == (cached / "generator.pt").read_bytes()
+    shutil.rmtree(tmp_path / "cache" / "generators")  # a fresh checkout: the cache is empty
+    data = load_mri(folder)
+    split = split_mri(data, "slice")
+    assert generator_path(data, split, 0.5, 1) == kept
+    monkeypatch.setattr(diffusion, "train_generator",
+                        lambda *a, **k: pytest.fail("a kept generator was retrained"))
+    assert train_for_sample(data, split, 0.5, 1, progress=False) == kept
+    with pytest.raises(FileNotFoundError):  # generator 0 was never kept
+        generator_path(data, split, 0.5, 0)
 
 
 def test_cli_sweep(folder, run_cli, tmp_path, monkeypatch):

@@ -1035,3 +1035,22 @@ def test_grid_cli_lists_a_tier_and_a_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0 of 27 cells complete; 0 of 540 runs" in out
     assert "subject/basic_cnn/none/fill/0.3/sample" in out and "slice/" not in out
+
+
+@pytest.mark.parametrize("split", ["slice", "subject"])
+def test_a_preset_with_its_own_cells_keeps_the_split_asked_for(split):
+    """`grid --preset quick --split S` (an explicit cell list) runs S's cells only."""
+    cells = ex.grid_cells("quick", splits=[split])
+    assert cells and {c.split for c in cells} == {split}
+    assert len(ex.grid_cells("quick")) == len(cells) + len(
+        ex.grid_cells("quick", splits=[{"slice": "subject", "subject": "slice"}[split]]))
+
+
+def test_a_subset_grid_says_which_command_makes_its_generators(tiny):
+    data, split = tiny
+    fill = ex.make_cell("basic_cnn", synthetic="fill", real_fraction=0.5)
+    quick = ex.generator_needs(data, split, fill, [0], ex.grid_settings("quick", generator_fraction=0.5))
+    whole = ex.generator_needs(data, split, fill, [0], ex.grid_settings(
+        "quick", generator_fraction=0.5, data_fraction=1.0))
+    assert "`python -m mrilib grid --train-generators`" in quick[0].why
+    assert "subset" not in whole[0].why and "synth train --split slice" in whole[0].why

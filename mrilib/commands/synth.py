@@ -6,6 +6,7 @@
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
     synth shortcut --real-frac 0.3 [--generator g] [--max-sources N] [--out FILE]
+    synth keep --real-frac 0.3 [--seed g]   (copy a finished generator into generators/ for git)
 
 ``train`` without ``--seed`` trains the grid's generators of X (one per real sample,
 ``samples`` of :mod:`mrilib.grid`) one after another within the time budget, so
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark, "
                                        "sweep (and choose the guidance weight), shortcut check")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for add in (_add_train, _add_generate, _add_bench, _add_sweep, _add_shortcut):
+    for add in (_add_train, _add_keep, _add_generate, _add_bench, _add_sweep, _add_shortcut):
         add(actions)
 
 
@@ -54,6 +55,31 @@ def _add_train(actions) -> None:
                         "sample into the classifier's synthetic data)")
     _common(t)
     t.set_defaults(func=run_train)
+
+
+def _add_keep(actions) -> None:
+    k = actions.add_parser("keep", help="copy a finished generator into generators/ (tracked in "
+                                        "git), where every checkout finds it without a GPU")
+    k.add_argument("--real-frac", type=float, required=True, help="X: the generator's real fraction")
+    k.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample (default: the subject split's)")
+    k.add_argument("--seed", type=int, default=0, help="generator g (default 0: chapters 2-3's)")
+    k.add_argument("--leaky", action="store_true", help="the leaky ablation generator")
+    _common(k)
+    k.set_defaults(func=run_keep)
+
+
+def run_keep(args) -> int:
+    from ..splits import split_mri
+    from ..synthetic.diffusion import keep_generator
+
+    checked_fraction(args.real_frac)
+    data = loaded(args)
+    path = keep_generator(data, split_mri(data, args.split), args.real_frac, args.seed, args.leaky)
+    mib = path.stat().st_size / 2**20
+    print(json.dumps({"kept": str(path), "mib": round(mib, 1)}) if args.json else
+          f"kept {path} ({mib:.1f} MiB): commit it (git add {path.parent})")
+    return 0
 
 
 def _add_generate(actions) -> None:

@@ -212,9 +212,9 @@ def cell_tiers(preset: str | None = None, **overrides) -> dict[Cell, int]:
     """Each cell of ``preset``'s grid, in running order, with its tier (1 for an explicit
     ``cells`` list)."""
     cfg = settings(DEFAULTS, PRESETS, preset, **overrides)
-    if cfg["cells"]:  # an explicit list, of the models in force (grid --imagenet names some)
-        cells = (make_cell(**c) for c in cfg["cells"])
-        return {c: 1 for c in cells if c.model in cfg["models"]}
+    if cfg["cells"]:  # an explicit list, of the models and splits in force (grid --imagenet,
+        cells = (make_cell(**c) for c in cfg["cells"])  # grid --split)
+        return {c: 1 for c in cells if c.model in cfg["models"] and c.split in cfg["splits"]}
     tiers: dict[Cell, int] = {}
     for tier, cells in enumerate((_tier1(cfg), _tier2(cfg), _tier3(cfg)), start=1):
         for cell in cells:

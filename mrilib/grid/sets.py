@@ -70,8 +70,18 @@ def generator_needs(data, split, cell: Cell, repeats: Sequence[int], cfg: dict
         try:
             found[g] = GeneratorNeed(g, generator_path(data, split, fraction, g, leaky=leaky))
         except FileNotFoundError as err:
-            found[g] = GeneratorNeed(g, None, str(err))
+            found[g] = GeneratorNeed(g, None, str(err) + _subset_note(cfg))
     return {r: found[repeat_seeds(r, cfg).sample_index] for r in repeats}
+
+
+def _subset_note(cfg: dict) -> str:
+    """Where the grid runs on a subset (the quick preset), `synth train` (all the data) cannot
+    make its generators: say which command does."""
+    if cfg["data_fraction"] >= 1.0:
+        return ""
+    return (f" (this grid runs on a {cfg['data_fraction']:.0%} subset of the data, whose "
+            f"generators `python -m mrilib grid --train-generators` trains, with this grid's "
+            f"preset and options)")
 
 
 def training_sets(data, split, cell: Cell, seeds: Sequence[RepeatSeeds], cfg: dict,

@@ -48,7 +48,7 @@ import torch
 from ..config import settings
 from ..data import CLASSES, content_fingerprint
 from ..device import autocast, device_name, resolve_device, sync
-from ..paths import CACHE
+from ..paths import CACHE, KEPT_GENERATORS, atomic_write_bytes
 from .base import SIZE, Backend, check_batch
 from .diffusion_model import (DEFAULTS, PRESETS, RUN_ONLY, SAMPLING, build_unet,  # noqa: F401
                               design_settings, guided, null_class, sample_scheduler,
@@ -115,6 +115,9 @@ def train_for_sample(data, split, real_fraction: float, g: int, leaky: bool = Fa
     index = generator_training_set(data, split, real_fraction, g, leaky)
     ids = [data.ids[i] for i in index.tolist()]
     out = generator_dir(ids, data.labels[index], real_fraction, g, leaky, **overrides)
+    kept = _kept(out)
+    if kept is not None and not (out / "checkpoint.pt").exists():
+        return generator_path(data, split, real_fraction, g, leaky, **overrides)
     return train_generator(data.images[index], data.labels[index], g, out,
                            minutes=minutes, steps=steps, ids=ids, leaky=leaky, device=device,
                            progress=progress, **overrides)
@@ -133,6 +136,7 @@ def generator_path(data, split, real_fraction: float, g: int, leaky: bool = Fals
     ids = [data.ids[i] for i in index.tolist()]
     path = generator_dir(ids, data.labels[index], real_fraction, g, leaky,
                          **overrides) / "generator.pt"
+    path = path if path.exists() else (_kept(path.parent) or path)
     command = _train_command(real_fraction, g, leaky, split.kind)
     if not path.exists():
         raise FileNotFoundError(f"no generator {g} for real fraction {real_fraction:g} "
@@ -156,6 +160,21 @@ def generator_path(data, split, real_fraction: float, g: int, leaky: bool = Fals
                          f"in Python set steps={record['target_steps']} (diffusion DEFAULTS "
                          f"or the preset)")
     return path
+
+
+def _kept(folder: Path) -> Path | None:
+    """The copy of ``folder``'s generator.pt kept in git (same key, so the same generator), if any."""
+    path = KEPT_GENERATORS / folder.name / "generator.pt"
+    return path if path.exists() else None
+
+
+def keep_generator(data, split, real_fraction: float, g: int, leaky: bool = False) -> Path:
+    """Copy finished generator g of X into the kept generators (``generators/``, tracked in git)."""
+    path = generator_path(data, split, real_fraction, g, leaky)
+    out = KEPT_GENERATORS / path.parent.name / "generator.pt"
+    if path != out:
+        atomic_write_bytes(out, path.read_bytes())
+    return out
 
 
 def _train_command(real_fraction: float, g: int, leaky: bool, split: str = "subject") -> str:

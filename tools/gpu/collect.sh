@@ -3,7 +3,8 @@
 # (FILES_AT = the folder holding the files brought back: session.tgz, gen-*.pt, session.log).
 # First checks that every run both sides hold is the same row on both (else it stops
 # with nothing applied), then unpacks benchmarks into benchmarks/ (the CUDA tests' log
-# into benchmarks/logs/), figures into figures/, generators into cache/generators/, and
+# into benchmarks/logs/), figures into figures/, generators into cache/generators/ (and
+# chapters 2-3's into generators/, for git), and
 # appends the runs this checkout lacks to results/ with their epoch rows
 # (mrilib.grid.merge_results), then rewrites the CSV exports, the report and its
 # figures. Review `git diff` and commit.
@@ -34,7 +35,7 @@ if [ -d "$tmp/figures" ]; then  # the figures notebooks made there (session.sh c
   mkdir -p figures && cp "$tmp"/figures/*.png figures/ && \
     echo "figures: $(cd "$tmp/figures" && ls *.png | tr '\n' ' ')"
 fi
-for f in "$tmp"/results/strength_sweep_*.json; do  # synth sweep of a carried generator
+for f in "$tmp"/results/strength_sweep_*.json "$tmp"/results/shortcut_*.json; do  # sweeps, shortcut checks
   [ -e "$f" ] && cp "$f" results/ && echo "strength sweep: results/$(basename "$f")"
 done
 for f in "$src"/gen-*.pt; do
@@ -43,6 +44,12 @@ for f in "$src"/gen-*.pt; do
   mkdir -p "cache/generators/$name" && cp "$f" "cache/generators/$name/generator.pt"
   echo "generator: cache/generators/$name/generator.pt"
 done
+# The generator chapters 2-3 use (subject split, the grid's X, g = 0) is kept in git.
+if [ "${MRILIB_PRESET:-thesis}" = thesis ] && compgen -G "$src/gen-x*.pt" > /dev/null; then
+  X=$("$PY" -c "from mrilib.grid import grid_settings as s; print(s('thesis')['generator_fraction'])")
+  "$PY" -m mrilib synth keep --split subject --real-frac "$X" --seed 0 2>/dev/null \
+    || echo "generators/: chapters 2-3's generator was not among these (kept as before)"
+fi
 if [ -n "$runs" ]; then
   before=$( [ -f "$dir/runs.jsonl" ] && wc -l < "$dir/runs.jsonl" || echo 0)
   # Only the runs this side lacks are appended, each with its epoch rows.

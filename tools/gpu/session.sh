@@ -12,6 +12,9 @@
 #                                           # guided strength sweeps
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
+#   bash tools/gpu/session.sh window SPLIT G MINUTES  # chapter 7's unit of GPU work: generator
+#                                           # g of SPLIT (and its leaky twin), then every
+#                                           # tier-1 repeat that uses it, then real-only cells
 #
 # Written for jobs of about 15 minutes in all (start and transfers included) whose command
 # may run 10, so each stage is budgeted in wall minutes (decimals allowed) and packs what it
@@ -42,7 +45,15 @@
 # default 110; `all`: 60 for the basic CNN's default row, 180 for ResNet-18's and ViT-Tiny's,
 # 45-150 for the lever rows).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | window SPLIT G MINUTES}
+given="$*"
+if [ "$stage" = window ]; then  # window SPLIT G MINUTES: the deadline is the 4th argument
+  win_split=${2:?window needs SPLIT G MINUTES, e.g. window slice 0 9.5}
+  win_g=${3:?window needs SPLIT G MINUTES}
+  case "$win_split" in slice|subject) ;; *) echo "window: SPLIT must be slice or subject, not '$win_split'" >&2; exit 2 ;; esac
+  case "$win_g" in ''|*[!0-9]*) echo "window: G must be a generator number from 0, not '$win_g'" >&2; exit 2 ;; esac
+  set -- "$stage" "${4:?window needs SPLIT G MINUTES}"
+fi
 OUT=${OUT:-/tmp/mrilib-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -61,7 +72,7 @@ case "${GRID_ARGS:-}" in  # its rows go to results/imagenet/, which nothing here
   *--imagenet*) echo "GRID_ARGS: --imagenet runs are not packed by session.sh; run them" \
                      "with python -m mrilib grid --imagenet where the weights are" >&2; exit 2 ;;
 esac
-echo "session: bash tools/gpu/session.sh $* | MRILIB_PRESET=$MRILIB_PRESET TRAIN_GEN=${TRAIN_GEN:-0} SKIP_GEN=${SKIP_GEN:-0} GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0}${GRID_ARGS:+ GRID_ARGS=\"$GRID_ARGS\"} | started $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "session: bash tools/gpu/session.sh $given | MRILIB_PRESET=$MRILIB_PRESET TRAIN_GEN=${TRAIN_GEN:-0} SKIP_GEN=${SKIP_GEN:-0} GEN_MINUTES=${GEN_MINUTES:-5} GEN_LEAKY=${GEN_LEAKY:-0}${GRID_ARGS:+ GRID_ARGS=\"$GRID_ARGS\"} | started $(date -u +%Y-%m-%dT%H:%MZ)"
 if [ -f .gpudata/GIT_STATE ]; then  # written by prepare.sh: every result row names its commit
   read -r MRILIB_GIT_COMMIT MRILIB_GIT_DIRTY code_digest < .gpudata/GIT_STATE
   # The code that came is the code prepare.sh saw, or the rows must not name that commit
@@ -108,7 +119,8 @@ pack() {  # whatever exists now goes back, even after a timeout
   local files=()
   for f in benchmarks/bench-train-*.txt benchmarks/bench-train-*.json \
            benchmarks/local_generator_*.json benchmarks/tests-gpu.log \
-           "$results"/strength_sweep_*.json "$results/runs.jsonl" "$results/epochs.jsonl"; do
+           "$results"/strength_sweep_*.json "$results"/shortcut_*.json \
+           "$results/runs.jsonl" "$results/epochs.jsonl"; do
     [ -e "$f" ] && files+=("$f")
   done
   while IFS= read -r f; do files+=("$f"); done < <(
@@ -174,20 +186,21 @@ bench_train() {
       --out benchmarks ${BENCH_ARGS:-}
   done
 }
-read -r G X < <($PY -c "from mrilib.grid import grid_settings as s; c = s();
-print(c['samples'], c['generator_fraction'])")
-generators() {  # generators K MINUTES: leak-free generators 0..K-1 in parallel processes
+read -r G X SUBSET < <($PY -c "from mrilib.grid import grid_settings as s; c = s();
+print(c['samples'], c['generator_fraction'], int(c['data_fraction'] < 1))")
+generators() {  # generators FIRST LAST MINUTES [SPLIT]: leak-free generators FIRST..LAST of
+  # SPLIT (default subject) in parallel processes, with GEN_LEAKY=1 their leaky twins too.
   # One small UNet leaves most of the GPU idle. A generator that cannot finish is lost
   # with the machine (its checkpoint is too big to come back), so size MINUTES to finish.
-  local k=$1 gen=$2 pids=() g
+  local first=$1 last=$2 gen=$3 split=${4:-subject} pids=() g
   rm -f /tmp/gen-*.log
-  for g in $(seq 0 $(( k - 1 ))); do
+  for g in $(seq "$first" "$last"); do
     within "$(awk -v m="$gen" 'BEGIN { printf "%d", 60 * m + 60 }')" $PY -m mrilib synth train \
-      --real-frac "$X" --seed "$g" --minutes "$gen" --device "$DEVICE" > "/tmp/gen-$g.log" 2>&1 &
-    pids+=($!)
+      --split "$split" --real-frac "$X" --seed "$g" --minutes "$gen" --device "$DEVICE" \
+      > "/tmp/gen-$g.log" 2>&1 & pids+=($!)
     if [ "${GEN_LEAKY:-0}" = 1 ]; then
       within "$(awk -v m="$gen" 'BEGIN { printf "%d", 60 * m + 60 }')" $PY -m mrilib synth train \
-        --real-frac "$X" --seed "$g" --leaky --minutes "$gen" --device "$DEVICE" \
+        --split "$split" --real-frac "$X" --seed "$g" --leaky --minutes "$gen" --device "$DEVICE" \
         > "/tmp/gen-leaky-$g.log" 2>&1 & pids+=($!)
     fi
   done
@@ -223,7 +236,7 @@ case "$stage" in
     # are missing (all of them by default; the leaky ablation unless GEN_LEAKY=1) are
     # listed as blocked and skipped before their time is judged, and the real-only cells
     # that fit the time run.
-    [ "${TRAIN_GEN:-0}" = 1 ] && generators "$G" "${GEN_MINUTES:-5}"
+    [ "${TRAIN_GEN:-0}" = 1 ] && generators 0 $(( G - 1 )) "${GEN_MINUTES:-5}" "${GEN_SPLIT:-subject}"
     grid
     ;;
   all)
@@ -286,7 +299,7 @@ case "$stage" in
     # distance from the source, background, unguided; then guidance weights 1, 2, 4.
     # The generator (12 MiB) comes back; `chapters` makes the chapter 2-3 figures from
     # it in a later call. About 5.2 minutes of training on an H100 (benchmarks/).
-    [ "${SKIP_GEN:-0}" = 1 ] || generators 1 "${GEN_MINUTES:-6}"
+    [ "${SKIP_GEN:-0}" = 1 ] || generators 0 0 "${GEN_MINUTES:-6}"
     sweep_json="$results/strength_sweep_x${X}_g0.json"
     # (its progress bars, one line per update without a terminal, go to a file)
     # SWEEP_STRENGTHS: fewer for a short job
@@ -333,5 +346,23 @@ case "$stage" in
     within 75 $PY -m mrilib synth bench --device "$DEVICE" --guidance 4 \
       --out "benchmarks/local_generator_${card}-guidance4.json"
     ;;
-  *) echo "unknown stage $stage: use checks, grid, all, quality or chapters (with MINUTES)" >&2; exit 2 ;;
+  window)
+    # Chapter 7 in GPU windows (docs/decisions.md, "The grid"): each window makes one
+    # generator g of one split and everything that uses it, so nothing waits on a generator
+    # that cannot travel. 1. Generator g and its leaky twin (the 30% ablation) in parallel,
+    # GEN_MINUTES each (default 6: 4.3-5.2 minutes measured on an H100; an unfinished one
+    # is lost). 2. The tier-1 grid of SPLIT with --available-generators: each synthetic
+    # cell's repeats r = g (mod G) draw g's variations once and train; the real-only cells
+    # fill the time left. Both generators come back (12 MiB each) for the next windows'
+    # records; collect.sh keeps the subject split's generator 0 in generators/ for git.
+    # (A preset whose grid runs on a data subset, quick, has generators of that subset: there
+    # the grid trains them, all G of them, which a dry run on a CPU can afford.)
+    if [ "$SUBSET" = 1 ]; then
+      GRID_ARGS="--tier 1 --split $win_split --train-generators ${GRID_ARGS:-}" grid
+    else
+      GEN_LEAKY=${GEN_LEAKY:-1} generators "$win_g" "$win_g" "${GEN_MINUTES:-6}" "$win_split"
+      GRID_ARGS="--tier 1 --split $win_split --available-generators ${GRID_ARGS:-}" grid
+    fi
+    ;;
+  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
 esac
