@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "subjects": ["SubjectRecovery", "recover_subjects", "subject_recovery", "subject_ids",
                  "subject_counts", "split_note", "check_disjoint", "duplicate_report",
-                 "random_subject_labels", "random_label_check", "slice_order"],
+                 "random_subject_labels", "random_label_check", "kept_random_label_check", "slice_order"],
     "augment": ["POLICIES", "augment_batch", "get_policy", "policy_draws"],
     "models": ["MODELS", "BasicCNN", "build_model", "init_of", "model_label", "normalize"],
     "synthetic": ["BACKENDS", "Backend", "BudgetExceeded", "Refused", "generate_cached",

@@ -16,6 +16,7 @@ import io
 import json
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -423,3 +424,26 @@ def random_label_check(data: MRIData, kind: str, **overrides) -> dict:
             "test_subjects_in_train": len(subjects[0] & subjects[1]),
             "chance": 1 / len(data.classes), "test_acc": [r["final"]["test_acc"] for r in records],
             "balanced_acc": ((recall * present).sum(1) / present.sum(1)).tolist()}
+
+
+def kept_random_label_check(data: MRIData, kind: str, path=None, **overrides) -> dict:
+    """:func:`random_label_check`, read from ``path`` when a result of the same data, split,
+    settings and training design is kept there, else run and kept there.
+
+    ``path`` defaults to the preset's results folder (``results/random_labels.json`` in the
+    thesis preset, committed): without it a CPU would retrain the check (most of an hour)
+    each time chapter 1 runs. The result carries ``"key"``.
+    """
+    from .paths import results_dir
+    from .train import design_settings
+
+    path = Path(path) if path is not None else results_dir() / "random_labels.json"
+    cfg = settings(DEFAULTS, PRESETS, random_labels=overrides)["random_labels"]
+    blob = json.dumps({"data": data.fingerprint, "kind": kind, "settings": cfg,
+                       "train": design_settings("basic_cnn")}, sort_keys=True, default=list)
+    key = hashlib.sha1(blob.encode()).hexdigest()[:12]
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if key not in kept:
+        kept[key] = {**random_label_check(data, kind, **overrides), "key": key}
+        atomic_write_bytes(path, (json.dumps(kept, indent=1, sort_keys=True) + "\n").encode())
+    return kept[key]

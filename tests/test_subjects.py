@@ -270,3 +270,19 @@ def test_a_corrupt_recovery_cache_entry_is_recovered_again_with_a_warning(tmp_pa
     with pytest.warns(UserWarning, match="unreadable.*recovering the subjects again"):
         again = subjects.subject_recovery(data)
     assert torch.equal(again.groups, first.groups) and again.found == first.found
+
+
+def test_a_kept_random_label_check_is_read_not_retrained(mri, tmp_path, monkeypatch):
+    """Chapter 1 reads the committed check; other settings or another split train anew."""
+    small = dict(subjects=8, test_frac=0.5, epochs=1, batch_size=16, seeds=(0,), label_seed=0)
+    path = tmp_path / "random_labels.json"
+    first = subjects_mod.kept_random_label_check(mri, "slice", path, **small)
+    monkeypatch.setattr(subjects_mod, "random_label_check",
+                        lambda *a, **k: pytest.fail("a kept result was trained again"))
+    assert subjects_mod.kept_random_label_check(mri, "slice", path, **small) == first
+    trained = []
+    monkeypatch.setattr(subjects_mod, "random_label_check",
+                        lambda data, kind, **k: trained.append(kind) or {"kind": kind})
+    subjects_mod.kept_random_label_check(mri, "subject", path, **small)
+    subjects_mod.kept_random_label_check(mri, "slice", path, **{**small, "label_seed": 1})
+    assert trained == ["subject", "slice"] and len(__import__("json").loads(path.read_text())) == 3
