@@ -403,3 +403,20 @@ def test_the_moderate_only_row_says_what_the_shortcut_check_found(tmp_path):
     (tmp_path / "shortcut_subject_x0.3_g0.json").write_text(
         json.dumps({**check, "accuracy": 0.52, "verdict": "near chance"}))
     assert "no shortcut found" in shortcut_line("subject", tmp_path)
+
+
+@pytest.mark.parametrize("splits", [("subject", "slice"), ("slice",), ()])
+def test_the_headline_answers_on_the_subject_split_first(repo, splits):
+    from mrilib.report.summary import headline
+
+    keys = [f"{split}/basic_cnn/none/{synthetic}/0.3/{leakage}" for split in splits
+            for synthetic, leakage in (("none", "none"), ("fill", "sample"))]
+    keys += ["slice/basic_cnn/none/none/1/none"]  # always some runs
+    runs, _ = ex.load_results(write_runs(repo / "results", keys, repeats=6))
+    line = headline(runs, n_boot=50)
+    if not splits:
+        assert line.startswith("**Headline:** not yet")
+        return
+    assert f"({splits[0]} split, Basic CNN, 30% real" in line, line
+    assert "without" in line and "difference -0.0500" in line
+    assert "over 2 independent samples" in line
