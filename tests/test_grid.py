@@ -495,7 +495,8 @@ def test_synthetic_rows_written_before_generators_were_named_are_set_aside(tiny,
         path = tmp_path / name
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         for row in rows:
-            row["run_key"] = row["run_key"].split("+")[0]
+            cell, _, design = row["run_key"].rpartition("@")
+            row["run_key"] = f"{cell}@{design.split('+')[0]}"
             row.pop("generator_design", None)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = FakeTrainer()

@@ -12,7 +12,7 @@ from ..config import settings
 from .cells import DEFAULTS, MODELS, PRESETS, grid_cells
 from .load import load_results, shown
 from .runner import grid_status, run_grid
-from .store import RUNS_FILE, read_jsonl
+from .store import RUNS_FILE, read_runs
 
 
 TRAIN_ON_DEMAND = ("quick",)  # presets whose grid chapter_results trains itself: CPU minutes
@@ -107,7 +107,7 @@ def preset_note(runs) -> str | None:
 
 
 def _run_count(directory: Path) -> int:
-    return len(read_jsonl(Path(directory) / RUNS_FILE)[0])
+    return len(read_runs(directory))
 
 
 def _complete_cells(rows: Iterable[dict], preset: str, **overrides) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .. import paths
 from .design import design_hash, generator_hash, grid_settings
-from .store import EPOCHS_FILE, RUNS_FILE, read_jsonl
+from .store import RUNS_FILE, data_fingerprints, read_epochs, read_runs
 
 
 class MixedDesignsWarning(UserWarning):
@@ -58,6 +58,10 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
     rows written before rows named their generator); a ValueError lists the folder's
     designs when it holds none of it. ``epochs``
     always holds the epochs of the runs kept.
+
+    Each run counts once: identical copies of a row fold, two different rows of one run
+    key raise (:func:`mrilib.grid.store.read_runs`). Unless ``design=None``, runs made
+    from two data sets (two ``data_fingerprint``) raise too: no median may pool them.
     """
     import pandas as pd
 
@@ -67,16 +71,27 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
         raise FileNotFoundError(f"no results at {runs_path}; run the grid first "
                                 f"(python -m mrilib grid --preset ...) or point at the "
                                 f"folder that holds {RUNS_FILE}")
-    runs = [_current_names(r) for r in read_jsonl(runs_path)[0]]
+    runs = [_current_names(r) for r in read_runs(directory)]
     runs, aside = _one_design(runs, design, directory)
-    epochs = [_current_names(e) for e in read_jsonl(directory / EPOCHS_FILE)[0]]
-    done = {r["run_key"] for r in runs}
-    epochs = [e for e in epochs if e["run_key"] in done]
+    if design is not None:
+        _check_one_data_set(runs, directory)
+    epochs = [_current_names(e) for e in read_epochs(directory, {r["run_key"] for r in runs})]
     if aside is not None:
         warnings.warn(aside["message"], MixedDesignsWarning, stacklevel=2)
     runs = pd.DataFrame(runs)
     runs.attrs["set_aside"] = aside
     return runs, pd.DataFrame(epochs)
+
+
+def _check_one_data_set(rows: list[dict], directory: Path) -> None:
+    """Refuse to pool runs made from two data sets (two ``--source`` or ``MRILIB_DATA``)."""
+    held = data_fingerprints(rows)
+    if len(held) > 1:
+        listed = ", ".join(f"{fp} ({n} runs)" for fp, n in held.most_common())
+        raise ValueError(f"{shown(directory)}/{RUNS_FILE} holds runs made from "
+                         f"{len(held)} data sets (data_fingerprint {listed}); no table may "
+                         f"pool them. Move one data set's rows to another folder, or read "
+                         f"them all with load_results(..., design=None)")
 
 
 def _current_names(row: dict) -> dict:

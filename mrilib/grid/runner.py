@@ -17,7 +17,7 @@ from .cells import IMAGENET_RESULTS, Cell, grid_cells
 from .design import cell_design, grid_settings, repeat_seeds, run_key, train_overrides
 from .load import export_csv
 from .sets import generator_fraction, generator_needs, grid_data, training_sets
-from .store import RUNS_FILE, ResultsWriter, epoch_rows, read_jsonl, run_row
+from .store import ResultsWriter, data_fingerprints, epoch_rows, read_runs, run_row
 
 
 @dataclass
@@ -76,20 +76,20 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     cfg = grid_settings(preset, **overrides)
     with paths.preset_env(preset):
         directory = grid_results_dir(cfg, results_path)
-        writer = ResultsWriter(directory)
-        if writer.runs and not resume:
-            raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
-                             f"--resume (resume=True) to continue them, or give another "
-                             f"results folder")
-        session = _Session(cfg, preset, writer, device, train_fn or _train_replicates,
-                           synth_fn or training_sets, pacer or Unpaced(), clock,
-                           train_generators, available_generators, progress, source, on_error,
-                           data, {} if split is None else {split.kind: split})
-        try:
-            return session.run(grid_cells(preset, **overrides))
-        finally:
-            if writer.runs:
-                export_csv(directory)
+        with ResultsWriter(directory) as writer:
+            if writer.runs and not resume:
+                raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
+                                 f"--resume (resume=True) to continue them, or give another "
+                                 f"results folder")
+            session = _Session(cfg, preset, writer, device, train_fn or _train_replicates,
+                               synth_fn or training_sets, pacer or Unpaced(), clock,
+                               train_generators, available_generators, progress, source,
+                               on_error, data, {} if split is None else {split.kind: split})
+            try:
+                return session.run(grid_cells(preset, **overrides))
+            finally:
+                if writer.runs:
+                    export_csv(directory)
 
 
 def grid_results_dir(cfg: dict, results_path: str | os.PathLike | None = None) -> Path:
@@ -112,7 +112,7 @@ def grid_status(preset: str | None = None, results_path: str | os.PathLike | Non
     with paths.preset_env(preset):
         directory = grid_results_dir(cfg, results_path)
         designs = {c: cell_design(cfg, preset, c) for c in cells}
-    done = {r["run_key"] for r in read_jsonl(directory / RUNS_FILE)[0]}
+    done = {r["run_key"] for r in read_runs(directory)}
     return pd.DataFrame([{"cell": c.key, "done": sum(run_key(c, r, designs[c]) in done
                                                       for r in range(cfg["repeats"])),
                           "repeats": cfg["repeats"]} for c in cells])
@@ -233,12 +233,11 @@ class _Session:
         seconds = self.clock() - start
         self.pacer.record(cell, seconds, len(seeds))
         design = self.design(cell)
-        for s, record, info in zip(seeds, records, sets.info):
-            base = {**self.base, "split_seed": split.seed, "split_note": self.notes[cell.split]}
-            self.writer.append(run_row(cell, s, record, base, design, info,
-                                       int(sets.index.shape[1]), seconds),
-                               epoch_rows(cell, s, record, design))
-        return len(seeds)
+        base = {**self.base, "split_seed": split.seed, "split_note": self.notes[cell.split]}
+        return sum(self.writer.append(run_row(cell, s, record, base, design, info,
+                                              int(sets.index.shape[1]), seconds),
+                                      epoch_rows(cell, s, record, design))
+                   for s, record, info in zip(seeds, records, sets.info))
 
     def ensure_data(self, cells: list[Cell]) -> None:
         """Data and the rows' shared columns, loaded once a cell needs training."""
@@ -246,15 +245,28 @@ class _Session:
         from ..provenance import provenance
 
         if self.data is None:
-            by_subject = any(c.split == "subject" for c in cells)
-            self.data = grid_data(load_mri(self.source, on_error=self.on_error), self.cfg,
-                                  by_subject)
+            loaded = load_mri(self.source, on_error=self.on_error)
+            self.check_data_set(loaded)  # before the subset: a wrong source says so at once
+            self.data = grid_data(loaded, self.cfg, any(c.split == "subject" for c in cells))
         if self.base is None:
+            self.check_data_set(self.data)
             self.base = {"preset": self.preset,
                          **provenance(self.device), "data_fingerprint": self.data.fingerprint,
                          "n_images": len(self.data), "classes": list(self.data.classes),
                          "samples": self.cfg["samples"], "backend": self.cfg["backend"],
                          "config": self.cfg}
+
+    def check_data_set(self, data) -> None:
+        """Refuse to add runs of other data to a folder (``--source`` or ``MRILIB_DATA``
+        changed since its runs were made): no table may pool two data sets."""
+        held = data_fingerprints(self.writer.runs)
+        other = [fp for fp in held if fp != data.fingerprint]
+        if other:
+            raise ValueError(f"{self.writer.directory} holds {held[other[0]]} runs made from "
+                             f"data {other[0]}, but this grid loaded data "
+                             f"{data.fingerprint} from {data.source}: pass the "
+                             f"--source (or MRILIB_DATA) those runs used, or another "
+                             f"--results folder")
 
     def split(self, cell: Cell):
         """The split of ``cell``'s kind, made once; nested samples checked before use."""

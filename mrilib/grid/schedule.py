@@ -19,7 +19,7 @@ from .. import paths
 from .cells import MODELS, Cell
 from .design import grid_settings, train_overrides
 from .runner import grid_results_dir
-from .store import RUNS_FILE, read_jsonl
+from .store import read_runs
 
 
 def time_budget(max_minutes: float, preset: str | None = None, results_path=None,
@@ -33,7 +33,7 @@ def time_budget(max_minutes: float, preset: str | None = None, results_path=None
     preset = preset or paths.preset_name()
     cfg = grid_settings(preset, **overrides)
     with paths.preset_env(preset):
-        history = read_jsonl(grid_results_dir(cfg, results_path) / RUNS_FILE)[0]
+        history = read_runs(grid_results_dir(cfg, results_path))
         priors, groups = ({}, lambda model: 1)
         if benchmarks:
             priors, groups = _priors(cfg, device), _group_sizes(cfg, device)

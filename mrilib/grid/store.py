@@ -10,12 +10,15 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
 from .. import paths
+from ..locks import folder_lock
 from .cells import Cell
 from .design import RepeatSeeds, run_key
 
@@ -69,39 +72,125 @@ def repaired_rows(path: Path) -> list[dict]:
     return rows
 
 
-class ResultsWriter:
-    """Append-only runs and epochs tables in one folder, resumable by run key."""
+def read_runs(directory: str | os.PathLike) -> list[dict]:
+    """The run rows of a results folder, each run key once, in the order written.
 
-    def __init__(self, directory: Path):
+    A run written twice as one identical row counts once; two rows of one key that differ
+    (trained twice, e.g. by two grids on one folder before folders were locked) raise a
+    ValueError naming the key, both lines and the first field they differ in.
+    """
+    return folded_runs([Path(directory) / RUNS_FILE])
+
+
+def folded_runs(files: Iterable[Path]) -> list[dict]:
+    """The rows of ``files`` (JSONL, read in turn), each run key once (:func:`read_runs`)."""
+    first: dict[str, tuple[dict, str]] = {}
+    for path in files:
+        for line, row in enumerate(read_jsonl(path)[0], start=1):
+            where = f"{path} line {line}"
+            seen = first.setdefault(row["run_key"], (row, where))
+            if seen[0] != row:
+                field = first_difference(seen[0], row)
+                raise ValueError(f"run {row['run_key']} is in {seen[1]} and {where} with "
+                                 f"different {field} ({seen[0].get(field)!r} and "
+                                 f"{row.get(field)!r}): it was trained twice; delete one of "
+                                 f"the two lines (nothing else), then rerun")
+    return [row for row, _ in first.values()]
+
+
+def read_epochs(directory: str | os.PathLike, run_keys: set[str]) -> list[dict]:
+    """The epoch rows of ``run_keys`` in a results folder, each (run, epoch) once."""
+    return folded_epochs([Path(directory) / EPOCHS_FILE], run_keys)
+
+
+def folded_epochs(files: Iterable[Path], run_keys: set[str]) -> list[dict]:
+    """The epoch rows of ``run_keys`` in ``files``, each (run key, epoch) once, first kept."""
+    seen, kept = set(), []
+    for path in files:
+        for row in read_jsonl(path)[0]:
+            ident = (row["run_key"], row["epoch"])
+            if row["run_key"] in run_keys and ident not in seen:
+                seen.add(ident)
+                kept.append(row)
+    return kept
+
+
+def first_difference(a: dict, b: dict) -> str:
+    """The first field, in sorted order, whose value differs between rows ``a`` and ``b``."""
+    return next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def data_fingerprints(rows: Iterable[dict]) -> Counter:
+    """Runs per data fingerprint among ``rows`` (rows that name none are left out)."""
+    return Counter(r["data_fingerprint"] for r in rows if r.get("data_fingerprint"))
+
+
+class ResultsWriter:
+    """Append-only runs and epochs tables in one folder, resumable by run key.
+
+    It holds the folder's lock from construction to :meth:`close` (or the end of a
+    ``with`` block): a second writer on the folder is turned away at once, naming the
+    process that holds it, before it repairs or writes anything.
+    """
+
+    BUSY = ("{folder} is being written by another grid or merge (pid {pid}); wait for it "
+            "to finish or stop it, or pass another --results folder (the lock, {lock}, "
+            "frees itself when that process ends)")
+
+    def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.runs_path = self.directory / RUNS_FILE
         self.epochs_path = self.directory / EPOCHS_FILE
-        self.runs = repaired_rows(self.runs_path)
+        self._lock = ExitStack()
+        self._lock.enter_context(folder_lock(
+            self.directory, self.BUSY.replace("{folder}", str(self.directory))))
+        try:
+            repaired_rows(self.runs_path)
+            self._read_runs()
+            self._drop_orphan_epochs()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._lock.close()
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read_runs(self) -> None:
+        self.runs = read_runs(self.directory)
         self.done = {r["run_key"] for r in self.runs}
-        self._drop_orphan_epochs()
+        self._size = self.runs_path.stat().st_size if self.runs_path.exists() else 0
 
     def _drop_orphan_epochs(self) -> None:
         """Epoch rows of runs whose run row never landed (killed in between) go."""
         rows = repaired_rows(self.epochs_path)
-        seen, kept = set(), []
-        for row in rows:
-            ident = (row["run_key"], row["epoch"])
-            if row["run_key"] in self.done and ident not in seen:
-                seen.add(ident)
-                kept.append(row)
+        kept = folded_epochs([self.epochs_path], self.done)
         if len(kept) != len(rows):
             blob = "".join(json.dumps(r) + "\n" for r in kept).encode()
             paths.atomic_write_bytes(self.epochs_path, blob)
 
-    def append(self, run_row: dict, epoch_rows: Iterable[dict]) -> None:
-        """Write one run: its epoch rows first, then the run row that marks it done."""
+    def append(self, run_row: dict, epoch_rows: Iterable[dict]) -> bool:
+        """Write one run: its epoch rows first, then the run row that marks it done.
+
+        False, writing nothing, when the run is in the folder already: the file is read
+        again first if it grew since this writer last looked (a writer that ignored the lock).
+        """
+        size = self.runs_path.stat().st_size if self.runs_path.exists() else 0
+        if size != self._size:
+            self._read_runs()
         if run_row["run_key"] in self.done:
-            raise ValueError(f"run {run_row['run_key']} is already in {self.runs_path}")
+            return False
         append_lines(self.epochs_path, epoch_rows)
         append_lines(self.runs_path, [run_row])
         self.runs.append(run_row)
         self.done.add(run_row["run_key"])
+        self._size = self.runs_path.stat().st_size
+        return True
 
 
 def append_lines(path: Path, rows: Iterable[dict]) -> None:
@@ -125,14 +214,13 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
     (runs ``target`` held, runs added).
     """
     source, target = Path(source), Path(target)
-    have = {r["run_key"]: r for r in read_jsonl(target / RUNS_FILE)[0]}
+    have = {r["run_key"]: r for r in read_runs(target)}
     got: dict[str, dict] = {}
     for row in read_jsonl(source / RUNS_FILE)[0]:
         key = row["run_key"]
         for other, where in ((got.get(key), f"twice in {source}"), (have.get(key), "here")):
             if other is not None and other != row:
-                field = next(k for k in sorted(set(row) | set(other))
-                             if row.get(k) != other.get(k))
+                field = first_difference(row, other)
                 raise ValueError(f"run {key} differs between {source} and {where} in "
                                  f"{field} ({row.get(field)} there, {other.get(field)} "
                                  f"{'here' if where == 'here' else 'in its other copy'}): "
@@ -145,9 +233,9 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
     epochs: dict[str, list[dict]] = {}
     for row in read_jsonl(source / EPOCHS_FILE)[0]:
         epochs.setdefault(row["run_key"], []).append(row)
-    writer = ResultsWriter(target)
-    for row in new:
-        writer.append(row, epochs.get(row["run_key"], []))
+    with ResultsWriter(target) as writer:
+        for row in new:
+            writer.append(row, epochs.get(row["run_key"], []))
     return len(have), len(new)
 
 

@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import settings
+from ..locks import folder_lock
 from ..paths import CACHE, atomic_write_bytes
 from .base import SIZE, Backend, BudgetExceeded, Refused, check_batch, variation_seed
 
@@ -208,21 +209,12 @@ def _todo(ids: list[str], per_image: int, state: dict,
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Hold ``directory``'s lock for the block; a second run on it is told to wait."""
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another run is generating into {directory}; wait for it to "
-                             f"finish (the lock frees itself when that process ends)") from None
+    busy = (f"another run is generating into {directory} (pid {{pid}}); wait for it to "
+            f"finish (the lock frees itself when that process ends)")
+    with folder_lock(directory, busy):
         for tmp in directory.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)  # half-written by a killed run; we hold the lock
         yield
-    finally:
-        os.close(fd)  # closing releases the lock; so does the process dying
 
 
 # ----------------------------------------------------------------------------- making

@@ -1,0 +1,48 @@
+"""One writer per folder: an advisory lock that frees itself when its process ends.
+
+The synthetic cache and the grid's results folders take it before writing. A second
+writer is turned away at once rather than made to wait: the first may hold the folder
+for hours, and whoever started the second should know now (docs/decisions.md, "One
+writer per results folder").
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(directory: str | os.PathLike, busy: str) -> Iterator[Path]:
+    """Hold ``directory``'s lock for the block, else raise ValueError(``busy``).
+
+    ``busy`` may name ``{pid}`` (the holder's process id, as it wrote it in the lock file)
+    and ``{lock}`` (the lock file's path). Yields the folder.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(busy.format(pid=holder(lock), lock=lock)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield directory
+    finally:
+        os.close(fd)  # closing releases the lock; so does the process dying
+
+
+def holder(lock: Path) -> str:
+    """The pid the holder of ``lock`` wrote, or ``"unknown"`` (it has not written it yet)."""
+    try:
+        return lock.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
