@@ -20,7 +20,8 @@ def checkpoint_config(record: dict) -> dict:
     keep = ("model", "aug", "init", "weights", "img_size", "num_classes", "seed", "replicate",
             "epochs", "batch_size", "lr", "schedule", "warmup_epochs", "weight_decay",
             "n_train", "torch")
-    return {**{key: record[key] for key in keep}, "final": {
+    return {**{key: record[key] for key in keep},
+            **{key: record.get(key) for key in ("patience", "stopped_epoch")}, "final": {
         key: record["final"][key] for key in ("epoch", "val_loss", "val_acc", "test_loss",
                                               "test_acc")}}
 

@@ -20,6 +20,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.profiler import record_function
 
 from .device import autocast
+from .stopping import improved
 
 # The profiler range around one evaluation pass, read by mrilib.bench.profile_parallel.
 PROFILE_EVAL = "mrilib: evaluate"
@@ -145,11 +146,10 @@ class BestWeights:
         self.epoch = None
         self.state = None
 
-    def update(self, epoch: int, val_loss: torch.Tensor) -> None:
-        # argmin's rule, which replicate_records applies to the history: strictly lower wins
-        # (the first such epoch on ties), and a NaN (a diverged run) beats any number.
-        better = (torch.ones_like(val_loss, dtype=torch.bool) if self.loss is None
-                  else (val_loss < self.loss) | (val_loss.isnan() & ~self.loss.isnan()))
+    def update(self, epoch: int, val_loss: torch.Tensor, trained: torch.Tensor) -> None:
+        """Keep epoch ``epoch``'s weights of the ``trained`` replicates that improved
+        (:func:`mrilib.stopping.improved`, the rule replicate_records applies)."""
+        better = improved(val_loss, self.loss) & trained
         current = {**self.stack.params, **self.stack.buffers}
         if self.state is None:
             self.state = {name: t.detach().clone() for name, t in current.items()}
@@ -162,13 +162,15 @@ class BestWeights:
         self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
 
 
-def fill_test_metrics(stack: Stack, keeper: BestWeights, test, cfg, device, metrics) -> None:
-    """Test metrics at the final and each replicate's best epoch only, into ``metrics``;
-    NaN elsewhere (confusions: -1, which :func:`replicate_records` reads as "not tested")."""
+def fill_test_metrics(stack: Stack, keeper: BestWeights, test, cfg, device, metrics,
+                      last: torch.Tensor) -> None:
+    """Test metrics at each replicate's last epoch (index ``last``) and best epoch only, into
+    ``metrics``; NaN elsewhere (confusions: -1, which :func:`replicate_records` reads as
+    "not tested"). The stack holds each replicate's weights of its last epoch."""
     epochs = len(metrics["val_loss"])
     with record_function(PROFILE_EVAL):
         final = evaluate(stack, *test, cfg, device)
-    if bool((keeper.epoch == epochs - 1).all()):
+    if bool((keeper.epoch == last).all()):
         best = final  # every replicate's best weights are its final ones
     else:
         params, buffers = stack.params, stack.buffers
@@ -186,7 +188,7 @@ def fill_test_metrics(stack: Stack, keeper: BestWeights, test, cfg, device, metr
         out = torch.full((epochs, *at_final.shape), fill, dtype=at_final.dtype,
                          device=at_final.device)
         out[keeper.epoch.to(out.device), rows] = at_best
-        out[-1] = at_final  # the final weights are the best ones where the last epoch won
+        out[last.to(out.device), rows] = at_final  # the final weights are the best where both
         metrics[key] = list(out)
 
 
@@ -207,18 +209,23 @@ def _tested(metrics, key: str, e: int, j: int) -> float | None:
     return float(metrics[key][e, j])
 
 
-def replicate_records(metrics, seeds, first, base_record):
-    """One record per replicate from stacked per-epoch metrics ``[epochs, K, ...]``."""
+def replicate_records(metrics, seeds, first, base_record, last=None):
+    """One record per replicate from stacked per-epoch metrics ``[epochs, K, ...]``.
+
+    ``last[j]``: replicate j's last trained epoch (0-based; default the last of all), where
+    its history ends; its ``stopped_epoch`` is that epoch counted from 1.
+    """
     records = []
     epochs = metrics["train_loss"].shape[0]
     for j, seed in enumerate(seeds):
+        n = epochs if last is None else int(last[j]) + 1
         history = [{"epoch": e + 1, "train_loss": float(metrics["train_loss"][e, j]),
                     **{key: float(metrics[key][e, j]) for key in ("val_loss", "val_acc")},
                     **{key: _tested(metrics, key, e, j) for key in ("test_loss", "test_acc")}}
-                   for e in range(epochs)]
+                   for e in range(n)]
         # Selection by validation loss only; the first such epoch on ties (argmin's rule).
-        best = int(torch.argmin(metrics["val_loss"][:, j]))
+        best = int(torch.argmin(metrics["val_loss"][:n, j]))
         records.append({**base_record, "replicate": first + j, "seed": int(seed),
-                        "history": history, "final": _at_epoch(metrics, epochs - 1, j),
-                        "best": _at_epoch(metrics, best, j)})
+                        "stopped_epoch": n, "history": history,
+                        "final": _at_epoch(metrics, n - 1, j), "best": _at_epoch(metrics, best, j)})
     return records

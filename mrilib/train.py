@@ -46,6 +46,7 @@ from .device import autocast, checked_amp, device_name, resolve_device, sync
 from .paths import atomic_write_bytes
 from .stacked import (PROFILE_EVAL, BestWeights, Stack, evaluate, fill_test_metrics,
                       replicate_records)
+from .stopping import EarlyStopping
 
 # The profiler range around one training step (all K replicates), read by
 # mrilib.bench.profile_parallel.
@@ -55,9 +56,10 @@ PROFILE_STEP = "mrilib: train step"
 # unchanged in every cell and policy compared, so differences between cells are not tuning.
 PER_MODEL = {
     "basic_cnn": {
-        # 10 epochs for every model: a fixed budget chosen to keep the grid's cost in hours
-        # (docs/decisions.md#training-engine), not an epoch selected on validation loss.
-        "epochs": 10,
+        # At most 30 epochs, stopping 5 after the lowest validation loss: measured curves
+        # in docs/decisions.md#epochs-and-early-stopping (tools/curves.py --summary).
+        "epochs": 30,
+        "patience": 5,
         "batch_size": 32,    # images per replicate per step; the PyTorch/Keras tutorial default
         "lr": 1e-3,          # Adam's default (Kingma & Ba 2015); plain Adam as the thesis says
         "lr_imagenet": None,  # no ImageNet weights exist for this network
@@ -65,7 +67,8 @@ PER_MODEL = {
         "warmup_epochs": 0,
     },
     "resnet18": {
-        "epochs": 10,
+        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
+        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,    # same as the CNN: equal updates per epoch across models; with
                              # 20 replicates in parallel the GPU still sees 640 images per step
         "lr": 1e-3,          # Adam's default; BatchNorm makes ResNet-18 stable at it from scratch
@@ -74,7 +77,8 @@ PER_MODEL = {
         "warmup_epochs": 0,
     },
     "vit_tiny": {
-        "epochs": 10,
+        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
+        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,
         "lr": 3e-4,          # transformers from scratch diverge at Adam's 1e-3 without tuning
         "lr_imagenet": 5e-5,  # usual ViT fine-tuning rate with Adam
@@ -82,7 +86,8 @@ PER_MODEL = {
         "warmup_epochs": 1,    # attention layers (Liu et al. 2020, Xiong et al. 2020)
     },
     "vit_small": {
-        "epochs": 10,
+        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
+        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,
         "lr": 2e-4,          # 4x the parameters of ViT-Tiny: a lower rate for the same stability
         "lr_imagenet": 3e-5,
@@ -93,7 +98,8 @@ PER_MODEL = {
 
 DEFAULTS = {
     # None: take the model's value from "per_model"; a number overrides it for every model.
-    "epochs": None,
+    "epochs": None,            # the most epochs a replicate trains
+    "patience": None,          # a number of epochs, or "off" for every model (see stopping)
     "batch_size": None,
     "lr": None,
     "schedule": None,          # "constant" or "cosine" (linear warmup, then cosine to 0)
@@ -120,7 +126,7 @@ DEFAULTS = {
     "im2col_stem": False,
 }
 PRESETS = {
-    "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes
+    "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes (patience moot)
 }
 # How a run is batched, timed and evaluated, and in which order its stem sums, not what
 # it learns: left out of every key of a run's design.
@@ -145,6 +151,7 @@ def model_settings(model: str, **overrides: Any) -> dict:
             raise ValueError(f"{model!r} has no ImageNet weights; drop pretrained/weights")
         cfg["lr"] = row["lr_imagenet"]
     cfg.pop("lr_imagenet")
+    cfg["patience"] = _checked_patience(cfg["patience"])
     if cfg["schedule"] not in ("constant", "cosine"):
         raise ValueError(f"schedule={cfg['schedule']!r}; use 'constant' or 'cosine'")
     checked_amp(cfg["amp"])
@@ -160,6 +167,16 @@ def model_settings(model: str, **overrides: Any) -> dict:
     if not cfg["lr"] > 0:
         raise ValueError(f"lr={cfg['lr']!r}; give a positive learning rate such as 1e-3")
     return cfg
+
+
+def _checked_patience(patience):
+    """``patience`` as a positive whole number, or None for no early stopping ("off")."""
+    if patience in (None, "off"):
+        return None
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience={patience!r}; give a positive whole number of epochs, "
+                         f"or 'off' for no early stopping")
+    return patience
 
 
 def design_settings(model: str, **overrides: Any) -> dict:
@@ -291,6 +308,8 @@ def _deterministic_kernels(on: bool):
 
 def _lr_factor(cfg: dict, steps_per_epoch: int):
     """Multiplier of the base lr at each step (for ``LambdaLR``)."""
+    # Over the most epochs, whatever early stopping does: a stopped replicate's steps are
+    # then the first steps of the same replicate trained without stopping.
     total = cfg["epochs"] * steps_per_epoch
     warmup = min(cfg["warmup_epochs"] * steps_per_epoch, total)
 
@@ -328,7 +347,9 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
                  report=None):
     """Train one vmap group of replicates; per-epoch metrics as CPU tensors, plus the stack.
 
-    ``report(epoch, metrics)``, if given, is called after each epoch's evaluation.
+    ``report(epoch, metrics, stopper)``, if given, is called after each epoch's evaluation.
+    The group ends when every replicate has stopped (:mod:`mrilib.stopping`); the returned
+    ``last`` holds each replicate's last epoch (0-based) and the stack its weights then.
     """
     from .models import init_of, normalize
 
@@ -350,6 +371,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
                                    "test_loss", "test_acc", "test_confusion")}
 
     keeper = None if cfg["test_every_epoch"] else BestWeights(stack)
+    stopper = EarlyStopping(stack, cfg["patience"])
     bar = tqdm(total=cfg["epochs"] * steps, desc=label, unit="step", leave=False, disable=None)
     for epoch in range(cfg["epochs"]):
         # -- one epoch's shuffled, augmented images per replicate, still uint8 on the device
@@ -380,14 +402,21 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
             metrics[f"{part}_loss"].append(part_loss)
             metrics[f"{part}_acc"].append(part_acc)
             metrics[f"{part}_confusion"].append(part_conf)
+        # -- early stopping: stopped replicates keep stepping, their results end here
+        stopper.update(epoch, metrics["val_loss"][-1])
         if keeper is not None:
-            keeper.update(epoch, metrics["val_loss"][-1])
+            keeper.update(epoch, metrics["val_loss"][-1], stopper.trained)
         if report is not None:
-            report(epoch, metrics)
+            report(epoch, metrics, stopper)
+        bar.set_postfix_str(f"{int(stopper.running.sum())}/{k} training")
+        if stopper.all_stopped():
+            break
     bar.close()
+    stopper.restore()
     if keeper is not None:
-        fill_test_metrics(stack, keeper, test, cfg, device, metrics)
-    return {key: torch.stack(v).cpu() for key, v in metrics.items()}, stack, init
+        fill_test_metrics(stack, keeper, test, cfg, device, metrics, stopper.last)
+    return ({key: torch.stack(v).cpu() for key, v in metrics.items()}, stack, init,
+            stopper.last.cpu())
 
 
 def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
@@ -395,16 +424,23 @@ def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
     """``report`` for :func:`_train_group` that hands ``on_epoch`` one dict per epoch.
 
     Validation only, never test metrics: a hook that sees an epoch's numbers is where
-    early stopping or a live plot goes, and neither may look at the test split. The
-    three values cross to the host in one copy, right after evaluation (whose bincount
-    already waits for the device), so the step loop gains no synchronisation.
+    a live plot goes, and it may not look at the test split. The dict lists the
+    replicates that trained the epoch (a stopped one drops out, as its history ends);
+    ``last`` is True at the group's last epoch. The values cross to the host in one copy,
+    right after evaluation (whose bincount already waits for the device), so the step
+    loop gains no synchronisation.
     """
-    def report(epoch: int, metrics: dict) -> None:
-        train_loss, val_loss, val_acc = torch.stack(
-            [metrics[key][-1].float() for key in ("train_loss", "val_loss", "val_acc")]).cpu()
-        on_epoch({"epoch": epoch + 1, "epochs": epochs, "replicates": list(replicates),
-                  "seeds": [int(s) for s in seeds], "train_loss": train_loss.tolist(),
-                  "val_loss": val_loss.tolist(), "val_acc": val_acc.tolist()})
+    def report(epoch: int, metrics: dict, stopper) -> None:
+        train_loss, val_loss, val_acc, trained, running = torch.stack(
+            [metrics[key][-1].float() for key in ("train_loss", "val_loss", "val_acc")]
+            + [stopper.trained.float(), stopper.running.float()]).cpu()
+        keep = [j for j in range(len(seeds)) if trained[j]]
+        on_epoch({"epoch": epoch + 1, "epochs": epochs,
+                  "last": epoch + 1 == epochs or not bool(running.any()),
+                  "replicates": [replicates[j] for j in keep],
+                  "seeds": [int(seeds[j]) for j in keep],
+                  **{key: [float(v[j]) for j in keep] for key, v in (
+                      ("train_loss", train_loss), ("val_loss", val_loss), ("val_acc", val_acc))}})
     return report
 
 
@@ -421,12 +457,16 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     labels)`` shared by all. ``overrides`` are :data:`DEFAULTS` keys (``epochs=3``...).
     Each record's ``seconds`` is its vmap group's wall time divided by the group's size
     (including the time ``on_epoch`` takes: time without a hook when speed matters).
-    With ``return_models=True`` also returns ``[(state_dict, config)]`` of the final
-    epoch, one per replicate, ready for :func:`save_checkpoint`. ``on_epoch``, if given,
-    is called after every epoch of every vmap group with a dict: ``epoch`` (from 1),
-    ``epochs``, the group's ``replicates`` (indices into ``seeds``) and ``seeds``, and
-    per replicate ``train_loss``, ``val_loss`` and ``val_acc`` (the same numbers as the
-    records' ``history``); e.g. :class:`mrilib.plots.training.LiveLossPlot`.
+    A replicate trains at most ``epochs`` epochs and, with a ``patience``, stops early on
+    its validation loss (:mod:`mrilib.stopping`); its record's ``stopped_epoch`` is its
+    last epoch, where its ``history`` and ``final`` end, and ``best`` its lowest
+    validation loss up to then. With ``return_models=True`` also returns
+    ``[(state_dict, config)]`` of each replicate's last epoch, ready for
+    :func:`save_checkpoint`. ``on_epoch``, if given, is called after every epoch of every
+    vmap group with a dict: ``epoch`` (from 1), ``epochs`` (the most), ``last`` (the
+    group's last epoch), the ``replicates`` (indices into ``seeds``) and ``seeds`` that
+    trained it, and per replicate ``train_loss``, ``val_loss`` and ``val_acc`` (the same
+    numbers as the records' ``history``); e.g. :class:`mrilib.plots.training.LiveLossPlot`.
     """
     cfg = model_settings(model, **overrides)
     seeds = list(seeds)
@@ -445,9 +485,9 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
             group = seeds[first:first + per_group]
             label = f"{model}/{aug} replicates {first}-{first + len(group) - 1}"
             report = None if on_epoch is None else _epoch_reporter(
-                on_epoch, range(first, first + len(group)), group, cfg["epochs"])
+                on_epoch, list(range(first, first + len(group))), group, cfg["epochs"])
             start = time.perf_counter()
-            metrics, stack, init = _train_group(
+            metrics, stack, init, last = _train_group(
                 model, cfg, bank_x, bank_y, index[first:first + len(group)], val, test,
                 group, aug, device, label, report)
             sync(device)
@@ -456,7 +496,7 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
                     "seconds": (time.perf_counter() - start) / len(group),
                     "group_size": len(group), "device": device_name(device),
                     "torch": str(torch.__version__)}
-            group_records = replicate_records(metrics, group, first, base)
+            group_records = replicate_records(metrics, group, first, base, last)
             records += group_records
             if return_models:
                 checkpoints += [(stack.state_dict(j), checkpoint_config(rec))
@@ -489,8 +529,8 @@ def _checked_inputs(cfg, aug, bank_images, bank_labels, train_index, val_test, s
 
 def _record_settings(cfg: dict) -> dict:
     """The settings in force that every record carries."""
-    keep = ("epochs", "batch_size", "lr", "schedule", "warmup_epochs", "weight_decay", "amp",
-            "num_classes", "test_every_epoch", "im2col_stem")
+    keep = ("epochs", "patience", "batch_size", "lr", "schedule", "warmup_epochs",
+            "weight_decay", "amp", "num_classes", "test_every_epoch", "im2col_stem")
     return {**{key: cfg[key] for key in keep},
             "weights": None if cfg["weights"] is None else str(cfg["weights"])}
 

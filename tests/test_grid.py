@@ -15,6 +15,7 @@ from mrilib.grid import schedule
 from mrilib.grid.cells import DEFAULTS as GRID_DEFAULTS, PRESETS as GRID_PRESETS
 from mrilib.data import CLASSES, MRIData
 from mrilib.splits import split_mri, stratified_sample
+from mrilib.train import model_settings
 
 EPOCHS = 3
 QUICK = 8        # cells of the quick grid: 6 on the slice split, 2 on the subject split
@@ -358,21 +359,24 @@ def test_a_model_not_seen_yet_is_judged_by_this_devices_benchmark(tmp_path):
     bench_file(tmp_path, "resnet18", seconds=9.0, device="NVIDIA H200")   # another card
     bench_file(tmp_path, "resnet18", seconds=9.0, im2col_stem_mrilib=True)  # a lever row
     bench_file(tmp_path, "resnet18", seconds=9.0, replicates=60)  # another group size
-    bench_file(tmp_path, "vit_tiny", seconds=1.0, epochs=5)       # scaled to the grid's 10
+    bench_file(tmp_path, "vit_tiny", seconds=1.0, epochs=5)       # scaled to the grid's most
     (tmp_path / "bench-train-broken.json").write_text("{not json")
-    with paths.preset_env("thesis"):  # the grid's epochs are the thesis preset's (10)
+    with paths.preset_env("thesis"):  # the grid's most epochs are the thesis preset's
         priors = schedule.bench_priors("NVIDIA H100 80GB HBM3", cfg, tmp_path)
+        most = {m: model_settings(m)["epochs"] for m in ("resnet18", "vit_tiny")}
     assert set(priors) == {"resnet18", "vit_tiny"}
-    assert priors["resnet18"]["group_seconds"] == pytest.approx(50.0)
-    assert priors["vit_tiny"]["group_seconds"] == pytest.approx(40.0)
+    r = priors["resnet18"]["group_seconds"]
+    assert r == pytest.approx(2.5 * 20 * most["resnet18"] / 10)  # benchmarks ran 10 epochs
+    assert priors["vit_tiny"]["group_seconds"] == pytest.approx(1.0 * 20 * most["vit_tiny"] / 5)
     assert schedule.bench_priors("cpu (x86_64, 2 cores)", cfg, tmp_path) == {}
 
-    budget = schedule.TimeBudget(1.5, lambda: 0.0, [], group_size=lambda model: 20, priors=priors)
+    budget = schedule.TimeBudget(2.5 * r / 60, lambda: 0.0, [], group_size=lambda model: 20,
+                                 priors=priors)
     resnet = ex.make_cell("resnet18", real_fraction=0.3)
-    assert budget.expected(resnet, 20) == pytest.approx(1.25 * 50.0)
+    assert budget.expected(resnet, 20) == pytest.approx(1.25 * r)
     full = ex.make_cell("resnet18", real_fraction=1.0)  # 1 / 0.3 as many images
-    assert budget.expected(full, 20) == pytest.approx(1.25 * 50.0 / 0.3)
-    assert budget.fits(resnet, 20) and not budget.fits(full, 20)  # 62.5 vs 208 s of 90
+    assert budget.expected(full, 20) == pytest.approx(1.25 * r / 0.3)
+    assert budget.fits(resnet, 20) and not budget.fits(full, 20)  # 1.25 r and 4.2 r of 2.5 r
     assert budget.expected(ex.make_cell("basic_cnn", real_fraction=0.3), 20) == 0.0  # no bench
     budget.record(full, 100.0, 20)  # a cell seen beats the benchmark
     assert budget.expected(full, 20) == 100.0
@@ -551,6 +555,8 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     runs, epochs = ex.load_results(tmp_path / "results")
     assert len(runs) == 8 and len(epochs) == 16 and (runs["init"] == "scratch").all()
     assert runs["final_val_loss"].map(np.isfinite).all()
+    assert (runs["stopped_epoch"] == runs["final_epoch"]).all()  # a result, not a setting
+    assert all("stopped_epoch" not in t for t in runs["train_settings"])
     assert runs["final_test_confusion"].map(lambda m: np.asarray(m).sum()).eq(len(split.test)).all()
     info = pd.DataFrame(list(runs["synthetic_info"]))
     synthetic = runs["synthetic"] == "fill"

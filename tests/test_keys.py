@@ -67,7 +67,8 @@ def _train_changes(weights_file) -> dict:
     per_model = copy.deepcopy(train.PER_MODEL)
     per_model[TRAIN_MODEL]["batch_size"] += 1  # epochs would be hidden by the quick preset
     return _changes(train.DEFAULTS, {
-        "epochs": 3, "batch_size": 7, "lr": 0.5, "schedule": "cosine", "warmup_epochs": 2,
+        "epochs": 3, "patience": 3, "batch_size": 7, "lr": 0.5, "schedule": "cosine",
+        "warmup_epochs": 2,
         "per_model": per_model, "weights": str(weights_file), "max_parallel": 3, "amp": "bf16",
         "num_classes": 3})
 

@@ -23,7 +23,7 @@ VAL = {0: [1.2, 0.9, 1.0], 1: [1.3, 1.2, 1.1], 2: [1.1, 1.05, 1.08]}
 def updates():
     for group in ([0, 1], [2]):
         for e in range(EPOCHS):
-            yield {"epoch": e + 1, "epochs": EPOCHS, "replicates": group,
+            yield {"epoch": e + 1, "epochs": EPOCHS, "last": e + 1 == EPOCHS, "replicates": group,
                    "seeds": [100 + r for r in group], "train_loss": [TRAIN[r][e] for r in group],
                    "val_loss": [VAL[r][e] for r in group], "val_acc": [0.5 for _ in group]}
 
@@ -119,7 +119,8 @@ def test_replicates_table_and_its_error():
 def test_live_plot_leaves_the_legend_out_for_many_replicates():
     live = training.LiveLossPlot()
     n = training.MAX_LEGEND + 2
-    live({"epoch": 1, "epochs": 1, "replicates": list(range(n)), "seeds": list(range(n)),
+    live({"epoch": 1, "epochs": 1, "last": True, "replicates": list(range(n)),
+          "seeds": list(range(n)),
           "train_loss": [1.0] * n, "val_loss": [1.0] * n, "val_acc": [0.5] * n})
     assert live.axes[1].get_legend() is None and len(live.axes[0].get_lines()) == n
 

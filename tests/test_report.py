@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 
 import mrilib.paths as paths
@@ -114,7 +115,7 @@ def test_quick_preset_trains_the_quick_grid_once_then_reuses_it(repo, monkeypatc
     assert "Quick CPU grid" in first.description
     assert "8 of 8 cells complete" in first.description
     assert "numbers test the code only" in first.description
-    assert "1-epoch models on 640 of the 6,400 slices" in first.note
+    assert "models of 1 epoch(s) on 640 of the 6,400 slices" in first.note
 
 
 def test_the_thesis_preset_without_committed_results_says_what_to_run(repo, monkeypatch):
@@ -420,3 +421,16 @@ def test_the_headline_answers_on_the_subject_split_first(repo, splits):
     assert f"({splits[0]} split, Basic CNN, 30% real" in line, line
     assert "without" in line and "difference -0.0500" in line
     assert "over 2 independent samples" in line
+
+
+@pytest.mark.parametrize("settings,stops,said", [
+    ({"epochs": 10, "patience": None}, [10, 10], "trained a fixed 10 epochs, with no early"),
+    ({"epochs": 30, "patience": 5}, [12, 17], "trains up to 30 epochs and stops 5 epochs after"),
+    ({"epochs": 30, "patience": 5}, [12, 30], "(1 of 2 runs reached the maximum"),
+])
+def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, said):
+    from mrilib.report import summary
+
+    runs = pd.DataFrame({"train_settings": [settings] * 2, "stopped_epoch": stops})
+    line = summary._measure_line(runs)
+    assert said in line and ("reached the maximum" in line) == (30 in stops)

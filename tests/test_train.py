@@ -694,7 +694,7 @@ def test_best_weights_pick_the_epoch_argmin_picks_nan_included():
     keeper = stacked.BestWeights(stack)
     for e, loss in enumerate(losses):
         weights.fill_(float(e))  # replicate j's weights at epoch e hold e
-        keeper.update(e, loss)
+        keeper.update(e, loss, torch.ones(4, dtype=torch.bool))
     expected = torch.argmin(losses, dim=0)
     assert keeper.epoch.tolist() == expected.tolist() == [2, 1, 2, 1]  # ties: the first
     assert keeper.state["w"].tolist() == expected.float().tolist()

@@ -1,6 +1,7 @@
 """``python -m mrilib train``: K replicates of one model on a stratified real fraction."""
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
@@ -39,7 +40,11 @@ def add_training_arguments(p) -> None:
     p.add_argument("--replicates", type=int, default=20, help="K independent runs (default 20)")
     p.add_argument("--seed", type=int, default=0,
                    help="replicate k uses seed SEED+k for its sample, init, order and draws")
-    p.add_argument("--epochs", type=int, default=None, help="default: the model's (mrilib.train)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the most epochs a replicate trains (default: the model's, mrilib.train)")
+    p.add_argument("--patience", type=patience_value, default=None,
+                   help="stop a replicate after this many epochs without a lower validation "
+                        "loss, or 'off' (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     p.add_argument("--lr", type=float, default=None, help="default: the model's")
     p.add_argument("--max-parallel", type=int, default=None,
@@ -48,18 +53,33 @@ def add_training_arguments(p) -> None:
     p.add_argument("--source", default=None,
                    help="image folder, parquet, save_to_disk folder or hub id "
                         "(default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
+    p.add_argument("--split", default=None, choices=("slice", "subject"),
+                   help="slice (the thesis's; optimistic) or subject (whole brains on one side; "
+                        "the real fraction is made of whole brains) (default: slice)")
     p.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
 
 
 def overrides_from(args) -> dict:
     """The ``mrilib.train`` settings the command line changes (None = the model's default)."""
-    out = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+    out = {"epochs": args.epochs, "patience": getattr(args, "patience", None),
+           "batch_size": args.batch_size, "lr": args.lr,
            "max_parallel": args.max_parallel}
     if getattr(args, "weights", None):
         out["weights"] = args.weights
     if getattr(args, "pretrained", False):
         out["pretrained"] = True
     return {k: v for k, v in out.items() if v is not None}
+
+
+def patience_value(text: str):
+    """``--patience``: a whole number of epochs, or 'off'."""
+    if text == "off":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a whole number of epochs, or 'off'") from None
 
 
 def checked_seed(value: int | None, flag: str = "--seed") -> int | None:
@@ -104,22 +124,46 @@ def loaded(args, size: int = 128):
 
 
 def replicate_inputs(args):
-    """``(data, train_index, val, test, seeds)`` for ``args``' protocol on the real split."""
+    """``(data, split, train_index, val, test, seeds)`` for ``args``' protocol on the real split."""
     from ..splits import split_mri
-    from ..train import real_fraction_index
 
     if args.replicates < 1:
         raise ValueError(f"--replicates {args.replicates}: give at least 1")
     checked_seed(args.seed)
     checked_fraction(args.real_frac)
     data = loaded(args, args.size)
-    split = split_mri(data)
+    split = split_mri(data, getattr(args, "split", None))
     seeds = [args.seed + k for k in range(args.replicates)]
-    index = real_fraction_index(data.labels, split.train, args.real_frac, seeds, data.ids)
+    index = sample_rows(data, split, args.real_frac, seeds)
     warn_few_per_class(data, index[0], f"--real-frac {args.real_frac:g}")
     val = (data.images[split.val], data.labels[split.val])
     test = (data.images[split.test], data.labels[split.test])
-    return data, index, val, test, seeds
+    return data, split, index, val, test, seeds
+
+
+def sample_rows(data, split, fraction: float, seeds):
+    """``[K, n]`` training rows, one stratified sample per seed: slices, or whole subjects."""
+    import torch
+
+    from ..splits import pool_sample
+    from ..train import real_fraction_index
+
+    if split.kind == "slice":
+        return real_fraction_index(data.labels, split.train, fraction, seeds, data.ids)
+    rows = [pool_sample(data, split, fraction, s) for s in seeds]
+    if len({len(r) for r in rows}) > 1:  # brains of unequal slice counts: no [K, n] stack
+        raise ValueError(f"--real-frac {fraction:g} draws samples of different sizes "
+                         f"({sorted({len(r) for r in rows})} slices) on this data's subjects; "
+                         f"use --replicates 1 or --split slice")
+    return torch.stack(rows)
+
+
+def split_note(split) -> str:
+    """What the split means for the numbers printed."""
+    if split.kind == "slice":
+        return SLICE_NOTE
+    return ("Subject-level split: every brain's slices lie on one side of train/validation/test "
+            "(recovered subjects, mrilib.subjects); no slice-level optimism.")
 
 
 def run(args) -> int:
@@ -131,23 +175,23 @@ def run(args) -> int:
     resolve_device(args.device)
     if args.save:
         check_writable(args.save, "--save")
-    data, index, val, test, seeds = replicate_inputs(args)
+    data, split, index, val, test, seeds = replicate_inputs(args)
     records, checkpoints = train_replicates(
         args.model, data.images, data.labels, index, val, test, seeds, aug=args.aug,
         device=args.device, return_models=True, **overrides_from(args))
     for rec in records:
-        rec.update(real_frac=args.real_frac, source=data.source, fingerprint=data.fingerprint)
+        rec.update(real_frac=args.real_frac, split=split.kind, source=data.source, fingerprint=data.fingerprint)
     for _, config in checkpoints:
         config["classes"] = list(data.classes)  # Grad-CAM names the classes from the checkpoint
     saved = save_all(args.save, checkpoints) if args.save else []
     if args.json:
         print(json.dumps({"runs": records, "checkpoints": [str(p) for p in saved],
-                          "note": SLICE_NOTE}, indent=2))
+                          "note": split_note(split)}, indent=2))
         return 0
     print(table(records))
     for path in saved:
         print(f"saved {path}")
-    print(SLICE_NOTE)
+    print(split_note(split))
     return 0
 
 
@@ -171,22 +215,30 @@ def model_title(rec: dict) -> str:
     return f"{rec['model']} (ImageNet weights, fine-tuned)"
 
 
+def epochs_said(rec: dict) -> str:
+    """The epoch budget of a record: fixed, or a most with early stopping."""
+    if rec.get("patience") is None:
+        return f"{rec['epochs']} epochs"
+    return (f"up to {rec['epochs']} epochs, stopping after {rec['patience']} without a lower "
+            f"validation loss")
+
+
 def table(records: list[dict]) -> str:
     """Per-replicate final and best-validation-epoch metrics, then the medians."""
     import numpy as np
 
     first = records[0]
     lines = [f"{model_title(first)}, aug {first['aug']}, {first['n_train']} training images "
-             f"per replicate, {first['epochs']} epochs, batch {first['batch_size']}, "
+             f"per replicate, {epochs_said(first)}, batch {first['batch_size']}, "
              f"lr {first['lr']:g}, device {first['device']}",
-             f"{'':>14}{'---------- final epoch ----------':>36}"
+             f"{'':>14}{'----- last epoch (stopped) -----':>36}"
              f"{'---- best validation epoch ----':>42}",
-             f"{'rep':>4}{'seed':>6}{'':4}{'val CE':>9}{'val acc':>9}{'test CE':>9}{'test acc':>9}"
+             f"{'rep':>4}{'seed':>6}{'last':>5}{'val CE':>8}{'val acc':>9}{'test CE':>9}{'test acc':>9}"
              f"{'epoch':>8}{'val CE':>9}{'val acc':>9}{'test CE':>9}{'test acc':>9}{'seconds':>9}"]
     cols = ("val_loss", "val_acc", "test_loss", "test_acc")
     for r in records:
         f, b = r["final"], r["best"]
-        lines.append(f"{r['replicate']:>4}{r['seed']:>6}{'':4}"
+        lines.append(f"{r['replicate']:>4}{r['seed']:>6}{f['epoch']:>4}"
                      + "".join(f"{f[c]:>9.4f}" for c in cols) + f"{b['epoch']:>8}"
                      + "".join(f"{b[c]:>9.4f}" for c in cols) + f"{r['seconds']:>9.2f}")
     med = {f"{part}.{c}": float(np.median([r[part][c] for r in records]))

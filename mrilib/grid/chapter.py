@@ -102,7 +102,7 @@ def preset_note(runs) -> str | None:
     presets = sorted({str(p) for p in runs["preset"].dropna()}) if "preset" in runs else []
     if not presets or presets == ["thesis"]:
         return None
-    return (f"{'/'.join(presets)} preset: {_epochs_of(runs)}-epoch models on "
+    return (f"{'/'.join(presets)} preset: models of {_epochs_of(runs)} epoch(s) on "
             f"{_values(runs, 'n_images')} of the 6,400 slices; the numbers test the code only.")
 
 
@@ -128,8 +128,11 @@ def _values(runs, column: str) -> str:
 
 def _epochs_of(runs) -> str:
     settings_ = runs["train_settings"] if "train_settings" in runs else []
-    epochs = sorted({int(s["epochs"]) for s in settings_ if isinstance(s, dict) and "epochs" in s})
-    return "/".join(map(str, epochs)) or "?"
+    settings_ = [s for s in settings_ if isinstance(s, dict) and "epochs" in s]
+    epochs = "/".join(map(str, sorted({int(s["epochs"]) for s in settings_}))) or "?"
+    # with early stopping the epochs are a most, not what each run trained
+    stopping = any(s.get("patience") and s["patience"] < s["epochs"] for s in settings_)
+    return f"up to {epochs}" if stopping else epochs
 
 
 def _committed_line(runs, preset: str) -> str:

@@ -243,7 +243,7 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
 
 _STAGE_KEYS = ("epoch", "val_loss", "val_acc", "test_loss", "test_acc", "test_confusion",
                "val_confusion")
-_RECORD_KEYS = {"history", "final", "best", "seconds", "device", "init"}
+_RECORD_KEYS = {"history", "final", "best", "seconds", "device", "init", "stopped_epoch"}
 
 
 def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: str, info: dict,
@@ -262,7 +262,8 @@ def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: st
     for stage in ("final", "best"):
         for key in _STAGE_KEYS:
             row[f"{stage}_{key}"] = record[stage].get(key)
-    row.update({"seconds": record.get("seconds"), "cell_seconds": cell_seconds,
+    row.update({"stopped_epoch": record.get("stopped_epoch"),  # = final_epoch; None: older rows
+                "seconds": record.get("seconds"), "cell_seconds": cell_seconds,
                 "device": str(record.get("device")),
                 "train_settings": {k: v for k, v in record.items() if k not in _RECORD_KEYS},
                 **{k: v for k, v in base.items()},

@@ -40,7 +40,7 @@ class LiveLossPlot:
     with the same dicts). The figure is a plain ``matplotlib.figure.Figure``, not a
     pyplot one, so a notebook shows it once, in place, and not again at the end of the
     cell. ``fig`` holds it; with ``save=NAME`` it is written with
-    :func:`mrilib.plots.save_figure` each time a vmap group finishes its last epoch, so
+    :func:`mrilib.plots.save_figure` each time a vmap group finishes (``last``), so
     the file always shows every finished replicate. The ring on a validation curve marks
     the replicate's best epoch (lowest validation loss, the ``best`` of its record).
     """
@@ -72,7 +72,7 @@ class LiveLossPlot:
                 self._handle = self._display(self.fig, display_id=True)
             else:
                 self._handle.update(self.fig)
-        if self.save and update["epoch"] == update["epochs"]:
+        if self.save and update["last"]:
             from . import save_figure
             save_figure(self.fig, self.save)
 

@@ -328,10 +328,11 @@ def _caveats(runs) -> str:
 def _measure_line(runs) -> str:
     """How the runs chose the epoch they are scored at: early stopping, or a fixed budget."""
     settings = [t for t in runs.get("train_settings", []) if isinstance(t, dict)]
-    stopped = any(t.get("patience") is not None for t in settings)
+    patience = "/".join(str(p) for p in sorted({t["patience"] for t in settings
+                                                 if t.get("patience") is not None}))
     epochs = "/".join(str(e) for e in sorted({t["epochs"] for t in settings if "epochs" in t}))
-    how = (f"trains up to its maximum epochs ({epochs}) and stops when its validation loss has "
-           f"not improved for a set patience" if stopped else
+    how = (f"trains up to {epochs} epochs and stops {patience} epochs after its lowest "
+           f"validation loss{_capped(runs)}" if patience else
            f"trained a fixed {epochs or '?'} epochs, with no early stopping (an earlier "
            f"protocol)")
     return ("- **The measure.** Each run " + how + "; its weights at the epoch with the "
@@ -340,6 +341,16 @@ def _measure_line(runs) -> str:
             "epoch. The thesis's measure (last-epoch validation cross-entropy) appears beside "
             "the thesis's numbers only; the validation loss at the selected epoch is no "
             "result, since it chose the epoch.")
+
+
+def _capped(runs) -> str:
+    """How many runs reached their maximum epochs still improving (said only if any)."""
+    if "stopped_epoch" not in runs:
+        return ""
+    n = sum(1 for stop, t in zip(runs["stopped_epoch"], runs["train_settings"])
+            if isinstance(t, dict) and t.get("patience") and stop == t.get("epochs"))
+    return (f" ({n} of {len(runs)} runs reached the maximum before stopping: their selected "
+            f"epoch may be early)") if n else ""
 
 
 def _split_caveats(runs, split: str) -> str:
