@@ -15,15 +15,18 @@ WRITE_ONE = ("write one with `python -m mrilib train ... --save DIR` on the comm
              "save_checkpoint in Python")
 
 
-def checkpoint_config(record: dict) -> dict:
-    """What a checkpoint must carry to be rebuilt and to say how it was trained."""
+def checkpoint_config(record: dict, at: str = "last") -> dict:
+    """What a checkpoint must carry to be rebuilt and to say how it was trained; ``at``:
+    whether its weights are of the record's last epoch or its best (``scored``: their
+    numbers)."""
     keep = ("model", "aug", "init", "weights", "img_size", "num_classes", "seed", "replicate",
             "epochs", "batch_size", "lr", "schedule", "warmup_epochs", "weight_decay",
             "n_train", "torch")
     return {**{key: record[key] for key in keep},
-            **{key: record.get(key) for key in ("patience", "stopped_epoch")}, "final": {
-        key: record["final"][key] for key in ("epoch", "val_loss", "val_acc", "test_loss",
-                                              "test_acc")}}
+            **{key: record.get(key) for key in ("patience", "stopped_epoch")},
+            "weights_at": at, **{stage: {key: record[stage][key] for key in (
+                "epoch", "val_loss", "val_acc", "test_loss", "test_acc")}
+                for stage in (("final", "best") if at == "best" else ("final",))}}
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict) -> Path:

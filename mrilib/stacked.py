@@ -108,9 +108,10 @@ class Stack:
         self.template.eval()
         return self._eval(self.params, self.buffers, x)
 
-    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        """Replicate ``k``'s weights as an ordinary ``state_dict`` on the CPU."""
-        flat = {**self.params, **self.buffers}
+    def state_dict(self, k: int, stacked: dict | None = None) -> dict[str, torch.Tensor]:
+        """Replicate ``k``'s weights as an ordinary ``state_dict`` on the CPU (of the
+        ``stacked`` tensors by name, e.g. :class:`BestWeights`'s, instead of the current)."""
+        flat = {**self.params, **self.buffers} if stacked is None else stacked
         return {name: flat[name][k].detach().cpu().clone() for name in self.persistent}
 
 

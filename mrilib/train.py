@@ -344,12 +344,14 @@ def _epoch_data(bank_x, bank_y, index, rngs, aug):
 # ----------------------------------------------------------------------------- the hot loop
 
 def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device, label,
-                 report=None):
+                 report=None, keep_best=False):
     """Train one vmap group of replicates; per-epoch metrics as CPU tensors, plus the stack.
 
     ``report(epoch, metrics, stopper)``, if given, is called after each epoch's evaluation.
     The group ends when every replicate has stopped (:mod:`mrilib.stopping`); the returned
-    ``last`` holds each replicate's last epoch (0-based) and the stack its weights then.
+    ``last`` holds each replicate's last epoch (0-based) and the stack its weights then;
+    ``keeper`` (:class:`BestWeights`) their best epoch's weights where testing waits for the
+    end or ``keep_best`` asks for them, else None.
     """
     from .models import init_of, normalize
 
@@ -370,7 +372,8 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
     metrics = {key: [] for key in ("train_loss", "val_loss", "val_acc", "val_confusion",
                                    "test_loss", "test_acc", "test_confusion")}
 
-    keeper = None if cfg["test_every_epoch"] else BestWeights(stack)
+    test_each = cfg["test_every_epoch"]
+    keeper = BestWeights(stack) if keep_best or not test_each else None
     stopper = EarlyStopping(stack, cfg["patience"])
     bar = tqdm(total=cfg["epochs"] * steps, desc=label, unit="step", leave=False, disable=None)
     for epoch in range(cfg["epochs"]):
@@ -396,7 +399,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
             bar.update()
         # -- evaluation on the shared validation and test images (BatchNorm running stats)
         metrics["train_loss"].append(loss_sum / n)
-        for part, (images, labels) in (("val", val), ("test", test))[:2 if keeper is None else 1]:
+        for part, (images, labels) in (("val", val), ("test", test))[:2 if test_each else 1]:
             with record_function(PROFILE_EVAL):
                 part_loss, part_acc, part_conf = evaluate(stack, images, labels, cfg, device)
             metrics[f"{part}_loss"].append(part_loss)
@@ -413,10 +416,10 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
             break
     bar.close()
     stopper.restore()
-    if keeper is not None:
+    if not test_each:
         fill_test_metrics(stack, keeper, test, cfg, device, metrics, stopper.last)
     return ({key: torch.stack(v).cpu() for key, v in metrics.items()}, stack, init,
-            stopper.last.cpu())
+            stopper.last.cpu(), keeper)
 
 
 def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
@@ -447,7 +450,7 @@ def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
 def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.Tensor,
                      train_index: torch.Tensor, val, test, seeds: Sequence[int],
                      aug: str = "none", device: str | torch.device | None = None,
-                     return_models: bool = False,
+                     return_models: bool = False, models_at: str = "last",
                      on_epoch: Callable[[dict], Any] | None = None, **overrides: Any):
     """Train K replicates of ``model``; one record per replicate (see module docstring).
 
@@ -461,7 +464,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     its validation loss (:mod:`mrilib.stopping`); its record's ``stopped_epoch`` is its
     last epoch, where its ``history`` and ``final`` end, and ``best`` its lowest
     validation loss up to then. With ``return_models=True`` also returns
-    ``[(state_dict, config)]`` of each replicate's last epoch, ready for
+    ``[(state_dict, config)]`` of each replicate's last epoch (``models_at="last"``) or of
+    its best, the epoch its record is scored at (``"best"``), ready for
     :func:`save_checkpoint`. ``on_epoch``, if given, is called after every epoch of every
     vmap group with a dict: ``epoch`` (from 1), ``epochs`` (the most), ``last`` (the
     group's last epoch), the ``replicates`` (indices into ``seeds``) and ``seeds`` that
@@ -469,6 +473,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     numbers as the records' ``history``); e.g. :class:`mrilib.plots.training.LiveLossPlot`.
     """
     cfg = model_settings(model, **overrides)
+    if models_at not in ("last", "best"):
+        raise ValueError(f"models_at={models_at!r}; use 'last' or 'best'")
     seeds = list(seeds)
     bank_images, bank_labels, index, parts = _checked_inputs(
         cfg, aug, bank_images, bank_labels, train_index, (val, test), seeds)
@@ -487,9 +493,9 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
             report = None if on_epoch is None else _epoch_reporter(
                 on_epoch, list(range(first, first + len(group))), group, cfg["epochs"])
             start = time.perf_counter()
-            metrics, stack, init, last = _train_group(
+            metrics, stack, init, last, keeper = _train_group(
                 model, cfg, bank_x, bank_y, index[first:first + len(group)], val, test,
-                group, aug, device, label, report)
+                group, aug, device, label, report, keep_best=models_at == "best")
             sync(device)
             base = {"model": model, "aug": aug, "init": init, **_record_settings(cfg),
                     "img_size": int(bank_images.shape[-1]), "n_train": int(index.shape[1]),
@@ -499,7 +505,8 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
             group_records = replicate_records(metrics, group, first, base, last)
             records += group_records
             if return_models:
-                checkpoints += [(stack.state_dict(j), checkpoint_config(rec))
+                checkpoints += [(stack.state_dict(j, None if models_at == "last" else keeper.state),
+                                 checkpoint_config(rec, models_at))
                                 for j, rec in enumerate(group_records)]
     return (records, checkpoints) if return_models else records
 
@@ -557,7 +564,7 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
         model, data.images, data.labels, torch.as_tensor(train_index)[None],
         (data.images[split.val], data.labels[split.val]),
         (data.images[split.test], data.labels[split.test]), seeds=[seed], aug=aug,
-        device=device, return_models=True, **overrides)
+        device=device, return_models=True, models_at="best", **overrides)
     save_checkpoint(path, state, config)
     atomic_write_bytes(record_path, json.dumps(record, default=str).encode())
     net, _ = load_checkpoint(path)

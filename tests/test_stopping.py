@@ -197,3 +197,25 @@ def test_the_curves_tool_applies_the_same_rule():
         assert got == list(zip(last, best))
     table = tool.patience_table({("curves", "subject", "none", 0.3): [[1.0, 0.9, 1.1, 1.2]]})
     assert table.splitlines()[1].startswith("curves | subject | none | 0.3 | 1 | 4 | 2, 2")
+
+
+@pytest.mark.parametrize("test_every_epoch", [True, False])
+def test_models_at_best_are_the_weights_of_the_scored_epoch(test_every_epoch):
+    """return_models with models_at="best": each replicate's weights at its best epoch, the
+    same as the group trained without stopping to exactly that epoch."""
+    images, labels, index, val, test = tiny_problem(k=3)
+    kw = dict(STOPS, max_parallel=3, test_every_epoch=test_every_epoch)
+    group, models = train_replicates("basic_cnn", images, labels, index, val, test, SEEDS,
+                                     patience=2, return_models=True, models_at="best", **kw)
+    assert any(r["best"]["epoch"] < r["stopped_epoch"] for r in group)
+    for j, rec in enumerate(group):
+        n = rec["best"]["epoch"]
+        _, ref = train_replicates("basic_cnn", images, labels, index, val, test, SEEDS,
+                                  patience="off", return_models=True, **{**kw, "epochs": n})
+        config = models[j][1]
+        assert config["weights_at"] == "best" and config["best"]["epoch"] == n
+        for key, value in ref[j][0].items():
+            torch.testing.assert_close(models[j][0][key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="models_at='first'"):
+        train_replicates("basic_cnn", images, labels, index, val, test, SEEDS,
+                         return_models=True, models_at="first", **kw)

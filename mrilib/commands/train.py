@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="ImageNet weights from the Hugging Face hub (needs the hub or its cache)")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="write each replicate's final checkpoint (with its config) to DIR "
-                        "(checked before training starts)")
+                   help="write each replicate's checkpoint at its best validation epoch (the "
+                        "one scored) to DIR (checked before training starts)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip unreadable or non-image files (counted in a warning) instead of "
                         "stopping")
@@ -178,7 +178,7 @@ def run(args) -> int:
     data, split, index, val, test, seeds = replicate_inputs(args)
     records, checkpoints = train_replicates(
         args.model, data.images, data.labels, index, val, test, seeds, aug=args.aug,
-        device=args.device, return_models=True, **overrides_from(args))
+        device=args.device, return_models=True, models_at="best", **overrides_from(args))
     for rec in records:
         rec.update(real_frac=args.real_frac, split=split.kind, source=data.source, fingerprint=data.fingerprint)
     for _, config in checkpoints:
