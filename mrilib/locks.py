@@ -15,9 +15,13 @@ from typing import Iterator
 LOCK_FILE = ".lock"
 
 
+class FolderBusy(ValueError):
+    """Another process holds the folder's lock."""
+
+
 @contextmanager
 def folder_lock(directory: str | os.PathLike, busy: str) -> Iterator[Path]:
-    """Hold ``directory``'s lock for the block, else raise ValueError(``busy``).
+    """Hold ``directory``'s lock for the block, else raise :class:`FolderBusy` (``busy``).
 
     ``busy`` may name ``{pid}`` (the holder's process id, as it wrote it in the lock file)
     and ``{lock}`` (the lock file's path). Yields the folder.
@@ -32,7 +36,7 @@ def folder_lock(directory: str | os.PathLike, busy: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(busy.format(pid=holder(lock), lock=lock)) from None
+            raise FolderBusy(busy.format(pid=holder(lock), lock=lock)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield directory

@@ -68,3 +68,16 @@ def image_folder(tmp_path, monkeypatch):
                                   "Non_Demented": 10, "Very_Mild_Demented": 8}
         return write_image_folder(tmp_path / "mri", per_class, **kw)
     return make
+
+
+@pytest.fixture(scope="session")
+def grid_env(tmp_path_factory, mri_path):
+    """The environment of a child ``python -m mrilib grid``: this checkout, the real data, a
+    cache of its own (no generators: synthetic cells wait), one thread."""
+    from mrilib.paths import ROOT
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                         os.environ.get("PYTHONPATH", "")]),
+            "MRILIB_PRESET": "quick", "MRILIB_DATA": str(mri_path),
+            "MRILIB_CACHE": str(tmp_path_factory.mktemp("grid-cache")),
+            "OMP_NUM_THREADS": "1"}

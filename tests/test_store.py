@@ -23,16 +23,6 @@ GRID = ["grid", "--preset", "quick", "--split", "subject"]
 
 # ----------------------------------------------------------------------------- processes
 
-@pytest.fixture(scope="session")
-def grid_env(tmp_path_factory, mri_path):
-    """The environment of a child grid: this checkout, the real data, a cache of its own."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(paths.ROOT),
-                                                         os.environ.get("PYTHONPATH", "")]),
-            "MRILIB_PRESET": "quick", "MRILIB_DATA": str(mri_path),
-            "MRILIB_CACHE": str(tmp_path_factory.mktemp("grid-cache")),
-            "OMP_NUM_THREADS": "1"}
-
-
 def start_grid(args: list, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mrilib", *GRID, *map(str, args)],
                             cwd=paths.ROOT, env=env, stdout=subprocess.PIPE,

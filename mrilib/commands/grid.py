@@ -44,6 +44,26 @@ def add_parser(sub) -> None:
                         "stopping; the grid then trains on the readable images")
     p.add_argument("--list", action="store_true",
                    help="print every cell with its finished repeats and train nothing")
+    cluster = p.add_argument_group("on a cluster (mrilib.grid.cluster)")
+    cluster.add_argument("--executor", choices=("local", "slurm", "submitit-local"),
+                         default="local",
+                         help="local: train in this process (default); slurm: submit the "
+                              "remaining work as a job array, one job per split and generator "
+                              "plus real-only jobs, each writing its own shard of the results "
+                              "folder; submitit-local: the same jobs as processes of this "
+                              "machine, waited for")
+    cluster.add_argument("--partition", default=None, help="SLURM partition (default: the "
+                         "cluster's)")
+    cluster.add_argument("--gpus-per-job", type=int, default=None,
+                         help="GPUs per SLURM job (default 1)")
+    cluster.add_argument("--max-jobs", type=int, default=None,
+                         help="SLURM jobs running at once (default: all)")
+    cluster.add_argument("--timeout-min", type=int, default=None,
+                         help="a job's time limit in minutes (default 240); a job stopped by "
+                              "it or preempted is requeued and resumes from its finished runs")
+    cluster.add_argument("--merge", action="store_true",
+                         help="fold the jobs' finished shards into the results folder's "
+                              "runs.jsonl (for committing) and train nothing")
     p.set_defaults(func=run)
 
 
@@ -73,6 +93,10 @@ def run(args) -> int:
     if args.imagenet is not None:
         starts = imagenet_starts(args.imagenet)
         overrides.update(imagenet=starts, models=list(starts))
+    if args.merge:
+        return merge(args, overrides)
+    if args.executor != "local":
+        return submit(args, overrides)
     if args.list:
         status = grid_status(args.preset, args.results, **overrides)
         print(status.to_string(index=False))
@@ -103,3 +127,59 @@ def run(args) -> int:
         print(f"{len(progress.remaining)} cell(s) left: rerun `python -m mrilib grid{preset} "
               f"--resume{again}` to continue where this stopped")
     return 0
+
+
+def merge(args, overrides: dict) -> int:
+    """``grid --merge``: the finished shards into ``runs.jsonl``."""
+    from ..grid import export_csv, grid_results_dir, grid_settings
+    from ..grid.store import merge_shards
+    from ..paths import preset_env, preset_name
+
+    preset = args.preset or preset_name()
+    with preset_env(preset):
+        directory = grid_results_dir(grid_settings(preset, **overrides), args.results)
+    added, left = merge_shards(directory)
+    print(f"merged   {added} runs into {directory}/runs.jsonl")
+    if left:
+        print(f"left     {len(left)} shard(s) a job still writes ({', '.join(left)}); run "
+              f"grid --merge again once they finish")
+    if (directory / "runs.jsonl").exists():
+        export_csv(directory)
+    return 0
+
+
+def submit(args, overrides: dict) -> int:
+    """``grid --executor slurm|submitit-local``: the remaining work as jobs."""
+    from ..grid.cluster import submit_grid, wait_for
+    from ..paths import preset_name
+
+    if args.max_minutes is not None or args.list:
+        raise ValueError(f"--executor {args.executor} takes --timeout-min for a job's time "
+                         f"limit, not --max-minutes or --list; run those with --executor local")
+    cluster = {k: v for k, v in (("partition", args.partition), ("max_jobs", args.max_jobs),
+                                 ("gpus_per_job", args.gpus_per_job),
+                                 ("timeout_min", args.timeout_min)) if v is not None}
+    options = {"device": args.device, "source": args.source,
+               "train_generators": args.train_generators,
+               "available_generators": args.available_generators,
+               "on_error": "skip" if args.skip_unreadable else "raise"}
+    preset = args.preset or preset_name()
+    submitted = submit_grid(args.executor, preset, args.results, args.resume, options,
+                            overrides, **cluster)
+    if not submitted:
+        print("nothing left to train: every run of the grid is in the results folder")
+        return 0
+    for unit, job in submitted:
+        print(f"job      {job.job_id}  {unit.name}: {len(unit.cells)} cell(s)", flush=True)
+    if args.executor == "slurm":
+        print(f"{len(submitted)} jobs submitted; once they finish, `python -m mrilib grid "
+              f"--merge` folds their shards into runs.jsonl (report reads them unmerged too)")
+        return 0
+    notes = wait_for(submitted)
+    for line in notes:
+        print(line)
+    failed = [line for line in notes if line.startswith("failed")]
+    print(f"{len(submitted) - len(failed)} of {len(submitted)} jobs finished; `python -m "
+          f"mrilib grid --merge` folds their shards into runs.jsonl"
+          + ("; rerun with --resume to resubmit what is left" if failed else ""))
+    return 1 if failed else 0

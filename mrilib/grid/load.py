@@ -16,7 +16,7 @@ from typing import Callable
 
 from .. import paths
 from .design import design_hash, generator_hash, grid_settings
-from .store import RUNS_FILE, data_fingerprints, read_epochs, read_runs
+from .store import RUNS_FILE, data_fingerprints, read_epochs, read_runs, shard_folders
 
 
 class MixedDesignsWarning(UserWarning):
@@ -67,7 +67,7 @@ def load_results(directory: str | os.PathLike | None = None, design: str | None 
 
     directory = Path(directory) if directory is not None else paths.results_dir()
     runs_path = directory / RUNS_FILE
-    if not runs_path.exists():
+    if not (runs_path.exists() or shard_folders(directory)):  # cluster jobs' rows, unmerged
         raise FileNotFoundError(f"no results at {runs_path}; run the grid first "
                                 f"(python -m mrilib grid --preset ...) or point at the "
                                 f"folder that holds {RUNS_FILE}")

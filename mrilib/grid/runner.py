@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from .. import paths
 from .cells import IMAGENET_RESULTS, Cell, grid_cells
@@ -53,7 +53,9 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
              synth_fn: Callable | None = None, data=None, split=None,
              clock: Callable[[], float] = time.monotonic, progress: bool = True,
              train_generators: bool = False, source=None, available_generators: bool = False,
-             pacer=None, on_error: str = "raise", **overrides) -> GridProgress:
+             pacer=None, on_error: str = "raise", shard: str | None = None,
+             only_cells: Collection[str] | None = None,
+             only_repeats: Collection[int] | None = None, **overrides) -> GridProgress:
     """Train every missing run of ``preset``'s grid, one cell at a time, streaming rows.
 
     ``train_fn`` (default :func:`mrilib.train.train_replicates`) trains all missing
@@ -68,6 +70,10 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     ``data_fraction``); each split kind is ``split_mri(data, kind)``, except ``split``'s
     kind when a split is passed. Data passed in is used as given; ``on_error="skip"`` loads
     past unreadable files (:func:`mrilib.data.load_mri`).
+
+    A share of the grid (one cluster job's, :mod:`mrilib.grid.cluster`): ``only_cells``
+    (cell keys) and ``only_repeats`` keep those runs; ``shard`` writes them to the results
+    folder's shard of that name (:class:`ResultsWriter`), counting every shard's runs done.
     """
     from ..device import resolve_device
 
@@ -76,7 +82,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     cfg = grid_settings(preset, **overrides)
     with paths.preset_env(preset):
         directory = grid_results_dir(cfg, results_path)
-        with ResultsWriter(directory) as writer:
+        with ResultsWriter(directory, shard) as writer:
             if writer.runs and not resume:
                 raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
                                  f"--resume (resume=True) to continue them, or give another "
@@ -84,11 +90,14 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
             session = _Session(cfg, preset, writer, device, train_fn or _train_replicates,
                                synth_fn or training_sets, pacer or Unpaced(), clock,
                                train_generators, available_generators, progress, source,
-                               on_error, data, {} if split is None else {split.kind: split})
+                               on_error, data, {} if split is None else {split.kind: split},
+                               only_repeats=only_repeats)
+            cells = [c for c in grid_cells(preset, **overrides)
+                     if only_cells is None or c.key in only_cells]
             try:
-                return session.run(grid_cells(preset, **overrides))
+                return session.run(cells)
             finally:
-                if writer.runs:
+                if writer.runs and shard is None:  # `grid --merge` exports a cluster's shards
                     export_csv(directory)
 
 
@@ -142,6 +151,7 @@ class _Session:
     on_error: str = "raise"
     data: object = None
     splits: dict = field(default_factory=dict)  # split kind -> Split
+    only_repeats: Collection[int] | None = None    # None: every repeat
     notes: dict = field(default_factory=dict)   # split kind -> what its tables must say
     base: dict | None = None
     designs: dict = field(default_factory=dict)
@@ -155,8 +165,10 @@ class _Session:
     def run(self, cells: list[Cell]) -> GridProgress:
         from tqdm.auto import tqdm
 
-        todo = {c: [r for r in range(self.cfg["repeats"])
-                    if run_key(c, r, self.design(c)) not in self.writer.done] for c in cells}
+        repeats = [r for r in range(self.cfg["repeats"])
+                   if self.only_repeats is None or r in self.only_repeats]
+        todo = {c: [r for r in repeats if run_key(c, r, self.design(c)) not in self.writer.done]
+                for c in cells}
         written, blocked = 0, {}
         with tqdm(total=len(cells), initial=sum(not t for t in todo.values()), unit="cell",
                   desc=f"grid ({self.preset})", disable=not self.progress) as bar:

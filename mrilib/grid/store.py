@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import paths
-from ..locks import folder_lock
+from ..locks import FolderBusy, folder_lock
 from .cells import Cell
 from .design import RepeatSeeds, run_key
 
 RUNS_FILE, EPOCHS_FILE = "runs.jsonl", "epochs.jsonl"
+SHARDS = "shards"  # <results>/shards/<job>/: one cluster job's rows, merged by `grid --merge`
 
 
 def _jsonable(value):
@@ -47,9 +49,11 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     a kill: they are dropped (the caller truncates them away). A bad line in the middle
     is damage nobody should paper over, and raises.
     """
-    if not path.exists():
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:  # never written, or a shard `grid --merge` just folded in
         return [], 0
-    complete = path.read_bytes().rpartition(b"\n")[0]
+    complete = blob.rpartition(b"\n")[0]
     lines = complete.split(b"\n") if complete else []
     rows, good = [], 0
     for i, line in enumerate(lines):
@@ -73,13 +77,21 @@ def repaired_rows(path: Path) -> list[dict]:
 
 
 def read_runs(directory: str | os.PathLike) -> list[dict]:
-    """The run rows of a results folder, each run key once, in the order written.
+    """The run rows of a results folder and its shards, each run key once.
 
-    A run written twice as one identical row counts once; two rows of one key that differ
-    (trained twice, e.g. by two grids on one folder before folders were locked) raise a
-    ValueError naming the key, both lines and the first field they differ in.
+    ``runs.jsonl`` first, then each shard's (:func:`shard_folders`) in name order. A run
+    written twice as one identical row counts once; two rows of one key that differ
+    (trained twice) raise a ValueError naming the key, both lines and the first field
+    they differ in.
     """
-    return folded_runs([Path(directory) / RUNS_FILE])
+    return folded_runs(f / RUNS_FILE for f in [Path(directory), *shard_folders(directory)])
+
+
+def shard_folders(directory: str | os.PathLike) -> list[Path]:
+    """The shards of a results folder: ``shards/<name>/``, each one cluster job's
+    ``runs.jsonl`` and ``epochs.jsonl`` (folded into the folder's own by ``grid --merge``)."""
+    root = Path(directory) / SHARDS
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def folded_runs(files: Iterable[Path]) -> list[dict]:
@@ -100,7 +112,8 @@ def folded_runs(files: Iterable[Path]) -> list[dict]:
 
 def read_epochs(directory: str | os.PathLike, run_keys: set[str]) -> list[dict]:
     """The epoch rows of ``run_keys`` in a results folder, each (run, epoch) once."""
-    return folded_epochs([Path(directory) / EPOCHS_FILE], run_keys)
+    return folded_epochs((f / EPOCHS_FILE for f in [Path(directory), *shard_folders(directory)]),
+                         run_keys)
 
 
 def folded_epochs(files: Iterable[Path], run_keys: set[str]) -> list[dict]:
@@ -130,20 +143,23 @@ class ResultsWriter:
 
     It holds the folder's lock from construction to :meth:`close` (or the end of a
     ``with`` block): a second writer on the folder is turned away at once, naming the
-    process that holds it, before it repairs or writes anything.
+    process that holds it, before it repairs or writes anything. With ``shard`` it writes
+    that shard of the folder instead (a cluster job's, :func:`shard_folders`), locking
+    only the shard. ``runs`` and ``done``: the runs of the folder and all its shards.
     """
 
     BUSY = ("{folder} is being written by another grid or merge (pid {pid}); wait for it "
             "to finish or stop it, or pass another --results folder (the lock, {lock}, "
             "frees itself when that process ends)")
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, shard: str | None = None):
         self.directory = Path(directory)
-        self.runs_path = self.directory / RUNS_FILE
-        self.epochs_path = self.directory / EPOCHS_FILE
+        self.folder = self.directory if shard is None else self.directory / SHARDS / shard
+        self.runs_path = self.folder / RUNS_FILE
+        self.epochs_path = self.folder / EPOCHS_FILE
         self._lock = ExitStack()
         self._lock.enter_context(folder_lock(
-            self.directory, self.BUSY.replace("{folder}", str(self.directory))))
+            self.folder, self.BUSY.replace("{folder}", str(self.folder))))
         try:
             repaired_rows(self.runs_path)
             self._read_runs()
@@ -164,12 +180,13 @@ class ResultsWriter:
     def _read_runs(self) -> None:
         self.runs = read_runs(self.directory)
         self.done = {r["run_key"] for r in self.runs}
+        self.written = {r["run_key"] for r in folded_runs([self.runs_path])}  # in our file
         self._size = self.runs_path.stat().st_size if self.runs_path.exists() else 0
 
     def _drop_orphan_epochs(self) -> None:
         """Epoch rows of runs whose run row never landed (killed in between) go."""
         rows = repaired_rows(self.epochs_path)
-        kept = folded_epochs([self.epochs_path], self.done)
+        kept = folded_epochs([self.epochs_path], self.written)
         if len(kept) != len(rows):
             blob = "".join(json.dumps(r) + "\n" for r in kept).encode()
             paths.atomic_write_bytes(self.epochs_path, blob)
@@ -177,18 +194,19 @@ class ResultsWriter:
     def append(self, run_row: dict, epoch_rows: Iterable[dict]) -> bool:
         """Write one run: its epoch rows first, then the run row that marks it done.
 
-        False, writing nothing, when the run is in the folder already: the file is read
+        False, writing nothing, when our file holds the run already: the file is read
         again first if it grew since this writer last looked (a writer that ignored the lock).
         """
         size = self.runs_path.stat().st_size if self.runs_path.exists() else 0
         if size != self._size:
             self._read_runs()
-        if run_row["run_key"] in self.done:
+        if run_row["run_key"] in self.written:
             return False
         append_lines(self.epochs_path, epoch_rows)
         append_lines(self.runs_path, [run_row])
         self.runs.append(run_row)
         self.done.add(run_row["run_key"])
+        self.written.add(run_row["run_key"])
         self._size = self.runs_path.stat().st_size
         return True
 
@@ -210,11 +228,22 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
     For rows trained elsewhere (a remote GPU job's, ``tools/gpu/collect.sh``; a cluster
     job's shard): a run both folders hold must be the same row in both, else this raises
     before writing anything, naming the run (trained twice, differently: keep both files
-    and decide by hand). Runs only ``target`` holds stay. ``check_only``: raise or not, write nothing. Returns
-    (runs ``target`` held, runs added).
+    and decide by hand). Runs only ``target`` holds stay. ``check_only``: raise or not,
+    write nothing. Returns (runs ``target`` held, runs added).
     """
     source, target = Path(source), Path(target)
-    have = {r["run_key"]: r for r in read_runs(target)}
+    have = {r["run_key"]: r for r in folded_runs([target / RUNS_FILE])}
+    new = runs_to_add(source, have)
+    if check_only or not new:
+        return len(have), len(new)
+    with ResultsWriter(target) as writer:
+        append_runs(source, new, writer)
+    return len(have), len(new)
+
+
+def runs_to_add(source: Path, have: dict[str, dict]) -> list[dict]:
+    """The run rows of ``source`` missing from ``have`` (run key -> row); raises on a run
+    held as two different rows (:func:`merge_results`)."""
     got: dict[str, dict] = {}
     for row in read_jsonl(source / RUNS_FILE)[0]:
         key = row["run_key"]
@@ -227,16 +256,39 @@ def merge_results(source: str | os.PathLike, target: str | os.PathLike, check_on
                                  f"trained apart; nothing was merged, both files are as "
                                  f"they were")
         got[key] = row
-    new = [r for r in got.values() if r["run_key"] not in have]
-    if check_only or not new:
-        return len(have), len(new)
+    return [r for r in got.values() if r["run_key"] not in have]
+
+
+def append_runs(source: Path, rows: list[dict], writer: "ResultsWriter") -> None:
+    """Write ``rows`` (runs of ``source``) through ``writer``, each with its epoch rows."""
     epochs: dict[str, list[dict]] = {}
     for row in read_jsonl(source / EPOCHS_FILE)[0]:
         epochs.setdefault(row["run_key"], []).append(row)
-    with ResultsWriter(target) as writer:
-        for row in new:
-            writer.append(row, epochs.get(row["run_key"], []))
-    return len(have), len(new)
+    for row in rows:
+        writer.append(row, epochs.get(row["run_key"], []))
+
+
+def merge_shards(directory: str | os.PathLike) -> tuple[int, list[str]]:
+    """Fold each finished shard of ``directory`` into its ``runs.jsonl``, then remove it.
+
+    Holds the folder's lock throughout (one merge at a time, no in-process grid meanwhile;
+    jobs writing shards go on). A shard a job still writes (its lock held) is left for a
+    later merge; a run that a shard and the folder hold as two different rows stops the
+    merge there, that shard untouched. Returns (runs added, names of the shards left).
+    """
+    directory, added, left = Path(directory), 0, []
+    with ResultsWriter(directory) as writer:
+        for shard in shard_folders(directory):
+            try:
+                with folder_lock(shard, "busy"):
+                    have = {r["run_key"]: r for r in folded_runs([writer.runs_path])}
+                    new = runs_to_add(shard, have)
+                    append_runs(shard, new, writer)
+                    added += len(new)
+                    shutil.rmtree(shard)  # its rows are in runs.jsonl now
+            except FolderBusy:
+                left.append(shard.name)
+    return added, left
 
 
 # ----------------------------------------------------------------------------- rows

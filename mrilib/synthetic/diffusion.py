@@ -48,6 +48,7 @@ import torch
 from ..config import settings
 from ..data import CLASSES, content_fingerprint
 from ..device import autocast, device_name, resolve_device, sync
+from ..locks import folder_lock
 from ..paths import CACHE, KEPT_GENERATORS, atomic_write_bytes
 from .base import SIZE, Backend, check_batch
 from .diffusion_model import (DEFAULTS, PRESETS, RUN_ONLY, SAMPLING, build_unet,  # noqa: F401
@@ -118,9 +119,12 @@ def train_for_sample(data, split, real_fraction: float, g: int, leaky: bool = Fa
     kept = _kept(out)
     if kept is not None and not (out / "checkpoint.pt").exists():
         return generator_path(data, split, real_fraction, g, leaky, **overrides)
-    return train_generator(data.images[index], data.labels[index], g, out,
-                           minutes=minutes, steps=steps, ids=ids, leaky=leaky, device=device,
-                           progress=progress, **overrides)
+    busy = (f"generator {g} at {out} is being trained by another process (pid {{pid}}); "
+            f"wait for it to finish (its grid then finds it), or stop that process")
+    with folder_lock(out, busy):  # two jobs never train one generator
+        return train_generator(data.images[index], data.labels[index], g, out,
+                               minutes=minutes, steps=steps, ids=ids, leaky=leaky,
+                               device=device, progress=progress, **overrides)
 
 
 def generator_path(data, split, real_fraction: float, g: int, leaky: bool = False,
