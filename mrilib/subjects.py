@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -453,6 +454,10 @@ def kept_random_label_check(data: MRIData, kind: str, path=None, **overrides) ->
     key = hashlib.sha1(blob.encode()).hexdigest()[:12]
     kept = json.loads(path.read_text()) if path.exists() else {}
     if key not in kept:
-        kept[key] = {**random_label_check(data, kind, **overrides), "key": key}
+        from .provenance import provenance
+
+        kept[key] = {**random_label_check(data, kind, **overrides), "key": key,
+                     **provenance(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime())}
         atomic_write_bytes(path, (json.dumps(kept, indent=1, sort_keys=True) + "\n").encode())
     return kept[key]

@@ -277,6 +277,7 @@ def test_a_kept_random_label_check_is_read_not_retrained(mri, tmp_path, monkeypa
     small = dict(subjects=8, test_frac=0.5, epochs=1, batch_size=16, seeds=(0,), label_seed=0)
     path = tmp_path / "random_labels.json"
     first = subjects_mod.kept_random_label_check(mri, "slice", path, **small)
+    assert {"git_commit", "torch", "device_name", "finished_at"} <= set(first)  # provenance
     monkeypatch.setattr(subjects_mod, "random_label_check",
                         lambda *a, **k: pytest.fail("a kept result was trained again"))
     assert subjects_mod.kept_random_label_check(mri, "slice", path, **small) == first
