@@ -556,6 +556,7 @@ def test_real_trainer_mixing_and_generators_behind_the_runner(tiny, tmp_path, mo
     assert len(runs) == 8 and len(epochs) == 16 and (runs["init"] == "scratch").all()
     assert runs["final_val_loss"].map(np.isfinite).all()
     assert (runs["stopped_epoch"] == runs["final_epoch"]).all()  # a result, not a setting
+    assert runs["class_share_test_loss"].between(0.5, 2.0).all()  # the no-learning baseline
     assert all("stopped_epoch" not in t for t in runs["train_settings"])
     assert runs["final_test_confusion"].map(lambda m: np.asarray(m).sum()).eq(len(split.test)).all()
     info = pd.DataFrame(list(runs["synthetic_info"]))
@@ -1061,3 +1062,17 @@ def test_a_subset_grid_says_which_command_makes_its_generators(tiny):
         "quick", generator_fraction=0.5, data_fraction=1.0))
     assert "`python -m mrilib grid --train-generators`" in quick[0].why
     assert "subset" not in whole[0].why and "synth train --split slice" in whole[0].why
+
+
+def test_the_class_share_baseline_is_the_cross_entropy_of_the_training_shares():
+    from mrilib.grid.sets import TrainingSets, class_share_losses
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])
+    sets = TrainingSets(None, labels, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), [{}, {}])
+    test = torch.tensor([0, 1, 2, 3])
+    got = class_share_losses(sets, test, 4)
+    # add-one counts: [4, 2, 1, 1] / 8 and [1, 1, 3, 3] / 8
+    want = [-np.log(np.array([4, 2, 1, 1]) / 8).mean(), -np.log(np.array([1, 1, 3, 3]) / 8).mean()]
+    assert got == pytest.approx(want)
+    uniform = TrainingSets(None, labels, torch.tensor([[0, 3, 4, 6]]), [{}])
+    assert class_share_losses(uniform, test, 4) == pytest.approx([np.log(4)])

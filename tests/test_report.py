@@ -434,3 +434,15 @@ def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, said):
     runs = pd.DataFrame({"train_settings": [settings] * 2, "stopped_epoch": stops})
     line = summary._measure_line(runs)
     assert said in line and ("reached the maximum" in line) == (30 in stops)
+
+
+@pytest.mark.parametrize("split", ["slice", "subject"])
+def test_the_caveats_give_the_no_learning_baseline_where_rows_carry_it(split, monkeypatch):
+    from mrilib.report import summary
+
+    monkeypatch.setattr(summary, "moderate_note", lambda runs: "moderate")
+    runs = pd.DataFrame({"class_share_test_loss": [0.98, 1.0, 1.1], "split": split})
+    said = summary._split_caveats(runs, split)
+    assert "Learning nothing scores 1.000** (median, 0.980-1.100)" in said
+    assert "Learning nothing" not in summary._split_caveats(
+        runs.drop(columns="class_share_test_loss"), split)

@@ -32,13 +32,13 @@ from .design import (RepeatSeeds, cell_design, design_hash, generator_hash, grid
                      repeat_seeds, run_key, train_overrides)
 from .load import MixedDesignsWarning, export_csv, load_results
 from .runner import GridProgress, Unpaced, grid_results_dir, grid_status, run_grid
-from .sets import (GeneratorNeed, TrainingSets, generator_fraction, generator_needs,
-                   grid_data, training_sets)
+from .sets import (GeneratorNeed, TrainingSets, class_share_losses, generator_fraction,
+                   generator_needs, grid_data, training_sets)
 from .store import EPOCHS_FILE, RUNS_FILE, ResultsWriter, epoch_rows, merge_results, run_row
 
 __all__ = [
     "AUGS", "FRACTIONS", "LEAKAGE", "MODELS", "SPLITS", "SYNTHETIC", "Cell", "ChapterResults",
-    "cell_tiers",
+    "cell_tiers", "class_share_losses",
     "EPOCHS_FILE", "GeneratorNeed", "GridProgress", "MixedDesignsWarning", "RUNS_FILE",
     "RepeatSeeds", "ResultsWriter", "TrainingSets", "Unpaced", "cell_design",
     "chapter_results", "committed_results_dir", "design_hash", "epoch_rows", "export_csv",

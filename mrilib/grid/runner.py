@@ -16,7 +16,8 @@ from .. import paths
 from .cells import IMAGENET_RESULTS, Cell, grid_cells
 from .design import cell_design, grid_settings, repeat_seeds, run_key, train_overrides
 from .load import export_csv
-from .sets import generator_fraction, generator_needs, grid_data, training_sets
+from .sets import (class_share_losses, generator_fraction, generator_needs, grid_data,
+                   training_sets)
 from .store import ResultsWriter, data_fingerprints, epoch_rows, read_runs, run_row
 
 
@@ -246,10 +247,11 @@ class _Session:
         self.pacer.record(cell, seconds, len(seeds))
         design = self.design(cell)
         base = {**self.base, "split_seed": split.seed, "split_note": self.notes[cell.split]}
+        shares = class_share_losses(sets, test[1], len(self.data.classes))
         return sum(self.writer.append(run_row(cell, s, record, base, design, info,
-                                              int(sets.index.shape[1]), seconds),
+                                              int(sets.index.shape[1]), seconds, share),
                                       epoch_rows(cell, s, record, design))
-                   for s, record, info in zip(seeds, records, sets.info))
+                   for s, record, info, share in zip(seeds, records, sets.info, shares))
 
     def ensure_data(self, cells: list[Cell]) -> None:
         """Data and the rows' shared columns, loaded once a cell needs training."""

@@ -35,6 +35,20 @@ class GeneratorNeed:
     why: str | None = None
 
 
+def class_share_losses(sets: TrainingSets, test_labels, num_classes: int) -> list[float]:
+    """Per repeat: the test cross-entropy of predicting its training set's class shares
+    for every image, without looking at one (add-one smoothed, so a class absent from
+    training costs a finite loss). A classifier must beat it to have learned anything."""
+    import torch
+
+    out = []
+    for rows in sets.index:
+        counts = torch.bincount(sets.bank_labels[rows].cpu(), minlength=num_classes) + 1.0
+        log_p = (counts / counts.sum()).log()
+        out.append(float(-log_p[test_labels.cpu()].mean()))
+    return out
+
+
 def generator_fraction(cell: Cell, cfg: dict) -> float:
     """The real fraction whose sample the generators of ``cell`` learned from.
 

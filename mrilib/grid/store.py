@@ -299,7 +299,7 @@ _RECORD_KEYS = {"history", "final", "best", "seconds", "device", "init", "stoppe
 
 
 def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: str, info: dict,
-            n_train: int, cell_seconds: float) -> dict:
+            n_train: int, cell_seconds: float, class_share_loss: float | None = None) -> dict:
     """The results row of one run: cell, seeds, metrics, provenance, config.
 
     ``design``: :func:`cell_design`, stored as ``design`` (training) and
@@ -314,7 +314,8 @@ def run_row(cell: Cell, seeds: RepeatSeeds, record: dict, base: dict, design: st
     for stage in ("final", "best"):
         for key in _STAGE_KEYS:
             row[f"{stage}_{key}"] = record[stage].get(key)
-    row.update({"stopped_epoch": record.get("stopped_epoch"),  # = final_epoch; None: older rows
+    row.update({"class_share_test_loss": class_share_loss,  # the no-learning baseline
+                "stopped_epoch": record.get("stopped_epoch"),  # = final_epoch; None: older rows
                 "seconds": record.get("seconds"), "cell_seconds": cell_seconds,
                 "device": str(record.get("device")),
                 "train_settings": {k: v for k, v in record.items() if k not in _RECORD_KEYS},

@@ -366,7 +366,18 @@ def _split_caveats(runs, split: str) -> str:
         first = ("- Every brain is on one side of this split: test scores are of brains "
                  "no run has seen, and the test split holds few of them, so its numbers "
                  "move more between splits than the intervals say.")
-    return "\n".join([first, "- " + moderate_note(runs)])
+    return "\n".join([first, *_baseline_line(runs), "- " + moderate_note(runs)])
+
+
+def _baseline_line(runs) -> list[str]:
+    """The no-learning baseline on this split: predicting the training set's class shares."""
+    if "class_share_test_loss" not in runs or runs["class_share_test_loss"].isna().all():
+        return []
+    shares = runs["class_share_test_loss"].dropna()
+    return [f"- **Learning nothing scores {shares.median():.3f}** (median, {shares.min():.3f}-"
+            f"{shares.max():.3f}): the test cross-entropy of answering every image with its "
+            f"run's training class shares, without looking at it. A cell has learned "
+            f"something only where its test cross-entropy is below this."]
 
 
 def _thesis_section(runs, n_boot, seed) -> str:
