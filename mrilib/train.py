@@ -67,8 +67,8 @@ PER_MODEL = {
         "warmup_epochs": 0,
     },
     "resnet18": {
-        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
-        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
+        "epochs": 30,        # the basic CNN's rule; one subject-split curve measured
+        "patience": 5,       # (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,    # same as the CNN: equal updates per epoch across models; with
                              # 20 replicates in parallel the GPU still sees 640 images per step
         "lr": 1e-3,          # Adam's default; BatchNorm makes ResNet-18 stable at it from scratch
@@ -77,8 +77,8 @@ PER_MODEL = {
         "warmup_epochs": 0,
     },
     "vit_tiny": {
-        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
-        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
+        "epochs": 30,        # the basic CNN's rule; one subject-split curve measured
+        "patience": 5,       # (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,
         "lr": 3e-4,          # transformers from scratch diverge at Adam's 1e-3 without tuning
         "lr_imagenet": 5e-5,  # usual ViT fine-tuning rate with Adam
@@ -86,8 +86,8 @@ PER_MODEL = {
         "warmup_epochs": 1,    # attention layers (Liu et al. 2020, Xiong et al. 2020)
     },
     "vit_small": {
-        "epochs": 30,        # provisional: the basic CNN's rule until its own curves are
-        "patience": 5,       # measured (docs/decisions.md#epochs-and-early-stopping)
+        "epochs": 30,        # the basic CNN's rule, unmeasured for this model
+        "patience": 5,       # (docs/decisions.md#epochs-and-early-stopping)
         "batch_size": 32,
         "lr": 2e-4,          # 4x the parameters of ViT-Tiny: a lower rate for the same stability
         "lr_imagenet": 3e-5,
