@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import mrilib.cli as cli
 import mrilib.synthetic.cache as cache_mod
 import mrilib.synthetic.diffusion as diffusion
+import mrilib.synthetic.diffusion_bench as diffusion_bench
 import mrilib.synthetic.diffusion_training as diffusion_training
 from mrilib.data import CLASSES, MRIData
 from mrilib.splits import split_mri
@@ -759,12 +760,113 @@ def test_cli_generate_openai(folder, run_cli, monkeypatch):
 
 @pytest.mark.parametrize("speed", [{}, {"channels_last": True, "cudnn_benchmark": True}])
 def test_benchmark_reports_speeds(speed):
-    result = diffusion.benchmark("cpu", n_train_steps=2, n_variations=4, **speed)
+    result = diffusion_bench.benchmark("cpu", n_train_steps=2, n_variations=4,
+                                       guidance_scales=[1.0, 2.0], **speed)
     assert result["device"] == device_name("cpu")
     assert result["train_images_per_s"] > 0 and result["variations_per_s"] > 0
-    assert result["training_speed_settings"] == {"channels_last": bool(speed),
-                                                 "cudnn_benchmark": bool(speed)}
+    assert [s["guidance_scale"] for s in result["sampling"]] == [1.0, 2.0]
+    assert result["variations_per_s"] == result["sampling"][0]["variations_per_s"]
+    assert {k: v for k, v in result["speed_settings"].items()
+            if k in ("channels_last", "cudnn_benchmark")} == {"channels_last": bool(speed),
+                                                              "cudnn_benchmark": bool(speed)}
     assert not torch.backends.cudnn.benchmark  # restored after training
+
+
+# ----------------------------------------------------------------------------- speed levers
+
+@pytest.mark.parametrize("name, expected, changes", [
+    ("default", {}, False),
+    ("compile", {"compile_train": True, "compile_sample": True}, False),
+    ("channels_last+autotune", {"channels_last": True, "cudnn_benchmark": True}, False),
+    ("samplebatch4x", {"sample_batch": 64}, False),
+    ("batch4x", {"batch_size": 32, "steps": 2, "warmup_steps": 0, "lr": 2e-3}, True),
+    ("compile+batch2x", {"compile_train": True, "compile_sample": True, "batch_size": 16,
+                         "steps": 3, "warmup_steps": 1, "lr": 1e-3 * 2 ** 0.5}, True),
+])
+def test_a_lever_names_its_settings_and_whether_they_change_results(name, expected, changes):
+    cfg = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)  # quick: batch 8, 6 steps
+    overrides = diffusion_bench.lever_overrides(name, cfg)
+    assert overrides.keys() == expected.keys()
+    for key, value in expected.items():
+        assert overrides[key] == pytest.approx(value), key
+    assert diffusion_bench.changes_results(overrides) == changes
+
+
+@pytest.mark.parametrize("name", ["fast", "batch", "batch0x", "compile2x", "batch4x+", "Batch4x"])
+def test_an_unknown_lever_is_refused_by_name(name):
+    with pytest.raises(ValueError, match="batchKx"):
+        diffusion_bench.lever_overrides(name)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_a_larger_batch_sees_as_many_images_at_a_square_root_learning_rate(k):
+    cfg = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS, preset="thesis")
+    bigger = diffusion_bench.larger_batch(cfg, k)
+    assert bigger["batch_size"] * bigger["steps"] == cfg["batch_size"] * cfg["steps"]
+    assert bigger["warmup_steps"] * k == cfg["warmup_steps"]
+    assert bigger["lr"] == pytest.approx(cfg["lr"] * k ** 0.5)
+
+
+def test_cli_bench_levers_writes_a_row_per_lever(run_cli, tmp_path):
+    out_file = tmp_path / "levers.json"
+    code, out, _ = run_cli("synth", "bench", "--device", "cpu", "--train-steps", "1",
+                           "--variations", "2", "--guidance", "1,2",
+                           "--levers", "samplebatch2x,batch2x", "--out", str(out_file))
+    assert code == 0 and "batch2x" in out  # the table
+    saved = json.loads(out_file.read_text())
+    rows = {row["lever"]: row for row in saved["rows"]}
+    assert list(rows) == ["default", "samplebatch2x", "batch2x"]
+    assert [rows[n]["changes_results"] for n in rows] == [False, False, True]
+    assert rows["default"]["design"] == rows["samplebatch2x"]["design"] != rows["batch2x"]["design"]
+    assert rows["samplebatch2x"]["speed_settings"]["sample_batch"] == 32
+    for row in rows.values():
+        assert [s["guidance_scale"] for s in row["sampling"]] == [1.0, 2.0]
+        assert set(row["sampling_speedup"]) == {"1", "2"} and row["train_speedup"] > 0
+    assert rows["default"]["train_speedup"] == 1.0
+    code, _, err = run_cli("synth", "bench", "--levers", "compile,turbo")
+    assert code == 2 and "'turbo'" in err
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    """Skip, visibly, where torch.compile's default backend cannot build kernels here."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as err:  # BackendCompilerFailed wraps the missing compiler's error
+        first = (str(err).splitlines() or [""])[0]
+        pytest.skip(f"torch.compile cannot build kernels on this platform ({type(err).__name__}:"
+                    f" {first})")
+
+
+# One level, no attention: the compile of a UNet costs minutes on a CPU, of this ~half one.
+ONE_LEVEL = {"block_out_channels": (8,), "down_block_types": ("DownBlock2D",),
+             "up_block_types": ("UpBlock2D",), "norm_num_groups": 4}
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_trains_resumes_and_samples_as_the_eager_one(tmp_path, inductor):
+    images, labels, ids = tiny_images(12, seed=1)
+    kw = {"ids": ids, "progress": False, **ONE_LEVEL}
+    eager = state_of(train_generator(images, labels, 3, tmp_path / "a", steps=4, **kw))
+    whole = train_generator(images, labels, 3, tmp_path / "b", steps=4, compile_train=True, **kw)
+    train_generator(images, labels, 3, tmp_path / "c", steps=2, compile_train=True, **kw)
+    resumed = train_generator(images, labels, 3, tmp_path / "c", steps=4, compile_train=True,
+                              **kw)
+    a, b = state_of(whole), state_of(resumed)
+    assert a["identity"] == eager["identity"]  # a speed setting: the same generator
+    assert a["loss_history"] == b["loss_history"]  # same seeds, same run, resumed or not
+    lr = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["lr"]
+    for name, w in eager["model"].items():
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        # fused kernels round differently: Adam's bound, as for channels_last
+        torch.testing.assert_close(a["model"][name], w, rtol=0, atol=2 * lr * 4)
+    src, lab, seeds = images[:4], labels[:4], [1, 2, 3, 4]
+    plain = LocalDiffusion(whole, guidance_scale=2.0).generate(src, lab, seeds)
+    fused = LocalDiffusion(whole, guidance_scale=2.0, compile_sample=True)
+    out = fused.generate(src, lab, seeds)
+    assert torch.equal(out, fused.generate(src, lab, seeds))
+    diff = (out.int() - plain.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
 
 
 @pytest.mark.gpu
@@ -776,3 +878,25 @@ def test_trains_and_samples_on_cuda(tmp_path):
     out = backend.generate(images[:4], labels[:4], [1, 2, 3, 4])
     assert out.shape == (4, 1, 128, 128) and out.dtype == torch.uint8
     assert torch.equal(out, backend.generate(images[:4], labels[:4], [1, 2, 3, 4]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lever", ["compile", "channels_last", "compile+channels_last"])
+def test_a_speed_lever_on_cuda_gives_the_same_runs(tmp_path, lever):
+    images, labels, ids = tiny_images(16)
+    kw = {"ids": ids, "device": "cuda", "progress": False, "steps": 4}
+    on = diffusion_bench.lever_overrides(lever)
+    plain = state_of(train_generator(images, labels, 0, tmp_path / "plain", **kw))
+    runs = [train_generator(images, labels, 0, tmp_path / f"on{i}", **kw, **on) for i in (0, 1)]
+    lr = diffusion.settings(diffusion.DEFAULTS, diffusion.PRESETS)["lr"]
+    for name, w in plain["model"].items():  # Adam's rounding bound, as on the CPU
+        for run in runs:
+            torch.testing.assert_close(state_of(run)["model"][name], w, rtol=0, atol=2 * lr * 4)
+    first, second = (np.array(state_of(run)["loss_history"])[:, 1] for run in runs)
+    np.testing.assert_allclose(first, second, rtol=1e-3)  # same seeds: the same run
+    sampler = LocalDiffusion(runs[0], device="cuda", compile_sample=on.get("compile_sample"))
+    out = sampler.generate(images[:4], labels[:4], [1, 2, 3, 4])
+    assert torch.equal(out, sampler.generate(images[:4], labels[:4], [1, 2, 3, 4]))
+    eager = LocalDiffusion(runs[0], device="cuda").generate(images[:4], labels[:4], [1, 2, 3, 4])
+    assert (out.int() - eager.int()).abs().float().mean() < 0.5  # bf16 rounding, not a change

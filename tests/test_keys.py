@@ -139,7 +139,7 @@ def tiny_generator(tmp_path_factory):
 
 # LocalDiffusion's arguments that are settings of diffusion's DEFAULTS
 LOCAL_ARGUMENTS = {"strength": 0.3, "ddim_steps": 3, "guidance_scale": 2.0,
-                   "guidance_rescale": 0.2, "sample_batch": 3}
+                   "guidance_rescale": 0.2, "sample_batch": 3, "compile_sample": True}
 
 
 @pytest.mark.parametrize("key", list(LOCAL_ARGUMENTS))

@@ -4,6 +4,7 @@
     synth generate --backend local|openai --real-frac 0.3 --per-image 2 [--generator g]
                    [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
+    synth bench --levers compile,batch4x [--guidance 1,4] --out FILE   (a row per lever)
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
     synth shortcut --real-frac 0.3 [--generator g] [--max-sources N] [--out FILE]
     synth keep --real-frac 0.3 [--seed g]   (copy a finished generator into generators/ for git)
@@ -135,9 +136,15 @@ def _add_bench(actions) -> None:
                         "generator's DEFAULTS)")
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN autotune its convolution algorithms (training only)")
-    b.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance weight of the timed variations (> 1 runs "
-                        "the UNet twice per step); default: the preset's")
+    b.add_argument("--guidance", default=None,
+                   help="comma-separated classifier-free guidance weights of the timed "
+                        "variations (> 1 runs the UNet on a doubled batch); default: the "
+                        "preset's, and 1,4 with --levers")
+    b.add_argument("--levers", default=None,
+                   help="comma-separated speed levers, each timed beside the default in this "
+                        "process: compile, channels_last, autotune, batchKx (K times the "
+                        "batch at the same images seen), samplebatchKx, or several joined "
+                        "by + (compile+batch4x); one JSON with a row per lever")
     b.add_argument("--out", default=None,
                    help="also write the JSON to this file (checked before the timings)")
     b.set_defaults(func=run_bench)
@@ -358,19 +365,33 @@ def run_bench(args) -> int:
 
     from ..provenance import provenance
     from ..paths import atomic_write_bytes, preset_name
-    from ..synthetic.diffusion import benchmark
+    from ..synthetic.diffusion_bench import bench_levers, benchmark, levers_table
 
-    _checked_start(args, args.out)
+    scales = None if args.guidance is None else _numbers(args.guidance, "--guidance", "1,4")
     speed = {k: True for k in ("channels_last", "cudnn_benchmark") if getattr(args, k)}
-    if args.guidance is not None:
-        speed["guidance_scale"] = args.guidance
-    result = benchmark(args.device, n_train_steps=args.train_steps, n_variations=args.variations,
-                       **speed)
-    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        atomic_write_bytes(Path(args.out), text.encode() + b"\n")
-    print(text)
+    levers = None if args.levers is None else [v.strip() for v in args.levers.split(",")
+                                               if v.strip()]
+    if levers is not None and speed:
+        raise ValueError("--channels-last and --cudnn-benchmark apply without --levers; with "
+                         "it, name them as levers (--levers channels_last,autotune)")
+    _checked_start(args, args.out)
+
+    def save(result: dict) -> str:  # after each lever's row too: a cut-off run keeps them
+        # no split: the slices are random
+        result.update(preset=preset_name(), provenance=provenance(args.device))
+        text = json.dumps(result, indent=2)
+        if args.out:
+            atomic_write_bytes(Path(args.out), text.encode() + b"\n")
+        return text
+
+    if levers is None:
+        print(save(benchmark(args.device, n_train_steps=args.train_steps,
+                             n_variations=args.variations, guidance_scales=scales, **speed)))
+        return 0
+    result = bench_levers(levers, args.device, n_train_steps=args.train_steps,
+                          n_variations=args.variations, guidance_scales=scales or (1.0, 4.0),
+                          on_row=save)
+    print(levers_table(result) if args.out else save(result))
     return 0
 
 

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -47,12 +45,12 @@ import torch
 
 from ..config import settings
 from ..data import CLASSES, content_fingerprint
-from ..device import autocast, device_name, resolve_device, sync
+from ..device import autocast, resolve_device
 from ..locks import folder_lock
 from ..paths import CACHE, KEPT_GENERATORS, atomic_write_bytes
-from .base import SIZE, Backend, check_batch
+from .base import Backend, check_batch
 from .diffusion_model import (DEFAULTS, PRESETS, RUN_ONLY, SAMPLING, build_unet,  # noqa: F401
-                              design_settings, guided, null_class, sample_scheduler,
+                              compiled, design_settings, guided, null_class, sample_scheduler,
                               to_model_scale, to_uint8_128, train_scheduler, weights_settings)
 from .diffusion_training import (generator_file, read_checkpoint, train_generator,
                                  training_record)
@@ -203,8 +201,9 @@ class LocalDiffusion(Backend):
     With a model smaller than 128 px (the quick preset) sources are area-downscaled to
     its size and outputs bilinearly upscaled back to 128x128.
 
-    ``strength``, ``ddim_steps``, ``guidance_scale``, ``guidance_rescale`` and
-    ``sample_batch`` (``cpu_sample_batch`` on a CPU) default to the settings in force
+    ``strength``, ``ddim_steps``, ``guidance_scale``, ``guidance_rescale``,
+    ``compile_sample`` and ``sample_batch`` (``cpu_sample_batch`` on a CPU) default to the
+    settings in force
     (DEFAULTS and the preset), not to
     the checkpoint's copy: they are choices about sampling, which the same weights serve
     under any of them.
@@ -217,7 +216,7 @@ class LocalDiffusion(Backend):
                  ddim_steps: int | None = None, device: str | torch.device | None = None,
                  sample_batch: int | None = None, allow_unfinished: bool = False,
                  sample_seed: int | None = None, guidance_scale: float | None = None,
-                 guidance_rescale: float | None = None):
+                 guidance_rescale: float | None = None, compile_sample: bool | None = None):
         path = generator_file(Path(checkpoint))
         blob = read_checkpoint(path)
         if not (blob["done"] or allow_unfinished):
@@ -242,6 +241,8 @@ class LocalDiffusion(Backend):
         self.unet = build_unet(self.cfg)
         self.unet.load_state_dict(blob["model"])
         self.unet.to(self.device).eval().requires_grad_(False)
+        self.compile_sample = bool(now["compile_sample"] if compile_sample is None
+                                   else compile_sample)
         self.weights_sha1 = _weights_hash(blob["model"])
         self.scheduler = sample_scheduler(self.cfg)
 
@@ -283,12 +284,13 @@ class LocalDiffusion(Backend):
             x = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
         cls = labels.to(self.device)
         guiding = self.guidance_scale != 1.0
+        net = compiled(self.unet, self.compile_sample)  # a wrapper: compiled once per shape
         if guiding:  # one UNet call for both: the batch with its classes, then without
             cls = torch.cat([cls, torch.full_like(cls, self.null_class)])
         for t in timesteps:
             with autocast(self.device):
                 inp = torch.cat([x, x]) if guiding else x
-                out = self.unet(inp, t.to(self.device), class_labels=cls).sample.float()
+                out = net(inp, t.to(self.device), class_labels=cls).sample.float()
             if guiding:  # eps or v alike: both are linear in the score
                 out = guided(*out.chunk(2), self.guidance_scale, self.guidance_rescale)
             x = self.scheduler.step(out, t, x).prev_sample
@@ -330,51 +332,3 @@ def _weights_hash(state: Mapping[str, torch.Tensor]) -> str:
         flat = state[name].detach().cpu().contiguous().reshape(-1)
         h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
-              n_variations: int = 1000, **overrides) -> dict:
-    """Training images/s and variations/s of the settings in force, on random 128x128 slices.
-
-    Warm-up runs come first (CUDA context, kernel choice); the training time is that of
-    the hot loop alone (no checkpoint writes). Random images: speed does not depend on
-    content.
-    """
-    device = resolve_device(device)
-    cfg = settings(DEFAULTS, PRESETS, **overrides)
-    rng = torch.Generator().manual_seed(0)
-    n = max(cfg["batch_size"], 64)
-    images = torch.randint(0, 256, (n, 1, SIZE, SIZE), dtype=torch.uint8, generator=rng)
-    labels = torch.arange(n) % len(CLASSES)
-    ids = [f"bench{i}" for i in range(n)]
-    with tempfile.TemporaryDirectory() as tmp:
-        for total in (2, 2 + n_train_steps):
-            train_generator(images, labels, 0, tmp, steps=total, ids=ids, device=device,
-                            progress=False, **overrides)
-        timed = json.loads((Path(tmp) / "meta.json").read_text())["last_call"]
-        backend = LocalDiffusion(tmp, device=device, allow_unfinished=True,
-                                 **{k: cfg[k] for k in (*SAMPLING, "sample_batch")})
-        src, lab = images[torch.arange(n_variations) % n], labels[torch.arange(n_variations) % n]
-        warm = min(n_variations, backend.max_batch)
-        backend.generate(src[:warm], lab[:warm], list(range(warm)))
-        sync(device)
-        t0 = time.perf_counter()
-        backend.generate(src, lab, list(range(n_variations)))
-        sync(device)
-        sample_s = time.perf_counter() - t0
-    steps_per_s = timed["steps"] / timed["loop_seconds"]
-    return {"device": device_name(device), "torch": str(torch.__version__),
-            "diffusers": diffusers.__version__,
-            "train_images_per_s": steps_per_s * cfg["batch_size"],
-            "train_steps_per_s": steps_per_s,
-            "minutes_for_default_steps": cfg["steps"] / steps_per_s / 60,
-            "variations_per_s": n_variations / sample_s,
-            "seconds_per_1000_variations": 1000 * sample_s / n_variations,
-            "strength": backend.strength, "ddim_steps": backend.ddim_steps,
-            "guidance_scale": backend.guidance_scale,
-            "guidance_rescale": backend.guidance_rescale,
-            "settings": weights_settings(cfg) | {"steps": cfg["steps"]},
-            # they apply to training only: sampling runs as it always does
-            "training_speed_settings": {k: cfg[k] for k in ("channels_last", "cudnn_benchmark")}}

@@ -57,9 +57,13 @@ DEFAULTS = {
     "ema": True,
     "ema_max_decay": 0.9999,
     "ema_power": 0.75,  # reaches decay 0.999 at 10k steps (crowsonkb's short-run value)
-    # --- speed of training (RUN_ONLY): off until `synth bench` shows they pay ---
+    # --- speed (RUN_ONLY): off until `synth bench --levers` shows they pay ---
     "channels_last": False,  # NHWC activations and weights, the layout tensor cores want
     "cudnn_benchmark": False,  # let cuDNN time its convolution algorithms and keep the best
+    # torch.compile of the UNet (inductor): fuses GroupNorm, SiLU and adds, which move most
+    # of the step's memory; the first call pays the compile (about a minute on a GPU).
+    "compile_train": False,
+    "compile_sample": False,  # the same for sampling (its own graph, compiled once more)
     # --- bookkeeping (RUN_ONLY) ---
     "checkpoint_minutes": 2.0,  # wall minutes between checkpoints during training
     "log_every": 50,  # steps between loss readings (each one syncs the GPU)
@@ -99,10 +103,10 @@ PRESETS = {
     },
 }
 
-# How a run is checkpointed, logged, laid out in memory and batched: the same weights and
-# images whatever they are.
+# How a run is checkpointed, logged, laid out in memory, compiled and batched: the same
+# weights and images whatever they are, up to float rounding (docs/decisions.md#local-generator).
 RUN_ONLY = ("checkpoint_minutes", "log_every", "sample_batch", "cpu_sample_batch",
-            "channels_last", "cudnn_benchmark")
+            "channels_last", "cudnn_benchmark", "compile_train", "compile_sample")
 # What a variation depends on besides the weights: read from the settings in force when a
 # backend is built (not from the checkpoint), so one generator serves any of them.
 SAMPLING = ("strength", "ddim_steps", "guidance_scale", "guidance_rescale")
@@ -150,6 +154,15 @@ def build_unet(cfg: Mapping) -> UNet2DModel:
         attention_head_dim=cfg["attention_head_dim"],
         norm_num_groups=cfg["norm_num_groups"],
     )
+
+
+def compiled(unet: UNet2DModel, on: bool):
+    """``unet`` compiled by torch.compile when ``on``, else ``unet`` itself.
+
+    The caller keeps ``unet`` for its weights (a compiled wrapper's state_dict names them
+    differently); a new UNet of the same shapes reuses the graph compiled for the first.
+    """
+    return torch.compile(unet) if on else unet
 
 
 def _schedule_kwargs(cfg: Mapping) -> dict:

@@ -31,8 +31,8 @@ from ..data import CLASSES, content_fingerprint
 from ..device import autocast, resolve_device, sync
 from ..paths import atomic_write_bytes
 from .base import SIZE, check_batch
-from .diffusion_model import (DEFAULTS, PRESETS, build_unet, null_class, to_model_scale,
-                              train_scheduler, training_target, weights_settings)
+from .diffusion_model import (DEFAULTS, PRESETS, build_unet, compiled, null_class,
+                              to_model_scale, train_scheduler, training_target, weights_settings)
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 
@@ -173,6 +173,7 @@ class _Run:
         if cfg["image_size"] != SIZE:  # quick preset: a tiny model works on downscaled slices
             data = ((to_model_scale(data, cfg["image_size"]) + 1) * 127.5).round().to(torch.uint8)
         noise_sched, null, fmt = train_scheduler(cfg), null_class(cfg), _memory_format(cfg)
+        net = compiled(self.unet, cfg["compile_train"])  # self.unet keeps the weights' names
         autotune = torch.backends.cudnn.benchmark  # restored in the finally below
         start = last_save = time.monotonic()
         deadline = None if minutes is None else start + 60 * minutes
@@ -189,7 +190,7 @@ class _Run:
                 xt, t, cls, target = _noised_batch(rng, data, class_ids, cfg, noise_sched, null,
                                                    fmt, device)
                 with autocast(device):
-                    pred = self.unet(xt, t, class_labels=cls).sample
+                    pred = net(xt, t, class_labels=cls).sample
                 loss = F.mse_loss(pred.float(), target)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()

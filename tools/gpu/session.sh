@@ -12,6 +12,7 @@
 #                                           # guided strength sweeps
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
+#   bash tools/gpu/session.sh levers MINUTES   # the generator's speed levers beside its default
 #   bash tools/gpu/session.sh window SPLIT G MINUTES  # chapter 7's unit of GPU work: generator
 #                                           # g of SPLIT (and its leaky twin), then every
 #                                           # tier-1 repeat that uses it, then real-only cells
@@ -45,7 +46,7 @@
 # default 110; `all`: 60 for the basic CNN's default row, 180 for ResNet-18's and ViT-Tiny's,
 # 45-150 for the lever rows).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | window SPLIT G MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | levers MINUTES | window SPLIT G MINUTES}
 given="$*"
 if [ "$stage" = window ]; then  # window SPLIT G MINUTES: the deadline is the 4th argument
   win_split=${2:?window needs SPLIT G MINUTES, e.g. window slice 0 9.5}
@@ -346,6 +347,16 @@ case "$stage" in
     within 75 $PY -m mrilib synth bench --device "$DEVICE" --guidance 4 \
       --out "benchmarks/local_generator_${card}-guidance4.json"
     ;;
+  levers)
+    : "${2:?levers needs MINUTES, e.g. 9}"
+    # The generator's speed levers, each timed beside the default in one process on random
+    # slices: training images/s, variations/s at guidance 1 and 4, one JSON row per lever
+    # written as it finishes (benchmarks/README.md, "Generator levers: predicted"). A lever
+    # that changes results (batchKx) is judged on quality by a sweep of a generator made so.
+    within "$(( $(left_s) - 20 ))" $PY -m mrilib synth bench --device "$DEVICE" --guidance 1,4 \
+      --levers "${LEVERS:-compile,channels_last,autotune,samplebatch4x,batch4x,compile+channels_last+batch4x}" \
+      --out "benchmarks/generator-levers-$card.json"
+    ;;
   window)
     # Chapter 7 in GPU windows (docs/decisions.md, "The grid"): each window makes one
     # generator g of one split and everything that uses it, so nothing waits on a generator
@@ -364,5 +375,5 @@ case "$stage" in
       GRID_ARGS="--tier 1 --split $win_split --available-generators ${GRID_ARGS:-}" grid
     fi
     ;;
-  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters, levers (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
 esac

@@ -1,0 +1,224 @@
+"""How fast the local generator trains and samples, and what each speed lever buys.
+
+:func:`benchmark` times one set of settings: training images/s (the hot loop alone) and
+variations/s at one or more guidance weights, on random 128x128 slices (speed does not
+depend on content). :func:`bench_levers` times the settings in force and each named
+lever beside them, one after another in one process on one device, so that its rows
+compare like with like. A lever is a set of overrides of the generator's settings
+(:func:`lever_overrides`); whether it changes results is read from the one declaration of
+what does (``RUN_ONLY``), through the generator's design (:func:`changes_results`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import diffusers
+import torch
+
+from ..config import hash8, settings
+from ..data import CLASSES
+from ..device import device_name, resolve_device, sync
+from .base import SIZE
+from .diffusion import LocalDiffusion, train_generator
+from .diffusion_model import DEFAULTS, PRESETS, design_settings, weights_settings
+
+# The settings that change how fast, not what: each row records them.
+SPEED_SETTINGS = ("channels_last", "cudnn_benchmark", "compile_train", "compile_sample",
+                  "sample_batch")
+
+
+def larger_batch(cfg: Mapping, k: int) -> dict:
+    """k times the batch at the same number of images seen: steps and warmup divided by k,
+    the learning rate times sqrt(k) (Adam's square-root rule: Malladi et al. 2022)."""
+    return {"batch_size": cfg["batch_size"] * k, "steps": max(1, round(cfg["steps"] / k)),
+            "warmup_steps": round(cfg["warmup_steps"] / k), "lr": cfg["lr"] * math.sqrt(k)}
+
+
+# Levers by name: their overrides of the settings in force. Guidance already runs its two
+# passes as one batch, and AdamW is already fused on CUDA: neither is a lever here.
+FIXED_LEVERS = {
+    "default": {},
+    "compile": {"compile_train": True, "compile_sample": True},
+    "channels_last": {"channels_last": True},
+    "autotune": {"cudnn_benchmark": True},
+}
+# Levers with a whole factor K, spelled NAMEKx (batch4x: four times the preset's batch).
+FACTOR_LEVERS = {
+    "batch": larger_batch,
+    "samplebatch": lambda cfg, k: {"sample_batch": cfg["sample_batch"] * k},
+}
+_FACTOR = re.compile(r"(?P<name>[a-z_]+?)(?P<k>[1-9][0-9]*)x")
+
+
+def lever_overrides(name: str, cfg: Mapping | None = None) -> dict:
+    """The settings lever ``name`` changes, against ``cfg`` (default: the settings in force).
+
+    A name is one of :data:`FIXED_LEVERS`, ``batchKx`` or ``samplebatchKx``, or several
+    joined by ``+`` (``compile+batch4x``).
+    """
+    cfg = settings(DEFAULTS, PRESETS) if cfg is None else cfg
+    out: dict = {}
+    for part in name.split("+"):
+        found = _FACTOR.fullmatch(part)
+        if part in FIXED_LEVERS:
+            out |= FIXED_LEVERS[part]
+        elif found and found["name"] in FACTOR_LEVERS:
+            out |= FACTOR_LEVERS[found["name"]](cfg, int(found["k"]))
+        else:
+            raise ValueError(f"lever {part!r}: use {', '.join(FIXED_LEVERS)}, batchKx or "
+                             f"samplebatchKx (K a whole factor, e.g. batch4x), or several "
+                             f"joined by + (compile+batch4x)")
+    return out
+
+
+def changes_results(overrides: Mapping) -> bool:
+    """Whether settings ``overrides`` change the generator's design (and so its results)."""
+    return design_settings(**overrides) != design_settings()
+
+
+# ----------------------------------------------------------------------------- timing
+
+def benchmark(device: str | torch.device | None = None, n_train_steps: int = 50,
+              n_variations: int = 1000, guidance_scales: Sequence[float] | None = None,
+              **overrides) -> dict:
+    """Training images/s and variations/s of the settings in force, on random 128x128 slices.
+
+    Warm-up calls come first (CUDA context, kernel choice, compiles) and are timed apart;
+    the training time is that of the hot loop alone (no checkpoint writes). Variations are
+    timed at each of ``guidance_scales`` (default: the preset's weight); the top-level
+    ``variations_per_s`` is the first one's.
+    """
+    device = resolve_device(device)
+    cfg = settings(DEFAULTS, PRESETS, **overrides)
+    scales = [cfg["guidance_scale"]] if guidance_scales is None else list(guidance_scales)
+    images, labels, ids = _random_slices(max(cfg["batch_size"], 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = _train_speed(images, labels, ids, tmp, device, n_train_steps, overrides)
+        sampled = [_sample_speed(tmp, images, labels, device, n_variations, cfg, w)
+                   for w in scales]
+    return {"device": device_name(device), "torch": str(torch.__version__),
+            "diffusers": diffusers.__version__,
+            "train_images_per_s": trained["steps_per_s"] * cfg["batch_size"],
+            "train_steps_per_s": trained["steps_per_s"],
+            "train_warmup_seconds": trained["warmup_seconds"],
+            "train_peak_gib": trained["peak_gib"],
+            "minutes_for_default_steps": cfg["steps"] / trained["steps_per_s"] / 60,
+            "variations_per_s": sampled[0]["variations_per_s"],
+            "seconds_per_1000_variations": sampled[0]["seconds_per_1000_variations"],
+            "strength": cfg["strength"], "ddim_steps": cfg["ddim_steps"],
+            "guidance_scale": sampled[0]["guidance_scale"],
+            "guidance_rescale": cfg["guidance_rescale"], "sampling": sampled,
+            "settings": weights_settings(cfg) | {"steps": cfg["steps"]},
+            "speed_settings": {k: cfg[k] for k in SPEED_SETTINGS}}
+
+
+def _random_slices(n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, SIZE, SIZE), dtype=torch.uint8, generator=rng)
+    return images, torch.arange(n) % len(CLASSES), [f"bench{i}" for i in range(n)]
+
+
+def _train_speed(images, labels, ids, folder, device, n_steps: int, overrides: Mapping) -> dict:
+    """A 2-step warm-up call, then ``n_steps`` more resumed from it and timed."""
+    overrides = {k: v for k, v in overrides.items() if k != "steps"}  # the calls set steps
+    _peak_gib(device)
+    calls = []
+    for total in (2, 2 + n_steps):
+        train_generator(images, labels, 0, folder, steps=total, ids=ids, device=device,
+                        progress=False, **overrides)
+        calls.append(json.loads((Path(folder) / "meta.json").read_text())["last_call"])
+    warm, timed = calls
+    return {"steps_per_s": timed["steps"] / timed["loop_seconds"],
+            "warmup_seconds": warm["loop_seconds"], "peak_gib": _peak_gib(device)}
+
+
+def _sample_speed(folder, images, labels, device, n: int, cfg: Mapping, scale: float) -> dict:
+    """Variations/s at guidance weight ``scale``, after a warm-up on each batch shape."""
+    backend = LocalDiffusion(folder, device=device, allow_unfinished=True, guidance_scale=scale,
+                             **{k: cfg[k] for k in ("strength", "ddim_steps", "guidance_rescale",
+                                                    "sample_batch", "compile_sample")})
+    pick = torch.arange(n) % len(images)
+    src, lab = images[pick], labels[pick]
+    start = time.perf_counter()
+    for size in {min(n, backend.max_batch), n % backend.max_batch} - {0}:
+        backend.generate(src[:size], lab[:size], list(range(size)))  # a compile per shape
+    sync(device)
+    warm_s, start = time.perf_counter() - start, time.perf_counter()
+    backend.generate(src, lab, list(range(n)))
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"guidance_scale": backend.guidance_scale, "variations_per_s": n / seconds,
+            "seconds_per_1000_variations": 1000 * seconds / n, "warmup_seconds": warm_s,
+            "peak_gib": _peak_gib(device)}
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """GPU memory peak since the last call (GiB), then reset; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+# ----------------------------------------------------------------------------- levers
+
+def bench_levers(levers: Sequence[str], device: str | torch.device | None = None,
+                 n_train_steps: int = 50, n_variations: int = 1000,
+                 guidance_scales: Sequence[float] = (1.0, 4.0), on_row=None) -> dict:
+    """The settings in force ("default", first) and each lever, timed one after another here.
+
+    One row per lever: its overrides, whether they change results (and the design hash),
+    :func:`benchmark`'s numbers and the speedups against the default row. Every name is
+    checked before anything is timed. Sample quality is not measured here: a lever that
+    changes results is judged by ``synth sweep`` on a generator trained with it.
+    ``on_row(result)`` is called with the rows so far after each one, so that a run cut
+    off by a time limit keeps what it measured.
+    """
+    device = resolve_device(device)
+    plans = [(name, lever_overrides(name)) for name in ("default", *levers)]
+    out = {"device": device_name(device), "torch": str(torch.__version__),
+           "diffusers": diffusers.__version__, "train_steps": n_train_steps,
+           "variations": n_variations, "guidance_scales": list(guidance_scales), "rows": []}
+    for name, overrides in plans:
+        result = benchmark(device, n_train_steps, n_variations, guidance_scales, **overrides)
+        out["rows"].append(_lever_row(name, overrides, result, out["rows"][:1]))
+        if on_row is not None:
+            on_row(out)
+    return out
+
+
+def _lever_row(name: str, overrides: Mapping, result: Mapping, base: list) -> dict:
+    """One lever's row: what it sets, whether that changes results, its speeds and
+    speedups against ``base`` (the default's row; none for the default itself)."""
+    row = {"lever": name, "overrides": dict(overrides),
+           "changes_results": changes_results(overrides),
+           "design": hash8(design_settings(**overrides)),
+           **{k: v for k, v in result.items() if k not in ("device", "torch", "diffusers")}}
+    ref = base[0] if base else row
+    row["train_speedup"] = row["train_images_per_s"] / ref["train_images_per_s"]
+    row["sampling_speedup"] = {f"{s['guidance_scale']:g}": s["variations_per_s"] /
+                               r["variations_per_s"]
+                               for s, r in zip(row["sampling"], ref["sampling"])}
+    return row
+
+
+def levers_table(result: dict) -> str:
+    """The rows of :func:`bench_levers` as a text table, one line per lever."""
+    scales = [f"{w:g}" for w in result["guidance_scales"]]
+    head = (f"{'lever':<24} {'changes':>7} {'train img/s':>11} {'x':>5} {'warm s':>6}"
+            + "".join(f" {'var/s w=' + w:>10} {'x':>5}" for w in scales))
+    lines = [head]
+    for row in result["rows"]:
+        cells = "".join(f" {s['variations_per_s']:>10.1f} {row['sampling_speedup'][w]:>5.2f}"
+                        for s, w in zip(row["sampling"], scales))
+        lines.append(f"{row['lever']:<24} {'yes' if row['changes_results'] else 'no':>7} "
+                     f"{row['train_images_per_s']:>11.1f} {row['train_speedup']:>5.2f} "
+                     f"{row['train_warmup_seconds']:>6.1f}{cells}")
+    return "\n".join(lines)
