@@ -40,9 +40,7 @@ def _add_train(actions) -> None:
                                          "real fraction; prints each checkpoint path")
     t.add_argument("--real-frac", type=float, required=True,
                    help="X: the stratified share of the training pool the generator learns from")
-    t.add_argument("--split", choices=("slice", "subject"), default="subject",
-                   help="whose real sample: the subject split's (whole brains, default) or the "
-                        "slice split's (the thesis's); each has its own generators")
+    _add_split(t)
     t.add_argument("--seed", type=int, default=None,
                    help="generator g (its sample seed and training seed), from 0. Default: "
                         "each of the grid's generators in turn")
@@ -88,9 +86,7 @@ def _add_generate(actions) -> None:
                                             "real sample's images")
     g.add_argument("--backend", choices=("local", "openai"), default="local")
     g.add_argument("--real-frac", type=float, required=True, help="X: the real sample's share")
-    g.add_argument("--split", choices=("slice", "subject"), default="subject",
-                   help="whose real sample: the subject split's (whole brains, default) or the "
-                        "slice split's (the thesis's); each has its own generators")
+    _add_split(g)
     g.add_argument("--per-image", type=int, required=True, help="variations per source image")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the variations; openai: also the real sample drawn")
@@ -150,16 +146,25 @@ def _add_bench(actions) -> None:
     b.set_defaults(func=run_bench)
 
 
+def _add_split(p) -> None:
+    p.add_argument("--split", choices=("slice", "subject"), default="subject",
+                   help="whose real sample: the subject split's (whole brains, default) or the "
+                        "slice split's (the thesis's); each has its own generators")
+
+
+def _add_generator(p, verb: str) -> None:
+    """--real-frac, --split and --generator: which generator a command reads."""
+    p.add_argument("--real-frac", type=float, required=True,
+                   help=f"X: the real fraction whose generator is {verb}")
+    _add_split(p)
+    p.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
+
+
 def _add_sweep(actions) -> None:
     w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
                                          "source of variations at several strengths and "
                                          "guidance weights; chooses the weight on validation")
-    w.add_argument("--real-frac", type=float, required=True,
-                   help="X: the real fraction whose generator is swept")
-    w.add_argument("--split", choices=("slice", "subject"), default="subject",
-                   help="whose real sample: the subject split's (whole brains, default) or the "
-                        "slice split's (the thesis's); each has its own generators")
-    w.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
+    _add_generator(w, "swept")
     w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
                    help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
     w.add_argument("--guidance", default=None,
@@ -180,12 +185,7 @@ def _add_shortcut(actions) -> None:
     s = actions.add_parser("shortcut", help="can a basic CNN tell a generator's variations from "
                                             "real slices it never saw? (chapter 2's shortcut "
                                             "check)")
-    s.add_argument("--real-frac", type=float, required=True,
-                   help="X: the real fraction whose generator is checked")
-    s.add_argument("--split", choices=("slice", "subject"), default="subject",
-                   help="whose real sample: the subject split's (whole brains, default) or the "
-                        "slice split's (the thesis's); each has its own generators")
-    s.add_argument("--generator", type=int, default=0, help="generator g of X (default 0)")
+    _add_generator(s, "checked")
     s.add_argument("--max-sources", type=int, default=None,
                    help="at most N sources, in equal shares per class (default: the preset's; "
                         "thesis: the whole sample)")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
-from .cells import Cell, grid_cells
-from .design import cell_design, grid_settings, repeat_seeds, run_key
-from .runner import grid_results_dir, run_grid
+from .cells import Cell
+from .design import grid_settings, repeat_seeds, run_key
+from .runner import grid_results_dir, grid_state, run_grid
 from .store import read_runs
 
 EXECUTORS = ("local", "slurm", "submitit-local")  # local: in this process, no submitit
@@ -44,12 +44,7 @@ class Unit:
 def work_units(preset: str, results: str | os.PathLike | None = None, **overrides
                ) -> list[Unit]:
     """The units of ``preset``'s grid that still miss runs in ``results`` (shards included)."""
-    cfg = grid_settings(preset, **overrides)
-    cells = grid_cells(preset, **overrides)
-    with paths.preset_env(preset):
-        directory = grid_results_dir(cfg, results)
-        designs = {c: cell_design(cfg, preset, c) for c in cells}
-    done = {r["run_key"] for r in read_runs(directory)}
+    cfg, cells, designs, done = grid_state(preset, results, **overrides)
 
     def missing(cell: Cell, repeats) -> bool:
         return any(run_key(cell, r, designs[cell]) not in done for r in repeats)

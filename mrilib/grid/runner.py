@@ -111,18 +111,24 @@ def grid_results_dir(cfg: dict, results_path: str | os.PathLike | None = None) -
     return paths.results_dir() / IMAGENET_RESULTS if cfg["imagenet"] else paths.results_dir()
 
 
+def grid_state(preset: str, results_path=None, **overrides) -> tuple:
+    """``(settings, cells, their designs, the run keys done)`` of ``preset``'s grid in its
+    results folder (``results_path``, default the preset's), shards included."""
+    cfg = grid_settings(preset, **overrides)
+    cells = grid_cells(preset, **overrides)
+    with paths.preset_env(preset):
+        directory = grid_results_dir(cfg, results_path)
+        designs = {c: cell_design(cfg, preset, c) for c in cells}
+    return cfg, cells, designs, {r["run_key"] for r in read_runs(directory)}
+
+
 def grid_status(preset: str | None = None, results_path: str | os.PathLike | None = None,
                 **overrides):
     """A DataFrame: each cell of ``preset``'s grid with its finished and total repeats."""
     import pandas as pd
 
     preset = preset or paths.preset_name()
-    cfg = grid_settings(preset, **overrides)
-    cells = grid_cells(preset, **overrides)
-    with paths.preset_env(preset):
-        directory = grid_results_dir(cfg, results_path)
-        designs = {c: cell_design(cfg, preset, c) for c in cells}
-    done = {r["run_key"] for r in read_runs(directory)}
+    cfg, cells, designs, done = grid_state(preset, results_path, **overrides)
     return pd.DataFrame([{"cell": c.key, "done": sum(run_key(c, r, designs[c]) in done
                                                       for r in range(cfg["repeats"])),
                           "repeats": cfg["repeats"]} for c in cells])
