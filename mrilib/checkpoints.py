@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import hash8
 from .paths import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "mrilib-checkpoint-v1"
@@ -101,3 +103,47 @@ def _state_mismatch(expected: dict, found: dict) -> str:
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]}")
     return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def trained_classifier(data, split, train_index: torch.Tensor, model: str = "basic_cnn",
+                       seed: int = 0, aug: str = "none", device=None, **overrides):
+    """``(model, record)`` trained on ``data`` rows ``train_index``, cached in cache/classifiers/.
+
+    Notebooks that need the same classifier train it once (see :func:`_classifier_path`).
+    Its weights are those of its best validation epoch, the one its record is scored at.
+    """
+    from .train import train_replicates
+    path = _classifier_path(data, split, train_index, model, seed, aug, device, **overrides)
+    record_path = path.with_suffix(".json")
+    if path.exists() and record_path.exists():
+        net, _ = load_checkpoint(path)
+        return net, json.loads(record_path.read_text())
+    (record,), ((state, config),) = train_replicates(
+        model, data.images, data.labels, torch.as_tensor(train_index)[None],
+        (data.images[split.val], data.labels[split.val]),
+        (data.images[split.test], data.labels[split.test]), seeds=[seed], aug=aug,
+        device=device, return_models=True, models_at="best", **overrides)
+    save_checkpoint(path, state, config)
+    atomic_write_bytes(record_path, json.dumps(record, default=str).encode())
+    net, _ = load_checkpoint(path)
+    return net, record
+
+
+def _classifier_path(data, split, train_index, model, seed, aug, device, **overrides) -> Path:
+    """``cache/classifiers/<model>-<key>.pt`` for a classifier trained as asked.
+
+    The key covers the training images' ids in the order given (the order sets the
+    batches), their size, the device type (CPU and CUDA draw different random streams and
+    CUDA trains in bf16), model, seed, policy and :func:`design_settings`.
+    """
+    from .device import resolve_device
+    from .paths import CACHE
+    from .train import design_settings
+
+    ids = [data.ids[i] for i in torch.as_tensor(train_index).tolist()]
+    key = hash8({"ids": ids, "model": model, "seed": seed, "aug": aug, "split_seed": split.seed,
+                 "img_size": int(data.images.shape[-1]), "device": resolve_device(device).type,
+                 "settings": design_settings(model, **overrides)})
+    return CACHE / "classifiers" / f"{model}-{key}.pt"

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -40,10 +38,9 @@ from torch import nn
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from .checkpoints import checkpoint_config, load_checkpoint, save_checkpoint
-from .config import design_view, hash8, settings
+from .checkpoints import _classifier_path, checkpoint_config, trained_classifier  # noqa: F401
+from .config import design_view, settings
 from .device import autocast, checked_amp, device_name, resolve_device, sync
-from .paths import atomic_write_bytes
 from .stacked import (PROFILE_EVAL, BestWeights, Stack, evaluate, fill_test_metrics,
                       replicate_records)
 from .stopping import EarlyStopping
@@ -547,41 +544,3 @@ def group_size(max_parallel: int | dict, device: torch.device) -> int:
     if isinstance(max_parallel, dict):
         return max_parallel.get(device.type, max_parallel["cpu"])
     return max_parallel
-
-
-def trained_classifier(data, split, train_index: torch.Tensor, model: str = "basic_cnn",
-                       seed: int = 0, aug: str = "none", device=None, **overrides):
-    """``(model, record)`` trained on ``data`` rows ``train_index``, cached in cache/classifiers/.
-
-    Notebooks that need the same classifier train it once (see :func:`_classifier_path`).
-    """
-    path = _classifier_path(data, split, train_index, model, seed, aug, device, **overrides)
-    record_path = path.with_suffix(".json")
-    if path.exists() and record_path.exists():
-        net, _ = load_checkpoint(path)
-        return net, json.loads(record_path.read_text())
-    (record,), ((state, config),) = train_replicates(
-        model, data.images, data.labels, torch.as_tensor(train_index)[None],
-        (data.images[split.val], data.labels[split.val]),
-        (data.images[split.test], data.labels[split.test]), seeds=[seed], aug=aug,
-        device=device, return_models=True, models_at="best", **overrides)
-    save_checkpoint(path, state, config)
-    atomic_write_bytes(record_path, json.dumps(record, default=str).encode())
-    net, _ = load_checkpoint(path)
-    return net, record
-
-
-def _classifier_path(data, split, train_index, model, seed, aug, device, **overrides) -> Path:
-    """``cache/classifiers/<model>-<key>.pt`` for a classifier trained as asked.
-
-    The key covers the training images' ids in the order given (the order sets the
-    batches), their size, the device type (CPU and CUDA draw different random streams and
-    CUDA trains in bf16), model, seed, policy and :func:`design_settings`.
-    """
-    from .paths import CACHE
-
-    ids = [data.ids[i] for i in torch.as_tensor(train_index).tolist()]
-    key = hash8({"ids": ids, "model": model, "seed": seed, "aug": aug, "split_seed": split.seed,
-                 "img_size": int(data.images.shape[-1]), "device": resolve_device(device).type,
-                 "settings": design_settings(model, **overrides)})
-    return CACHE / "classifiers" / f"{model}-{key}.pt"

@@ -5,6 +5,9 @@
 cells are not run yet, and writes :func:`summary_markdown`, whose tables come from
 :mod:`mrilib.report.tables`. Each split is its own protocol: its own section, tables
 and figures (``<figure>_<split>.png``), never mixed with the other's.
+
+Kept as one module (a little over 500 lines): its sections and their caveats are one
+document, read top to bottom as summary.md is; the tables live in :mod:`.tables`.
 """
 from __future__ import annotations
 
