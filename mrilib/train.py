@@ -33,16 +33,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .checkpoints import _classifier_path, checkpoint_config, trained_classifier  # noqa: F401
 from .config import design_view, settings
-from .device import autocast, checked_amp, device_name, resolve_device, sync
+from .device import checked_amp, device_name, resolve_device, sync
 from .stacked import (PROFILE_EVAL, BestWeights, Stack, evaluate, fill_test_metrics,
                       replicate_records)
+from .stacked_step import Step, check_levers
 from .stopping import EarlyStopping
 
 # The profiler range around one training step (all K replicates), read by
@@ -121,13 +121,18 @@ DEFAULTS = {
     # True: the one-channel stems run as unfold + matmul (stacked.Im2colConv2d), the same
     # sums in another order; off until measured faster (`bench train --im2col-stem`).
     "im2col_stem": False,
+    # How a training step runs (mrilib.stacked_step), not what it computes: through
+    # torch.compile, and/or replayed as one CUDA graph (CUDA only). Off until measured faster.
+    "compile_step": False,
+    "cuda_graph": False,
 }
 PRESETS = {
     "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes (patience moot)
 }
-# How a run is batched, timed and evaluated, and in which order its stem sums, not what
-# it learns: left out of every key of a run's design.
-RUN_ONLY = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem")
+# How a run is batched, timed and evaluated, and in which order or by which kernels its
+# sums run, not what it learns: left out of every key of a run's design.
+RUN_ONLY = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem",
+            "compile_step", "cuda_graph")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -158,7 +163,7 @@ def model_settings(model: str, **overrides: Any) -> dict:
             ("max_parallel", v) for v in groups]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}; give a positive whole number")
-    for key in ("im2col_stem", "test_every_epoch", "deterministic"):
+    for key in ("im2col_stem", "test_every_epoch", "deterministic", "compile_step", "cuda_graph"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r}; give True or False")
     if not cfg["lr"] > 0:
@@ -350,7 +355,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
     ``keeper`` (:class:`BestWeights`) their best epoch's weights where testing waits for the
     end or ``keep_best`` asks for them, else None.
     """
-    from .models import init_of, normalize
+    from .models import init_of
 
     # -- setup: K initial networks stacked, one Adam over the stacked tensors, K RNGs
     models = [_initial_model(name, s, cfg, bank_x.shape[-1]) for s in seeds]
@@ -360,11 +365,8 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
     k, n = index.shape
     bs = cfg["batch_size"]
     steps = -(-n // bs)
-    # Adam's update is elementwise, so Adam over a [K, ...] tensor is K independent Adams.
-    # fused=True on CUDA: one kernel for all tensors, a large share of a small model's step.
-    opt = torch.optim.Adam(stack.params.values(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                           fused=device.type == "cuda" or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
+    # one Adam over the stacked tensors and the schedule, run as cfg's step levers say
+    step = Step(stack, cfg, device, _lr_factor(cfg, steps))
     rngs = [torch.Generator(device=device).manual_seed(_stream_seed(s, 1)) for s in seeds]
     metrics = {key: [] for key in ("train_loss", "val_loss", "val_acc", "val_confusion",
                                    "test_loss", "test_acc", "test_confusion")}
@@ -381,18 +383,9 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
         for s in range(0, n, bs):
             # Named ranges for torch.profiler (`bench train --profile`); ~1 us when off.
             with record_function(PROFILE_STEP):
-                # -- forward of all K replicates at once; loss in fp32 whatever autocast did
-                x, y = normalize(xs[:, s:s + bs]), ys[:, s:s + bs]
-                with autocast(device, cfg["amp"]):
-                    logits = stack.train_logits(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                       reduction="none").view(k, -1).mean(1)
-                # -- backward of the sum: replicate k's tensors get exactly its own gradient
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                sched.step()
-                loss_sum += loss.detach() * y.shape[1]
+                # -- forward, loss, backward and Adam of all K replicates at once
+                y = ys[:, s:s + bs]
+                loss_sum += step(xs[:, s:s + bs], y) * y.shape[1]
             bar.update()
         # -- evaluation on the shared validation and test images (BatchNorm running stats)
         metrics["train_loss"].append(loss_sum / n)
@@ -427,8 +420,8 @@ def _epoch_reporter(on_epoch: Callable[[dict], Any], replicates: Sequence[int],
     a live plot goes, and it may not look at the test split. The dict lists the
     replicates that trained the epoch (a stopped one drops out, as its history ends);
     ``last`` is True at the group's last epoch. The values cross to the host in one copy,
-    right after evaluation (whose bincount already waits for the device), so the step
-    loop gains no synchronisation.
+    right after early stopping's check (which already reads one flag per epoch), so the
+    step loop gains no synchronisation.
     """
     def report(epoch: int, metrics: dict, stopper) -> None:
         train_loss, val_loss, val_acc, trained, running = torch.stack(
@@ -476,6 +469,7 @@ def train_replicates(model: str, bank_images: torch.Tensor, bank_labels: torch.T
     bank_images, bank_labels, index, parts = _checked_inputs(
         cfg, aug, bank_images, bank_labels, train_index, (val, test), seeds)
     device = resolve_device(device)
+    check_levers(cfg, device)
     per_group = group_size(cfg["max_parallel"], device)
 
     # Everything the loop touches goes to the device once, as uint8 (a quarter of fp32).
@@ -534,7 +528,8 @@ def _checked_inputs(cfg, aug, bank_images, bank_labels, train_index, val_test, s
 def _record_settings(cfg: dict) -> dict:
     """The settings in force that every record carries."""
     keep = ("epochs", "patience", "batch_size", "lr", "schedule", "warmup_epochs",
-            "weight_decay", "amp", "num_classes", "test_every_epoch", "im2col_stem")
+            "weight_decay", "amp", "num_classes", "test_every_epoch", "im2col_stem",
+            "compile_step", "cuda_graph")
     return {**{key: cfg[key] for key in keep},
             "weights": None if cfg["weights"] is None else str(cfg["weights"])}
 

@@ -358,6 +358,8 @@ def test_a_model_not_seen_yet_is_judged_by_this_devices_benchmark(tmp_path):
     bench_file(tmp_path, "resnet18", seconds=2.5)                 # the slower row counts
     bench_file(tmp_path, "resnet18", seconds=9.0, device="NVIDIA H200")   # another card
     bench_file(tmp_path, "resnet18", seconds=9.0, im2col_stem_mrilib=True)  # a lever row
+    bench_file(tmp_path, "resnet18", seconds=9.0, compile_step_mrilib=True)  # another
+    bench_file(tmp_path, "resnet18", seconds=9.0, cuda_graph_mrilib=True)    # and another
     bench_file(tmp_path, "resnet18", seconds=9.0, replicates=60)  # another group size
     bench_file(tmp_path, "vit_tiny", seconds=1.0, epochs=5)       # scaled to the grid's most
     (tmp_path / "bench-train-broken.json").write_text("{not json")

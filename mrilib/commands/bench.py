@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
                    help="DataLoader workers of the notebook loop (default 2)")
     t.add_argument("--real-frac", type=float, default=None, help="default 0.3")
     t.add_argument("--seed", type=int, default=None, help="replicate k uses seed+k (default 0)")
-    t.add_argument("--epochs", type=int, default=None, help="default: the model's (mrilib.train)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="epochs every replicate trains, no early stopping (default 10; "
+                        "quick preset 1)")
     t.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     t.add_argument("--lr", type=float, default=None, help="default: the model's")
     t.add_argument("--device", default=None, help="cpu, cuda... (default: cuda if present)")
@@ -47,12 +49,20 @@ def add_parser(sub) -> None:
                    help="(b) and (c) run one-input-channel convolutions (the stems) as unfold "
                         "+ matmul (mrilib.train's im2col_stem=True) instead of vmap's "
                         "depthwise path, to measure what that path costs")
+    t.add_argument("--compile-step", action="store_true",
+                   help="(b) and (c) run each training step's forward and loss through "
+                        "torch.compile (mrilib.train's compile_step=True); compiled in the "
+                        "warm-up, at the timed shapes")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="(b) and (c) replay each full training step, backward and Adam "
+                        "included, as one CUDA graph (cuda_graph=True; CUDA only)")
     t.add_argument("--profile", action="store_true",
                    help="after the timings, run one epoch of (c) under torch.profiler and "
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-im2col][-no-naive][-no-serial][-profile]"
+                        "[-nondet][-testends][-im2col][-compile][-graph][-no-naive][-no-serial]"
+                        "[-profile]"
                         ".{txt,json} to DIR (K when "
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
@@ -66,7 +76,9 @@ def _overrides(args) -> dict:
              "batch_size": args.batch_size, "lr": args.lr,
              "deterministic": False if args.nondeterministic else None,
              "test_every_epoch": False if args.test_at_ends else None,
-             "im2col_stem": True if args.im2col_stem else None}
+             "im2col_stem": True if args.im2col_stem else None,
+             "compile_step": True if args.compile_step else None,
+             "cuda_graph": True if args.cuda_graph else None}
     return {k: v for k, v in names.items() if v is not None}
 
 
@@ -76,6 +88,7 @@ def file_stem(model: str, args, device: str) -> str:
         (f"-{args.size}px" if args.size != 128 else "") + \
         ("-nondet" if args.nondeterministic else "") + \
         ("-testends" if args.test_at_ends else "") + ("-im2col" if args.im2col_stem else "") + \
+        ("-compile" if args.compile_step else "") + ("-graph" if args.cuda_graph else "") + \
         ("-no-naive" if args.naive_replicates == 0 else "") + \
         ("-no-serial" if args.serial_replicates == 0 else "") + \
         ("-profile" if args.profile else "")

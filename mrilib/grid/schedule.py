@@ -126,12 +126,13 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
 
     Read from ``benchmarks/bench-train-*.json`` (``python -m mrilib bench train``): rows
     of the default protocol on a device of this name (its 20 replicates in one group,
-    128 px, stems as convolutions), the slowest where several are, with their seconds
+    128 px, no speed lever on), the slowest where several are, with their seconds
     scaled to the grid's epochs for the model (call it under :func:`preset_env`, as
     :func:`run_grid` does: the epochs are the preset's). Empty where none match (another
     card, a CPU).
     """
     from ..bench import DEFAULTS as BENCH_DEFAULTS
+    from ..bench import LEVERS
     from ..train import model_settings
 
     directory = paths.ROOT / "benchmarks" if directory is None else Path(directory)
@@ -140,7 +141,8 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
         try:
             r = json.loads(path.read_text())
             s, p = r["settings"], r["parallel"]
-            if (r["device"] != device or s["img_size"] != 128 or s.get("im2col_stem_mrilib")
+            if (r["device"] != device or s["img_size"] != 128
+                    or any(s.get(f"{lever}_mrilib") for lever in LEVERS)
                     or r["model"] not in MODELS
                     or p["replicates"] != BENCH_DEFAULTS["replicates"]):
                 continue

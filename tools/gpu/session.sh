@@ -13,6 +13,8 @@
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
 #   bash tools/gpu/session.sh levers MINUTES   # the generator's speed levers beside its default
+#   bash tools/gpu/session.sh steplevers MINUTES  # the classifier's step levers (CUDA graph,
+#                                           # torch.compile) beside its default, per model
 #   bash tools/gpu/session.sh window SPLIT G MINUTES  # chapter 7's unit of GPU work: generator
 #                                           # g of SPLIT (and its leaky twin), then every
 #                                           # tier-1 repeat that uses it, then real-only cells
@@ -46,7 +48,7 @@
 # default 110; `all`: 60 for the basic CNN's default row, 180 for ResNet-18's and ViT-Tiny's,
 # 45-150 for the lever rows).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | levers MINUTES | window SPLIT G MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | levers MINUTES | steplevers MINUTES | window SPLIT G MINUTES}
 given="$*"
 if [ "$stage" = window ]; then  # window SPLIT G MINUTES: the deadline is the 4th argument
   win_split=${2:?window needs SPLIT G MINUTES, e.g. window slice 0 9.5}
@@ -119,7 +121,8 @@ pack() {  # whatever exists now goes back, even after a timeout
     cp "$results/runs.jsonl" "$results/epochs.jsonl" "$keep/" 2>/dev/null
   local files=()
   for f in benchmarks/bench-train-*.txt benchmarks/bench-train-*.json \
-           benchmarks/local_generator_*.json benchmarks/tests-gpu.log \
+           benchmarks/local_generator_*.json benchmarks/generator-levers-*.json \
+           benchmarks/tests-gpu.log \
            "$results"/strength_sweep_*.json "$results"/shortcut_*.json \
            "$results/runs.jsonl" "$results/epochs.jsonl"; do
     [ -e "$f" ] && files+=("$f")
@@ -173,6 +176,7 @@ cuda_tests() {  # [GPU_TESTS=files] cuda_tests [CAP]: the GPU-marked tests of #3
   # shellcheck disable=SC2086
   MRILIB_PRESET=quick within "${1:-150}" $PY -m pytest -q -rs --durations=8 -p no:cacheprovider -m gpu \
     ${GPU_TESTS:-tests/test_train.py tests/test_augment.py tests/test_diffusion.py tests/test_cam.py} \
+    ${GPU_K:+-k "$GPU_K"} \
     2>&1 | tee -a benchmarks/tests-gpu.log
 }
 card=$($PY -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', (torch.cuda.get_device_name(0)
@@ -357,6 +361,25 @@ case "$stage" in
       --levers "${LEVERS:-compile,channels_last,autotune,samplebatch4x,batch4x,compile+channels_last+batch4x}" \
       --out "benchmarks/generator-levers-$card.json"
     ;;
+  steplevers)
+    : "${2:?steplevers needs MINUTES, e.g. 9}"
+    # The classifier's step levers (benchmarks/README.md, "Classifier step levers:
+    # predicted"), per model: its lever tests on this card, the default row (beside one
+    # notebook-loop replicate), then a row per lever, each 20 replicates x 10 epochs testing
+    # at the ends as the grid does. STEP_LEVERS: flag sets, + joining flags of one row.
+    for m in ${BENCH_MODELS:-basic_cnn vit_tiny resnet18}; do
+      GPU_TESTS=tests/test_stacked_step.py GPU_K="$m" cuda_tests 120
+      # shellcheck disable=SC2086
+      within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
+        --out benchmarks --test-at-ends --naive-replicates 1 --serial-replicates 0 ${BENCH_ARGS:-}
+      for lever in ${STEP_LEVERS:---cuda-graph --compile-step --compile-step+--cuda-graph}; do
+        # shellcheck disable=SC2086
+        within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
+          --out benchmarks --test-at-ends --naive-replicates 0 --serial-replicates 0 \
+          ${lever//+/ } ${BENCH_ARGS:-}
+      done
+    done
+    ;;
   window)
     # Chapter 7 in GPU windows (docs/decisions.md, "The grid"): each window makes one
     # generator g of one split and everything that uses it, so nothing waits on a generator
@@ -375,5 +398,5 @@ case "$stage" in
       GRID_ARGS="--tier 1 --split $win_split --available-generators ${GRID_ARGS:-}" grid
     fi
     ;;
-  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters, levers (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters, levers, steplevers (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
 esac

@@ -1,0 +1,142 @@
+"""The training step's levers (mrilib.stacked_step): how a step runs, never what it learns."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from mrilib.models import MODELS
+from mrilib.train import design_settings, train_replicates
+from test_train import tiny_problem
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# 20 images in batches of 8: two full batches and a short one per epoch, so the compiled
+# or graphed full steps and the eager short step both run.
+KW = dict(aug="hflip", epochs=2, batch_size=8, max_parallel=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def runs(name, device, seeds=(3, 4), **levers):
+    images, labels, index, val, test = tiny_problem(k=len(seeds), n_train=20)
+    return train_replicates(name, images, labels, index, val, test, list(seeds),
+                            return_models=True, device=device, **KW, **levers)
+
+
+def assert_same_learning(ref, other, weights_tol):
+    """Histories equal up to summation order; weights within what Adam's sign flips allow."""
+    (a, a_models), (b, b_models) = ref, other
+    for r, s in zip(a, b):
+        losses = [[h[key] for h in x["history"]] for x in (r, s)
+                  for key in ("train_loss", "val_loss")]
+        torch.testing.assert_close(torch.tensor(losses[:2]), torch.tensor(losses[2:]),
+                                   rtol=1e-3, atol=1e-4)
+        assert s["stopped_epoch"] == r["stopped_epoch"]
+    for (wa, _), (wb, _) in zip(a_models, b_models):
+        assert list(wa) == list(wb)  # same names: checkpoints load either way
+        for key, value in wa.items():
+            if "running" in key:  # statistics of drifted activations: close on average
+                gap = (wb[key].float() - value.float()).abs().mean()
+                assert gap < 1e-3, f"{key}: {gap:.2g}"
+                continue
+            torch.testing.assert_close(wb[key].to(value.dtype), value, rtol=0,
+                                       atol=weights_tol, msg=key)
+
+
+# Adam moves a weight by about lr per step whatever its gradient's size, and rounding can
+# flip a near-zero gradient's sign: 2 * lr * (3 steps x 2 epochs) bounds the drift.
+def adam_tol(name):
+    from mrilib.train import model_settings
+    return 2 * model_settings(name)["lr"] * 6
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_step_trains_as_the_eager_step(name):
+    eager, compiled = runs(name, "cpu"), runs(name, "cpu", compile_step=True)
+    assert [r["compile_step"] for r in eager[0] + compiled[0]] == [False] * 2 + [True] * 2
+    assert_same_learning(eager, compiled, adam_tol(name))
+
+
+def test_compiled_step_compiles_once_per_architecture_and_shape():
+    runs("basic_cnn", "cpu", compile_step=True)
+    before = counters["stats"]["unique_graphs"]
+    again = runs("basic_cnn", "cpu", seeds=(7, 8), compile_step=True)
+    assert counters["stats"]["unique_graphs"] == before  # a second group reuses the code
+    assert all(r["compile_step"] for r in again[0])
+    runs("basic_cnn", "cpu", seeds=(7, 8, 9), compile_step=True)
+    assert counters["stats"]["unique_graphs"] == before + 1  # 3 replicates: a new shape
+
+
+@pytest.mark.parametrize("lever", ["compile_step", "cuda_graph"])
+def test_step_levers_are_run_only(lever):
+    assert design_settings("basic_cnn", **{lever: True}) == design_settings("basic_cnn")
+
+
+def test_cuda_graph_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, not 'cpu'"):
+        runs("basic_cnn", "cpu", cuda_graph=True)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("levers", [dict(cuda_graph=True), dict(compile_step=True, cuda_graph=True)],
+                         ids=["graph", "compile+graph"])  # compile alone: as on the CPU
+@pytest.mark.parametrize("name", ["basic_cnn", "resnet18", "vit_tiny"])  # the grid's
+def test_cuda_step_levers_train_as_the_eager_step(name, levers):
+    # fp32, so that what differs is the order of sums, not bf16's rounding
+    eager = runs(name, "cuda", amp="off")
+    fast = runs(name, "cuda", amp="off", **levers)
+    assert_same_learning(eager, fast, adam_tol(name))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", ["basic_cnn", "vit_tiny"])
+def test_cuda_graph_gives_the_same_run_for_the_same_seeds(name):
+    first, second = (runs(name, "cuda", cuda_graph=True) for _ in range(2))
+    assert [r["history"] for r in first[0]] == [r["history"] for r in second[0]]
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_replicates_together_match_one_at_a_time():
+    together = runs("basic_cnn", "cuda", seeds=(1, 2, 3), amp="off", cuda_graph=True)[0]
+    alone = [runs("basic_cnn", "cuda", seeds=(s,), amp="off", cuda_graph=True)[0][0]
+             for s in (1, 2, 3)]
+    for a, b in zip(together, alone):
+        assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)
+
+
+def test_bench_times_every_epoch_of_every_replicate(monkeypatch):
+    """Timings compare equal work: early stopping would end a group at a varying epoch."""
+    from mrilib import bench
+
+    monkeypatch.setenv("MRILIB_PRESET", "thesis")
+    assert bench._bench_settings({})[1] == {"epochs": 10, "patience": "off"}
+    assert bench._bench_settings({"epochs": 3, "lr": 1e-4})[1] == {
+        "epochs": 3, "patience": "off", "lr": 1e-4}
+    monkeypatch.setenv("MRILIB_PRESET", "quick")
+    assert bench._bench_settings({})[1]["epochs"] == 1
+
+
+def test_bench_times_a_compiled_step_as_a_lever_row(image_folder, tmp_path, capsys):
+    from mrilib.commands import bench as bench_cmd
+    from test_train import _parse
+
+    args = _parse(bench_cmd, ["bench", "train", "--source", str(image_folder()),
+                              "--replicates", "2", "--naive-replicates", "0",
+                              "--serial-replicates", "0", "--real-frac", "0.5",
+                              "--device", "cpu", "--out", str(tmp_path), "--compile-step"])
+    assert args.func(args) == 0
+    assert "compiled step" in capsys.readouterr().out
+    [saved] = tmp_path.glob("bench-train-basic_cnn-none-cpu*-k2-compile-no-naive-no-serial.json")
+    settings = json.loads(saved.read_text())["settings"]
+    assert settings["compile_step_mrilib"] is True and settings["cuda_graph_mrilib"] is False
