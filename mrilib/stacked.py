@@ -1,11 +1,12 @@
-"""K replicates of one architecture as stacked tensors, run, scored and kept with ``vmap``.
+"""K replicates of one architecture as stacked tensors, run with ``vmap``, scored and kept.
 
 :class:`Stack` holds the replicates' weights stacked (``torch.func.stack_module_state``)
 and one template module that ``functional_call`` runs for all of them, so one kernel
 launch serves K replicates. The template swaps two module types for versions that vmap
 and bf16 accept together (:func:`vmap_amp_safe`) and, on request, computes one-channel
 stem convolutions as unfold + matmul (:func:`im2col_stems`). Weights are untouched by
-either swap. :func:`evaluate` scores every replicate on one shared batch;
+either swap. On request the replicates run one after another instead, each with dense
+kernels on its slice of the stacked weights (:func:`replicate_logits`). :func:`evaluate` scores every replicate on one shared batch;
 :class:`BestWeights` keeps each replicate's lowest-validation-loss weights on the device;
 :func:`replicate_records` turns the stacked metrics into one record per replicate.
 """
@@ -81,32 +82,56 @@ def im2col_stems(template: nn.Module) -> nn.Module:
     return template
 
 
-class Stack:
-    """K replicates of one architecture as stacked tensors, run with ``vmap``."""
+def replicate_logits(template: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
+                     shared: bool = False, loop: bool = False) -> torch.Tensor:
+    """``[K, B, C]`` logits of K stacked replicates run by ``template`` in its current mode.
 
-    def __init__(self, models: list[nn.Module], device: torch.device, im2col: bool = False):
+    ``x``: per-replicate batches ``[K, B, ...]``, or one batch ``[B, ...]`` for all
+    (``shared``). By default one ``vmap`` over the stacked weights, whose convolutions
+    become grouped ones; with ``loop``, one ordinary call per replicate on its slice of
+    them (dense kernels, K times the launches), the same sums otherwise.
+    """
+    def call(p, b, xs):
+        return functional_call(template, (p, b), (xs,))
+    if not loop:
+        # randomness="error": a model that draws random numbers in forward (dropout)
+        # would break per-replicate determinism, so it must fail loudly, not vary quietly.
+        return vmap(call, in_dims=(0, 0, None if shared else 0), randomness="error")(
+            params, buffers, x)
+    # unbind: its backward stacks the K gradients once (indexing would add K full-size ones)
+    slices = {name: t.unbind(0) for name, t in params.items()}
+    k = len(next(iter(slices.values())))
+    return torch.stack([call({name: s[j] for name, s in slices.items()},
+                             {name: t[j] for name, t in buffers.items()},
+                             x if shared else x[j]) for j in range(k)])
+
+
+class Stack:
+    """K replicates of one architecture as stacked tensors, run by one template module.
+
+    ``loop``: each replicate called on its own (dense kernels) instead of one ``vmap``
+    (:func:`replicate_logits`); weights and results are the same either way.
+    """
+
+    def __init__(self, models: list[nn.Module], device: torch.device, im2col: bool = False,
+                 loop: bool = False):
         self.template = vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
         if im2col:
             self.template = im2col_stems(self.template)
+        self.loop = loop
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
-        # randomness="error": a model that draws random numbers in forward (dropout)
-        # would break per-replicate determinism, so it must fail loudly, not vary quietly.
-        self._train = vmap(self._call, in_dims=(0, 0, 0), randomness="error")
-        self._eval = vmap(self._call, in_dims=(0, 0, None), randomness="error")
-
-    def _call(self, params, buffers, x):
-        return functional_call(self.template, (params, buffers), (x,))
 
     def train_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]`` logits for per-replicate batches ``x`` ``[K, B, 1, H, W]``."""
         self.template.train()
-        return self._train(self.params, self.buffers, x)
+        return replicate_logits(self.template, self.params, self.buffers, x, loop=self.loop)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]`` logits of every replicate for one shared batch ``[B, 1, H, W]``."""
         self.template.eval()
-        return self._eval(self.params, self.buffers, x)
+        return replicate_logits(self.template, self.params, self.buffers, x, shared=True,
+                                loop=self.loop)
 
     def state_dict(self, k: int, stacked: dict | None = None) -> dict[str, torch.Tensor]:
         """Replicate ``k``'s weights as an ordinary ``state_dict`` on the CPU (of the

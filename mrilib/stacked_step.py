@@ -25,25 +25,21 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
-
 from .device import autocast
+from .stacked import replicate_logits
 
 # Eager full-batch steps before a graph is captured (CUDA's warm-up: cuBLAS/cuDNN handles,
 # autograd's stream bookkeeping, a compiled step's first run).
 GRAPH_WARMUP_STEPS = 3
 
 
-def forward_loss(template, params, buffers, x8, y, device, amp) -> torch.Tensor:
+def forward_loss(template, params, buffers, x8, y, device, amp, loop=False) -> torch.Tensor:
     """Each replicate's mean cross-entropy ``[K]`` on its batch ``x8`` ``[K, B, 1, H, W]``
     (uint8), in fp32 whatever autocast did; ``template`` runs in its current mode."""
     from .models import normalize
 
-    def call(p, b, x):
-        return functional_call(template, (p, b), (x,))
     with autocast(device, amp):
-        logits = vmap(call, in_dims=(0, 0, 0), randomness="error")(params, buffers,
-                                                                   normalize(x8))
+        logits = replicate_logits(template, params, buffers, normalize(x8), loop=loop)
     k = y.shape[0]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                            reduction="none").view(k, -1).mean(1)
@@ -108,7 +104,7 @@ class Step:
         if self.forward_loss is None:
             return self._stack_loss(x8, y)
         return self.forward_loss(self.stack.template, self.stack.params, self.stack.buffers,
-                                 x8, y, self.device, self.amp)
+                                 x8, y, self.device, self.amp, self.stack.loop)
 
     def _stack_loss(self, x8, y):
         from .models import normalize

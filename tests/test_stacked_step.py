@@ -44,8 +44,9 @@ def assert_same_learning(ref, other, weights_tol):
         assert list(wa) == list(wb)  # same names: checkpoints load either way
         for key, value in wa.items():
             if "running" in key:  # statistics of drifted activations: close on average
+                # (measured: <= 1.1e-3; two replicates' differ by 0.025-0.48 on average)
                 gap = (wb[key].float() - value.float()).abs().mean()
-                assert gap < 1e-3, f"{key}: {gap:.2g}"
+                assert gap < 5e-3, f"{key}: {gap:.2g}"
                 continue
             torch.testing.assert_close(wb[key].to(value.dtype), value, rtol=0,
                                        atol=weights_tol, msg=key)
@@ -75,7 +76,7 @@ def test_compiled_step_compiles_once_per_architecture_and_shape():
     assert counters["stats"]["unique_graphs"] == before + 1  # 3 replicates: a new shape
 
 
-@pytest.mark.parametrize("lever", ["compile_step", "cuda_graph"])
+@pytest.mark.parametrize("lever", ["compile_step", "cuda_graph", "replicate_loop"])
 def test_step_levers_are_run_only(lever):
     assert design_settings("basic_cnn", **{lever: True}) == design_settings("basic_cnn")
 
@@ -87,8 +88,9 @@ def test_cuda_graph_is_refused_off_cuda():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("levers", [dict(cuda_graph=True), dict(compile_step=True, cuda_graph=True)],
-                         ids=["graph", "compile+graph"])  # compile alone: as on the CPU
+@pytest.mark.parametrize("levers", [dict(cuda_graph=True), dict(compile_step=True, cuda_graph=True),
+                                    dict(replicate_loop=True, cuda_graph=True)],
+                         ids=["graph", "compile+graph", "loop+graph"])  # each alone: as on a CPU
 @pytest.mark.parametrize("name", ["basic_cnn", "resnet18", "vit_tiny"])  # the grid's
 def test_cuda_step_levers_train_as_the_eager_step(name, levers):
     # fp32, so that what differs is the order of sums, not bf16's rounding
@@ -127,16 +129,35 @@ def test_bench_times_every_epoch_of_every_replicate(monkeypatch):
     assert bench._bench_settings({})[1]["epochs"] == 1
 
 
-def test_bench_times_a_compiled_step_as_a_lever_row(image_folder, tmp_path, capsys):
+@pytest.mark.parametrize("flag,suffix,lever,text", [
+    ("--compile-step", "compile", "compile_step", "compiled step"),
+    ("--replicate-loop", "loop", "replicate_loop", "replicates one after another")])
+def test_bench_times_a_lever_as_a_row_of_its_own(image_folder, tmp_path, capsys, flag, suffix,
+                                                  lever, text):
     from mrilib.commands import bench as bench_cmd
     from test_train import _parse
 
     args = _parse(bench_cmd, ["bench", "train", "--source", str(image_folder()),
                               "--replicates", "2", "--naive-replicates", "0",
                               "--serial-replicates", "0", "--real-frac", "0.5",
-                              "--device", "cpu", "--out", str(tmp_path), "--compile-step"])
+                              "--device", "cpu", "--out", str(tmp_path), flag])
     assert args.func(args) == 0
-    assert "compiled step" in capsys.readouterr().out
-    [saved] = tmp_path.glob("bench-train-basic_cnn-none-cpu*-k2-compile-no-naive-no-serial.json")
+    assert text in capsys.readouterr().out
+    [saved] = tmp_path.glob(f"bench-train-basic_cnn-none-cpu*-k2-{suffix}-no-naive-no-serial.json")
     settings = json.loads(saved.read_text())["settings"]
-    assert settings["compile_step_mrilib"] is True and settings["cuda_graph_mrilib"] is False
+    from mrilib.bench import LEVERS
+    assert [k for k in LEVERS if settings[f"{k}_mrilib"]] == [lever]  # this one lever
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_replicates_in_a_loop_train_as_under_vmap(name):
+    """Dense kernels per replicate instead of grouped ones: the same sums."""
+    stacked, looped = runs(name, "cpu"), runs(name, "cpu", replicate_loop=True)
+    assert [r["replicate_loop"] for r in looped[0]] == [True, True]
+    assert_same_learning(stacked, looped, adam_tol(name))
+
+
+def test_replicates_in_a_loop_compile_as_under_vmap():
+    assert_same_learning(runs("basic_cnn", "cpu"),
+                         runs("basic_cnn", "cpu", replicate_loop=True, compile_step=True),
+                         adam_tol("basic_cnn"))

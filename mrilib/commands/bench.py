@@ -56,13 +56,16 @@ def add_parser(sub) -> None:
     t.add_argument("--cuda-graph", action="store_true",
                    help="(b) and (c) replay each full training step, backward and Adam "
                         "included, as one CUDA graph (cuda_graph=True; CUDA only)")
+    t.add_argument("--replicate-loop", action="store_true",
+                   help="(c) runs each replicate with its own dense kernels, one after another, "
+                        "instead of one vmap of grouped ones (replicate_loop=True)")
     t.add_argument("--profile", action="store_true",
                    help="after the timings, run one epoch of (c) under torch.profiler and "
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-im2col][-compile][-graph][-no-naive][-no-serial]"
-                        "[-profile]"
+                        "[-nondet][-testends][-im2col][-compile][-graph][-loop][-no-naive]"
+                        "[-no-serial][-profile]"
                         ".{txt,json} to DIR (K when "
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
@@ -78,7 +81,8 @@ def _overrides(args) -> dict:
              "test_every_epoch": False if args.test_at_ends else None,
              "im2col_stem": True if args.im2col_stem else None,
              "compile_step": True if args.compile_step else None,
-             "cuda_graph": True if args.cuda_graph else None}
+             "cuda_graph": True if args.cuda_graph else None,
+             "replicate_loop": True if args.replicate_loop else None}
     return {k: v for k, v in names.items() if v is not None}
 
 
@@ -89,6 +93,7 @@ def file_stem(model: str, args, device: str) -> str:
         ("-nondet" if args.nondeterministic else "") + \
         ("-testends" if args.test_at_ends else "") + ("-im2col" if args.im2col_stem else "") + \
         ("-compile" if args.compile_step else "") + ("-graph" if args.cuda_graph else "") + \
+        ("-loop" if args.replicate_loop else "") + \
         ("-no-naive" if args.naive_replicates == 0 else "") + \
         ("-no-serial" if args.serial_replicates == 0 else "") + \
         ("-profile" if args.profile else "")

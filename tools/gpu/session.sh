@@ -372,7 +372,10 @@ case "$stage" in
       # shellcheck disable=SC2086
       within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
         --out benchmarks --test-at-ends --naive-replicates 1 --serial-replicates 0 ${BENCH_ARGS:-}
-      for lever in ${STEP_LEVERS:---cuda-graph --compile-step --compile-step+--cuda-graph}; do
+      levers=${STEP_LEVERS:---cuda-graph --compile-step --compile-step+--cuda-graph}
+      # ResNet-18 is kernel-bound under vmap: its replicates with dense kernels, graphed
+      [ "$m" = resnet18 ] && [ -z "${STEP_LEVERS:-}" ] && levers="$levers --replicate-loop+--cuda-graph"
+      for lever in $levers; do
         # shellcheck disable=SC2086
         within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
           --out benchmarks --test-at-ends --naive-replicates 0 --serial-replicates 0 \
