@@ -52,10 +52,11 @@ def checked_amp(amp: str) -> str:
     return amp
 
 
-def autocast(device: torch.device, amp: str = "auto"):
+def autocast(device: torch.device, amp: str = "auto", cache: bool = True):
     """bf16 autocast on ``device`` as ``amp`` says: "auto" (CUDA only), "bf16" or "off".
 
     bf16 needs no loss scaling; on a CPU it is slower on most cores, hence off under "auto".
+    ``cache=False`` for code captured in a CUDA graph, as PyTorch's graph docs require.
     """
     on = checked_amp(amp) == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=cache)

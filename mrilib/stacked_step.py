@@ -3,7 +3,8 @@
 A step is the forward of every replicate on its own batch, each replicate's mean
 cross-entropy, the backward of their sum and one Adam step over the stacked tensors
 (Adam is elementwise: K independent Adams). Two run-only levers change how it runs, not
-what it computes (the same arithmetic, summed in another order, as on another card):
+what it computes (the same arithmetic, summed in another order, as on another card; the
+third, ``replicate_loop``, is :class:`mrilib.stacked.Stack`'s):
 
 - ``compile_step``: the forward and loss go through ``torch.compile`` (the backward
   follows through AOTAutograd); fewer, fused kernels. Static shapes, compiled once per
@@ -12,12 +13,13 @@ what it computes (the same arithmetic, summed in another order, as on another ca
 - ``cuda_graph``: the whole step, backward and optimizer included, is recorded once as a
   CUDA graph and replayed for every full batch, so the host launches one graph instead
   of a thousand kernels (ViT-Tiny's step is host-bound). Its first steps run eagerly on
-  a side stream (the warm-up capture needs), a short last batch runs eagerly, and Adam
-  is ``capturable`` with its learning rate a device tensor, which the schedule fills.
+  a side stream (the warm-up capture needs), a short last batch runs eagerly, Adam is
+  ``capturable`` with its learning rate a device tensor, which the schedule fills, and
+  autocast keeps no cache of cast weights (as PyTorch's CUDA-graph docs require).
 
 Augmentation is not in the step: an epoch's images are drawn and augmented on the device
 beforehand (``train._epoch_data``), so the graph holds no random numbers. The default
-(both off) is the eager step the engine always ran.
+(all off) is the eager step the engine always ran.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
 from .device import autocast
 from .stacked import replicate_logits
 
@@ -33,12 +36,14 @@ from .stacked import replicate_logits
 GRAPH_WARMUP_STEPS = 3
 
 
-def forward_loss(template, params, buffers, x8, y, device, amp, loop=False) -> torch.Tensor:
+def forward_loss(template, params, buffers, x8, y, device, amp, loop=False,
+                 cache=True) -> torch.Tensor:
     """Each replicate's mean cross-entropy ``[K]`` on its batch ``x8`` ``[K, B, 1, H, W]``
-    (uint8), in fp32 whatever autocast did; ``template`` runs in its current mode."""
+    (uint8), in fp32 whatever autocast did; ``template`` runs in its current mode.
+    ``cache``: autocast's cache of cast weights (off where the step is graphed)."""
     from .models import normalize
 
-    with autocast(device, amp):
+    with autocast(device, amp, cache):
         logits = replicate_logits(template, params, buffers, normalize(x8), loop=loop)
     k = y.shape[0]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
@@ -104,12 +109,13 @@ class Step:
         if self.forward_loss is None:
             return self._stack_loss(x8, y)
         return self.forward_loss(self.stack.template, self.stack.params, self.stack.buffers,
-                                 x8, y, self.device, self.amp, self.stack.loop)
+                                 x8, y, self.device, self.amp, self.stack.loop,
+                                 not self.graphed)
 
     def _stack_loss(self, x8, y):
         from .models import normalize
 
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, not self.graphed):
             logits = self.stack.train_logits(normalize(x8))
         k = y.shape[0]
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
