@@ -17,14 +17,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 KW = dict(aug="hflip", epochs=2, batch_size=8, max_parallel=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def runs(name, device, seeds=(3, 4), **levers):
     images, labels, index, val, test = tiny_problem(k=len(seeds), n_train=20)
     return train_replicates(name, images, labels, index, val, test, list(seeds),

@@ -6,6 +6,30 @@ import re
 from pathlib import Path
 
 
+# Flags that set one mrilib.train setting for (b) and (c): the setting, its value, the
+# file name's suffix, the help.
+SETTING_FLAGS = {
+    "--nondeterministic": ("deterministic", False, "nondet",
+                           "allow non-deterministic cuDNN algorithms and attention kernels "
+                           "(no autotuning), to measure what bit-for-bit reproducibility costs"),
+    "--test-at-ends": ("test_every_epoch", False, "testends",
+                       "test only the final and each replicate's best-validation epoch, as "
+                       "the grid does, to measure what testing every epoch costs"),
+    "--im2col-stem": ("im2col_stem", True, "im2col",
+                      "run one-input-channel convolutions (the stems) as unfold + matmul "
+                      "instead of vmap's depthwise path"),
+    "--compile-step": ("compile_step", True, "compile",
+                       "run each training step's forward and loss through torch.compile "
+                       "(compiled in the warm-up, at the timed shapes)"),
+    "--cuda-graph": ("cuda_graph", True, "graph",
+                     "replay each full training step, backward and Adam included, as one "
+                     "CUDA graph (CUDA only)"),
+    "--replicate-loop": ("replicate_loop", True, "loop",
+                         "run each replicate with its own dense kernels, one after another, "
+                         "instead of one vmap of grouped ones"),
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time mrilib against the usual training loop")
     what = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -37,28 +61,8 @@ def add_parser(sub) -> None:
                    help="the image folder (default: $MRILIB_DATA); the notebook loop reads it "
                         "with torchvision's ImageFolder")
     t.add_argument("--size", type=int, default=128, choices=(128, 256), help="pixels per side")
-    t.add_argument("--nondeterministic", action="store_true",
-                   help="allow non-deterministic cuDNN algorithms and attention kernels in "
-                        "(b) and (c) (no autotuning), to measure what the default bit-for-bit "
-                        "reproducibility costs")
-    t.add_argument("--test-at-ends", action="store_true",
-                   help="(b) and (c) test only the final and each replicate's best-validation "
-                        "epoch (mrilib.train's test_every_epoch=False), to measure what "
-                        "testing every epoch costs")
-    t.add_argument("--im2col-stem", action="store_true",
-                   help="(b) and (c) run one-input-channel convolutions (the stems) as unfold "
-                        "+ matmul (mrilib.train's im2col_stem=True) instead of vmap's "
-                        "depthwise path, to measure what that path costs")
-    t.add_argument("--compile-step", action="store_true",
-                   help="(b) and (c) run each training step's forward and loss through "
-                        "torch.compile (mrilib.train's compile_step=True); compiled in the "
-                        "warm-up, at the timed shapes")
-    t.add_argument("--cuda-graph", action="store_true",
-                   help="(b) and (c) replay each full training step, backward and Adam "
-                        "included, as one CUDA graph (cuda_graph=True; CUDA only)")
-    t.add_argument("--replicate-loop", action="store_true",
-                   help="(c) runs each replicate with its own dense kernels, one after another, "
-                        "instead of one vmap of grouped ones (replicate_loop=True)")
+    for flag, (_, _, _, text) in SETTING_FLAGS.items():
+        t.add_argument(flag, action="store_true", help=text)
     t.add_argument("--profile", action="store_true",
                    help="after the timings, run one epoch of (c) under torch.profiler and "
                         "report host vs device time per step and the costliest kernels")
@@ -77,12 +81,8 @@ def _overrides(args) -> dict:
              "serial_replicates": args.serial_replicates, "naive_workers": args.naive_workers,
              "real_frac": args.real_frac, "seed": args.seed, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr,
-             "deterministic": False if args.nondeterministic else None,
-             "test_every_epoch": False if args.test_at_ends else None,
-             "im2col_stem": True if args.im2col_stem else None,
-             "compile_step": True if args.compile_step else None,
-             "cuda_graph": True if args.cuda_graph else None,
-             "replicate_loop": True if args.replicate_loop else None}
+             **{key: value for flag, (key, value, _, _) in SETTING_FLAGS.items()
+                if getattr(args, _dest(flag))}}
     return {k: v for k, v in names.items() if v is not None}
 
 
@@ -90,14 +90,16 @@ def file_stem(model: str, args, device: str) -> str:
     """bench-train-<model>-<aug>-<device>, plus what differs from the default protocol."""
     extra = (f"-k{args.replicates}" if args.replicates is not None else "") + \
         (f"-{args.size}px" if args.size != 128 else "") + \
-        ("-nondet" if args.nondeterministic else "") + \
-        ("-testends" if args.test_at_ends else "") + ("-im2col" if args.im2col_stem else "") + \
-        ("-compile" if args.compile_step else "") + ("-graph" if args.cuda_graph else "") + \
-        ("-loop" if args.replicate_loop else "") + \
+        "".join(f"-{suffix}" for flag, (_, _, suffix, _) in SETTING_FLAGS.items()
+                if getattr(args, _dest(flag))) + \
         ("-no-naive" if args.naive_replicates == 0 else "") + \
         ("-no-serial" if args.serial_replicates == 0 else "") + \
         ("-profile" if args.profile else "")
     return _slug(f"bench-train-{model}-{args.aug}-{device}{extra}")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _slug(text: str) -> str:
