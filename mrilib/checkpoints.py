@@ -118,8 +118,10 @@ def trained_classifier(data, split, train_index: torch.Tensor, model: str = "bas
     path = _classifier_path(data, split, train_index, model, seed, aug, device, **overrides)
     record_path = path.with_suffix(".json")
     if path.exists() and record_path.exists():
-        net, _ = load_checkpoint(path)
-        return net, json.loads(record_path.read_text())
+        net, config = load_checkpoint(path)
+        # cached before weights were kept at the best epoch: its last epoch's, trained again
+        if config.get("weights_at") == "best":
+            return net, json.loads(record_path.read_text())
     (record,), ((state, config),) = train_replicates(
         model, data.images, data.labels, torch.as_tensor(train_index)[None],
         (data.images[split.val], data.labels[split.val]),

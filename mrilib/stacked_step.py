@@ -91,6 +91,9 @@ class Step:
 
     def __call__(self, x8: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.stack.template.train()
+        if self.forward_loss is not None or self.graphed:
+            # the epoch's slices have strides of its length: compiled code guards on them
+            x8, y = x8.contiguous(), y.contiguous()
         if self.full is None:
             self.full = tuple(x8.shape)
         if tuple(x8.shape) != self.full:  # an epoch's short last batch
@@ -104,6 +107,11 @@ class Step:
         self.sched.step()
         self.steps += 1
         return loss
+
+    def release(self) -> None:
+        """Drop the gradients (a graph's among them), so a finished group holds no memory."""
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = self.static = None
 
     def _loss(self, x8, y):
         if self.forward_loss is None:

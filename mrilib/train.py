@@ -409,6 +409,7 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
         if stopper.all_stopped():
             break
     bar.close()
+    step.release()
     stopper.restore()
     if not test_each:
         fill_test_metrics(stack, keeper, test, cfg, device, metrics, stopper.last)

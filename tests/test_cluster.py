@@ -168,6 +168,22 @@ def test_merge_holds_the_folder_lock_and_leaves_shards_a_job_still_writes(tmp_pa
     assert len(read_epochs(tmp_path, {"a", "b"})) == 2
 
 
+def test_a_grid_on_the_folder_does_not_run_beside_its_cluster_jobs(tmp_path):
+    from mrilib.grid.store import ResultsWriter
+    from mrilib.locks import FolderBusy
+
+    with ResultsWriter(tmp_path, "a") as job:  # a job is running
+        job.append({"run_key": "x", "test_acc": 0.5}, [])
+        with pytest.raises(FolderBusy, match=r"shards/a is being written by a cluster job"):
+            ResultsWriter(tmp_path, shards_too=True)
+        with ResultsWriter(tmp_path) as merge:  # a merge may: it leaves busy shards alone
+            assert merge.done == {"x"}
+    with ResultsWriter(tmp_path, shards_too=True) as grid:  # the job ended: its run is done
+        assert grid.done == {"x"}
+        with pytest.raises(FolderBusy):  # and no job starts on a shard meanwhile
+            ResultsWriter(tmp_path, "a")
+
+
 def test_a_generator_another_process_trains_is_not_trained_twice(tmp_path, monkeypatch):
     import torch
 
@@ -189,3 +205,15 @@ def test_a_generator_another_process_trains_is_not_trained_twice(tmp_path, monke
         with pytest.raises(ValueError, match=rf"generator 0 at {out} is being trained by "
                                              rf"another process \(pid {os.getpid()}\); wait"):
             diffusion.train_for_sample(data, split, 0.5, 0, progress=False)
+
+
+@pytest.mark.parametrize("gpus_here,given", [(0, 0), (2, 1)])
+def test_a_local_job_gets_this_machines_gpu_when_it_has_one(tmp_path, monkeypatch, gpus_here,
+                                                            given):
+    import torch
+
+    from mrilib.grid.cluster import DEFAULTS, make_executor
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_here)
+    pool = make_executor("submitit-local", tmp_path, dict(DEFAULTS))
+    assert pool._executor.parameters["gpus_per_node"] == given

@@ -423,17 +423,21 @@ def test_the_headline_answers_on_the_subject_split_first(repo, splits):
     assert "over 2 independent samples" in line
 
 
-@pytest.mark.parametrize("settings,stops,said", [
-    ({"epochs": 10, "patience": None}, [10, 10], "trained a fixed 10 epochs, with no early"),
-    ({"epochs": 30, "patience": 5}, [12, 17], "trains up to 30 epochs and stops 5 epochs after"),
-    ({"epochs": 30, "patience": 5}, [12, 30], "(1 of 2 runs reached the maximum"),
+@pytest.mark.parametrize("settings,stops,bests,said", [
+    ({"epochs": 10, "patience": None}, [10, 10], [4, 10], "trained a fixed 10 epochs, with no early"),
+    ({"epochs": 30, "patience": 5}, [12, 17], [7, 12], "trains up to 30 epochs and stops 5 epochs after"),
+    ({"epochs": 30, "patience": 5}, [12, 30], [7, 28], "(1 of 2 runs reached the maximum"),
+    # best at 25, stopped by its patience at exactly 30: not cut short
+    ({"epochs": 30, "patience": 5}, [12, 30], [7, 25], "stops 5 epochs after"),
 ])
-def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, said):
+def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, bests, said):
     from mrilib.report import summary
 
-    runs = pd.DataFrame({"train_settings": [settings] * 2, "stopped_epoch": stops})
+    runs = pd.DataFrame({"train_settings": [settings] * 2, "stopped_epoch": stops,
+                         "best_epoch": bests})
     line = summary._measure_line(runs)
-    assert said in line and ("reached the maximum" in line) == (30 in stops)
+    capped = any(s == 30 and s - b < 5 for s, b in zip(stops, bests))
+    assert said in line and ("reached the maximum" in line) == capped
 
 
 @pytest.mark.parametrize("split", ["slice", "subject"])
@@ -446,3 +450,18 @@ def test_the_caveats_give_the_no_learning_baseline_where_rows_carry_it(split, mo
     assert "Learning nothing scores 1.000** (median, 0.980-1.100)" in said
     assert "Learning nothing" not in summary._split_caveats(
         runs.drop(columns="class_share_test_loss"), split)
+
+
+def test_loss_curves_end_where_the_first_repeat_stopped(tmp_path):
+    """Early-stopped repeats leaving the median would flatter the ones still improving."""
+    runs, epochs = ex.load_results(write_runs(tmp_path / "results", QUICK_CELLS, epochs=3))
+    epochs = epochs[epochs["split"] == "slice"]
+    cell = (epochs["synthetic"] == "none") & (epochs["real_fraction"] == 1.0)
+    first = epochs.loc[cell, "repeat"].min()
+    epochs = epochs[~(cell & (epochs["repeat"] == first) & (epochs["epoch"] == 3))]
+    fig = plots.loss_curves_figure(epochs)
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    [cut] = [label for label in lines if label.startswith("100% real")]
+    assert "to epoch 2, the last all trained" in cut and max(lines[cut].get_xdata()) == 2
+    assert all(max(line.get_xdata()) == 3 for label, line in lines.items() if label != cut)
+    plt.close(fig)

@@ -722,6 +722,13 @@ def test_the_cached_classifier_is_the_one_asked_for(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                   again.state_dict().values()))
     assert len(list(tmp_path.glob("classifiers/*.pt"))) == 1
+    # one cached before the best epoch's weights were kept (last epoch's) is trained again
+    [cached] = tmp_path.glob("classifiers/*.pt")
+    net, config = load_checkpoint(cached)
+    state = net.state_dict()
+    save_checkpoint(cached, state, {**config, "weights_at": "last"})
+    trained_classifier(small, split, split.train, **kw)
+    assert load_checkpoint(cached)[1]["weights_at"] == "best"
     # another image size, or the same images in another order, is another classifier
     large = data_at(64)
     wide, _ = trained_classifier(large, split, split.train, **kw)

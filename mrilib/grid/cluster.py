@@ -25,7 +25,7 @@ from .store import read_runs
 EXECUTORS = ("local", "slurm", "submitit-local")  # local: in this process, no submitit
 DEFAULTS = {
     "timeout_min": 240,     # a job's time limit; a job stopped by it is requeued and resumes
-    "gpus_per_job": 1,      # on SLURM; submitit-local jobs run on the CPU unless told
+    "gpus_per_job": 1,      # on SLURM; submitit-local: as many as this machine has, at most
     "max_jobs": None,       # jobs running at once (SLURM array parallelism); None: all
     "partition": None,      # SLURM partition; None: the cluster's default
     "jobs_folder": "jobs",  # under the results folder: submitit's pickles and job logs
@@ -148,7 +148,10 @@ def make_executor(kind: str, folder: Path, knobs: dict):
                                gpus_per_node=knobs["gpus_per_job"],
                                **{k: v for k, v in chosen.items() if v is not None})
     else:
-        pool.update_parameters(timeout_min=int(knobs["timeout_min"]), gpus_per_node=0)
+        # submitit hides every GPU from a local job given none: give it this machine's
+        import torch
+        gpus = min(knobs["gpus_per_job"], torch.cuda.device_count())
+        pool.update_parameters(timeout_min=int(knobs["timeout_min"]), gpus_per_node=gpus)
     return pool
 
 

@@ -83,7 +83,7 @@ def run_grid(preset: str | None = None, results_path: str | os.PathLike | None =
     cfg = grid_settings(preset, **overrides)
     with paths.preset_env(preset):
         directory = grid_results_dir(cfg, results_path)
-        with ResultsWriter(directory, shard) as writer:
+        with ResultsWriter(directory, shard, shards_too=True) as writer:
             if writer.runs and not resume:
                 raise ValueError(f"{directory} already holds {len(writer.runs)} runs; pass "
                                  f"--resume (resume=True) to continue them, or give another "

@@ -152,7 +152,14 @@ class ResultsWriter:
             "to finish or stop it, or pass another --results folder (the lock, {lock}, "
             "frees itself when that process ends)")
 
-    def __init__(self, directory: str | os.PathLike, shard: str | None = None):
+    JOB_BUSY = ("{folder} is being written by a cluster job (pid {pid}); a grid in this "
+                "process would train its runs again: wait for the jobs to end and run "
+                "`grid --merge`, or pass another --results folder")
+
+    def __init__(self, directory: str | os.PathLike, shard: str | None = None,
+                 shards_too: bool = False):
+        """``shards_too``: also hold every shard's lock (a grid writing the folder itself
+        must not run beside cluster jobs; a merge may, and leaves busy shards alone)."""
         self.directory = Path(directory)
         self.folder = self.directory if shard is None else self.directory / SHARDS / shard
         self.runs_path = self.folder / RUNS_FILE
@@ -160,6 +167,13 @@ class ResultsWriter:
         self._lock = ExitStack()
         self._lock.enter_context(folder_lock(
             self.folder, self.BUSY.replace("{folder}", str(self.folder))))
+        for job in shard_folders(self.directory) if shards_too and shard is None else []:
+            try:
+                self._lock.enter_context(folder_lock(
+                    job, self.JOB_BUSY.replace("{folder}", str(job))))
+            except BaseException:
+                self.close()
+                raise
         try:
             repaired_rows(self.runs_path)
             self._read_runs()

@@ -148,10 +148,16 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
             continue
         shown += 1
         n = curves["repeat"].nunique()
+        # Up to the last epoch every repeat trained: past it, early-stopped (overfitting)
+        # repeats would drop out of the median and flatter the ones still improving.
+        reached = int(curves.groupby("repeat")["epoch"].max().min())
+        cut = reached < int(curves["epoch"].max())
+        curves = curves[curves["epoch"] <= reached]
         for ax, column in zip(axes, ("train_loss", "val_loss")):
             q = curves.groupby("epoch")[column].quantile([band[0], 0.5, band[1]]).unstack()
             ax.plot(q.index, q[0.5], color=color, marker="o" if few else None, ms=4,
-                    label=f"{label} (n={n})")
+                    label=f"{label} (n={n}" + (f", to epoch {reached}, the last all trained)"
+                                               if cut else ")"))
             if len(q) > 1:
                 ax.fill_between(q.index, q[band[0]], q[band[1]], color=color, alpha=0.2)
             else:  # one epoch: a band has no width, draw it as a bar

@@ -349,11 +349,14 @@ def _measure_line(runs) -> str:
 
 
 def _capped(runs) -> str:
-    """How many runs reached their maximum epochs still improving (said only if any)."""
+    """How many runs reached their maximum epochs still improving (said only if any): at
+    the maximum with their best epoch fewer than ``patience`` epochs before it."""
     if "stopped_epoch" not in runs:
         return ""
-    n = sum(1 for stop, t in zip(runs["stopped_epoch"], runs["train_settings"])
-            if isinstance(t, dict) and t.get("patience") and stop == t.get("epochs"))
+    best = runs["best_epoch"] if "best_epoch" in runs else [None] * len(runs)
+    n = sum(1 for stop, b, t in zip(runs["stopped_epoch"], best, runs["train_settings"])
+            if isinstance(t, dict) and t.get("patience") and stop == t.get("epochs")
+            and (b is None or stop - b < t["patience"]))
     return (f" ({n} of {len(runs)} runs reached the maximum before stopping: their selected "
             f"epoch may be early)") if n else ""
 
