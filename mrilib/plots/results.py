@@ -135,7 +135,8 @@ def loss_curves_figure(epochs: pd.DataFrame, model: str = "basic_cnn", aug: str 
     """Figure 7.1: training and validation loss per epoch, median and band over repeats.
 
     30% real + 70% synthetic against 30% and 100% real; the band spans the ``band``
-    quantiles of the repeats at each epoch.
+    quantiles of the repeats at each epoch. A cell's curve ends at the last epoch all its
+    repeats trained (its label says so when early stopping cut it).
     """
     split = split_of(epochs)  # one protocol per figure
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
