@@ -84,22 +84,22 @@ class Step:
                                     fused=device.type == "cuda" or None,
                                     capturable=self.graphed)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
-        self.forward_loss = compiled_forward_loss() if cfg["compile_step"] else None
+        self.forward = compiled_forward_loss() if cfg["compile_step"] else forward_loss
         self.full = None  # the full batch's shape, taken from the first step
         self.graph = self.static = None
         self.steps = 0
 
     def __call__(self, x8: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.stack.template.train()
-        if self.forward_loss is not None or self.graphed:
+        if self.forward is not forward_loss or self.graphed:
             # the epoch's slices have strides of its length: compiled code guards on them
             x8, y = x8.contiguous(), y.contiguous()
         if self.full is None:
             self.full = tuple(x8.shape)
         if tuple(x8.shape) != self.full:  # an epoch's short last batch
-            loss = self._eager(x8, y, self._stack_loss)
+            loss = self._eager(x8, y, forward_loss)
         elif not self.graphed:
-            loss = self._eager(x8, y, self._loss)
+            loss = self._eager(x8, y, self.forward)
         elif self.graph is None and self.steps < GRAPH_WARMUP_STEPS:
             loss = self._on_side_stream(x8, y)
         else:
@@ -113,25 +113,14 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
         self.graph = self.static = None
 
-    def _loss(self, x8, y):
-        if self.forward_loss is None:
-            return self._stack_loss(x8, y)
-        return self.forward_loss(self.stack.template, self.stack.params, self.stack.buffers,
-                                 x8, y, self.device, self.amp, self.stack.loop,
-                                 not self.graphed)
+    def _loss(self, x8, y, forward):
+        """``forward`` (:func:`forward_loss` or its compiled self) of the stack's weights."""
+        return forward(self.stack.template, self.stack.params, self.stack.buffers, x8, y,
+                       self.device, self.amp, self.stack.loop, not self.graphed)
 
-    def _stack_loss(self, x8, y):
-        from .models import normalize
-
-        with autocast(self.device, self.amp, not self.graphed):
-            logits = self.stack.train_logits(normalize(x8))
-        k = y.shape[0]
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                               reduction="none").view(k, -1).mean(1)
-
-    def _eager(self, x8, y, loss_of):
+    def _eager(self, x8, y, forward):
         # backward of the sum: replicate k's tensors get exactly its own gradient
-        loss = loss_of(x8, y)
+        loss = self._loss(x8, y, forward)
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         self.opt.step()
@@ -141,7 +130,7 @@ class Step:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            loss = self._eager(x8, y, self._loss)
+            loss = self._eager(x8, y, self.forward)
         torch.cuda.current_stream(self.device).wait_stream(side)
         return loss
 
@@ -160,7 +149,7 @@ class Step:
         self.opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = self._loss(x_in, y_in)
+            loss = self._loss(x_in, y_in, self.forward)
             loss.sum().backward()
             self.opt.step()
         self.graph, self.static = graph, (x_in, y_in, loss.detach())

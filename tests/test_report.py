@@ -429,6 +429,8 @@ def test_the_headline_answers_on_the_subject_split_first(repo, splits):
     ({"epochs": 30, "patience": 5}, [12, 30], [7, 28], "(1 of 2 runs reached the maximum"),
     # best at 25, stopped by its patience at exactly 30: not cut short
     ({"epochs": 30, "patience": 5}, [12, 30], [7, 25], "stops 5 epochs after"),
+    # a row without its best epoch (older rows) at the maximum: counted, as before
+    ({"epochs": 30, "patience": 5}, [12, 30], [7, None], "(1 of 2 runs reached the maximum"),
 ])
 def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, bests, said):
     from mrilib.report import summary
@@ -436,7 +438,7 @@ def test_the_measure_says_how_each_run_chose_its_epoch(settings, stops, bests, s
     runs = pd.DataFrame({"train_settings": [settings] * 2, "stopped_epoch": stops,
                          "best_epoch": bests})
     line = summary._measure_line(runs)
-    capped = any(s == 30 and s - b < 5 for s, b in zip(stops, bests))
+    capped = any(s == 30 and (b is None or s - b < 5) for s, b in zip(stops, bests))
     assert said in line and ("reached the maximum" in line) == capped
 
 

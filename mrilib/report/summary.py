@@ -356,7 +356,7 @@ def _capped(runs) -> str:
     best = runs["best_epoch"] if "best_epoch" in runs else [None] * len(runs)
     n = sum(1 for stop, b, t in zip(runs["stopped_epoch"], best, runs["train_settings"])
             if isinstance(t, dict) and t.get("patience") and stop == t.get("epochs")
-            and (b is None or stop - b < t["patience"]))
+            and (pd.isna(b) or stop - b < t["patience"]))  # no best epoch: older rows
     return (f" ({n} of {len(runs)} runs reached the maximum before stopping: their selected "
             f"epoch may be early)") if n else ""
 
