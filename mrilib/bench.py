@@ -45,7 +45,7 @@ DEFAULTS = {
 }
 # mrilib.train's speed levers a row may turn on (its settings say which, as NAME_mrilib):
 # a row with any on is read against the default row of its card, never as one.
-LEVERS = ("im2col_stem", "compile_step", "cuda_graph", "replicate_loop")
+LEVERS = ("im2col_stem", "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
 PRESETS = {
     # CPU seminars and tests: few replicates, one epoch.
     "quick": {"replicates": 4, "naive_replicates": 1, "serial_replicates": 1, "epochs": 1},
@@ -419,7 +419,8 @@ def report(result: dict) -> str:
         + (" | stems as unfold + matmul" if s.get("im2col_stem_mrilib", False) else "")
         + (" | compiled step" if s.get("compile_step_mrilib", False) else "")
         + (" | step as a CUDA graph" if s.get("cuda_graph_mrilib", False) else "")
-        + (" | replicates one after another" if s.get("replicate_loop_mrilib", False) else ""),
+        + (" | replicates one after another" if s.get("replicate_loop_mrilib", False) else "")
+        + (" | each on its own stream" if s.get("replicate_streams_mrilib", False) else ""),
         f"{'approach':<82}{'reps':>5}{'s/replicate':>13}{'speedup':>9}{'val acc':>9}",
     ]
     for title, key in rows:

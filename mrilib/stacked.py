@@ -6,7 +6,9 @@ launch serves K replicates. The template swaps two module types for versions tha
 and bf16 accept together (:func:`vmap_amp_safe`) and, on request, computes one-channel
 stem convolutions as unfold + matmul (:func:`im2col_stems`). Weights are untouched by
 either swap. On request the replicates run one after another instead, each with dense
-kernels on its slice of the stacked weights (:func:`replicate_logits`). :func:`evaluate` scores every replicate on one shared batch;
+kernels on its slice of the stacked weights (:func:`replicate_logits`), and on CUDA each
+on its own stream (:func:`on_streams`). :func:`evaluate` scores every replicate on one
+shared batch;
 :class:`BestWeights` keeps each replicate's lowest-validation-loss weights on the device;
 :func:`replicate_records` turns the stacked metrics into one record per replicate.
 """
@@ -83,13 +85,15 @@ def im2col_stems(template: nn.Module) -> nn.Module:
 
 
 def replicate_logits(template: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
-                     shared: bool = False, loop: bool = False) -> torch.Tensor:
+                     shared: bool = False, loop: bool = False,
+                     streams: list | None = None) -> torch.Tensor:
     """``[K, B, C]`` logits of K stacked replicates run by ``template`` in its current mode.
 
     ``x``: per-replicate batches ``[K, B, ...]``, or one batch ``[B, ...]`` for all
     (``shared``). By default one ``vmap`` over the stacked weights, whose convolutions
     become grouped ones; with ``loop``, one ordinary call per replicate on its slice of
-    them (dense kernels, K times the launches), the same sums otherwise.
+    them (dense kernels, K times the launches), the same sums otherwise; ``streams`` (K
+    CUDA streams, with ``loop``): replicate j's call on ``streams[j]`` (:func:`on_streams`).
     """
     def call(p, b, xs):
         return functional_call(template, (p, b), (xs,))
@@ -101,37 +105,66 @@ def replicate_logits(template: nn.Module, params: dict, buffers: dict, x: torch.
     # unbind: its backward stacks the K gradients once (indexing would add K full-size ones)
     slices = {name: t.unbind(0) for name, t in params.items()}
     k = len(next(iter(slices.values())))
-    return torch.stack([call({name: s[j] for name, s in slices.items()},
-                             {name: t[j] for name, t in buffers.items()},
-                             x if shared else x[j]) for j in range(k)])
+
+    def one(j):
+        return call({name: s[j] for name, s in slices.items()},
+                    {name: t[j] for name, t in buffers.items()}, x if shared else x[j])
+    return torch.stack([one(j) for j in range(k)] if streams is None
+                       else on_streams(one, x, streams))
+
+
+def on_streams(one, x: torch.Tensor, streams: list) -> list[torch.Tensor]:
+    """``[one(j) for j]``, each issued on ``streams[j]`` after the current stream's work so
+    far; the current stream then waits for all. Their backward runs on the same streams
+    (autograd's rule), so inside a CUDA graph the K replicates are K parallel branches.
+
+    The batch ``x`` (made on the current stream, read on the others) and the outputs (the
+    other way) are marked with ``record_stream``: the caching allocator keeps each stream's
+    memory apart, and would otherwise hand a block to one stream while another reads it.
+    """
+    main = torch.cuda.current_stream()
+    outs = []
+    for j, stream in enumerate(streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            x.record_stream(stream)
+            out = one(j)
+        out.record_stream(main)
+        outs.append(out)
+    for stream in streams:
+        main.wait_stream(stream)
+    return outs
 
 
 class Stack:
     """K replicates of one architecture as stacked tensors, run by one template module.
 
     ``loop``: each replicate called on its own (dense kernels) instead of one ``vmap``
-    (:func:`replicate_logits`); weights and results are the same either way.
+    (:func:`replicate_logits`); weights and results are the same either way. ``streams``
+    (CUDA, with ``loop``): each replicate's calls on a stream of its own.
     """
 
     def __init__(self, models: list[nn.Module], device: torch.device, im2col: bool = False,
-                 loop: bool = False):
+                 loop: bool = False, streams: bool = False):
         self.template = vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
         if im2col:
             self.template = im2col_stems(self.template)
         self.loop = loop
+        self.streams = [torch.cuda.Stream(device) for _ in models] if streams else None
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
 
     def train_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]`` logits for per-replicate batches ``x`` ``[K, B, 1, H, W]``."""
         self.template.train()
-        return replicate_logits(self.template, self.params, self.buffers, x, loop=self.loop)
+        return replicate_logits(self.template, self.params, self.buffers, x, loop=self.loop,
+                                streams=self.streams)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]`` logits of every replicate for one shared batch ``[B, 1, H, W]``."""
         self.template.eval()
         return replicate_logits(self.template, self.params, self.buffers, x, shared=True,
-                                loop=self.loop)
+                                loop=self.loop, streams=self.streams)
 
     def state_dict(self, k: int, stacked: dict | None = None) -> dict[str, torch.Tensor]:
         """Replicate ``k``'s weights as an ordinary ``state_dict`` on the CPU (of the

@@ -3,8 +3,8 @@
 A step is the forward of every replicate on its own batch, each replicate's mean
 cross-entropy, the backward of their sum and one Adam step over the stacked tensors
 (Adam is elementwise: K independent Adams). Two run-only levers change how it runs, not
-what it computes (the same arithmetic, summed in another order, as on another card; the
-third, ``replicate_loop``, is :class:`mrilib.stacked.Stack`'s):
+what it computes (the same arithmetic, summed in another order, as on another card; two
+more, ``replicate_loop`` and ``replicate_streams``, are :class:`mrilib.stacked.Stack`'s):
 
 - ``compile_step``: the forward and loss go through ``torch.compile`` (the backward
   follows through AOTAutograd); fewer, fused kernels. Static shapes, compiled once per
@@ -36,15 +36,17 @@ from .stacked import replicate_logits
 GRAPH_WARMUP_STEPS = 3
 
 
-def forward_loss(template, params, buffers, x8, y, device, amp, loop=False,
+def forward_loss(template, params, buffers, x8, y, device, amp, loop=False, streams=None,
                  cache=True) -> torch.Tensor:
     """Each replicate's mean cross-entropy ``[K]`` on its batch ``x8`` ``[K, B, 1, H, W]``
     (uint8), in fp32 whatever autocast did; ``template`` runs in its current mode.
+    ``loop``, ``streams``: as :func:`mrilib.stacked.replicate_logits` runs replicates.
     ``cache``: autocast's cache of cast weights (off where the step is graphed)."""
     from .models import normalize
 
     with autocast(device, amp, cache):
-        logits = replicate_logits(template, params, buffers, normalize(x8), loop=loop)
+        logits = replicate_logits(template, params, buffers, normalize(x8), loop=loop,
+                                  streams=streams)
     k = y.shape[0]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                            reduction="none").view(k, -1).mean(1)
@@ -59,9 +61,17 @@ def compiled_forward_loss():
 
 def check_levers(cfg: dict, device: torch.device) -> None:
     """ValueError when a step lever cannot run on ``device``."""
-    if cfg["cuda_graph"] and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device, not {device.type!r}; "
-                         f"drop it, or train with --device cuda")
+    for lever in ("cuda_graph", "replicate_streams"):
+        if cfg[lever] and device.type != "cuda":
+            raise ValueError(f"{lever}=True needs a CUDA device, not {device.type!r}; "
+                             f"drop it, or train with --device cuda")
+    if cfg["replicate_streams"] and not cfg["replicate_loop"]:
+        raise ValueError("replicate_streams=True puts each replicate of the loop on a stream "
+                         "of its own; set replicate_loop=True too")
+    if cfg["replicate_streams"] and cfg["compile_step"]:
+        # dynamo would trace across the stream switches; the graph is what takes the launches
+        raise ValueError("replicate_streams=True cannot be compiled; drop compile_step "
+                         "(cuda_graph=True removes the launches instead)")
 
 
 class Step:
@@ -116,7 +126,8 @@ class Step:
     def _loss(self, x8, y, forward):
         """``forward`` (:func:`forward_loss` or its compiled self) of the stack's weights."""
         return forward(self.stack.template, self.stack.params, self.stack.buffers, x8, y,
-                       self.device, self.amp, self.stack.loop, not self.graphed)
+                       self.device, self.amp, loop=self.stack.loop, streams=self.stack.streams,
+                       cache=not self.graphed)
 
     def _eager(self, x8, y, forward):
         # backward of the sum: replicate k's tensors get exactly its own gradient

@@ -126,8 +126,10 @@ DEFAULTS = {
     "compile_step": False,
     "cuda_graph": False,
     # True: each replicate's forward and backward as its own dense kernels, one after
-    # another (ResNet-18's grouped convolutions under vmap are slow), best inside a graph.
+    # another (ResNet-18's grouped convolutions under vmap are slow), best inside a graph;
+    # with replicate_streams (CUDA), each on a stream of its own, so that they overlap.
     "replicate_loop": False,
+    "replicate_streams": False,
 }
 PRESETS = {
     "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes (patience moot)
@@ -135,7 +137,7 @@ PRESETS = {
 # How a run is batched, timed and evaluated, and in which order or by which kernels its
 # sums run, not what it learns: left out of every key of a run's design.
 RUN_ONLY = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem",
-            "compile_step", "cuda_graph", "replicate_loop")
+            "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -167,7 +169,7 @@ def model_settings(model: str, **overrides: Any) -> dict:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}; give a positive whole number")
     for key in ("im2col_stem", "test_every_epoch", "deterministic", "compile_step", "cuda_graph",
-                "replicate_loop"):
+                "replicate_loop", "replicate_streams"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r}; give True or False")
     if not cfg["lr"] > 0:
@@ -364,7 +366,8 @@ def _train_group(name, cfg, bank_x, bank_y, index, val, test, seeds, aug, device
     # -- setup: K initial networks stacked, one Adam over the stacked tensors, K RNGs
     models = [_initial_model(name, s, cfg, bank_x.shape[-1]) for s in seeds]
     init = init_of(models[0])
-    stack = Stack(models, device, im2col=cfg["im2col_stem"], loop=cfg["replicate_loop"])
+    stack = Stack(models, device, im2col=cfg["im2col_stem"], loop=cfg["replicate_loop"],
+                  streams=cfg["replicate_streams"])
     del models
     k, n = index.shape
     bs = cfg["batch_size"]
@@ -534,7 +537,7 @@ def _record_settings(cfg: dict) -> dict:
     """The settings in force that every record carries."""
     keep = ("epochs", "patience", "batch_size", "lr", "schedule", "warmup_epochs",
             "weight_decay", "amp", "num_classes", "test_every_epoch", "im2col_stem",
-            "compile_step", "cuda_graph", "replicate_loop")
+            "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
     return {**{key: cfg[key] for key in keep},
             "weights": None if cfg["weights"] is None else str(cfg["weights"])}
 

@@ -70,21 +70,38 @@ def test_compiled_step_compiles_once_per_architecture_and_shape():
     assert counters["stats"]["unique_graphs"] == before + 1  # 3 replicates: a new shape
 
 
-@pytest.mark.parametrize("lever", ["compile_step", "cuda_graph", "replicate_loop"])
+@pytest.mark.parametrize("lever", ["compile_step", "cuda_graph", "replicate_loop",
+                                   "replicate_streams"])
 def test_step_levers_are_run_only(lever):
     assert design_settings("basic_cnn", **{lever: True}) == design_settings("basic_cnn")
 
 
-def test_cuda_graph_is_refused_off_cuda():
-    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, not 'cpu'"):
-        runs("basic_cnn", "cpu", cuda_graph=True)
+@pytest.mark.parametrize("lever", ["cuda_graph", "replicate_streams"])
+def test_cuda_levers_are_refused_off_cuda(lever):
+    with pytest.raises(ValueError, match=f"{lever}=True needs a CUDA device, not 'cpu'"):
+        runs("basic_cnn", "cpu", replicate_loop=True, **{lever: True})
+
+
+@pytest.mark.parametrize("levers,says", [
+    (dict(replicate_streams=True), "set replicate_loop=True too"),
+    (dict(replicate_streams=True, replicate_loop=True, compile_step=True),
+     "cannot be compiled; drop compile_step")])
+def test_streams_need_the_loop_and_no_compiling(levers, says):
+    from mrilib.stacked_step import check_levers
+    from mrilib.train import model_settings
+
+    with pytest.raises(ValueError, match=says):
+        check_levers(model_settings("resnet18", **levers), torch.device("cuda"))
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("levers", [dict(cuda_graph=True), dict(compile_step=True, cuda_graph=True),
-                                    dict(replicate_loop=True, cuda_graph=True)],
-                         ids=["graph", "compile+graph", "loop+graph"])  # each alone: as on a CPU
+@pytest.mark.parametrize("levers", [
+    dict(cuda_graph=True), dict(compile_step=True, cuda_graph=True),
+    dict(replicate_loop=True, cuda_graph=True), dict(replicate_loop=True, replicate_streams=True),
+    dict(replicate_loop=True, replicate_streams=True, cuda_graph=True)],
+    ids=["graph", "compile+graph", "loop+graph", "loop+streams", "loop+streams+graph"])
+# compile and loop alone: as on a CPU
 @pytest.mark.parametrize("name", ["basic_cnn", "resnet18", "vit_tiny"])  # the grid's
 def test_cuda_step_levers_train_as_the_eager_step(name, levers):
     # fp32, so that what differs is the order of sums, not bf16's rounding

@@ -27,6 +27,9 @@ SETTING_FLAGS = {
     "--replicate-loop": ("replicate_loop", True, "loop",
                          "run each replicate with its own dense kernels, one after another, "
                          "instead of one vmap of grouped ones"),
+    "--replicate-streams": ("replicate_streams", True, "streams",
+                            "with --replicate-loop: each replicate on a CUDA stream of its "
+                            "own, so that their small kernels overlap (CUDA only)"),
 }
 
 

@@ -373,8 +373,9 @@ case "$stage" in
       within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
         --out benchmarks --test-at-ends --naive-replicates 1 --serial-replicates 0 ${BENCH_ARGS:-}
       levers=${STEP_LEVERS:---cuda-graph --compile-step --compile-step+--cuda-graph}
-      # ResNet-18 is kernel-bound under vmap: its replicates with dense kernels, graphed
-      [ "$m" = resnet18 ] && [ -z "${STEP_LEVERS:-}" ] && levers="$levers --replicate-loop+--cuda-graph"
+      # ResNet-18 is kernel-bound under vmap: its replicates with dense kernels, graphed,
+      # then also each on its own stream (parallel branches of the graph)
+      [ "$m" = resnet18 ] && [ -z "${STEP_LEVERS:-}" ] && levers="$levers --replicate-loop+--cuda-graph --replicate-loop+--replicate-streams+--cuda-graph"
       for lever in $levers; do
         # shellcheck disable=SC2086
         within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
