@@ -5,6 +5,7 @@
                    [--seed r] [--json]
     synth bench --device cuda [--out benchmarks/local_generator_h100.json]
     synth bench --levers compile,batch4x [--guidance 1,4] --out FILE   (a row per lever)
+    synth lever-quality --lever batch4x --real-frac 0.3 [--generator g] [--out FILE]
     synth sweep --real-frac 0.3 --strengths 0.4,0.6,0.8 [--guidance 1,2,4] [--max-sources N]
     synth shortcut --real-frac 0.3 [--generator g] [--max-sources N] [--out FILE]
     synth keep --real-frac 0.3 [--seed g]   (copy a finished generator into generators/ for git)
@@ -22,6 +23,7 @@ import json
 import signal
 import sys
 
+from .synth_levers import add_bench, add_lever_quality, lever_settings
 from .train import checked_fraction, checked_seed, loaded, warn_few_per_class
 
 NOT_FULFILLED = 3  # exit status of a generate run that left images to make
@@ -31,7 +33,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("synth", help="synthetic images: train generators, generate, benchmark, "
                                        "sweep (and choose the guidance weight), shortcut check")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for add in (_add_train, _add_keep, _add_generate, _add_bench, _add_sweep, _add_shortcut):
+    for add in (_add_train, _add_keep, _add_generate, add_bench, _add_sweep, _add_shortcut,
+                add_lever_quality):
         add(actions)
 
 
@@ -52,7 +55,11 @@ def _add_train(actions) -> None:
     t.add_argument("--leaky", action="store_true",
                    help="ABLATION: train on the whole training pool (leaks images outside the "
                         "sample into the classifier's synthetic data)")
-    _common(t)
+    t.add_argument("--lever", default=None,
+                   help="train with a speed lever's settings (e.g. batch4x: four times the "
+                        "batch at the same images seen; a generator of its own, judged by "
+                        "`synth lever-quality`); see `synth bench --levers`")
+    add_common_args(t)
     t.set_defaults(func=run_train)
 
 
@@ -64,7 +71,7 @@ def _add_keep(actions) -> None:
                    help="whose real sample (default: the subject split's)")
     k.add_argument("--seed", type=int, default=0, help="generator g (default 0: chapters 2-3's)")
     k.add_argument("--leaky", action="store_true", help="the leaky ablation generator")
-    _common(k)
+    add_common_args(k)
     k.set_defaults(func=run_keep)
 
 
@@ -114,36 +121,11 @@ def _add_generate(actions) -> None:
                    help="openai: price per request, when the built-in estimate is missing/stale")
     g.add_argument("--base-url", default=None,
                    help="openai: an OpenAI-compatible endpoint (default: the client's)")
-    _common(g)
+    add_common_args(g)
     g.set_defaults(func=run_generate)
     g.epilog = (f"Exits with status {NOT_FULFILLED} when images asked for were not made "
                 f"(a budget stopped the run; refused images are counted apart): rerun to "
                 f"resume.")
-
-
-def _add_bench(actions) -> None:
-    b = actions.add_parser("bench", help="training images/s and variations/s of the local "
-                                         "generator at 128x128")
-    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    b.add_argument("--train-steps", type=int, default=50, help="timed training steps")
-    b.add_argument("--variations", type=int, default=1000, help="timed variations")
-    b.add_argument("--channels-last", action="store_true",
-                   help="train in the channels_last layout (training only; see the "
-                        "generator's DEFAULTS)")
-    b.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN autotune its convolution algorithms (training only)")
-    b.add_argument("--guidance", default=None,
-                   help="comma-separated classifier-free guidance weights of the timed "
-                        "variations (> 1 runs the UNet on a doubled batch); default: the "
-                        "preset's, and 1,4 with --levers")
-    b.add_argument("--levers", default=None,
-                   help="comma-separated speed levers, each timed beside the default in this "
-                        "process: compile, channels_last, autotune, batchKx (K times the "
-                        "batch at the same images seen), samplebatchKx, or several joined "
-                        "by + (compile+batch4x); one JSON with a row per lever")
-    b.add_argument("--out", default=None,
-                   help="also write the JSON to this file (checked before the timings)")
-    b.set_defaults(func=run_bench)
 
 
 def _add_split(p) -> None:
@@ -152,7 +134,7 @@ def _add_split(p) -> None:
                         "slice split's (the thesis's); each has its own generators")
 
 
-def _add_generator(p, verb: str) -> None:
+def add_generator_args(p, verb: str) -> None:
     """--real-frac, --split and --generator: which generator a command reads."""
     p.add_argument("--real-frac", type=float, required=True,
                    help=f"X: the real fraction whose generator is {verb}")
@@ -164,7 +146,7 @@ def _add_sweep(actions) -> None:
     w = actions.add_parser("sweep", help="class fidelity, background and distance from the "
                                          "source of variations at several strengths and "
                                          "guidance weights; chooses the weight on validation")
-    _add_generator(w, "swept")
+    add_generator_args(w, "swept")
     w.add_argument("--strengths", default="0.4,0.5,0.6,0.8",
                    help="comma-separated SDEdit noise levels in (0, 1] (default 0.4,0.5,0.6,0.8)")
     w.add_argument("--guidance", default=None,
@@ -177,7 +159,7 @@ def _add_sweep(actions) -> None:
     w.add_argument("--seed", type=int, default=0, help="seeds the variations (default 0)")
     w.add_argument("--out", default=None,
                    help="also write the JSON to this file (checked before the sweep)")
-    _common(w)
+    add_common_args(w)
     w.set_defaults(func=run_sweep)
 
 
@@ -185,7 +167,7 @@ def _add_shortcut(actions) -> None:
     s = actions.add_parser("shortcut", help="can a basic CNN tell a generator's variations from "
                                             "real slices it never saw? (chapter 2's shortcut "
                                             "check)")
-    _add_generator(s, "checked")
+    add_generator_args(s, "checked")
     s.add_argument("--max-sources", type=int, default=None,
                    help="at most N sources, in equal shares per class (default: the preset's; "
                         "thesis: the whole sample)")
@@ -195,11 +177,11 @@ def _add_shortcut(actions) -> None:
                    help="seeds the variations, the folds and the classifiers (default 0)")
     s.add_argument("--out", default=None,
                    help="also write the JSON to this file, e.g. results/shortcut_x0.3_g0.json")
-    _common(s)
+    add_common_args(s)
     s.set_defaults(func=run_shortcut)
 
 
-def _common(p) -> None:
+def add_common_args(p) -> None:
     p.add_argument("--source", default=None,
                    help="data source (default: $MRILIB_DATA, else ../shared/data/alzheimer_mri beside the repo, else the hub dataset)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -210,7 +192,7 @@ def _common(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _checked_start(args, out: str | None = None) -> None:
+def checked_start(args, out: str | None = None) -> None:
     """Device and output file, checked before any work: a late failure loses the work."""
     from ..device import resolve_device
     from ..paths import check_writable
@@ -238,7 +220,10 @@ def run_train(args) -> int:
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed {args.seed}: generators are numbered from 0")
     checked_fraction(args.real_frac)
-    _checked_start(args)
+    changed = lever_settings(args.lever)
+    steps = changed.pop("steps", None) if args.steps is None else args.steps
+    changed.pop("steps", None)
+    checked_start(args)
     data = loaded(args)
     split = split_mri(data, args.split)
     if args.seed is not None:
@@ -257,11 +242,12 @@ def run_train(args) -> int:
         if left == 0.0:
             break
         path = train_for_sample(data, split, args.real_frac, g, leaky=args.leaky, minutes=left,
-                                steps=args.steps, device=args.device, progress=not args.json)
+                                steps=steps, device=args.device, progress=not args.json,
+                                **changed)
         meta = json.loads((path.parent / "meta.json").read_text())
         results.append({"generator": g, "checkpoint": str(path), "step": meta["step"],
                         "target_steps": meta["target_steps"], "done": meta["done"],
-                        "leaky": args.leaky})
+                        "leaky": args.leaky, "lever": args.lever})
         if not args.json:
             state = "done" if meta["done"] else "unfinished: rerun to resume"
             print(f"generator {g}{' (LEAKY ablation)' if args.leaky else ''}: step "
@@ -300,7 +286,7 @@ def run_generate(args) -> int:
     from ..synthetic.mixing import real_sample
 
     _checked_generate_args(args)
-    _checked_start(args)
+    checked_start(args)
     data = loaded(args)
     split = split_mri(data, args.split)
     backend = _backend(args, data, split)
@@ -360,41 +346,6 @@ def _backend(args, data, split):
     return get_backend("openai", base_url=args.base_url, **overrides)
 
 
-def run_bench(args) -> int:
-    from pathlib import Path
-
-    from ..provenance import provenance
-    from ..paths import atomic_write_bytes, preset_name
-    from ..synthetic.diffusion_bench import bench_levers, benchmark, levers_table
-
-    scales = None if args.guidance is None else _numbers(args.guidance, "--guidance", "1,4")
-    speed = {k: True for k in ("channels_last", "cudnn_benchmark") if getattr(args, k)}
-    levers = None if args.levers is None else [v.strip() for v in args.levers.split(",")
-                                               if v.strip()]
-    if levers is not None and speed:
-        raise ValueError("--channels-last and --cudnn-benchmark apply without --levers; with "
-                         "it, name them as levers (--levers channels_last,autotune)")
-    _checked_start(args, args.out)
-
-    def save(result: dict) -> str:  # after each lever's row too: a cut-off run keeps them
-        # no split: the slices are random
-        result.update(preset=preset_name(), provenance=provenance(args.device))
-        text = json.dumps(result, indent=2)
-        if args.out:
-            atomic_write_bytes(Path(args.out), text.encode() + b"\n")
-        return text
-
-    if levers is None:
-        print(save(benchmark(args.device, n_train_steps=args.train_steps,
-                             n_variations=args.variations, guidance_scales=scales, **speed)))
-        return 0
-    result = bench_levers(levers, args.device, n_train_steps=args.train_steps,
-                          n_variations=args.variations, guidance_scales=scales or (1.0, 4.0),
-                          on_row=save)
-    print(levers_table(result) if args.out else save(result))
-    return 0
-
-
 def run_sweep(args) -> int:
     from pathlib import Path
 
@@ -403,11 +354,11 @@ def run_sweep(args) -> int:
     from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
 
-    strengths = _numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
-    scales = None if args.guidance is None else _numbers(args.guidance, "--guidance", "1,2,4")
+    strengths = comma_numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
+    scales = None if args.guidance is None else comma_numbers(args.guidance, "--guidance", "1,2,4")
     checked_seed(args.seed)
     checked_fraction(args.real_frac)
-    _checked_start(args, args.out)
+    checked_start(args, args.out)
     data = loaded(args)
     result = strength_sweep(data, split_mri(data, args.split), args.real_frac, args.generator,
                             strengths,
@@ -472,7 +423,7 @@ def run_shortcut(args) -> int:
     return 0
 
 
-def _numbers(text: str, flag: str, example: str) -> list[float]:
+def comma_numbers(text: str, flag: str, example: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -25,7 +25,7 @@ from ..config import hash8, settings
 from ..data import CLASSES
 from ..device import device_name, resolve_device, sync
 from .base import SIZE
-from .diffusion import LocalDiffusion, train_generator
+from .diffusion import LocalDiffusion, train_generator, training_record
 from .diffusion_model import DEFAULTS, PRESETS, design_settings, weights_settings
 
 # The settings that change how fast, not what: each row records them.
@@ -222,3 +222,143 @@ def levers_table(result: dict) -> str:
                      f"{row['train_images_per_s']:>11.1f} {row['train_speedup']:>5.2f} "
                      f"{row['train_warmup_seconds']:>6.1f}{cells}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a lever's quality
+
+# When a lever that changes the generator (batchKx) is "no worse": paired 95% intervals
+# over the same sources (docs/decisions.md, "A generator lever's quality").
+QUALITY = {
+    "max_sources": None,     # sources, equal shares per class; None: generator g's whole sample
+    # Balanced class fidelity the lever may lose: a quarter of what guidance 2 -> 4 bought on
+    # the H100 (0.49 -> 0.70, results/strength_sweep_x0.3_g0_guidance.json).
+    "fidelity_margin": 0.05,
+    # Share of the median nearest-real distance it may lose (closer to a training image:
+    # the memorisation check's direction).
+    "distance_margin": 0.05,
+    "n_boot": 2000,
+    "level": 0.95,
+}
+QUALITY_PRESETS = {"quick": {"max_sources": 24, "n_boot": 200}}  # CPU tests: the pipeline
+
+
+def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: int = 0,
+                  device=None, progress: bool = True, **overrides) -> dict:
+    """Generator g trained as the settings in force say and as ``lever`` changes them, each
+    asked for one variation of the same sources (the same seeds, the default strength and
+    guidance weight), judged by the same real-only classifier and nearest-real distances.
+
+    Both generators must be trained (``synth train --seed g [--lever NAME]``); variations
+    are cached, so a cut-off call resumes. Per generator: class fidelity per class and
+    balanced, the median distance of a variation to its nearest real training image and
+    the share closer than any two real images are, grey background; then the lever minus
+    the default with paired bootstrap intervals over sources (resampled within class) and a
+    verdict per check and overall: "no worse", "worse" or "not resolved" (:data:`QUALITY`).
+    """
+    from ..device import resolve_device
+    from ..train import trained_classifier
+    from .cache import generate_cached
+    from .diffusion import generator_path
+    from .mixing import real_sample
+    from .quality import (background_levels, balanced_sources, memorization_distances,
+                          predictions)
+
+    q = settings(QUALITY, QUALITY_PRESETS, **overrides)
+    changed = lever_overrides(lever)
+    if not changes_results(changed):
+        raise ValueError(f"lever {lever!r} changes no generator (the same weights up to "
+                         f"rounding); time it with `synth bench --levers {lever}` instead")
+    device = resolve_device(device)
+    paths = {"default": generator_path(data, split, real_fraction, g)}
+    try:
+        paths[lever] = generator_path(data, split, real_fraction, g, **changed)
+    except FileNotFoundError as e:  # its message names the default's command
+        raise FileNotFoundError(f"{e} -- with `--lever {lever}` added, for the lever's "
+                                f"generator") from None
+    sample = real_sample(data, split, real_fraction, g)
+    sources = balanced_sources(data.labels, sample, q["max_sources"], seed)
+    src, lab = data.images[sources], data.labels[sources]
+    ids = [data.ids[i] for i in sources.tolist()]
+    classifier, _ = trained_classifier(data, split, sample, device=device)
+    classifier = classifier.to(device)
+    per_source, rows = {}, {}
+    for name, path in paths.items():
+        backend = LocalDiffusion(path, device=device, sample_seed=g)
+        made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
+                                       progress=progress, batch_size=backend.max_batch)
+        variations = made[:, 0]
+        right = (predictions(classifier, variations).argmax(1) == lab).float()
+        near = memorization_distances(variations, data.images[sample])
+        per_source[name] = {"right": right, "distance": near["synthetic_to_real"].float()}
+        grey = background_levels(src, variations, lab, data.classes)
+        rows[name] = {
+            "generator": str(path), "settings": changed if name == lever else {},
+            "train_minutes": training_record(path)["elapsed_s"] / 60,
+            "fidelity": {c: float(right[lab == k].mean()) for k, c in enumerate(data.classes)
+                         if (lab == k).any()},
+            "balanced_fidelity": float(_balanced(right, lab)),
+            "median_nearest_real": float(near["synthetic_to_real"].median()),
+            "share_closer_than_real_min": near["share_closer_than_real_min"],
+            "background_grey": _mean_grey(grey), "generated": report["generated"],
+            "cached": report["cached"]}
+    checks = _lever_checks(per_source["default"], per_source[lever], lab, q, seed)
+    return {"lever": lever, "real_fraction": real_fraction, "generator_index": g,
+            "seed": seed, "n_sources": len(sources),
+            "sources_per_class": {c: int((lab == k).sum()) for k, c in enumerate(data.classes)},
+            "strength": backend.strength, "guidance_scale": backend.guidance_scale,
+            "margins": {k: q[k] for k in ("fidelity_margin", "distance_margin", "level")},
+            "generators": rows, "checks": checks,
+            "verdict": _overall(checks[k]["verdict"] for k in checks)}
+
+
+def _balanced(right: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present of the share ``right`` (per source, 0/1)."""
+    present = labels.unique()
+    return torch.stack([right[labels == c].mean() for c in present]).mean()
+
+
+def _mean_grey(grey: dict) -> float:
+    n = sum(v["n"] for v in grey.values())
+    return sum(v["variation"] * v["n"] for v in grey.values() if v["n"]) / max(n, 1)
+
+
+def _lever_checks(default: dict, lever: dict, labels: torch.Tensor, q: Mapping,
+                  seed: int) -> dict:
+    """Lever minus default, with paired intervals over sources resampled within class:
+    balanced fidelity (difference) and median nearest-real distance (ratio)."""
+    rng = torch.Generator().manual_seed(seed)
+    boot = _stratified_draws(labels, q["n_boot"], rng)  # [n_boot, N] source indices
+    fid = [_balanced(lever["right"][i], labels[i]) - _balanced(default["right"][i], labels[i])
+           for i in boot]
+    ratio = [lever["distance"][i].median() / default["distance"][i].median().clamp(min=1e-9)
+             for i in boot]
+    tail = (1 - q["level"]) / 2
+    out = {}
+    for key, point, draws, floor in (
+            ("fidelity_difference", _balanced(lever["right"], labels)
+             - _balanced(default["right"], labels), fid, -q["fidelity_margin"]),
+            ("nearest_real_ratio", lever["distance"].median()
+             / default["distance"].median().clamp(min=1e-9), ratio, 1 - q["distance_margin"])):
+        low, high = torch.quantile(torch.stack(draws).float(),
+                                   torch.tensor([tail, 1 - tail])).tolist()
+        verdict = "no worse" if low >= floor else "worse" if high < floor else "not resolved"
+        out[key] = {"value": float(point), "low": low, "high": high, "floor": floor,
+                    "verdict": verdict}
+    return out
+
+
+def _stratified_draws(labels: torch.Tensor, n_boot: int, rng: torch.Generator) -> torch.Tensor:
+    """``n_boot`` resamples of the sources, each class's sources drawn from themselves."""
+    parts = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        pick = torch.randint(len(members), (n_boot, len(members)), generator=rng)
+        parts.append(members[pick])
+    return torch.cat(parts, dim=1)
+
+
+def _overall(verdicts) -> str:
+    verdicts = list(verdicts)
+    if "worse" in verdicts:
+        return "worse"
+    return "no worse" if all(v == "no worse" for v in verdicts) else "not resolved"

@@ -111,7 +111,7 @@ def background_levels(sources: torch.Tensor, variations: torch.Tensor, labels: t
     return out
 
 
-def _balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: int | None,
+def balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: int | None,
                       seed: int) -> torch.Tensor:
     """``index`` itself, or up to ``max_sources`` of it in equal shares per class.
 
@@ -165,7 +165,7 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
     if max(scales) > 1:  # a generator without a class-free output says so now, not after w=1
         LocalDiffusion(path, guidance_scale=max(scales), device="cpu")
     sample = real_sample(data, split, real_fraction, g)  # what generator g learned from
-    sources = _balanced_sources(data.labels, sample, max_sources, seed)
+    sources = balanced_sources(data.labels, sample, max_sources, seed)
     src, lab = data.images[sources], data.labels[sources]
     ids = [data.ids[i] for i in sources.tolist()]
     if classifier is None:  # trained once, then found in cache/classifiers/
@@ -313,7 +313,7 @@ def shortcut_check(real: torch.Tensor, variations: torch.Tensor, labels: torch.T
     folds_by = "source" if groups is None else "group"
     real, variations, labels, groups = _checked_shortcut_inputs(real, variations, labels,
                                                                 groups)
-    keep = _balanced_sources(labels, torch.arange(len(labels)), cfg["max_sources"], seed)
+    keep = balanced_sources(labels, torch.arange(len(labels)), cfg["max_sources"], seed)
     real, variations, labels, groups = real[keep], variations[keep], labels[keep], groups[keep]
     fold = _source_folds(labels, groups, cfg["folds"], seed)
     v = variations.shape[1]
@@ -373,7 +373,7 @@ def generator_shortcut_check(data, split, real_fraction: float, g: int, seed: in
     cfg = _shortcut_settings(**overrides)  # bad settings fail before any sampling
     path = generator_path(data, split, real_fraction, g)
     backend = LocalDiffusion(path, device=device, sample_seed=g)
-    sources = _balanced_sources(data.labels, real_sample(data, split, real_fraction, g),
+    sources = balanced_sources(data.labels, real_sample(data, split, real_fraction, g),
                                 cfg["max_sources"], seed)
     made, report = generate_cached(backend, data.images[sources], data.labels[sources],
                                    [data.ids[i] for i in sources.tolist()], per_image=1,

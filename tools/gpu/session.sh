@@ -13,6 +13,8 @@
 #   bash tools/gpu/session.sh chapters MINUTES # with generator 0 carried in: its guidance
 #                                           # sweep, notebooks 02-03's figures, synth bench
 #   bash tools/gpu/session.sh levers MINUTES   # the generator's speed levers beside its default
+#   bash tools/gpu/session.sh genquality MINUTES  # generator 0 made with batch4x against the
+#                                           # default one: fidelity and memorisation, paired
 #   bash tools/gpu/session.sh steplevers MINUTES  # the classifier's step levers (CUDA graph,
 #                                           # torch.compile) beside its default, per model
 #   bash tools/gpu/session.sh window SPLIT G MINUTES  # chapter 7's unit of GPU work: generator
@@ -48,7 +50,7 @@
 # default 110; `all`: 60 for the basic CNN's default row, 180 for ResNet-18's and ViT-Tiny's,
 # 45-150 for the lever rows).
 set -uo pipefail
-stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | levers MINUTES | steplevers MINUTES | window SPLIT G MINUTES}
+stage=${1:?usage: session.sh checks | grid MINUTES | all MINUTES | quality MINUTES | chapters MINUTES | levers MINUTES | genquality MINUTES | steplevers MINUTES | window SPLIT G MINUTES}
 given="$*"
 if [ "$stage" = window ]; then  # window SPLIT G MINUTES: the deadline is the 4th argument
   win_split=${2:?window needs SPLIT G MINUTES, e.g. window slice 0 9.5}
@@ -124,6 +126,7 @@ pack() {  # whatever exists now goes back, even after a timeout
            benchmarks/local_generator_*.json benchmarks/generator-levers-*.json \
            benchmarks/tests-gpu.log \
            "$results"/strength_sweep_*.json "$results"/shortcut_*.json \
+           "$results"/lever_quality_*.json \
            "$results/runs.jsonl" "$results/epochs.jsonl"; do
     [ -e "$f" ] && files+=("$f")
   done
@@ -360,6 +363,31 @@ case "$stage" in
     within "$(( $(left_s) - 20 ))" $PY -m mrilib synth bench --device "$DEVICE" --guidance 1,4 \
       --levers "${LEVERS:-compile,channels_last,autotune,samplebatch4x,batch4x,compile+channels_last+batch4x}" \
       --out "benchmarks/generator-levers-$card.json"
+    ;;
+  genquality)
+    : "${2:?genquality needs MINUTES, e.g. 9.5}"
+    # A lever that changes the generator (QUALITY_LEVER, default batch4x) is kept only if
+    # its generator is no worse than the default's: generator 0 of the subject split made
+    # both ways in parallel (GEN_MINUTES each, default 6; the default took 5.2 on an H100),
+    # then `synth lever-quality` on its whole sample at the default strength and guidance
+    # (~1,400 variations each, cached), the same real-only classifier and nearest-real
+    # distances, paired. Both generators come back (the default is chapters 2-3's).
+    lever=${QUALITY_LEVER:-batch4x}
+    gen_cap=$(awk -v m="${GEN_MINUTES:-6}" 'BEGIN { printf "%d", 60 * m + 60 }')
+    rm -f /tmp/gen-0*.log
+    pids=()
+    for extra in "" "--lever $lever"; do
+      # shellcheck disable=SC2086
+      within "$gen_cap" $PY -m mrilib synth train --split subject --real-frac "$X" --seed 0 \
+        --minutes "${GEN_MINUTES:-6}" --device "$DEVICE" $extra \
+        > "/tmp/gen-0${extra:+-lever}.log" 2>&1 & pids+=($!)
+    done
+    wait "${pids[@]}"  # these only: a bare wait also waits for the log's tee
+    tail -n 2 /tmp/gen-0*.log
+    within "$(( $(left_s) - 10 ))" $PY -m mrilib synth lever-quality --lever "$lever" \
+      --split subject --real-frac "$X" --generator 0 --device "$DEVICE" \
+      --out "$results/lever_quality_${lever}_x${X}_g0.json" 2> /tmp/quality.err \
+      || tail -n 5 /tmp/quality.err
     ;;
   steplevers)
     : "${2:?steplevers needs MINUTES, e.g. 9}"
