@@ -71,12 +71,27 @@ def add_parser(sub) -> None:
                         "report host vs device time per step and the costliest kernels")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="also write bench-train-<model>-<aug>-<device>[-k<K>][-<size>px]"
-                        "[-nondet][-testends][-im2col][-compile][-graph][-loop][-no-naive]"
+                        "[-nondet][-testends][-im2col][-compile][-graph][-loop][-streams][-no-naive]"
                         "[-no-serial][-profile]"
                         ".{txt,json} to DIR (K when "
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
-    p.set_defaults(func=run)
+    t.set_defaults(func=run)
+    c = what.add_parser("cost", help="what a tier of the grid costs in GPU windows, from a "
+                                     "card's committed benchmarks (mrilib.grid.cost)")
+    c.add_argument("--card", default="H100",
+                   help="the card whose benchmarks/ rows are read, by part of its name "
+                        "(default H100)")
+    c.add_argument("--tier", type=int, choices=(1, 2, 3), default=1, help="default 1")
+    c.add_argument("--split", choices=("slice", "subject"), default=None,
+                   help="one split's cells only (default: both)")
+    c.add_argument("--window-minutes", type=float, default=None,
+                   help="minutes of work a window holds (default 9.5)")
+    c.add_argument("--source", default=None,
+                   help="the image folder (default: $MRILIB_DATA): the splits and samples "
+                        "decide how many variations each generator draws")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=run_cost)
 
 
 def _overrides(args) -> dict:
@@ -148,4 +163,19 @@ def run(args) -> int:
         save(model, result)
     if args.json:
         print(json.dumps({"results": results}, indent=2))
+    return 0
+
+
+def run_cost(args) -> int:
+    from ..data import load_mri
+    from ..grid.cost import card_speeds, cost_table, tier_cost
+
+    if args.window_minutes is not None and not args.window_minutes > 0:
+        raise ValueError(f"--window-minutes {args.window_minutes}: give a positive number")
+    speeds = card_speeds(args.card)
+    overrides = {} if args.window_minutes is None else {"window_minutes": args.window_minutes}
+    cost = tier_cost(load_mri(args.source), speeds, split=args.split, tier=args.tier,
+                     **overrides)
+    print(json.dumps({"card": speeds["card"], **cost}, indent=2) if args.json
+          else cost_table(cost, speeds["card"]))
     return 0

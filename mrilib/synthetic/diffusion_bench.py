@@ -177,7 +177,7 @@ def bench_levers(levers: Sequence[str], device: str | torch.device | None = None
     One row per lever: its overrides, whether they change results (and the design hash),
     :func:`benchmark`'s numbers and the speedups against the default row. Every name is
     checked before anything is timed. Sample quality is not measured here: a lever that
-    changes results is judged by ``synth sweep`` on a generator trained with it.
+    changes results is judged by ``synth lever-quality`` (:func:`lever_quality`).
     ``on_row(result)`` is called with the rows so far after each one, so that a run cut
     off by a time limit keeps what it measured.
     """

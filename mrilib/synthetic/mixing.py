@@ -62,7 +62,7 @@ def round_robin(n_sources: int, n_variations: int, rng: np.random.Generator) -> 
     return counts
 
 
-def _class_ids(data: MRIData, classes) -> list[int]:
+def class_ids(data: MRIData, classes) -> list[int]:
     """Class ids given as "all" or class names, checked against ``data.classes``."""
     if isinstance(classes, str) and classes == "all":
         return list(range(len(data.classes)))
@@ -118,7 +118,7 @@ def mixed_training_set(data: MRIData, split: Split, real_fraction: float,
     if not synthetic_fraction >= 0.0:
         raise ValueError(f"synthetic_fraction={synthetic_fraction}: give a share >= 0 of the "
                          f"pool size, e.g. 0.7")
-    chosen = _class_ids(data, classes)
+    chosen = class_ids(data, classes)
     n_synth = int(round(synthetic_fraction * len(split.train)))
     if n_synth and backend is None:
         raise ValueError(f"synthetic_fraction={synthetic_fraction} needs a backend; pass one "

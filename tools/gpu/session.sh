@@ -430,5 +430,5 @@ case "$stage" in
       GRID_ARGS="--tier 1 --split $win_split --available-generators ${GRID_ARGS:-}" grid
     fi
     ;;
-  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters, levers, steplevers (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: use checks, grid, all, quality, chapters, levers, genquality, steplevers (with MINUTES) or window SPLIT G MINUTES" >&2; exit 2 ;;
 esac
