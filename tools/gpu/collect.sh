@@ -35,8 +35,10 @@ if [ -d "$tmp/figures" ]; then  # the figures notebooks made there (session.sh c
   mkdir -p figures && cp "$tmp"/figures/*.png figures/ && \
     echo "figures: $(cd "$tmp/figures" && ls *.png | tr '\n' ' ')"
 fi
-for f in "$tmp"/results/strength_sweep_*.json "$tmp"/results/shortcut_*.json; do  # sweeps, shortcut checks
-  [ -e "$f" ] && cp "$f" results/ && echo "strength sweep: results/$(basename "$f")"
+# sweeps, shortcut checks, a generator lever's quality
+for f in "$tmp"/results/strength_sweep_*.json "$tmp"/results/shortcut_*.json \
+         "$tmp"/results/lever_quality_*.json; do
+  [ -e "$f" ] && cp "$f" results/ && echo "quality check: results/$(basename "$f")"
 done
 for f in "$src"/gen-*.pt; do
   [ -e "$f" ] || continue
