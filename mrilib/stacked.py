@@ -122,7 +122,7 @@ def on_streams(one, x: torch.Tensor, streams: list) -> list[torch.Tensor]:
     other way) are marked with ``record_stream``: the caching allocator keeps each stream's
     memory apart, and would otherwise hand a block to one stream while another reads it.
     """
-    main = torch.cuda.current_stream()
+    main = torch.cuda.current_stream(x.device)
     outs = []
     for j, stream in enumerate(streams):
         stream.wait_stream(main)
@@ -149,8 +149,13 @@ class Stack:
         self.template = vmap_amp_safe(copy.deepcopy(models[0]).to("meta"))
         if im2col:
             self.template = im2col_stems(self.template)
+        if streams and not loop:
+            raise ValueError("streams=True runs the loop's replicates on streams; pass loop=True")
         self.loop = loop
-        self.streams = [torch.cuda.Stream(device) for _ in models] if streams else None
+        # High priority: a pool of streams apart from the default-priority ones that graph
+        # capture and the warm-up take, so no replicate shares theirs (and loses its overlap).
+        self.streams = ([torch.cuda.Stream(device, priority=-1) for _ in models] if streams
+                        else None)
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
 

@@ -113,12 +113,38 @@ def test_the_rows_read_are_the_grid_protocol_and_judged_levers(tmp_path):
     assert got["sampling"]["default"] == got["sampling"]["default"] | {
         "file": "gen.json", "variations_per_s": 40.0, "estimated": True}
     assert got["sampling"]["fastest"]["variations_per_s"] == 45.0
-    write(results, "lever_quality_batch4x_x0.3_g0.json", {"verdict": "no worse"})
+    write(results, "lever_quality_batch4x_x0.3_g0.json", {"verdict": "no worse",
+                                                          "preset": "quick"})
+    assert card_speeds("Card X", bench, results)["generator"]["fastest"]["minutes"] == 5.0
+    write(results, "lever_quality_batch4x_x0.3_g0.json", {"verdict": "no worse",
+                                                          "preset": "thesis"})
     assert card_speeds("Card X", bench, results)["generator"]["fastest"]["minutes"] == 1.5
-    write(results, "lever_quality_batch4x_x0.3_g1.json", {"verdict": "not resolved"})
+    write(results, "lever_quality_batch4x_x0.3_g1.json", {"verdict": "not resolved",
+                                                          "preset": "thesis"})
     assert card_speeds("Card X", bench, results)["generator"]["fastest"]["minutes"] == 5.0
     with pytest.raises(ValueError, match="no `synth bench` row for a card named like 'Card Y'"):
         card_speeds("Card Y", bench, results)
+    with pytest.raises(ValueError, match="names 2 cards"):
+        card_speeds("card", bench, results)
+
+
+def test_a_row_of_fewer_epochs_is_compared_per_epoch(tmp_path):
+    bench = tmp_path / "benchmarks"
+    write(bench, "gen.json", {"device": "Card X", "minutes_for_default_steps": 5.0,
+                              "variations_per_s": 80.0, "guidance_scale": 1.0})
+    write(bench, "ten.json", bench_row(0.5))
+    write(bench, "one.json", bench_row(0.1) | {"settings": bench_row(0.1)["settings"]
+                                                | {"epochs": 1}})
+    assert card_speeds("Card X", bench, tmp_path)["group"]["fastest"]["file"] == "ten.json"
+
+
+def test_what_the_rows_cannot_price_is_refused(pool):  # noqa: F811
+    with pytest.raises(ValueError, match="resnet18, vit_tiny cells, which the basic CNN's"):
+        tier_cost(pool[0], speeds(), tier=2)
+    no_plain = speeds()
+    no_plain["generator"]["default"] = None
+    with pytest.raises(ValueError, match="no `synth bench` row without speed flags"):
+        tier_cost(pool[0], no_plain, split="slice")
 
 
 def test_cli_bench_cost(mri_path, capsys):

@@ -42,6 +42,9 @@ def test_a_lever_trains_a_generator_of_its_own(folder, capsys):
     code, _, err = run(capsys, "synth", "train", *SLICE, "0", "--lever", "turbo",
                        "--source", folder)
     assert code == 2 and "lever 'turbo'" in err
+    code, _, err = run(capsys, "synth", "train", *SLICE, "0", "--lever", "batch2x",
+                       "--steps", "9", "--source", folder)
+    assert code == 2 and "the lever sets the steps (3" in err
 
 
 def test_lever_quality_compares_the_same_sources_and_resumes(folder, capsys, tmp_path):

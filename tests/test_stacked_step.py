@@ -82,6 +82,14 @@ def test_cuda_levers_are_refused_off_cuda(lever):
         runs("basic_cnn", "cpu", replicate_loop=True, **{lever: True})
 
 
+def test_a_stack_on_streams_is_a_loop():
+    from mrilib.models import build_model
+    from mrilib.stacked import Stack
+
+    with pytest.raises(ValueError, match="pass loop=True"):
+        Stack([build_model("basic_cnn")], torch.device("cpu"), streams=True)
+
+
 @pytest.mark.parametrize("levers,says", [
     (dict(replicate_streams=True), "set replicate_loop=True too"),
     (dict(replicate_streams=True, replicate_loop=True, compile_step=True),

@@ -77,12 +77,12 @@ def add_parser(sub) -> None:
                         "--replicates is given)")
     t.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     t.set_defaults(func=run)
-    c = what.add_parser("cost", help="what a tier of the grid costs in GPU windows, from a "
-                                     "card's committed benchmarks (mrilib.grid.cost)")
+    c = what.add_parser("cost", help="what the tier-1 grid (the basic CNN's cells) costs in "
+                                     "GPU windows, from a card's committed benchmarks "
+                                     "(mrilib.grid.cost)")
     c.add_argument("--card", default="H100",
                    help="the card whose benchmarks/ rows are read, by part of its name "
                         "(default H100)")
-    c.add_argument("--tier", type=int, choices=(1, 2, 3), default=1, help="default 1")
     c.add_argument("--split", choices=("slice", "subject"), default=None,
                    help="one split's cells only (default: both)")
     c.add_argument("--window-minutes", type=float, default=None,
@@ -174,8 +174,7 @@ def run_cost(args) -> int:
         raise ValueError(f"--window-minutes {args.window_minutes}: give a positive number")
     speeds = card_speeds(args.card)
     overrides = {} if args.window_minutes is None else {"window_minutes": args.window_minutes}
-    cost = tier_cost(load_mri(args.source), speeds, split=args.split, tier=args.tier,
-                     **overrides)
+    cost = tier_cost(load_mri(args.source), speeds, split=args.split, **overrides)
     print(json.dumps({"card": speeds["card"], **cost}, indent=2) if args.json
           else cost_table(cost, speeds["card"]))
     return 0

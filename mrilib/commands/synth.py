@@ -221,8 +221,10 @@ def run_train(args) -> int:
         raise ValueError(f"--seed {args.seed}: generators are numbered from 0")
     checked_fraction(args.real_frac)
     changed = lever_settings(args.lever)
-    steps = changed.pop("steps", None) if args.steps is None else args.steps
-    changed.pop("steps", None)
+    if args.steps is not None and "steps" in changed:
+        raise ValueError(f"--steps {args.steps} with --lever {args.lever}: the lever sets the "
+                         f"steps ({changed['steps']}, the same images seen); drop --steps")
+    steps = changed.pop("steps", args.steps)
     checked_start(args)
     data = loaded(args)
     split = split_mri(data, args.split)

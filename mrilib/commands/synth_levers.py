@@ -102,13 +102,13 @@ def run_lever_quality(args) -> int:
     from ..paths import atomic_write_bytes, preset_name
     from ..provenance import provenance
     from ..splits import split_mri
-    from ..synthetic.diffusion_bench import lever_quality
+    from ..synthetic.diffusion_bench import checked_quality_lever, lever_quality
     from .synth import checked_start
     from .train import checked_fraction, checked_seed, loaded
 
     checked_seed(args.seed)
     checked_fraction(args.real_frac)
-    lever_settings(args.lever)  # a misspelt lever fails before the data loads
+    checked_quality_lever(args.lever)  # before the data loads
     if args.max_sources is not None and args.max_sources < 1:
         raise ValueError(f"--max-sources {args.max_sources}: give 1 or more sources")
     checked_start(args, args.out)
@@ -126,14 +126,16 @@ def run_lever_quality(args) -> int:
     print(f"{args.lever} against the default, generator {args.generator} of "
           f"{args.real_frac:g}: {result['n_sources']} sources {result['sources_per_class']}, "
           f"strength {result['strength']:g}, guidance {result['guidance_scale']:g}")
-    print(f"{'':>10} {'train min':>9} {'balanced':>9} {'nearest real':>12} {'closer':>7} "
+    print(f"{'':>10} {'train min*':>10} {'balanced':>9} {'nearest real':>12} {'closer':>7} "
           f"{'grey bg':>8}")
     for name, row in result["generators"].items():
-        print(f"{name:>10} {row['train_minutes']:>9.1f} {row['balanced_fidelity']:>9.3f} "
+        print(f"{name:>10} {row['train_minutes']:>10.1f} {row['balanced_fidelity']:>9.3f} "
               f"{row['median_nearest_real']:>12.1f} {row['share_closer_than_real_min']:>7.3f} "
               f"{row['background_grey']:>8.1f}")
     for key, c in result["checks"].items():
         print(f"{key}: {c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}], floor "
               f"{c['floor']:.3f}: {c['verdict']}")
     print(f"verdict: {result['verdict']}")
+    print("* wall minutes each generator trained, side by side where one job trained both "
+          "(session.sh genquality): not a speed comparison; `synth bench --levers` is")
     return 0

@@ -8,8 +8,10 @@ split's real-only cells. :func:`tier_cost` adds that up per (split, g) from
 - the generator's training minutes and guided variations/s (``synth bench`` and
   ``synth bench --levers`` files; a lever that changes the generator counts only once
   ``synth lever-quality`` found it no worse),
-- the classifier's seconds per vmap group (``bench train`` files: the slowest row with
-  no lever on, as the grid's pacing reads them, and the fastest row of any lever),
+- the basic CNN's seconds per vmap group of 20 replicates (``bench train`` files of the
+  grid's design, deterministic kernels: the slowest row with no lever on, and the fastest
+  row of any run-only lever, compared per epoch at 30% real; unlike the grid's pacer, no
+  safety margin),
 - and how many variations each generator draws: :func:`variation_counts`, exact, from
   the mixing code's own plan (no image is made).
 
@@ -34,7 +36,6 @@ DEFAULTS = {
     # patience 5): the upper ends of the measured curves (docs/decisions.md, "Epochs and
     # early stopping": 12-18 on the slice split, 6-8 on the subject split).
     "group_epochs": {"slice": 18, "subject": 8},
-    "guidance": 4.0,  # the generator's default weight: its variations/s are the ones read
 }
 
 
@@ -82,6 +83,10 @@ def card_speeds(card: str, directory: str | Path | None = None,
     directory = paths.ROOT / "benchmarks" if directory is None else Path(directory)
     results = paths.ROOT / "results" if results is None else Path(results)
     rows = [r for r in _json_files(directory) if card.lower() in str(r.get("device", "")).lower()]
+    names = sorted({r["device"] for r in rows})
+    if len(names) > 1:
+        raise ValueError(f"--card {card!r} names {len(names)} cards ({', '.join(names)}); give "
+                         f"more of one name")
     classifier = [_classifier_row(r) for r in rows if "parallel" in r]
     classifier = [c for c in classifier if c is not None]
     generator = [g for r in rows for g in _generator_rows(r, results)]
@@ -93,11 +98,11 @@ def card_speeds(card: str, directory: str | Path | None = None,
                          f"{directory}; run it on that card (benchmarks/README.md), or pick "
                          f"another --card")
     default_group = max((c for c in classifier if not c["levers"]), default=None,
-                        key=lambda c: c["seconds"])
+                        key=_per_epoch)
     plain = [g for g in generator if g["lever"] == "default"]
     return {
         "card": rows[0]["device"],
-        "group": {"default": default_group, "fastest": min(classifier, key=lambda c: c["seconds"])},
+        "group": {"default": default_group, "fastest": min(classifier, key=_per_epoch)},
         "generator": {"default": max(plain, key=lambda g: g["minutes"], default=None),
                       "fastest": min(generator, key=lambda g: g["minutes"])},
         "sampling": {"default": min((g for g in plain if g["variations_per_s"]), default=None,
@@ -107,9 +112,15 @@ def card_speeds(card: str, directory: str | Path | None = None,
     }
 
 
-def _json_files(directory: Path) -> list[dict]:
+def _per_epoch(group: dict) -> float:
+    """A group's seconds per epoch per pool share: rows of other epochs or fractions compare."""
+    return group["seconds"] / group["epochs"] / group["real_fraction"]
+
+
+def _json_files(directory: Path, pattern: str = "*.json") -> list[dict]:
+    """The JSON objects of ``directory``'s files matching ``pattern``; unreadable ones skipped."""
     out = []
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(directory.glob(pattern)):
         try:
             row = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -151,10 +162,14 @@ def _generator_rows(r: dict, results: Path) -> list[dict]:
 
 
 def _guided_rate(row: dict) -> dict:
-    """Variations/s at the default guidance weight; where only unguided sampling was timed,
-    half of it (guidance runs the UNet on a doubled batch), marked as estimated."""
+    """Variations/s at the generator's guidance weight in force; where only unguided
+    sampling was timed, half of it (guidance runs the UNet on a doubled batch), marked as
+    estimated."""
+    from ..synthetic.diffusion_model import DEFAULTS as GENERATOR, PRESETS
+
+    weight = settings(GENERATOR, PRESETS)["guidance_scale"]
     for s in row.get("sampling", []):
-        if abs(s["guidance_scale"] - DEFAULTS["guidance"]) < 1e-9:
+        if abs(s["guidance_scale"] - weight) < 1e-9:
             return {"variations_per_s": s["variations_per_s"], "estimated": False}
     unguided = [s["variations_per_s"] for s in row.get("sampling", [])
                 if s["guidance_scale"] == 1.0] or [row.get("variations_per_s")]
@@ -164,9 +179,10 @@ def _guided_rate(row: dict) -> dict:
 
 
 def _judged_no_worse(lever: str, results: Path) -> bool:
-    verdicts = [json.loads(p.read_text()).get("verdict")
-                for p in results.glob(f"lever_quality_{lever}_*.json")]
-    return bool(verdicts) and all(v == "no worse" for v in verdicts)
+    """Whether every thesis-preset ``synth lever-quality`` file of ``lever`` says "no worse"."""
+    checks = [c for c in _json_files(results, f"lever_quality_{lever}_*.json")
+              if c.get("preset") == "thesis"]
+    return bool(checks) and all(c.get("verdict") == "no worse" for c in checks)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -176,22 +192,31 @@ def tier_cost(data, speeds: dict, preset: str = "thesis", split: str | None = No
     """Per split (or ``split`` alone) and per speed column ("default", "fastest"): each
     generator's window work (generator, variations, sampling, synthetic cells, in minutes),
     the real-only cells', the windows they need and the GPU-minutes of work in all.
-    ``overrides``: of :data:`DEFAULTS` (tier, window_minutes, group_epochs, guidance)."""
+    ``overrides``: of :data:`DEFAULTS` (tier, window_minutes, group_epochs). The cells
+    are priced by the basic CNN's rows: a tier with other models is refused."""
     from ..splits import split_mri
     from .sets import grid_data
 
     c = settings(DEFAULTS, {}, **overrides)
     for column in ("default", "fastest"):
         gen = speeds["generator"][column]
-        if gen is not None and gen["minutes"] >= c["window_minutes"]:
+        if gen is None:
+            raise ValueError(f"no `synth bench` row without speed flags for {speeds['card']}; "
+                             f"run `synth bench --guidance 1,4` on it")
+        if gen["minutes"] >= c["window_minutes"]:
             raise ValueError(f"window_minutes={c['window_minutes']:g} cannot hold the "
                              f"generator's {gen['minutes']:.1f} minutes ({gen['file']}); "
                              f"give longer windows")
     narrowed = {} if split is None else {"splits": [split]}
     cfg = grid_settings(preset, tier=c["tier"], **narrowed)
     cells = grid_cells(preset, tier=c["tier"], **narrowed)
+    others = sorted({cell.model for cell in cells} - {"basic_cnn"})
+    if others:
+        raise ValueError(f"tier {c['tier']} has {', '.join(others)} cells, which the basic "
+                         f"CNN's rows cannot price; ask for tier 1")
     data = grid_data(data, cfg, any(cell.split == "subject" for cell in cells))
-    out = {"tier": c["tier"], "window_minutes": c["window_minutes"], "splits": {}}
+    out = {"tier": c["tier"], "window_minutes": c["window_minutes"],
+           "repeats": cfg["repeats"], "splits": {}}
     for kind in sorted({cell.split for cell in cells}):
         parts = split_mri(data, kind)
         mine = [cell for cell in cells if cell.split == kind]
@@ -279,8 +304,8 @@ def cost_table(cost: dict, card: str) -> str:
         line("  guided variations/s", [f"{split[c]['variations_per_s']:.0f}"
                                        + (" (est.)" if split[c]["rate_estimated"] else "")
                                        for c in cols])
-        line("  real-only cells, 20 repeats each", [f"{split[c]['real_only_cells']:.1f} min"
-                                                    for c in cols])
+        line(f"  real-only cells, {cost['repeats']} repeats each",
+             [f"{split[c]['real_only_cells']:.1f} min" for c in cols])
         line("  windows for the split", [str(split[c]["windows"]) for c in cols])
     line("all splits: windows", [str(cost["total"][c]["windows"]) for c in cols])
     line("all splits: GPU-minutes of work", [f"{cost['total'][c]['gpu_minutes']:.0f}"

@@ -264,10 +264,7 @@ def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: i
                           predictions)
 
     q = settings(QUALITY, QUALITY_PRESETS, **overrides)
-    changed = lever_overrides(lever)
-    if not changes_results(changed):
-        raise ValueError(f"lever {lever!r} changes no generator (the same weights up to "
-                         f"rounding); time it with `synth bench --levers {lever}` instead")
+    changed = checked_quality_lever(lever)
     device = resolve_device(device)
     paths = {"default": generator_path(data, split, real_fraction, g)}
     try:
@@ -309,6 +306,15 @@ def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: i
             "margins": {k: q[k] for k in ("fidelity_margin", "distance_margin", "level")},
             "generators": rows, "checks": checks,
             "verdict": _overall(checks[k]["verdict"] for k in checks)}
+
+
+def checked_quality_lever(lever: str) -> dict:
+    """``lever``'s overrides; ValueError if it changes no generator (nothing to judge)."""
+    changed = lever_overrides(lever)
+    if not changes_results(changed):
+        raise ValueError(f"lever {lever!r} changes no generator (the same weights up to "
+                         f"rounding); time it with `synth bench --levers {lever}` instead")
+    return changed
 
 
 def _balanced(right: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

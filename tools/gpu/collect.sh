@@ -38,7 +38,7 @@ fi
 # sweeps, shortcut checks, a generator lever's quality
 for f in "$tmp"/results/strength_sweep_*.json "$tmp"/results/shortcut_*.json \
          "$tmp"/results/lever_quality_*.json; do
-  [ -e "$f" ] && cp "$f" results/ && echo "quality check: results/$(basename "$f")"
+  [ -e "$f" ] && cp "$f" results/ && echo "kept: results/$(basename "$f")"
 done
 for f in "$src"/gen-*.pt; do
   [ -e "$f" ] || continue
