@@ -23,6 +23,14 @@ def runs(name, device, seeds=(3, 4), n_train=20, **levers):
                             return_models=True, device=device, **{**KW, **levers})
 
 
+def alone(name, device, seeds, n_train=20, **levers):
+    """Each replicate of :func:`runs` trained by itself, on its own row of the same problem."""
+    images, labels, index, val, test = tiny_problem(k=len(seeds), n_train=n_train)
+    return [train_replicates(name, images, labels, index[j:j + 1], val, test, [seed],
+                             device=device, **{**KW, **levers})[0]
+            for j, seed in enumerate(seeds)]
+
+
 def assert_same_learning(ref, other, weights_tol):
     """Histories equal up to summation order; weights within what Adam's sign flips allow."""
     (a, a_models), (b, b_models) = ref, other
@@ -121,19 +129,36 @@ def test_cuda_step_levers_train_as_the_eager_step(name, levers):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("name", ["basic_cnn", "vit_tiny"])
-def test_cuda_graph_gives_the_same_run_for_the_same_seeds(name):
-    first, second = (runs(name, "cuda", cuda_graph=True) for _ in range(2))
+@pytest.mark.parametrize("name,levers", [
+    ("basic_cnn", dict(cuda_graph=True)), ("vit_tiny", dict(cuda_graph=True)),
+    ("resnet18", dict(replicate_loop=True, replicate_streams=True, cuda_graph=True))])
+def test_cuda_graph_gives_the_same_run_for_the_same_seeds(name, levers):
+    first, second = (runs(name, "cuda", **levers) for _ in range(2))
     assert [r["history"] for r in first[0]] == [r["history"] for r in second[0]]
+
+
+CPU_LEVERS = [dict(compile_step=True), dict(replicate_loop=True),
+              dict(replicate_loop=True, compile_step=True)]
+
+
+@pytest.mark.parametrize("levers", CPU_LEVERS, ids=["compile", "loop", "loop+compile"])
+def test_cpu_levers_give_the_same_run_for_the_same_seeds(levers):
+    first, second = (runs("basic_cnn", "cpu", **levers) for _ in range(2))
+    assert [r["history"] for r in first[0]] == [r["history"] for r in second[0]]
+
+
+@pytest.mark.parametrize("levers", CPU_LEVERS, ids=["compile", "loop", "loop+compile"])
+def test_cpu_levers_train_replicates_together_as_alone(levers):
+    together = runs("basic_cnn", "cpu", seeds=(1, 2, 3), **levers)[0]  # groups of 2 and 1
+    for a, b in zip(together, alone("basic_cnn", "cpu", (1, 2, 3), **levers)):
+        assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)
 
 
 @pytest.mark.gpu
 @cuda
 def test_cuda_graph_replicates_together_match_one_at_a_time():
     together = runs("basic_cnn", "cuda", seeds=(1, 2, 3), amp="off", cuda_graph=True)[0]
-    alone = [runs("basic_cnn", "cuda", seeds=(s,), amp="off", cuda_graph=True)[0][0]
-             for s in (1, 2, 3)]
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone("basic_cnn", "cuda", (1, 2, 3), amp="off", cuda_graph=True)):
         assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)
 
 
