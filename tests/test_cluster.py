@@ -217,3 +217,34 @@ def test_a_local_job_gets_this_machines_gpu_when_it_has_one(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_here)
     pool = make_executor("submitit-local", tmp_path, dict(DEFAULTS))
     assert pool._executor.parameters["gpus_per_node"] == given
+
+
+def test_a_job_finding_its_shard_busy_waits_and_tries_again(monkeypatch, capsys):
+    """A requeued job that starts while `grid --merge` folds its shard, or while another job
+    trains its generator, waits for the lock instead of failing."""
+    import types
+
+    import mrilib.grid.cluster as cluster
+    from mrilib.locks import FolderBusy
+
+    tries, slept = [], []
+
+    def run_grid(*args, **kwargs):
+        tries.append(kwargs["shard"])
+        if len(tries) < 3:
+            raise FolderBusy("shards/u is being written by another grid or merge")
+        return types.SimpleNamespace(runs_written=2, remaining=0, blocked={})
+
+    monkeypatch.setattr(cluster, "run_grid", run_grid)
+    monkeypatch.setattr("time.sleep", slept.append)
+    job = cluster.GridJob(cluster.Unit("u", ("cell",), None), "quick", "results", {}, {},
+                          busy_wait_s=5.0, busy_max_min=1.0)
+    assert job() == {"unit": "u", "written": 2, "remaining": 0, "blocked": {}}
+    assert tries == ["u"] * 3 and slept == [5.0, 5.0]
+    assert "trying again in 5 s" in capsys.readouterr().out
+    tries.clear()
+    impatient = cluster.GridJob(cluster.Unit("u", ("cell",), None), "quick", "results", {}, {},
+                                busy_wait_s=5.0, busy_max_min=0.05)  # 3 s: no second try
+    with pytest.raises(FolderBusy, match="still held after 0.05 minutes of retries"):
+        impatient()
+    assert tries == ["u"]

@@ -29,6 +29,10 @@ DEFAULTS = {
     "max_jobs": None,       # jobs running at once (SLURM array parallelism); None: all
     "partition": None,      # SLURM partition; None: the cluster's default
     "jobs_folder": "jobs",  # under the results folder: submitit's pickles and job logs
+    # A job that finds its shard or a generator held by another process (a merge folding
+    # the shard, a job training the generator) tries again this often, at most this long.
+    "busy_wait_s": 30.0,
+    "busy_max_min": 15.0,
 }
 
 
@@ -74,11 +78,29 @@ class GridJob:
     results: str
     options: dict       # run_grid's keywords: device, source, train_generators, ...
     overrides: dict     # grid settings (tier, splits, imagenet, models)
+    busy_wait_s: float = DEFAULTS["busy_wait_s"]
+    busy_max_min: float = DEFAULTS["busy_max_min"]
 
     def __call__(self) -> dict:
-        progress = run_grid(self.preset, self.results, resume=True, progress=False,
-                            shard=self.unit.name, only_cells=self.unit.cells,
-                            only_repeats=self.unit.repeats, **self.options, **self.overrides)
+        import time
+
+        from ..locks import FolderBusy
+
+        give_up = time.monotonic() + 60 * self.busy_max_min
+        while True:
+            try:  # resumes from the shard: what a try wrote is not trained again
+                progress = run_grid(self.preset, self.results, resume=True, progress=False,
+                                    shard=self.unit.name, only_cells=self.unit.cells,
+                                    only_repeats=self.unit.repeats, **self.options,
+                                    **self.overrides)
+                break
+            except FolderBusy as err:
+                if time.monotonic() + self.busy_wait_s > give_up:
+                    raise FolderBusy(f"{err} (still held after {self.busy_max_min:g} "
+                                     f"minutes of retries)") from None
+                print(f"{self.unit.name}: {err}; trying again in {self.busy_wait_s:g} s",
+                      flush=True)
+                time.sleep(self.busy_wait_s)
         return {"unit": self.unit.name, "written": progress.runs_written,
                 "remaining": progress.remaining, "blocked": progress.blocked}
 
@@ -114,7 +136,8 @@ def submit_grid(executor: str, preset: str, results: str | os.PathLike | None = 
     if not units:
         return []
     pool = make_executor(executor, directory / knobs["jobs_folder"], knobs)
-    jobs = [GridJob(u, preset, str(directory), dict(options or {}), overrides) for u in units]
+    jobs = [GridJob(u, preset, str(directory), dict(options or {}), overrides,
+                    knobs["busy_wait_s"], knobs["busy_max_min"]) for u in units]
     with pool.batch():
         submitted = [pool.submit(job) for job in jobs]
     return list(zip(units, submitted))
