@@ -156,7 +156,7 @@ def test_cpu_levers_train_replicates_together_as_alone(levers):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_graph_replicates_together_match_one_at_a_time():
+def test_cuda_graph_basic_cnn_replicates_together_match_one_at_a_time():
     together = runs("basic_cnn", "cuda", seeds=(1, 2, 3), amp="off", cuda_graph=True)[0]
     for a, b in zip(together, alone("basic_cnn", "cuda", (1, 2, 3), amp="off", cuda_graph=True)):
         assert a["final"]["val_loss"] == pytest.approx(b["final"]["val_loss"], rel=1e-3)

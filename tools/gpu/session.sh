@@ -396,7 +396,7 @@ case "$stage" in
     # notebook-loop replicate), then a row per lever, each 20 replicates x 10 epochs testing
     # at the ends as the grid does. STEP_LEVERS: flag sets, + joining flags of one row.
     for m in ${BENCH_MODELS:-basic_cnn vit_tiny resnet18}; do
-      GPU_TESTS=tests/test_stacked_step.py GPU_K="$m" cuda_tests 120
+      GPU_TESTS=tests/test_stacked_step.py GPU_K="$m" cuda_tests "${STEP_TEST_CAP:-150}"
       # shellcheck disable=SC2086
       within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
         --out benchmarks --test-at-ends --naive-replicates 1 --serial-replicates 0 ${BENCH_ARGS:-}
