@@ -404,6 +404,8 @@ case "$stage" in
       # ResNet-18 is kernel-bound under vmap: its replicates with dense kernels, graphed,
       # then also each on its own stream (parallel branches of the graph)
       [ "$m" = resnet18 ] && [ -z "${STEP_LEVERS:-}" ] && levers="$levers --replicate-loop+--cuda-graph --replicate-loop+--replicate-streams+--cuda-graph"
+      # A window trains a cell's 4 repeats of g as one group: does it cost what 20 do?
+      [ "$m" = basic_cnn ] && [ -z "${STEP_LEVERS:-}" ] && levers="$levers --replicates+4"
       for lever in $levers; do
         # shellcheck disable=SC2086
         within "${BENCH_CAP:-150}" $PY -m mrilib bench train --model "$m" --device "$DEVICE" \
