@@ -349,11 +349,7 @@ def _backend(args, data, split):
 
 
 def run_sweep(args) -> int:
-    from pathlib import Path
-
     from ..splits import split_mri
-    from ..provenance import provenance
-    from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import strength_sweep
 
     strengths = comma_numbers(args.strengths, "--strengths", "0.4,0.6,0.8")
@@ -366,11 +362,7 @@ def run_sweep(args) -> int:
                             strengths,
                             max_sources=args.max_sources, seed=args.seed, device=args.device,
                             progress=not args.json, guidance_scales=scales)
-    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
-    if args.out:
-        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if stamped_and_saved(args, result):
         return 0
     names = list(result["classifier_real_val"])
     print(f"generator {result['generator']}: {result['n_sources']} sources "
@@ -393,12 +385,8 @@ def run_sweep(args) -> int:
 
 
 def run_shortcut(args) -> int:
-    from pathlib import Path
-
     from ..data import load_mri
     from ..splits import split_mri
-    from ..provenance import provenance
-    from ..paths import atomic_write_bytes, preset_name
     from ..synthetic.quality import generator_shortcut_check
 
     overrides = {k: getattr(args, k) for k in ("max_sources", "folds")
@@ -408,11 +396,7 @@ def run_shortcut(args) -> int:
                                       args.generator,
                                       seed=args.seed, device=args.device,
                                       progress=not args.json, **overrides)
-    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
-    if args.out:
-        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if stamped_and_saved(args, result):
         return 0
     print(f"generator {result['generator']}: {result['n_sources']} sources, "
           f"{result['folds']} folds by {result['folds_by']}, {result['epochs']} epochs")
@@ -423,6 +407,22 @@ def run_shortcut(args) -> int:
               f"{row['n_sources']:>7}  {row['verdict']}")
     print(result["reading"])
     return 0
+
+
+def stamped_and_saved(args, result: dict) -> bool:
+    """Stamp ``result`` with the preset, split and provenance, write it to ``--out``, and
+    print it with ``--json``; whether it was printed (then no table follows)."""
+    from pathlib import Path
+
+    from ..paths import atomic_write_bytes, preset_name
+    from ..provenance import provenance
+
+    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return args.json
 
 
 def comma_numbers(text: str, flag: str, example: str) -> list[float]:

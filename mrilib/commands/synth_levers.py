@@ -97,13 +97,9 @@ def run_bench(args) -> int:
 
 
 def run_lever_quality(args) -> int:
-    from pathlib import Path
-
-    from ..paths import atomic_write_bytes, preset_name
-    from ..provenance import provenance
     from ..splits import split_mri
     from ..synthetic.diffusion_bench import checked_quality_lever, lever_quality
-    from .synth import checked_start
+    from .synth import checked_start, stamped_and_saved
     from .train import checked_fraction, checked_seed, loaded
 
     checked_seed(args.seed)
@@ -117,11 +113,7 @@ def run_lever_quality(args) -> int:
     result = lever_quality(data, split_mri(data, args.split), args.real_frac, args.generator,
                            args.lever, seed=args.seed, device=args.device,
                            progress=not args.json, **overrides)
-    result.update(preset=preset_name(), split=args.split, provenance=provenance(args.device))
-    if args.out:
-        atomic_write_bytes(Path(args.out), json.dumps(result, indent=2).encode() + b"\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if stamped_and_saved(args, result):
         return 0
     print(f"{args.lever} against the default, generator {args.generator} of "
           f"{args.real_frac:g}: {result['n_sources']} sources {result['sources_per_class']}, "
