@@ -7,6 +7,8 @@ lever beside them, one after another in one process on one device, so that its r
 compare like with like. A lever is a set of overrides of the generator's settings
 (:func:`lever_overrides`); whether it changes results is read from the one declaration of
 what does (``RUN_ONLY``), through the generator's design (:func:`changes_results`).
+A lever that does (``batchKx``) makes another generator, kept only if :func:`lever_quality`
+finds it no worse than the default one on the same sources.
 """
 from __future__ import annotations
 
