@@ -43,9 +43,6 @@ DEFAULTS = {
     # card times the same work; 10, as the committed benchmarks did.
     "epochs": 10,
 }
-# mrilib.train's speed levers a row may turn on (its settings say which, as NAME_mrilib):
-# a row with any on is read against the default row of its card, never as one.
-LEVERS = ("im2col_stem", "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
 PRESETS = {
     # CPU seminars and tests: few replicates, one epoch.
     "quick": {"replicates": 4, "naive_replicates": 1, "serial_replicates": 1, "epochs": 1},
@@ -342,6 +339,7 @@ def _result(model, aug, size, cfg, train_cfg, split, n_train, naive, serial, par
             peak, load_seconds) -> dict:
     """The timings as one JSON-ready dict, with what the parallel run achieved."""
     from .paths import preset_name
+    from .train import STEP_LEVERS
 
     (serial_s, serial), (parallel_s, parallel) = serial, parallel
     k_s, k_p = cfg["serial_replicates"], cfg["replicates"]
@@ -365,7 +363,7 @@ def _result(model, aug, size, cfg, train_cfg, split, n_train, naive, serial, par
                      "naive_workers": cfg["naive_workers"], "naive_precision": "fp32",
                      "deterministic_mrilib": train_cfg["deterministic"],
                      "test_every_epoch": train_cfg["test_every_epoch"],
-                     **{f"{lever}_mrilib": train_cfg[lever] for lever in LEVERS}},
+                     **{f"{lever}_mrilib": train_cfg[lever] for lever in STEP_LEVERS}},
         "load_seconds": load_seconds,
         "naive": {"replicates": len(naive), "seconds_per_replicate": per["naive"],
                   "n_train": naive[0]["n_train"] if naive else None,
@@ -383,6 +381,30 @@ def _result(model, aug, size, cfg, train_cfg, split, n_train, naive, serial, par
                     "parallel_vs_serial": _ratio(per["serial"], per["parallel"])},
         "gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
     }
+
+
+def saved_rows(directory: str | Path) -> list[dict]:
+    """The ``bench train`` files (``bench-train-*.json``) in ``directory``, one flat row
+    each: file, device, model, img_size, replicates, seconds (the K-at-once group's),
+    epochs, real_fraction, deterministic and the ``levers`` on; other files skipped."""
+    import json
+
+    from .train import STEP_LEVERS
+
+    rows = []
+    for path in sorted(Path(directory).glob("bench-train-*.json")):
+        try:
+            r = json.loads(path.read_text())
+            s, p = r["settings"], r["parallel"]
+            rows.append({"file": path.name, "device": r["device"], "model": r["model"],
+                         "img_size": s["img_size"], "replicates": int(p["replicates"]),
+                         "seconds": p["seconds_per_replicate"] * p["replicates"],
+                         "epochs": s["epochs"], "real_fraction": float(s["real_frac"]),
+                         "deterministic": s.get("deterministic_mrilib", True),
+                         "levers": [k for k in STEP_LEVERS if s.get(f"{k}_mrilib")]})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a benchmark of this shape
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

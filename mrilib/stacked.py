@@ -159,12 +159,6 @@ class Stack:
         self.params, self.buffers = stack_module_state([m.to(device) for m in models])
         self.persistent = list(self.template.state_dict().keys())
 
-    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[K, B, C]`` logits for per-replicate batches ``x`` ``[K, B, 1, H, W]``."""
-        self.template.train()
-        return replicate_logits(self.template, self.params, self.buffers, x, loop=self.loop,
-                                streams=self.streams)
-
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C]`` logits of every replicate for one shared batch ``[B, 1, H, W]``."""
         self.template.eval()

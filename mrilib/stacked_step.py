@@ -82,7 +82,6 @@ class Step:
     """
 
     def __init__(self, stack, cfg: dict, device: torch.device, lr_factor):
-        check_levers(cfg, device)
         self.stack, self.device, self.amp = stack, device, cfg["amp"]
         self.graphed = cfg["cuda_graph"]
         # A captured Adam reads its learning rate from the device, where the schedule

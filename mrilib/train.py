@@ -134,10 +134,12 @@ DEFAULTS = {
 PRESETS = {
     "quick": {"epochs": 1},  # CPU tests and seminars: seconds, not minutes (patience moot)
 }
+# The speed levers above: by which kernels, in which order and how a step's sums run.
+STEP_LEVERS = ("im2col_stem", "compile_step", "cuda_graph", "replicate_loop",
+               "replicate_streams")
 # How a run is batched, timed and evaluated, and in which order or by which kernels its
 # sums run, not what it learns: left out of every key of a run's design.
-RUN_ONLY = ("max_parallel", "eval_batch_size", "test_every_epoch", "im2col_stem",
-            "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
+RUN_ONLY = ("max_parallel", "eval_batch_size", "test_every_epoch", *STEP_LEVERS)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -168,8 +170,7 @@ def model_settings(model: str, **overrides: Any) -> dict:
             ("max_parallel", v) for v in groups]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}; give a positive whole number")
-    for key in ("im2col_stem", "test_every_epoch", "deterministic", "compile_step", "cuda_graph",
-                "replicate_loop", "replicate_streams"):
+    for key in (k for k, v in DEFAULTS.items() if isinstance(v, bool)):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r}; give True or False")
     if not cfg["lr"] > 0:
@@ -536,8 +537,7 @@ def _checked_inputs(cfg, aug, bank_images, bank_labels, train_index, val_test, s
 def _record_settings(cfg: dict) -> dict:
     """The settings in force that every record carries."""
     keep = ("epochs", "patience", "batch_size", "lr", "schedule", "warmup_epochs",
-            "weight_decay", "amp", "num_classes", "test_every_epoch", "im2col_stem",
-            "compile_step", "cuda_graph", "replicate_loop", "replicate_streams")
+            "weight_decay", "amp", "num_classes", "test_every_epoch", *STEP_LEVERS)
     return {**{key: cfg[key] for key in keep},
             "weights": None if cfg["weights"] is None else str(cfg["weights"])}
 

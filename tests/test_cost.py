@@ -89,11 +89,11 @@ def bench_row(seconds, levers=(), deterministic=True, device="Card X"):
 
 def test_the_rows_read_are_the_grid_protocol_and_judged_levers(tmp_path):
     bench, results = tmp_path / "benchmarks", tmp_path / "results"
-    write(bench, "a.json", bench_row(0.5))
-    write(bench, "b.json", bench_row(0.6))
-    write(bench, "graph.json", bench_row(0.2, levers=("cuda_graph",)))
-    write(bench, "nondet.json", bench_row(0.1, deterministic=False))  # another design
-    write(bench, "other.json", bench_row(0.01, device="Card Y"))
+    write(bench, "bench-train-a.json", bench_row(0.5))
+    write(bench, "bench-train-b.json", bench_row(0.6))
+    write(bench, "bench-train-graph.json", bench_row(0.2, levers=("cuda_graph",)))
+    write(bench, "bench-train-nondet.json", bench_row(0.1, deterministic=False))  # a design
+    write(bench, "bench-train-other.json", bench_row(0.01, device="Card Y"))
     write(bench, "gen.json", {"device": "Card X", "minutes_for_default_steps": 5.0,
                               "variations_per_s": 80.0, "guidance_scale": 1.0,
                               "speed_settings": {"channels_last": False}})
@@ -105,8 +105,8 @@ def test_the_rows_read_are_the_grid_protocol_and_judged_levers(tmp_path):
         {"lever": "batch4x", "changes_results": True, "minutes_for_default_steps": 1.5,
          "sampling": sampling}]})
     got = card_speeds("card x", bench, results)
-    assert got["group"]["default"]["file"] == "b.json"  # the slowest row without a lever
-    assert got["group"]["fastest"]["file"] == "graph.json"  # levers are run-only
+    assert got["group"]["default"]["file"] == "bench-train-b.json"  # the slowest row without a lever
+    assert got["group"]["fastest"]["file"] == "bench-train-graph.json"  # levers are run-only
     assert got["group"]["fastest"]["seconds"] == pytest.approx(4.0)
     assert got["generator"]["default"]["minutes"] == 5.5
     assert got["generator"]["fastest"]["minutes"] == 5.0  # batch4x: not judged yet
@@ -132,10 +132,10 @@ def test_a_row_of_fewer_epochs_is_compared_per_epoch(tmp_path):
     bench = tmp_path / "benchmarks"
     write(bench, "gen.json", {"device": "Card X", "minutes_for_default_steps": 5.0,
                               "variations_per_s": 80.0, "guidance_scale": 1.0})
-    write(bench, "ten.json", bench_row(0.5))
-    write(bench, "one.json", bench_row(0.1) | {"settings": bench_row(0.1)["settings"]
+    write(bench, "bench-train-ten.json", bench_row(0.5))
+    write(bench, "bench-train-one.json", bench_row(0.1) | {"settings": bench_row(0.1)["settings"]
                                                 | {"epochs": 1}})
-    assert card_speeds("Card X", bench, tmp_path)["group"]["fastest"]["file"] == "ten.json"
+    assert card_speeds("Card X", bench, tmp_path)["group"]["fastest"]["file"] == "bench-train-ten.json"
 
 
 def test_what_the_rows_cannot_price_is_refused(pool):  # noqa: F811

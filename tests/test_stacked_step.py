@@ -190,8 +190,8 @@ def test_bench_times_a_lever_as_a_row_of_its_own(image_folder, tmp_path, capsys,
     assert text in capsys.readouterr().out
     [saved] = tmp_path.glob(f"bench-train-basic_cnn-none-cpu*-k2-{suffix}-no-naive-no-serial.json")
     settings = json.loads(saved.read_text())["settings"]
-    from mrilib.bench import LEVERS
-    assert [k for k in LEVERS if settings[f"{k}_mrilib"]] == [lever]  # this one lever
+    from mrilib.train import STEP_LEVERS
+    assert [k for k in STEP_LEVERS if settings[f"{k}_mrilib"]] == [lever]  # this one lever
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

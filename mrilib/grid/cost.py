@@ -80,6 +80,8 @@ def card_speeds(card: str, directory: str | Path | None = None,
 
     ValueError naming what is missing when the card has no generator or classifier row.
     """
+    from ..bench import saved_rows
+
     directory = paths.ROOT / "benchmarks" if directory is None else Path(directory)
     results = paths.ROOT / "results" if results is None else Path(results)
     rows = [r for r in _json_files(directory) if card.lower() in str(r.get("device", "")).lower()]
@@ -87,8 +89,10 @@ def card_speeds(card: str, directory: str | Path | None = None,
     if len(names) > 1:
         raise ValueError(f"--card {card!r} names {len(names)} cards ({', '.join(names)}); give "
                          f"more of one name")
-    classifier = [_classifier_row(r) for r in rows if "parallel" in r]
-    classifier = [c for c in classifier if c is not None]
+    # the grid's design: the basic CNN, 128 px, 20 at once, deterministic kernels
+    classifier = [r for r in saved_rows(directory) if r["device"] in names
+                  and r["model"] == "basic_cnn" and r["img_size"] == 128
+                  and r["replicates"] == 20 and r["seconds"] > 0 and r["deterministic"]]
     generator = [g for r in rows for g in _generator_rows(r, results)]
     missing = [what for what, found in (("`bench train --model basic_cnn` (20 replicates, "
                                          "128 px)", classifier),
@@ -128,21 +132,6 @@ def _json_files(directory: Path, pattern: str = "*.json") -> list[dict]:
         if isinstance(row, dict):
             out.append(row | {"file": path.name})
     return out
-
-
-def _classifier_row(r: dict) -> dict | None:
-    """A ``bench train`` file of the basic CNN's grid protocol (any run-only lever): its
-    group's seconds."""
-    from ..bench import LEVERS
-
-    s, p = r.get("settings", {}), r["parallel"]
-    if (r.get("model") != "basic_cnn" or s.get("img_size") != 128 or p.get("replicates") != 20
-            or not p.get("seconds_per_replicate") or not s.get("deterministic_mrilib", True)):
-        return None  # another protocol (non-deterministic kernels are another design)
-    return {"file": r["file"], "seconds": p["seconds_per_replicate"] * p["replicates"],
-            "replicates": p["replicates"], "epochs": s["epochs"],
-            "real_fraction": float(s["real_frac"]),
-            "levers": [lever for lever in LEVERS if s.get(f"{lever}_mrilib")]}
 
 
 def _generator_rows(r: dict, results: Path) -> list[dict]:
@@ -243,9 +232,8 @@ def _split_windows(cells, counts, speeds, column, cfg, epochs, window) -> dict:
         drawn = count["sample"] + count["leaky"]
         work = {"g": g, "generator": gen["minutes"], "variations": drawn,
                 "sampling": drawn / rate / 60,
-                "synthetic_cells": sum(_cell_minutes(cell, _repeats_of(g, cfg), group, epochs,
-                                                     cfg) for cell in cells
-                                       if cell.synthetic != "none")}
+                "synthetic_cells": sum(_cell_minutes(cell, _repeats_of(g, cfg), group, epochs)
+                                       for cell in cells if cell.synthetic != "none")}
         total = work["generator"] + work["sampling"] + work["synthetic_cells"]
         # a window that cannot finish g's cells ends; the next retrains g for the rest
         n = 1 if total <= window else 1 + math.ceil((total - window) / (window - gen["minutes"]))
@@ -253,7 +241,7 @@ def _split_windows(cells, counts, speeds, column, cfg, epochs, window) -> dict:
         windows += n
         spare += n * window - work["minutes"]
         per_g.append(work)
-    real_only = sum(_cell_minutes(cell, cfg["repeats"], group, epochs, cfg) for cell in cells
+    real_only = sum(_cell_minutes(cell, cfg["repeats"], group, epochs) for cell in cells
                     if cell.synthetic == "none")
     windows += math.ceil(max(0.0, real_only - spare) / window)
     return {"generators": per_g, "real_only_cells": real_only, "windows": windows,
@@ -268,7 +256,7 @@ def _repeats_of(g: int, cfg: dict) -> int:
     return sum(1 for r in range(cfg["repeats"]) if repeat_seeds(r, cfg).sample_index == g)
 
 
-def _cell_minutes(cell: Cell, repeats: int, group: dict, epochs: int, cfg: dict) -> float:
+def _cell_minutes(cell: Cell, repeats: int, group: dict, epochs: int) -> float:
     """A cell's training minutes: its groups of the benchmark's replicates, scaled up (never
     down) by its training set's size, and by the epochs its last replicate trains."""
     groups = math.ceil(repeats / group["replicates"])

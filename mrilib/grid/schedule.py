@@ -8,7 +8,6 @@ committed benchmark. A rerun with ``--resume`` continues where the chunk stopped
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -132,30 +131,21 @@ def bench_priors(device: str, cfg: dict, directory: str | os.PathLike | None = N
     card, a CPU).
     """
     from ..bench import DEFAULTS as BENCH_DEFAULTS
-    from ..bench import LEVERS
+    from ..bench import saved_rows
     from ..train import model_settings
 
     directory = paths.ROOT / "benchmarks" if directory is None else Path(directory)
     priors: dict[str, dict] = {}
-    for path in sorted(directory.glob("bench-train-*.json")):
-        try:
-            r = json.loads(path.read_text())
-            s, p = r["settings"], r["parallel"]
-            if (r["device"] != device or s["img_size"] != 128
-                    or any(s.get(f"{lever}_mrilib") for lever in LEVERS)
-                    or r["model"] not in MODELS
-                    or p["replicates"] != BENCH_DEFAULTS["replicates"]):
-                continue
-            epochs = model_settings(r["model"], **train_overrides(cfg, r["model"]))["epochs"]
-            seconds = p["seconds_per_replicate"] * p["replicates"] * epochs / s["epochs"]
-            fraction = float(s["real_frac"])
-            if not (seconds > 0 and 0 < fraction <= 1):
-                continue
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-            continue  # not a benchmark of this shape: no prior from it
+    for r in saved_rows(directory):
+        if (r["device"] != device or r["img_size"] != 128 or r["levers"]
+                or r["model"] not in MODELS or r["replicates"] != BENCH_DEFAULTS["replicates"]
+                or not (r["seconds"] > 0 and 0 < r["real_fraction"] <= 1 and r["epochs"])):
+            continue
+        epochs = model_settings(r["model"], **train_overrides(cfg, r["model"]))["epochs"]
+        seconds = r["seconds"] * epochs / r["epochs"]
         if seconds > priors.get(r["model"], {}).get("group_seconds", 0.0):
-            priors[r["model"]] = {"group_seconds": seconds, "replicates": int(p["replicates"]),
-                                  "real_fraction": fraction, "file": path.name}
+            priors[r["model"]] = {"group_seconds": seconds, "replicates": r["replicates"],
+                                  "real_fraction": r["real_fraction"], "file": r["file"]}
     return priors
 
 

@@ -262,8 +262,8 @@ def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: i
     from .cache import generate_cached
     from .diffusion import generator_path
     from .mixing import real_sample
-    from .quality import (background_levels, balanced_sources, memorization_distances,
-                          predictions)
+    from .quality import (background_levels, balanced_sources, mean_background,
+                          memorization_distances, predictions)
 
     q = settings(QUALITY, QUALITY_PRESETS, **overrides)
     changed = checked_quality_lever(lever)
@@ -280,14 +280,15 @@ def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: i
     ids = [data.ids[i] for i in sources.tolist()]
     classifier, _ = trained_classifier(data, split, sample, device=device)
     classifier = classifier.to(device)
-    per_source, rows = {}, {}
+    per_source, rows, real_to_real = {}, {}, None
     for name, path in paths.items():
         backend = LocalDiffusion(path, device=device, sample_seed=g)
         made, report = generate_cached(backend, src, lab, ids, per_image=1, seed=seed,
                                        progress=progress, batch_size=backend.max_batch)
         variations = made[:, 0]
         right = (predictions(classifier, variations).argmax(1) == lab).float()
-        near = memorization_distances(variations, data.images[sample])
+        near = memorization_distances(variations, data.images[sample], real_to_real)
+        real_to_real = near["real_to_real"]  # the same sample for both generators
         per_source[name] = {"right": right, "distance": near["synthetic_to_real"].float()}
         grey = background_levels(src, variations, lab, data.classes)
         rows[name] = {
@@ -298,7 +299,7 @@ def lever_quality(data, split, real_fraction: float, g: int, lever: str, seed: i
             "balanced_fidelity": float(_balanced(right, lab)),
             "median_nearest_real": float(near["synthetic_to_real"].median()),
             "share_closer_than_real_min": near["share_closer_than_real_min"],
-            "background_grey": _mean_grey(grey), "generated": report["generated"],
+            "background_grey": mean_background(grey), "generated": report["generated"],
             "cached": report["cached"]}
     checks = _lever_checks(per_source["default"], per_source[lever], lab, q, seed)
     return {"lever": lever, "real_fraction": real_fraction, "generator_index": g,
@@ -323,11 +324,6 @@ def _balanced(right: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the classes present of the share ``right`` (per source, 0/1)."""
     present = labels.unique()
     return torch.stack([right[labels == c].mean() for c in present]).mean()
-
-
-def _mean_grey(grey: dict) -> float:
-    n = sum(v["n"] for v in grey.values())
-    return sum(v["variation"] * v["n"] for v in grey.values() if v["n"]) / max(n, 1)
 
 
 def _lever_checks(default: dict, lever: dict, labels: torch.Tensor, q: Mapping,

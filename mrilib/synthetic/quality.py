@@ -43,16 +43,19 @@ PRESETS = {
 }
 
 
-def memorization_distances(synthetic: torch.Tensor, real_train: torch.Tensor) -> dict:
+def memorization_distances(synthetic: torch.Tensor, real_train: torch.Tensor,
+                           real_to_real: torch.Tensor | None = None) -> dict:
     """Nearest-real distances of synthetic images, against real-to-real ones (gray-level RMS).
 
     Returns ``synthetic_to_real`` and ``synthetic_nn_index`` (for each synthetic image,
     the distance to and index of its nearest image in ``real_train``) and
-    ``real_to_real`` (each real image to its nearest other real image).
+    ``real_to_real`` (each real image to its nearest other real image; pass a previous
+    call's to compare several synthetic sets with one real set without computing it again).
     """
     synthetic = synthetic.reshape(-1, *synthetic.shape[-3:])
     syn_d, syn_i = nearest_neighbours(synthetic, real_train)
-    real_d, _ = nearest_neighbours(real_train, real_train, same=True)
+    real_d = (nearest_neighbours(real_train, real_train, same=True)[0] if real_to_real is None
+              else real_to_real)
     return {"synthetic_to_real": syn_d, "synthetic_nn_index": syn_i, "real_to_real": real_d,
             "share_closer_than_real_min": float((syn_d < real_d.min()).float().mean())}
 
@@ -109,6 +112,13 @@ def background_levels(sources: torch.Tensor, variations: torch.Tensor, labels: t
                      if rows.any() else {"source": float("nan"), "variation": float("nan"),
                                          "share_above_10": float("nan"), "n": 0})
     return out
+
+
+def mean_background(levels: dict[str, dict[str, float]]) -> float:
+    """The variations' mean grey level where the sources are black, over all sources
+    (:func:`background_levels`'s per-class means, weighted by their counts)."""
+    n = sum(v["n"] for v in levels.values())
+    return sum(v["variation"] * v["n"] for v in levels.values() if v["n"]) / max(n, 1)
 
 
 def balanced_sources(labels: torch.Tensor, index: torch.Tensor, max_sources: int | None,
@@ -183,12 +193,11 @@ def strength_sweep(data, split, real_fraction: float, g: int, strengths,
                                        progress=progress, batch_size=backend.max_batch)
         variations = made[:, 0]
         fidelity = class_fidelity(classifier, variations, lab, data.classes)
-        grey = background_levels(src, variations, lab, data.classes)
-        n = sum(g["n"] for g in grey.values())
         rows.append({
             "strength": s, "guidance_scale": w, "fidelity": fidelity,
             "balanced_fidelity": _mean(fidelity.values()),
-            "background_grey": sum(g["variation"] * g["n"] for g in grey.values() if g["n"]) / n,
+            "background_grey": mean_background(background_levels(src, variations, lab,
+                                                                 data.classes)),
             "rms_to_source": float(((variations.float() - src.float()) ** 2)
                                    .flatten(1).mean(1).sqrt().median()),
             "generated": report["generated"], "cached": report["cached"],
