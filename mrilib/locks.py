@@ -44,9 +44,17 @@ def folder_lock(directory: str | os.PathLike, busy: str) -> Iterator[Path]:
         os.close(fd)  # closing releases the lock; so does the process dying
 
 
-def holder(lock: Path) -> str:
-    """The pid the holder of ``lock`` wrote, or ``"unknown"`` (it has not written it yet)."""
-    try:
-        return lock.read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+def holder(lock: Path, wait_s: float = 0.5) -> str:
+    """The pid the holder of ``lock`` wrote, or ``"unknown"``. A holder writes it just
+    after taking the lock, so an empty file is read again for up to ``wait_s``."""
+    import time
+
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            pid = lock.read_text().strip()
+        except OSError:
+            return "unknown"
+        if pid or time.monotonic() > give_up:
+            return pid or "unknown"
+        time.sleep(0.01)

@@ -147,6 +147,21 @@ def test_a_second_writer_is_turned_away_naming_the_holder(tmp_path):
         assert again.done == {"a"}
 
 
+def test_the_holder_is_named_even_just_after_it_took_the_lock(tmp_path):
+    """A holder writes its pid right after taking the lock: a second writer arriving in
+    between reads it once written, rather than "unknown" (a grid test once caught it)."""
+    import threading
+
+    from mrilib.locks import holder
+
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    threading.Timer(0.05, lock.write_text, ["4242\n"]).start()
+    assert holder(lock) == "4242"
+    (tmp_path / ".empty").write_text("")
+    assert holder(tmp_path / ".empty", wait_s=0.05) == "unknown"  # a holder that died early
+
+
 def test_a_writer_skips_a_run_that_appeared_since_it_looked(tmp_path):
     with ResultsWriter(tmp_path) as writer:
         append_lines(tmp_path / RUNS_FILE, [row("a")])  # a writer that ignored the lock
